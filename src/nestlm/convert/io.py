@@ -1,0 +1,152 @@
+"""Reading and writing Hugging Face checkpoint folders (config.json + safetensors), with clear errors and
+atomic writes. Never unpickles: only safetensors are read."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
+                   "vocab.json", "merges.txt", "generation_config.json", "chat_template.jinja")
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint folder that can't be read: missing, truncated or inconsistent files."""
+
+
+class UnsupportedArchitecture(CheckpointError):
+    """A checkpoint whose model_type / features nestlm does not convert."""
+
+
+def read_config(path: str | Path) -> dict:
+    path = Path(path)
+    f = path / "config.json"
+    if not path.is_dir():
+        raise CheckpointError(f"{path}: not a directory (expected a Hugging Face checkpoint folder)")
+    if not f.is_file():
+        raise CheckpointError(f"{path}: no config.json")
+    try:
+        return json.loads(f.read_text())
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{f}: not valid JSON ({e})") from None
+
+
+class SafetensorsDir:
+    """Lazy, memory-mapped access to every tensor of a checkpoint folder (single file or sharded)."""
+
+    def __init__(self, path: str | Path):
+        path = Path(path)
+        index = path / "model.safetensors.index.json"
+        if index.is_file():
+            try:
+                weight_map = json.loads(index.read_text())["weight_map"]
+            except (json.JSONDecodeError, KeyError) as e:
+                raise CheckpointError(f"{index}: unreadable index ({e})") from None
+            files = sorted(set(weight_map.values()))
+        else:
+            files = sorted(p.name for p in path.glob("*.safetensors"))
+            weight_map = None
+        if not files:
+            raise CheckpointError(f"{path}: no *.safetensors weights (pickled .bin checkpoints are not loaded)")
+        self._handles, self._where = {}, {}
+        for name in files:
+            fp = path / name
+            if not fp.is_file():
+                raise CheckpointError(f"{fp}: listed in the index but missing")
+            try:
+                h = safe_open(str(fp), framework="pt")
+            except Exception as e:  # safetensors raises its own error types for bad headers
+                raise CheckpointError(f"{fp}: not a readable safetensors file ({e})") from None
+            self._check_size(fp, h)
+            self._handles[name] = h
+            for k in h.keys():
+                self._where[k] = name
+        if weight_map is not None:
+            missing = sorted(k for k in weight_map if k not in self._where)
+            if missing:
+                raise CheckpointError(f"{path}: tensors listed in the index are missing from the shards: "
+                                      f"{missing[:5]}")
+
+    @staticmethod
+    def _check_size(fp: Path, h) -> None:
+        """A truncated file can still have a valid header: compare the data length the header promises."""
+        with open(fp, "rb") as f:
+            n = int.from_bytes(f.read(8), "little")
+            header = json.loads(f.read(n))
+        end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
+        if fp.stat().st_size < 8 + n + end:
+            raise CheckpointError(f"{fp}: truncated ({fp.stat().st_size} bytes, header promises {8 + n + end})")
+
+    def keys(self) -> list[str]:
+        return list(self._where)
+
+    def __contains__(self, k: str) -> bool:
+        return k in self._where
+
+    def get(self, k: str) -> torch.Tensor:
+        if k not in self._where:
+            raise CheckpointError(f"tensor {k!r} missing from the checkpoint")
+        return self._handles[self._where[k]].get_tensor(k)
+
+    def shape(self, k: str) -> list[int]:
+        return list(self._handles[self._where[k]].get_slice(k).get_shape())
+
+
+def write_checkpoint(out_dir: str | Path, config: dict, tensors: dict[str, torch.Tensor],
+                     src_dir: str | Path | None = None, max_shard_bytes: int = 4 << 30,
+                     overwrite: bool = False) -> Path:
+    """Write config.json + safetensors shards (+ tokenizer files copied from `src_dir`) atomically:
+    everything goes to a temporary sibling folder that is renamed into place at the end."""
+    out = Path(out_dir)
+    if out.exists() and not overwrite:
+        raise FileExistsError(f"{out} exists; choose a new directory or pass overwrite=True")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp", dir=out.parent))
+    try:
+        shards, cur, size = [], {}, 0
+        for k, v in tensors.items():
+            nbytes = v.numel() * v.element_size()
+            if cur and size + nbytes > max_shard_bytes:
+                shards.append(cur)
+                cur, size = {}, 0
+            cur[k] = v.detach().contiguous()
+            size += nbytes
+        shards.append(cur)
+        if len(shards) == 1:
+            save_file(shards[0], str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        else:
+            weight_map = {}
+            for i, shard in enumerate(shards):
+                name = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+                save_file(shard, str(tmp / name), metadata={"format": "pt"})
+                weight_map.update({k: name for k in shard})
+            total = sum(v.numel() * v.element_size() for v in tensors.values())
+            (tmp / "model.safetensors.index.json").write_text(
+                json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
+        (tmp / "config.json").write_text(json.dumps(config, indent=2, default=_json_default))
+        if src_dir is not None:
+            for name in TOKENIZER_FILES:
+                if (Path(src_dir) / name).is_file():
+                    shutil.copy2(Path(src_dir) / name, tmp / name)
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+def _json_default(o):
+    if isinstance(o, float):
+        return o
+    if isinstance(o, (set, tuple)):
+        return list(o)
+    raise TypeError(f"not JSON serialisable: {type(o)}")

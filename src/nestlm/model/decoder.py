@@ -1,0 +1,137 @@
+"""The hybrid decoder: embeddings -> pre-norm residual blocks dispatched from `cfg.pattern` -> norm -> lm_head.
+
+    logits = model(ids)                      # the full (parent) model
+    logits = model(ids, sub=SubArch(...))    # a nested submodel: prefixes of every weight, less compute
+    cache = model.new_cache(); model(prompt, cache=cache); model(next_token, cache=cache)   # decoding
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from nestlm.arch import SubArch
+from nestlm.model.config import ModelConfig
+from nestlm.model.layers import MLP, Attention, Mamba2, MoE, RMSNorm, init_mamba_, rope_cos_sin
+
+
+class Block(nn.Module):
+    """x + mixer(norm(x)). `kind` is the pattern character."""
+
+    def __init__(self, cfg: ModelConfig, kind: str):
+        super().__init__()
+        self.kind = kind
+        self.norm = RMSNorm(cfg.hidden_size, cfg.norm_eps)
+        if kind == "M":
+            self.mixer = Mamba2(cfg)
+        elif kind == "*":
+            self.mixer = Attention(cfg)
+        elif kind == "-":
+            self.mixer = MLP(cfg.hidden_size, cfg.intermediate_size, cfg.mlp_act, cfg.mlp_bias)
+        else:
+            self.mixer = MoE(cfg)
+
+    def forward(self, x, s: SubArch, cache: dict | None, rope):
+        h = self.norm(x)
+        if self.kind == "M":
+            h = self.mixer(h, s, cache)
+        elif self.kind == "*":
+            h = self.mixer(h, s, cache, rope)
+        elif self.kind == "-":
+            h = self.mixer(h, s.ffn)
+        else:
+            h = self.mixer(h, s)
+        return x + h
+
+
+class Cache:
+    """Decoding state for one SubArch: attention K/V and Mamba conv/SSM states per block, and the position.
+
+    A cache is bound to the SubArch it was filled with (its tensors have that submodel's widths).
+    """
+
+    def __init__(self):
+        self.pos = 0
+        self.layers: dict[int, dict] = {}
+        self.sub: SubArch | None = None
+
+    def layer(self, i: int) -> dict:
+        return self.layers.setdefault(i, {})
+
+
+class Decoder(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        cfg.validate()
+        self.cfg = cfg
+        self.embeddings = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(Block(cfg, c) for c in cfg.pattern)
+        self.norm_f = RMSNorm(cfg.hidden_size, cfg.norm_eps)
+        self.lm_head = None if cfg.tie_embeddings else nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        self._full = SubArch.full(cfg)
+
+    @property
+    def lm_head_weight(self) -> torch.Tensor:
+        return self.embeddings.weight if self.lm_head is None else self.lm_head.weight
+
+    def resolve(self, sub: SubArch | None) -> SubArch:
+        return self._full if sub is None else sub.resolve(self.cfg)
+
+    def new_cache(self) -> Cache:
+        return Cache()
+
+    def forward(self, ids: torch.Tensor, sub: SubArch | None = None, cache: Cache | None = None,
+                return_hidden: bool = False) -> torch.Tensor:
+        """ids: [b, t] -> logits [b, t, vocab] (fp32), or the final normed hidden [b, t, hidden_k]."""
+        s = self.resolve(sub)
+        if cache is not None:
+            if cache.sub is None:
+                cache.sub = s
+            elif cache.sub != s:
+                raise ValueError("this cache was filled by another SubArch; start a new cache to switch models")
+        k = s.hidden
+        x = F.embedding(ids, self.embeddings.weight[:, :k])  # [b, t, k]
+        pos = cache.pos if cache is not None else 0
+        rope = None
+        if self.cfg.rope_theta is not None and "*" in self.cfg.pattern:
+            positions = torch.arange(pos, pos + ids.shape[1], device=ids.device)
+            rope = rope_cos_sin(positions, self.cfg.head_dim, self.cfg.rope_theta, ids.device, x.dtype)
+        for i in s.layers:
+            x = self.layers[i](x, s, cache.layer(i) if cache is not None else None, rope)
+        x = self.norm_f(x)
+        if cache is not None:
+            cache.pos += ids.shape[1]
+        if return_hidden:
+            return x
+        return F.linear(x, self.lm_head_weight[:, :k]).float()
+
+    # ------------------------------------------------------------------ utilities
+    def num_params(self) -> int:
+        return sum(p.numel() for p in self.parameters()) + sum(
+            b.numel() for n, b in self.named_buffers() if n.endswith("e_score_correction_bias"))
+
+    @torch.no_grad()
+    def init_weights(self, seed: int | None = None, std: float = 0.02) -> Decoder:
+        """Fresh init for training from scratch: N(0, std) matrices, residual outputs scaled by
+        1/sqrt(2 * n_blocks), standard Mamba2 A/D/dt init."""
+        gen_state = torch.random.get_rng_state()
+        if seed is not None:
+            torch.manual_seed(seed)
+        out_std = std / math.sqrt(2 * self.cfg.n_blocks)
+        for name, p in self.named_parameters():
+            if p.dim() >= 2 and "conv1d" not in name:
+                is_out = name.endswith(("o_proj.weight", "down_proj.weight", "out_proj.weight", "down_proj"))
+                nn.init.normal_(p, std=out_std if is_out else std)
+            elif name.endswith("bias") and "conv1d" not in name:
+                nn.init.zeros_(p)
+            elif name.endswith("norm.weight") or name.endswith("norm_f.weight") or "_norm." in name:
+                nn.init.ones_(p)
+        for block in self.layers:
+            if block.kind == "M":
+                init_mamba_(block.mixer)
+        if seed is not None:
+            torch.random.set_rng_state(gen_state)
+        return self

@@ -1,0 +1,326 @@
+"""The four block mixers of the hybrid decoder, in plain PyTorch, with explicit elastic widths.
+
+Every forward takes the already-resolved `SubArch` `s` and slices its weights as prefixes: `w[:k]` for the
+hidden side, the first heads of each group for attention and Mamba, the first experts / FFN channels. With
+the full SubArch every slice is the whole tensor (no copy). Parameter names follow Hugging Face Nemotron-H
+(Llama's gate/up/down for SwiGLU), so converters are mostly renames.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from nestlm.arch import SubArch
+from nestlm.model.config import ModelConfig
+from nestlm.model.ssd import ssd_chunked, ssm_step
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """RMSNorm over the last dim of x (width k), with weight[:k]; statistics in fp32."""
+    dtype = x.dtype
+    x = x.float()
+    x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)
+    return (weight[: x.shape[-1]].float() * x).to(dtype)
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x):  # x: [..., k], k <= dim: the norm of the prefix uses weight[:k]
+        return rms_norm(x, self.weight, self.eps)
+
+
+def group_heads(t: torch.Tensor, n_groups: int, keep: int, dim: int = 0) -> torch.Tensor:
+    """Keep the first `keep` channels of each of `n_groups` equal groups along `dim`.
+
+    Heads are laid out group-major ([group 0 heads | group 1 heads | ...]), so "the first m heads of every
+    group" is `group_heads(t, groups, m * head_width)`. Returns t itself (no copy) when nothing is cut.
+    """
+    per_group = t.shape[dim] // n_groups
+    if keep == per_group:
+        return t
+    return t.unflatten(dim, (n_groups, per_group)).narrow(dim + 1, 0, keep).flatten(dim, dim + 1)
+
+
+# ---------------------------------------------------------------------------------------------- attention
+def rope_cos_sin(positions: torch.Tensor, head_dim: int, theta: float, device, dtype=torch.float32):
+    """positions: [t] -> cos, sin: [t, head_dim] (halves repeated, as rotate_half expects)."""
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32, device=device) / head_dim))
+    freqs = positions.to(device=device, dtype=torch.float32)[:, None] * inv_freq[None, :]
+    emb = torch.cat([freqs, freqs], dim=-1)
+    return emb.cos().to(dtype), emb.sin().to(dtype)
+
+
+def apply_rope(x, cos, sin):  # x: [b, heads, t, d]
+    half = x.shape[-1] // 2
+    rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+    return x * cos + rotated * sin
+
+
+class Attention(nn.Module):
+    """GQA self-attention. Elastic: first `attn_kv_heads` KV groups, first `attn_heads_per_group` query heads
+    of each group, first `hidden` input/output channels."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        d, hd = cfg.hidden_size, cfg.head_dim
+        self.n_heads, self.n_kv, self.head_dim = cfg.num_heads, cfg.num_kv_heads, hd
+        self.q_proj = nn.Linear(d, cfg.num_heads * hd, bias=cfg.attn_bias)
+        self.k_proj = nn.Linear(d, cfg.num_kv_heads * hd, bias=cfg.attn_bias)
+        self.v_proj = nn.Linear(d, cfg.num_kv_heads * hd, bias=cfg.attn_bias)
+        self.o_proj = nn.Linear(cfg.num_heads * hd, d, bias=cfg.attn_bias)
+        if cfg.qk_norm:
+            self.q_norm = RMSNorm(hd, cfg.norm_eps)
+            self.k_norm = RMSNorm(hd, cfg.norm_eps)
+        else:
+            self.q_norm = self.k_norm = None
+
+    def _q_rows(self, t: torch.Tensor, s: SubArch) -> torch.Tensor:
+        # q rows are [kv group][head in group][head_dim]: keep the first g groups, first h heads of each
+        r = self.n_heads // self.n_kv
+        t = t[: s.attn_kv_heads * r * self.head_dim]
+        return group_heads(t, s.attn_kv_heads, s.attn_heads_per_group * self.head_dim, dim=0)
+
+    def forward(self, x, s: SubArch, cache: dict | None, rope):
+        b, t, k = x.shape
+        g, h, hd = s.attn_kv_heads, s.attn_heads_per_group, self.head_dim
+        kv_rows = g * hd
+        bias = self.q_proj.bias is not None
+        q = F.linear(x, self._q_rows(self.q_proj.weight, s)[:, :k], self._q_rows(self.q_proj.bias, s) if bias else None)
+        kk = F.linear(x, self.k_proj.weight[:kv_rows, :k], self.k_proj.bias[:kv_rows] if bias else None)
+        v = F.linear(x, self.v_proj.weight[:kv_rows, :k], self.v_proj.bias[:kv_rows] if bias else None)
+        q = q.view(b, t, g * h, hd)
+        kk = kk.view(b, t, g, hd)
+        if self.q_norm is not None:
+            q, kk = self.q_norm(q), self.k_norm(kk)
+        q, kk, v = q.transpose(1, 2), kk.transpose(1, 2), v.view(b, t, g, hd).transpose(1, 2)  # [b, heads, t, hd]
+        if rope is not None:
+            cos, sin = rope
+            q, kk = apply_rope(q, cos, sin), apply_rope(kk, cos, sin)
+
+        if cache is not None:
+            kk, v, past = _kv_cache_append(cache, kk, v)
+        else:
+            past = 0
+        if t == 1 or (past == 0 and t == kk.shape[2]):
+            mask, causal = None, t > 1
+        else:  # prefill on top of a cache: causal with an offset
+            q_pos = torch.arange(past, past + t, device=x.device)[:, None]
+            mask = torch.arange(kk.shape[2], device=x.device)[None, :] <= q_pos
+            causal = False
+        out = F.scaled_dot_product_attention(q, kk, v, attn_mask=mask, is_causal=causal, enable_gqa=h > 1)
+        out = out.transpose(1, 2).reshape(b, t, g * h * hd)
+        o_w = self._q_rows(self.o_proj.weight.T, s).T[:k]  # o_proj columns follow q's head layout
+        return F.linear(out, o_w, self.o_proj.bias[:k] if bias else None)
+
+
+def _kv_cache_append(cache: dict, k, v):
+    """Append k, v ([b, g, t, hd]) to a growing preallocated cache. Returns the full k, v and the old length."""
+    t = k.shape[2]
+    past = cache.get("len", 0)
+    buf_k = cache.get("k")
+    if buf_k is None or buf_k.shape[2] < past + t:
+        cap = max(past + t, 2 * (buf_k.shape[2] if buf_k is not None else 0), 64)
+        new_k = k.new_zeros(k.shape[0], k.shape[1], cap, k.shape[3])
+        new_v = torch.zeros_like(new_k)
+        if past:
+            new_k[:, :, :past] = cache["k"][:, :, :past]
+            new_v[:, :, :past] = cache["v"][:, :, :past]
+        cache["k"], cache["v"] = new_k, new_v
+    cache["k"][:, :, past:past + t] = k
+    cache["v"][:, :, past:past + t] = v
+    cache["len"] = past + t
+    return cache["k"][:, :, :past + t], cache["v"][:, :, :past + t], past
+
+
+# ---------------------------------------------------------------------------------------------- MLP
+class MLP(nn.Module):
+    """ReLU² (Nemotron-H: down(relu(up x)²)) or SwiGLU (Llama: down(silu(gate x) * up x)).
+    Elastic: first `width` intermediate channels, first `hidden` channels."""
+
+    def __init__(self, d: int, f: int, act: str, bias: bool):
+        super().__init__()
+        self.act = act
+        self.up_proj = nn.Linear(d, f, bias=bias)
+        self.gate_proj = nn.Linear(d, f, bias=bias) if act == "swiglu" else None
+        self.down_proj = nn.Linear(f, d, bias=bias)
+
+    def forward(self, x, width: int):
+        k = x.shape[-1]
+
+        def lin(m):  # first `width` output rows, first k input columns
+            return F.linear(x, m.weight[:width, :k], m.bias[:width] if m.bias is not None else None)
+
+        up = lin(self.up_proj)
+        if self.gate_proj is not None:
+            hmid = F.silu(lin(self.gate_proj)) * up
+        else:
+            hmid = torch.relu(up).square()
+        bias = self.down_proj.bias[:k] if self.down_proj.bias is not None else None
+        return F.linear(hmid, self.down_proj.weight[:k, :width], bias)
+
+
+# ---------------------------------------------------------------------------------------------- MoE
+class MoE(nn.Module):
+    """Top-k routed ReLU² experts with sigmoid scores, a score-correction bias used only for the choice
+    (DeepSeek-V3 / Nemotron-H), optional group-limited routing, and a shared expert.
+    Elastic: first `experts` experts (router rows and correction bias with them), first `moe_ffn` channels
+    of each expert, first `shared_ffn` channels of the shared expert, first `hidden` channels."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        d, e, f = cfg.hidden_size, cfg.n_experts, cfg.moe_intermediate_size
+        self.top_k, self.n_groups, self.topk_groups = cfg.top_k, cfg.n_expert_groups, cfg.topk_groups
+        self.norm_topk_prob, self.scaling = cfg.norm_topk_prob, cfg.routed_scaling
+        self.gate = nn.Linear(d, e, bias=False)
+        self.register_buffer("e_score_correction_bias", torch.zeros(e))
+        self.up_proj = nn.Parameter(torch.empty(e, f, d))  # [expert, out, in]
+        self.down_proj = nn.Parameter(torch.empty(e, d, f))
+        self.shared = MLP(d, cfg.shared_intermediate_size, "relu2", cfg.mlp_bias) \
+            if cfg.shared_intermediate_size else None
+
+    def route(self, x: torch.Tensor, n_exp: int):
+        """x: [n, k] -> weights [n, top_k] (fp32), expert ids [n, top_k]."""
+        logits = F.linear(x.float(), self.gate.weight[:n_exp, : x.shape[-1]].float())
+        scores = logits.sigmoid()
+        choice = scores + self.e_score_correction_bias[:n_exp].float()
+        top_k = min(self.top_k, n_exp)
+        if self.n_groups > 1:  # keep the best `topk_groups` groups, scored by their two best experts
+            grouped = choice.view(-1, self.n_groups, n_exp // self.n_groups)
+            group_scores = grouped.topk(min(2, grouped.shape[-1]), dim=-1).values.sum(-1)
+            keep = torch.zeros_like(group_scores).scatter_(1, group_scores.topk(self.topk_groups, -1).indices, 1)
+            choice = choice.masked_fill(~keep.bool().repeat_interleave(n_exp // self.n_groups, 1), float("-inf"))
+        idx = choice.topk(top_k, dim=-1).indices
+        w = scores.gather(1, idx)
+        if self.norm_topk_prob:
+            w = w / (w.sum(-1, keepdim=True) + 1e-20)
+        return w * self.scaling, idx
+
+    def forward(self, x, s: SubArch):
+        shape, k = x.shape, x.shape[-1]
+        xf = x.reshape(-1, k)
+        w, idx = self.route(xf, s.experts)
+        f = s.moe_ffn
+        out = torch.zeros_like(xf, dtype=torch.float32)
+        # group the (token, slot) pairs by expert, then one matmul pair per expert that got tokens
+        flat = idx.reshape(-1)
+        order = flat.argsort()
+        counts = torch.bincount(flat, minlength=s.experts).tolist()
+        tok = order // idx.shape[1]
+        wts = w.reshape(-1)[order]
+        start = 0
+        for e, n in enumerate(counts):
+            if n == 0:
+                continue
+            ti = tok[start:start + n]
+            hmid = torch.relu(F.linear(xf[ti], self.up_proj[e, :f, :k])).square()
+            y = F.linear(hmid, self.down_proj[e, :k, :f])
+            out.index_add_(0, ti, (y * wts[start:start + n, None]).float())
+            start += n
+        out = out.to(x.dtype).view(shape)
+        if self.shared is not None:
+            out = out + self.shared(x, s.shared_ffn)
+        return out
+
+
+# ---------------------------------------------------------------------------------------------- Mamba2
+class Mamba2(nn.Module):
+    """Mamba2 mixer (Nemotron-H layout). in_proj rows are [z | x | B | C | dt], conv1d channels [x | B | C].
+    Elastic: first `mamba_heads_per_group` heads of every group (z, x, dt, A_log, D, dt_bias, the gated
+    norm and out_proj follow the heads; B and C belong to groups and are kept whole), first `hidden`
+    channels."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        d, h, p, g, n = cfg.hidden_size, cfg.mamba_heads, cfg.mamba_head_dim, cfg.mamba_groups, cfg.ssm_state
+        self.h, self.p, self.g, self.n = h, p, g, n
+        self.kernel, self.chunk, self.dt_min, self.eps = cfg.conv_kernel, cfg.chunk_size, cfg.dt_min, cfg.norm_eps
+        conv_dim = cfg.mamba_conv_dim
+        self.in_proj = nn.Linear(d, 2 * h * p + 2 * g * n + h, bias=cfg.mamba_bias)
+        self.conv1d = nn.Conv1d(conv_dim, conv_dim, cfg.conv_kernel, groups=conv_dim, bias=cfg.conv_bias,
+                                padding=cfg.conv_kernel - 1)
+        self.dt_bias = nn.Parameter(torch.ones(h))
+        self.A_log = nn.Parameter(torch.log(torch.arange(1, h + 1, dtype=torch.float32)))
+        self.D = nn.Parameter(torch.ones(h))
+        self.norm = RMSNorm(h * p, cfg.norm_eps)  # gated, grouped: one RMS per group of heads
+        self.out_proj = nn.Linear(h * p, d, bias=cfg.mamba_bias)
+
+    # -- elastic slicing of the head-coupled tensors (one helper per layout)
+    def _heads(self, t, m, width, dim=0):
+        """First m heads of every group along `dim`, where each head is `width` channels wide."""
+        return group_heads(t, self.g, m * width, dim=dim) if m * self.g != self.h else t
+
+    def _in_proj(self, t, m):  # rows [z | x | B | C | dt]
+        hp, gn = self.h * self.p, self.g * self.n
+        if m * self.g == self.h:
+            return t
+        z, xs, bc, dt = t[:hp], t[hp:2 * hp], t[2 * hp:2 * hp + 2 * gn], t[2 * hp + 2 * gn:]
+        return torch.cat([self._heads(z, m, self.p), self._heads(xs, m, self.p), bc, self._heads(dt, m, 1)])
+
+    def _conv(self, t, m):  # channels [x | B | C]
+        hp = self.h * self.p
+        if m * self.g == self.h:
+            return t
+        return torch.cat([self._heads(t[:hp], m, self.p), t[hp:]])
+
+    def forward(self, x, s: SubArch, cache: dict | None):
+        b, t, k = x.shape
+        m = s.mamba_heads_per_group
+        hk, p, g, n = m * self.g, self.p, self.g, self.n  # hk: heads kept
+        bias = self.in_proj.bias
+        zxbcdt = F.linear(x, self._in_proj(self.in_proj.weight, m)[:, :k],
+                          self._in_proj(bias, m) if bias is not None else None)
+        z, xbc, dt = zxbcdt.split([hk * p, hk * p + 2 * g * n, hk], dim=-1)
+
+        # causal depthwise conv over [x | B | C], with the last kernel-1 inputs carried in the cache
+        cw = self._conv(self.conv1d.weight[:, 0], m)  # [conv_dim_k, kernel]
+        cb = self._conv(self.conv1d.bias, m) if self.conv1d.bias is not None else None
+        xbc = xbc.transpose(1, 2)  # [b, c, t]
+        K = self.kernel
+        if cache is not None and "conv" in cache:
+            xbc_in = torch.cat([cache["conv"], xbc], dim=-1)
+        else:
+            xbc_in = F.pad(xbc, (K - 1, 0))
+        if cache is not None:
+            cache["conv"] = xbc_in[:, :, xbc_in.shape[-1] - (K - 1):].clone()
+        xbc = F.silu(F.conv1d(xbc_in, cw[:, None, :], cb, groups=cw.shape[0])).transpose(1, 2)  # [b, t, c]
+        xs, B, C = xbc.split([hk * p, g * n, g * n], dim=-1)
+
+        A = -torch.exp(self._heads(self.A_log, m, 1).float())
+        D = self._heads(self.D, m, 1)
+        dt = F.softplus(dt.float() + self._heads(self.dt_bias, m, 1).float()).clamp(min=self.dt_min)  # [b, t, hk]
+        state = cache.get("ssm") if cache is not None else None
+        if t == 1 and state is not None:
+            y = ssm_step(state, xs.view(b, hk, p), dt[:, 0], A, B.view(b, g, n), C.view(b, g, n), D)[:, None]
+        else:
+            y, final = ssd_chunked(xs.view(b, t, hk, p), dt, A, B.view(b, t, g, n), C.view(b, t, g, n), D,
+                                   self.chunk, state)
+            if cache is not None:
+                cache["ssm"] = final
+        y = y.reshape(b, t, hk * p)
+
+        # gated RMSNorm, grouped: statistics over each group's kept heads, never across groups
+        nw = self._heads(self.norm.weight, m, p)
+        yg = (y.float() * F.silu(z.float())).view(b, t, g, m * p)
+        yg = yg * torch.rsqrt(yg.pow(2).mean(-1, keepdim=True) + self.eps)
+        y = (nw * yg.reshape(b, t, hk * p).to(x.dtype))
+
+        ow = self._heads(self.out_proj.weight, m, p, dim=1)[:k]
+        return F.linear(y, ow, self.out_proj.bias[:k] if self.out_proj.bias is not None else None)
+
+
+def init_mamba_(mixer: Mamba2, dt_min: float = 1e-3, dt_max: float = 0.1, floor: float = 1e-4) -> None:
+    """Standard Mamba2 init for A_log, D and dt_bias (dt log-uniform in [dt_min, dt_max])."""
+    h = mixer.h
+    with torch.no_grad():
+        mixer.A_log.copy_(torch.log(torch.arange(1, h + 1, dtype=torch.float32)))
+        mixer.D.fill_(1.0)
+        dt = torch.exp(torch.rand(h) * (math.log(dt_max) - math.log(dt_min)) + math.log(dt_min)).clamp(min=floor)
+        mixer.dt_bias.copy_(dt + torch.log(-torch.expm1(-dt)))  # inverse softplus

@@ -1,0 +1,79 @@
+"""Shared test helpers: tiny random configs in transformers, and a randomizer that makes every weight
+matter (HF's init leaves norms at 1 and blocks near zero, which would hide bugs)."""
+
+from __future__ import annotations
+
+import math
+import warnings
+
+import pytest
+import torch
+
+warnings.filterwarnings("ignore", message=".*falling back to its reference PyTorch implementation.*")
+
+
+@torch.no_grad()
+def randomize_(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
+    """Give every parameter and buffer of an HF or nestlm model a value that exercises it."""
+    g = torch.Generator().manual_seed(seed)
+
+    def rn(t, std=1.0):
+        return torch.randn(t.shape, generator=g) * std
+
+    for n, p in sorted(list(model.named_parameters()) + list(model.named_buffers())):
+        if not p.is_floating_point() or "inv_freq" in n:
+            continue
+        if n.endswith(("norm.weight", "norm_f.weight", "layernorm.weight")):
+            v = 1 + rn(p, 0.2)
+        elif "A_log" in n:
+            v = torch.rand(p.shape, generator=g) * 1.5
+        elif "dt_bias" in n:
+            v = torch.rand(p.shape, generator=g) * 2 - 1
+        elif n.endswith(".D"):
+            v = rn(p)
+        elif "e_score_correction_bias" in n:
+            v = rn(p, 0.1)
+        elif p.dim() >= 2:
+            v = rn(p, 1 / math.sqrt(p.shape[-1]))
+        else:
+            v = rn(p, 0.1)
+        p.copy_(v.to(p.dtype))
+    return model
+
+
+def tiny_nemotron_h_config(**over):
+    from transformers import NemotronHConfig
+
+    kw = dict(vocab_size=96, hidden_size=32, layers_block_type=["linear_attention", "moe", "full_attention",
+              "mlp", "linear_attention", "moe"], num_attention_heads=4, num_key_value_heads=2, head_dim=8,
+              intermediate_size=48, ssm_state_size=8, mamba_num_heads=8, mamba_head_dim=4, n_groups=2,
+              n_routed_experts=4, num_experts_per_tok=2, moe_intermediate_size=16,
+              moe_shared_expert_intermediate_size=24, chunk_size=4, conv_kernel=4)
+    kw.update(over)
+    return NemotronHConfig(**kw)
+
+
+def tiny_llama_config(**over):
+    from transformers import LlamaConfig
+
+    kw = dict(vocab_size=96, hidden_size=32, intermediate_size=48, num_hidden_layers=3, num_attention_heads=4,
+              num_key_value_heads=2, head_dim=8, rms_norm_eps=1e-5, max_position_embeddings=128,
+              rope_parameters={"rope_type": "default", "rope_theta": 10000.0}, tie_word_embeddings=False)
+    kw.update(over)
+    return LlamaConfig(**kw)
+
+
+def tiny_qwen3_config(**over):
+    from transformers import Qwen3Config
+
+    kw = dict(vocab_size=96, hidden_size=32, intermediate_size=48, num_hidden_layers=3, num_attention_heads=4,
+              num_key_value_heads=2, head_dim=8, rms_norm_eps=1e-6, max_position_embeddings=128,
+              rope_parameters={"rope_type": "default", "rope_theta": 1000000.0}, tie_word_embeddings=True)
+    kw.update(over)
+    return Qwen3Config(**kw)
+
+
+@pytest.fixture
+def seed():
+    torch.manual_seed(0)
+    return 0

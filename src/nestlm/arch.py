@@ -182,3 +182,71 @@ def count_memory(cfg: ModelConfig, sub: SubArch | None = None, *, seq_len: int =
     conv = n_mamba * batch * c.mamba_conv_dim * max(c.conv_kernel - 1, 0) * kv_bytes
     total = weights + kv + ssm + conv
     return {"weights": int(weights), "kv_cache": int(kv), "ssm_state": int(ssm + conv), "total": int(total)}
+
+
+# -------------------------------------------------------------------- choosing a SubArch for a budget
+WIDTH_AXES = ("hidden", "attn_heads_per_group", "mamba_heads_per_group", "ffn", "moe_ffn", "shared_ffn", "experts")
+
+
+def _round_width(v: float, full: int, align: int, minimum: int = 1) -> int:
+    if full <= align:
+        return max(minimum, min(full, round(v)))
+    return max(max(minimum, align), min(full, int(round(v / align)) * align))
+
+
+def width_subarch(cfg: ModelConfig, frac: float, axes: tuple[str, ...] = WIDTH_AXES, align: int = 8,
+                  metric: str = "params") -> SubArch:
+    """Shrink the chosen width axes by one common factor so the submodel's parameter count (or active
+    parameters, metric="active") is as close as possible to `frac` of the full model's, from below.
+
+    Channel axes are rounded to multiples of `align`; head/expert counts stay >= 1 (experts >= top_k)."""
+    if not 0 < frac <= 1:
+        raise ConfigError(f"budget fraction must be in (0, 1], got {frac}")
+    full = SubArch.full(cfg)
+    count = count_active_params if metric == "active" else count_params
+    target = frac * count(cfg)
+
+    def at(alpha: float) -> SubArch:
+        kw = {}
+        for ax in axes:
+            f = getattr(full, ax)
+            if not f:
+                continue
+            if ax in ("hidden", "ffn", "moe_ffn", "shared_ffn"):
+                kw[ax] = _round_width(alpha * f, f, align)
+            elif ax == "experts":
+                kw[ax] = max(min(cfg.top_k, f), min(f, round(alpha * f)))
+            else:
+                kw[ax] = max(1, min(f, round(alpha * f)))
+        return SubArch(**kw)
+
+    lo, hi = 0.0, 1.0
+    best = at(1.0) if count(cfg, at(1.0)) <= target else None
+    for _ in range(40):
+        mid = (lo + hi) / 2
+        s = at(mid)
+        if count(cfg, s) <= target:
+            lo, best = mid, s
+        else:
+            hi = mid
+    return best if best is not None else at(0.0)
+
+
+def depth_subarch(cfg: ModelConfig, layer_scores, frac: float, metric: str = "params") -> SubArch:
+    """Drop the least important depth units (blocks; Llama/Qwen3: attention+MLP pairs) until the parameter
+    count is at most `frac` of the full model's. `layer_scores`: per-block importance, higher = keep."""
+    if not 0 < frac <= 1:
+        raise ConfigError(f"budget fraction must be in (0, 1], got {frac}")
+    count = count_active_params if metric == "active" else count_params
+    target = frac * count(cfg)
+    pairs = cfg.family in ("llama", "qwen3")
+    units = [[2 * j, 2 * j + 1] for j in range(cfg.n_blocks // 2)] if pairs else [[i] for i in range(cfg.n_blocks)]
+    scores = [float(sum(layer_scores[i] for i in u)) for u in units]
+    kept = set(range(cfg.n_blocks))
+    for ui in sorted(range(len(units)), key=lambda j: scores[j]):
+        if count(cfg, SubArch(layers=tuple(sorted(kept)))) <= target:
+            break
+        if len(kept) <= len(units[ui]):
+            break
+        kept -= set(units[ui])
+    return SubArch(layers=tuple(sorted(kept)))

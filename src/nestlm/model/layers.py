@@ -76,6 +76,7 @@ class Attention(nn.Module):
         self.k_proj = nn.Linear(d, cfg.num_kv_heads * hd, bias=cfg.attn_bias)
         self.v_proj = nn.Linear(d, cfg.num_kv_heads * hd, bias=cfg.attn_bias)
         self.o_proj = nn.Linear(cfg.num_heads * hd, d, bias=cfg.attn_bias)
+        self.probe = None  # importance estimation observes activations through this callable
         if cfg.qk_norm:
             self.q_norm = RMSNorm(hd, cfg.norm_eps)
             self.k_norm = RMSNorm(hd, cfg.norm_eps)
@@ -116,6 +117,8 @@ class Attention(nn.Module):
             mask = torch.arange(kk.shape[2], device=x.device)[None, :] <= q_pos
             causal = False
         out = F.scaled_dot_product_attention(q, kk, v, attn_mask=mask, is_causal=causal, enable_gqa=h > 1)
+        if self.probe is not None:
+            self.probe("heads", out)  # [b, g*h, t, hd]
         out = out.transpose(1, 2).reshape(b, t, g * h * hd)
         o_w = self._q_rows(self.o_proj.weight.T, s).T[:k]  # o_proj columns follow q's head layout
         return F.linear(out, o_w, self.o_proj.bias[:k] if bias else None)
@@ -148,6 +151,7 @@ class MLP(nn.Module):
     def __init__(self, d: int, f: int, act: str, bias: bool):
         super().__init__()
         self.act = act
+        self.probe = None
         self.up_proj = nn.Linear(d, f, bias=bias)
         self.gate_proj = nn.Linear(d, f, bias=bias) if act == "swiglu" else None
         self.down_proj = nn.Linear(f, d, bias=bias)
@@ -163,6 +167,8 @@ class MLP(nn.Module):
             hmid = F.silu(lin(self.gate_proj)) * up
         else:
             hmid = torch.relu(up).square()
+        if self.probe is not None:
+            self.probe("ffn", hmid)  # [b, t, width]
         bias = self.down_proj.bias[:k] if self.down_proj.bias is not None else None
         return F.linear(hmid, self.down_proj.weight[:k, :width], bias)
 
@@ -181,6 +187,7 @@ class MoE(nn.Module):
         self.norm_topk_prob, self.scaling = cfg.norm_topk_prob, cfg.routed_scaling
         self.gate = nn.Linear(d, e, bias=False)
         self.register_buffer("e_score_correction_bias", torch.zeros(e))
+        self.probe = None
         self.up_proj = nn.Parameter(torch.empty(e, f, d))  # [expert, out, in]
         self.down_proj = nn.Parameter(torch.empty(e, d, f))
         self.shared = MLP(d, cfg.shared_intermediate_size, "relu2", cfg.mlp_bias) \
@@ -222,6 +229,8 @@ class MoE(nn.Module):
             ti = tok[start:start + n]
             hmid = torch.relu(F.linear(xf[ti], self.up_proj[e, :f, :k])).square()
             y = F.linear(hmid, self.down_proj[e, :k, :f])
+            if self.probe is not None:
+                self.probe("expert", (e, hmid, y, wts[start:start + n]))  # [n, f], [n, k], [n]
             out.index_add_(0, ti, (y * wts[start:start + n, None]).float())
             start += n
         out = out.to(x.dtype).view(shape)
@@ -250,6 +259,7 @@ class Mamba2(nn.Module):
         self.A_log = nn.Parameter(torch.log(torch.arange(1, h + 1, dtype=torch.float32)))
         self.D = nn.Parameter(torch.ones(h))
         self.norm = RMSNorm(h * p, cfg.norm_eps)  # gated, grouped: one RMS per group of heads
+        self.probe = None
         self.out_proj = nn.Linear(h * p, d, bias=cfg.mamba_bias)
 
     # -- elastic slicing of the head-coupled tensors (one helper per layout)
@@ -311,6 +321,8 @@ class Mamba2(nn.Module):
         yg = (y.float() * F.silu(z.float())).view(b, t, g, m * p)
         yg = yg * torch.rsqrt(yg.pow(2).mean(-1, keepdim=True) + self.eps)
         y = (nw * yg.reshape(b, t, hk * p).to(x.dtype))
+        if self.probe is not None:
+            self.probe("heads", y)  # [b, t, hk*p]
 
         ow = self._heads(self.out_proj.weight, m, p, dim=1)[:k]
         return F.linear(y, ow, self.out_proj.bias[:k] if self.out_proj.bias is not None else None)

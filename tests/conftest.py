@@ -77,3 +77,13 @@ def tiny_qwen3_config(**over):
 def seed():
     torch.manual_seed(0)
     return 0
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Run a module's tiny models on one intra-op thread: with 2 cores shared by other processes, torch's
+    thread pool spins and a 1 ms forward can take 0.5 s. Restores the previous setting afterwards."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

@@ -1,7 +1,8 @@
 """nestlm: many-in-one elastic language models (Star Elastic / Nemotron Elastic)."""
 
-from nestlm.model import Cache, ConfigError, Decoder, ModelConfig  # first: nestlm.arch needs it loaded
-from nestlm.arch import SubArch, count_active_params, count_memory, count_params, sliced_config  # noqa: I001
+from nestlm.arch import SubArch, count_active_params, count_memory, count_params, sliced_config
+from nestlm.model import ConfigError, ModelConfig
+from nestlm.model.decoder import Cache, Decoder
 
 __version__ = "0.1.0"
 

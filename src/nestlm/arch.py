@@ -150,6 +150,8 @@ def _block_params(c: ModelConfig, kind: str, active: bool) -> int:
         n += n_used * 2 * d * c.moe_intermediate_size
         if c.shared_intermediate_size:
             n += 2 * d * c.shared_intermediate_size
+            if c.mlp_bias:
+                n += c.shared_intermediate_size + d
     return n
 
 

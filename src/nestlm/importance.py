@@ -141,7 +141,7 @@ def importance(model, batches: Iterable[torch.Tensor], layer_batches: int | None
             out[f"blocks.{i}.kv"] = out[f"blocks.{i}.heads"].sum(-1)
     if n_layer_batches:
         per_block = torch.zeros(cfg.n_blocks)
-        for u, err in zip(units, layer_err / n_layer_batches):
+        for u, err in zip(units, layer_err / n_layer_batches, strict=True):
             per_block[u] = float(err)
         out["layers"] = per_block
     meta = {"tokens": n_tokens[0], "batches": n_batches, "layer_batches": n_layer_batches,
@@ -152,16 +152,16 @@ def importance(model, batches: Iterable[torch.Tensor], layer_batches: int | None
 def _depth_study(model, ids, logits, units) -> torch.Tensor:
     """Normalised MSE of the logits with each depth unit bypassed through its residual."""
     full = list(range(model.cfg.n_blocks))
-    ref = logits.double()
-    denom = ref.pow(2).mean().clamp(min=1e-12)
+    ref = logits.float()
+    denom = ref.pow(2).sum(dtype=torch.float64).clamp(min=1e-12)
     errs = []
     for u in units:
         kept = tuple(i for i in full if i not in u)
         if not kept:
             errs.append(float("inf"))
             continue
-        out = model(ids, sub=SubArch(layers=kept)).double()
-        errs.append(float((out - ref).pow(2).mean() / denom))
+        out = model(ids, sub=SubArch(layers=kept))
+        errs.append(float((out - ref).pow(2).sum(dtype=torch.float64) / denom))
     return torch.tensor(errs, dtype=torch.float64)
 
 

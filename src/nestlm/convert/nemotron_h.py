@@ -42,7 +42,7 @@ def config_from_hf(hf: dict) -> ModelConfig:
         raise UnsupportedArchitecture(f"nemotron_h with mlp_hidden_act={act!r} is not supported (relu2 only)")
     if hf.get("mamba_hidden_act", "silu") != "silu":
         raise UnsupportedArchitecture("nemotron_h with mamba_hidden_act other than silu is not supported")
-    g = lambda *names, default=None: next((hf[n] for n in names if hf.get(n) is not None), default)  # noqa: E731
+    g = lambda *names, default=None: next((hf[n] for n in names if hf.get(n) is not None), default)
     pattern = _pattern(hf)
     return ModelConfig(
         vocab_size=hf["vocab_size"],
@@ -87,6 +87,10 @@ def config_to_hf(cfg: ModelConfig) -> dict:
         raise UnsupportedArchitecture("nemotron_h MLPs are relu2")
     if "E" in cfg.pattern and cfg.shared_intermediate_size == 0:
         raise UnsupportedArchitecture("nemotron_h MoE blocks always have a shared expert")
+    if "E" in cfg.pattern and cfg.n_experts // cfg.n_expert_groups < 2:
+        raise UnsupportedArchitecture(
+            f"nemotron_h routing scores each expert group by its top 2 experts: {cfg.n_experts} experts in "
+            f"{cfg.n_expert_groups} group(s) can't be loaded by transformers; keep >= 2 experts per group")
     hf = {
         "architectures": ["NemotronHForCausalLM"],
         "model_type": "nemotron_h",
@@ -157,6 +161,8 @@ def state_from_hf(ckpt, cfg: ModelConfig) -> dict[str, torch.Tensor]:
 def state_to_hf(sd: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str, torch.Tensor]:
     """Our state dict -> the on-disk nemotron_h layout (backbone., one tensor pair per expert)."""
     out: dict[str, torch.Tensor] = {}
+    if "lm_head.weight" not in sd:  # transformers' Nemotron-H never ties: it needs its own lm_head
+        out["lm_head.weight"] = sd["embeddings.weight"].clone()
     for name, t in sd.items():
         if name == "lm_head.weight":
             out[name] = t

@@ -127,7 +127,7 @@ class Decoder(nn.Module):
                 nn.init.normal_(p, std=out_std if is_out else std)
             elif name.endswith("bias") and "conv1d" not in name:
                 nn.init.zeros_(p)
-            elif name.endswith("norm.weight") or name.endswith("norm_f.weight") or "_norm." in name:
+            elif name.endswith(("norm.weight", "norm_f.weight")) or "_norm." in name:
                 nn.init.ones_(p)
         for block in self.layers:
             if block.kind == "M":

@@ -6,7 +6,6 @@ from __future__ import annotations
 import torch
 
 from nestlm.arch import SubArch, sliced_config
-from nestlm.model.layers import group_heads
 
 
 def sliced_state_dict(model, sub: SubArch | None) -> dict[str, torch.Tensor]:

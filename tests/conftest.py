@@ -11,6 +11,10 @@ import torch
 
 warnings.filterwarnings("ignore", message=".*falling back to its reference PyTorch implementation.*")
 
+# The test models are tiny: one intra-op thread is fastest, and on a shared 2-core machine torch's thread
+# pool spinning can turn a 7 ms forward into a 1 s one. Benchmarks (bench/) use the real thread count.
+torch.set_num_threads(1)
+
 
 @torch.no_grad()
 def randomize_(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:

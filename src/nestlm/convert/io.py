@@ -51,7 +51,10 @@ class SafetensorsDir:
                 raise CheckpointError(f"{index}: unreadable index ({e})") from None
             files = sorted(set(weight_map.values()))
         else:
-            files = sorted(p.name for p in path.glob("*.safetensors"))
+            # model*.safetensors when present: other safetensors files (an elastic checkpoint's
+            # router.safetensors, ...) live beside the weights and are not part of them
+            files = sorted(p.name for p in path.glob("model*.safetensors")) or \
+                sorted(p.name for p in path.glob("*.safetensors"))
             weight_map = None
         if not files:
             raise CheckpointError(f"{path}: no *.safetensors weights (pickled .bin checkpoints are not loaded)")

@@ -15,7 +15,16 @@ from torch import nn
 
 from nestlm.arch import SubArch
 from nestlm.model.config import ModelConfig
-from nestlm.model.layers import MLP, Attention, Mamba2, MoE, RMSNorm, init_mamba_, rope_cos_sin
+from nestlm.model.layers import (
+    MLP,
+    Attention,
+    Mamba2,
+    MoE,
+    RMSNorm,
+    init_mamba_,
+    masked_rms_norm,
+    rope_cos_sin,
+)
 
 
 class Block(nn.Module):
@@ -34,7 +43,9 @@ class Block(nn.Module):
         else:
             self.mixer = MoE(cfg)
 
-    def forward(self, x, s: SubArch, cache: dict | None, rope):
+    def forward(self, x, s: SubArch, cache: dict | None, rope, masks: dict | None = None):
+        if masks is not None:
+            return self._forward_masked(x, s, cache, rope, masks)
         h = self.norm(x)
         if self.kind == "M":
             h = self.mixer(h, s, cache)
@@ -44,6 +55,22 @@ class Block(nn.Module):
             h = self.mixer(h, s.ffn)
         else:
             h = self.mixer(h, s)
+        return x + h
+
+    def _forward_masked(self, x, s: SubArch, cache, rope, masks: dict):
+        """Soft elastic widths: every axis in `masks` scales its channels instead of slicing them."""
+        mh = masks.get("hidden")
+        h = self.norm(x) if mh is None else masked_rms_norm(x, self.norm.weight, self.norm.eps, mh)
+        if self.kind == "M":
+            h = self.mixer(h, s, cache, masks)
+        elif self.kind == "*":
+            h = self.mixer(h, s, cache, rope, masks)
+        elif self.kind == "-":
+            h = self.mixer(h, s.ffn, masks.get("ffn"))
+        else:
+            h = self.mixer(h, s, masks)
+        if mh is not None:
+            h = h * mh[: h.shape[-1]].to(h.dtype)
         return x + h
 
 
@@ -84,8 +111,13 @@ class Decoder(nn.Module):
         return Cache()
 
     def forward(self, ids: torch.Tensor, sub: SubArch | None = None, cache: Cache | None = None,
-                return_hidden: bool = False) -> torch.Tensor:
-        """ids: [b, t] -> logits [b, t, vocab] (fp32), or the final normed hidden [b, t, hidden_k]."""
+                return_hidden: bool = False, masks: dict | None = None) -> torch.Tensor:
+        """ids: [b, t] -> logits [b, t, vocab] (fp32), or the final normed hidden [b, t, hidden_k].
+
+        masks (soft elastic widths, used by elastic training): {axis: [width] float tensor} for SubArch width
+        axes (hidden, ffn, moe_ffn, shared_ffn, attn_heads_per_group, mamba_heads_per_group, experts),
+        multiplying that axis's channels (heads, experts) instead of slicing them. A 0/1 prefix mask gives
+        the sliced submodel's logits."""
         s = self.resolve(sub)
         if cache is not None:
             if cache.sub is None:
@@ -94,14 +126,17 @@ class Decoder(nn.Module):
                 raise ValueError("this cache was filled by another SubArch; start a new cache to switch models")
         k = s.hidden
         x = F.embedding(ids, self.embeddings.weight[:, :k])  # [b, t, k]
+        mh = masks.get("hidden") if masks is not None else None
+        if mh is not None:
+            x = x * mh[:k].to(x.dtype)
         pos = cache.pos if cache is not None else 0
         rope = None
         if self.cfg.rope_theta is not None and "*" in self.cfg.pattern:
             positions = torch.arange(pos, pos + ids.shape[1], device=ids.device)
             rope = rope_cos_sin(positions, self.cfg.head_dim, self.cfg.rope_theta, ids.device, x.dtype)
         for i in s.layers:
-            x = self.layers[i](x, s, cache.layer(i) if cache is not None else None, rope)
-        x = self.norm_f(x)
+            x = self.layers[i](x, s, cache.layer(i) if cache is not None else None, rope, masks)
+        x = self.norm_f(x) if mh is None else masked_rms_norm(x, self.norm_f.weight, self.norm_f.eps, mh)
         if cache is not None:
             cache.pos += ids.shape[1]
         if return_hidden:

@@ -27,6 +27,18 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     return (weight[: x.shape[-1]].float() * x).to(dtype)
 
 
+def masked_rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, mask: torch.Tensor) -> torch.Tensor:
+    """RMSNorm of x [..., d] whose channels are scaled by `mask` [d] (soft elastic width): the mean square is
+    taken over the k_eff = sum(mask) kept channels (sum / k_eff = mean_d * d / k_eff; equivalently rsqrt scaled
+    by sqrt(k_eff / d) with eps * k_eff / d), so a 0/1 mask gives exactly the RMSNorm of the first k channels
+    (and zeros after them)."""
+    dtype, d = x.dtype, x.shape[-1]
+    k_eff = mask[:d].float().sum()
+    x = x.float()
+    x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) * (d / k_eff) + eps)  # mean over the kept channels
+    return (weight[:d].float() * x).to(dtype)
+
+
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float):
         super().__init__()
@@ -89,7 +101,7 @@ class Attention(nn.Module):
         t = t[: s.attn_kv_heads * r * self.head_dim]
         return group_heads(t, s.attn_kv_heads, s.attn_heads_per_group * self.head_dim, dim=0)
 
-    def forward(self, x, s: SubArch, cache: dict | None, rope):
+    def forward(self, x, s: SubArch, cache: dict | None, rope, masks: dict | None = None):
         b, t, k = x.shape
         g, h, hd = s.attn_kv_heads, s.attn_heads_per_group, self.head_dim
         kv_rows = g * hd
@@ -117,6 +129,8 @@ class Attention(nn.Module):
             mask = torch.arange(kk.shape[2], device=x.device)[None, :] <= q_pos
             causal = False
         out = F.scaled_dot_product_attention(q, kk, v, attn_mask=mask, is_causal=causal, enable_gqa=h > 1)
+        if masks is not None and "attn_heads_per_group" in masks:  # soft width: scale each head's output
+            out = out * masks["attn_heads_per_group"][:h].repeat(g).to(out.dtype)[None, :, None, None]
         if self.probe is not None:
             self.probe("heads", out)  # [b, g*h, t, hd]
         out = out.transpose(1, 2).reshape(b, t, g * h * hd)
@@ -156,7 +170,7 @@ class MLP(nn.Module):
         self.gate_proj = nn.Linear(d, f, bias=bias) if act == "swiglu" else None
         self.down_proj = nn.Linear(f, d, bias=bias)
 
-    def forward(self, x, width: int):
+    def forward(self, x, width: int, mask: torch.Tensor | None = None):
         k = x.shape[-1]
 
         def lin(m):  # first `width` output rows, first k input columns
@@ -167,6 +181,8 @@ class MLP(nn.Module):
             hmid = F.silu(lin(self.gate_proj)) * up
         else:
             hmid = torch.relu(up).square()
+        if mask is not None:  # soft width: [f] channel mask
+            hmid = hmid * mask[:width].to(hmid.dtype)
         if self.probe is not None:
             self.probe("ffn", hmid)  # [b, t, width]
         bias = self.down_proj.bias[:k] if self.down_proj.bias is not None else None
@@ -193,11 +209,16 @@ class MoE(nn.Module):
         self.shared = MLP(d, cfg.shared_intermediate_size, "relu2", cfg.mlp_bias) \
             if cfg.shared_intermediate_size else None
 
-    def route(self, x: torch.Tensor, n_exp: int):
-        """x: [n, k] -> weights [n, top_k] (fp32), expert ids [n, top_k]."""
+    def route(self, x: torch.Tensor, n_exp: int, mask: torch.Tensor | None = None):
+        """x: [n, k] -> weights [n, top_k] (fp32), expert ids [n, top_k].
+        mask [n_exp] (soft experts): experts with mask 0 are never chosen, the others' weights are scaled."""
         logits = F.linear(x.float(), self.gate.weight[:n_exp, : x.shape[-1]].float())
         scores = logits.sigmoid()
         choice = scores + self.e_score_correction_bias[:n_exp].float()
+        if mask is not None:
+            mask = mask[:n_exp].float()
+            choice = choice.masked_fill(mask == 0, float("-inf"))
+            scores = scores * mask
         top_k = min(self.top_k, n_exp)
         if self.n_groups > 1:  # keep the best `topk_groups` groups, scored by their two best experts
             grouped = choice.view(-1, self.n_groups, n_exp // self.n_groups)
@@ -210,11 +231,20 @@ class MoE(nn.Module):
             w = w / (w.sum(-1, keepdim=True) + 1e-20)
         return w * self.scaling, idx
 
-    def forward(self, x, s: SubArch):
+    def forward(self, x, s: SubArch, masks: dict | None = None):
         shape, k = x.shape, x.shape[-1]
         xf = x.reshape(-1, k)
-        w, idx = self.route(xf, s.experts)
+        masks = masks or {}
+        w, idx = self.route(xf, s.experts, masks.get("experts"))
         f = s.moe_ffn
+        ffn_mask = masks.get("moe_ffn")
+        if xf.shape[0] == 1 and ffn_mask is None and self.probe is None:  # decoding one token: no grouping
+            out = sum(F.linear(torch.relu(F.linear(xf, self.up_proj[e, :f, :k])).square(), self.down_proj[e, :k, :f])
+                      * w[:, j:j + 1].to(xf.dtype) for j, e in enumerate(idx[0].tolist()))
+            out = out.view(shape)
+            if self.shared is not None:
+                out = out + self.shared(x, s.shared_ffn, masks.get("shared_ffn"))
+            return out
         out = torch.zeros_like(xf, dtype=torch.float32)
         # group the (token, slot) pairs by expert, then one matmul pair per expert that got tokens
         flat = idx.reshape(-1)
@@ -228,6 +258,8 @@ class MoE(nn.Module):
                 continue
             ti = tok[start:start + n]
             hmid = torch.relu(F.linear(xf[ti], self.up_proj[e, :f, :k])).square()
+            if ffn_mask is not None:
+                hmid = hmid * ffn_mask[:f].to(hmid.dtype)
             y = F.linear(hmid, self.down_proj[e, :k, :f])
             if self.probe is not None:
                 self.probe("expert", (e, hmid, y, wts[start:start + n]))  # [n, f], [n, k], [n]
@@ -235,7 +267,7 @@ class MoE(nn.Module):
             start += n
         out = out.to(x.dtype).view(shape)
         if self.shared is not None:
-            out = out + self.shared(x, s.shared_ffn)
+            out = out + self.shared(x, s.shared_ffn, masks.get("shared_ffn"))
         return out
 
 
@@ -280,7 +312,7 @@ class Mamba2(nn.Module):
             return t
         return torch.cat([self._heads(t[:hp], m, self.p), t[hp:]])
 
-    def forward(self, x, s: SubArch, cache: dict | None):
+    def forward(self, x, s: SubArch, cache: dict | None, masks: dict | None = None):
         b, t, k = x.shape
         m = s.mamba_heads_per_group
         hk, p, g, n = m * self.g, self.p, self.g, self.n  # hk: heads kept
@@ -294,13 +326,19 @@ class Mamba2(nn.Module):
         cb = self._conv(self.conv1d.bias, m) if self.conv1d.bias is not None else None
         xbc = xbc.transpose(1, 2)  # [b, c, t]
         K = self.kernel
-        if cache is not None and "conv" in cache:
-            xbc_in = torch.cat([cache["conv"], xbc], dim=-1)
+        if t == 1 and cache is not None and "conv" in cache:  # decoding: one window, a multiply-and-sum
+            win = torch.cat([cache["conv"], xbc], dim=-1)  # [b, c, K]
+            cache["conv"] = win[:, :, 1:]
+            y = (win * cw).sum(-1)  # [b, c]
+            xbc = F.silu(y + cb if cb is not None else y)[:, None]  # [b, 1, c]
         else:
-            xbc_in = F.pad(xbc, (K - 1, 0))
-        if cache is not None:
-            cache["conv"] = xbc_in[:, :, xbc_in.shape[-1] - (K - 1):].clone()
-        xbc = F.silu(F.conv1d(xbc_in, cw[:, None, :], cb, groups=cw.shape[0])).transpose(1, 2)  # [b, t, c]
+            if cache is not None and "conv" in cache:
+                xbc_in = torch.cat([cache["conv"], xbc], dim=-1)
+            else:
+                xbc_in = F.pad(xbc, (K - 1, 0))
+            if cache is not None:
+                cache["conv"] = xbc_in[:, :, xbc_in.shape[-1] - (K - 1):].clone()
+            xbc = F.silu(F.conv1d(xbc_in, cw[:, None, :], cb, groups=cw.shape[0])).transpose(1, 2)  # [b, t, c]
         xs, B, C = xbc.split([hk * p, g * n, g * n], dim=-1)
 
         A = -torch.exp(self._heads(self.A_log, m, 1).float())
@@ -315,11 +353,18 @@ class Mamba2(nn.Module):
             if cache is not None:
                 cache["ssm"] = final
         y = y.reshape(b, t, hk * p)
+        hm = masks.get("mamba_heads_per_group") if masks is not None else None
 
         # gated RMSNorm, grouped: statistics over each group's kept heads, never across groups
         nw = self._heads(self.norm.weight, m, p)
         yg = (y.float() * F.silu(z.float())).view(b, t, g, m * p)
-        yg = yg * torch.rsqrt(yg.pow(2).mean(-1, keepdim=True) + self.eps)
+        if hm is None:
+            yg = yg * torch.rsqrt(yg.pow(2).mean(-1, keepdim=True) + self.eps)
+        else:  # soft width: scale each head's y, then re-scale the group statistics to the kept channels
+            hm = hm[:m].float()
+            yg = (yg.view(b, t, g, m, p) * hm[:, None]).view(b, t, g, m * p)
+            k_eff = hm.sum() * p
+            yg = yg * torch.rsqrt(yg.pow(2).mean(-1, keepdim=True) * (m * p / k_eff) + self.eps)
         y = (nw * yg.reshape(b, t, hk * p).to(x.dtype))
         if self.probe is not None:
             self.probe("heads", y)  # [b, t, hk*p]

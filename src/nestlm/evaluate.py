@@ -1,0 +1,172 @@
+"""Evaluate an elastic checkpoint (the parent and every budget) or a plain HF folder on local text.
+
+    rows = nestlm.evaluate.evaluate("out/elastic")                  # held-out KJV New Testament
+    rows = nestlm.evaluate.evaluate("out/elastic", "my.txt", seq_len=512, budgets=["77%", 0.6])
+    print(nestlm.evaluate.format_table(rows))
+
+Perplexity is exp(mean next-token NLL) over contiguous, non-overlapping windows (`nestlm.data.perplexity`),
+the same tokens for every row. The elastic model is loaded once and run at each budget's SubArch (the sliced
+forward, which a test pins to the exported checkpoint), so no checkpoint is written.
+
+Default text: the King James New Testament, from "THE GOSPEL ACCORDING TO ST. MATTHEW" to the end. It is
+held out in the sense that the demo and recipes train on the front of the stream; a model trained on the
+whole Bible has seen it. Tokenizer: the folder's own (AutoTokenizer) when it has one, else the byte-level
+`nestlm.data.ByteTokenizer` when the vocabulary has its size (256 or 259).
+
+lm-evaluation-harness (optional, `pip install nestlm[eval]`): `lm_eval_tasks=["hellaswag"]` adds its scores
+to each row, run through transformers on a sliced copy of each budget.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import math
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from nestlm.arch import SubArch, count_active_params, count_params
+from nestlm.data import ByteTokenizer, kjv_text, load_text, perplexity
+from nestlm.model.config import ConfigError
+
+__all__ = ["default_text", "evaluate", "format_table", "has_lm_eval", "load_tokenizer", "lm_eval_scores"]
+
+NT_START = "THE GOSPEL ACCORDING TO ST. MATTHEW"
+TOKENIZER_MARKERS = ("tokenizer.json", "tokenizer.model", "vocab.json", "tokenizer_config.json")
+
+
+def default_text() -> str:
+    """The King James New Testament (Matthew to Revelation), as `nestlm.data.kjv_text` writes it."""
+    text = kjv_text()
+    i = text.find(NT_START)
+    if i < 0:
+        raise RuntimeError(f"{NT_START!r} not found in the KJV text")
+    return text[i:]
+
+
+class _HFTokenizer:
+    def __init__(self, tok):
+        self.tok = tok
+        self.vocab_size = len(tok)
+
+    def encode_tensor(self, text: str) -> torch.Tensor:
+        return torch.tensor(self.tok(text, add_special_tokens=False, verbose=False)["input_ids"], dtype=torch.long)
+
+
+def load_tokenizer(path: str | Path, vocab_size: int):
+    """The folder's tokenizer, or ByteTokenizer for a byte-sized vocabulary. Has `encode_tensor(text)`."""
+    path = Path(path)
+    if (path / "nestlm_tokenizer.json").is_file():
+        return ByteTokenizer.load(path)
+    if any((path / f).is_file() for f in TOKENIZER_MARKERS):
+        from transformers import AutoTokenizer
+
+        return _HFTokenizer(AutoTokenizer.from_pretrained(str(path)))
+    if vocab_size in (256, ByteTokenizer().vocab_size):
+        return ByteTokenizer()
+    raise ConfigError(f"{path} has no tokenizer files and its vocabulary ({vocab_size}) is not the byte "
+                      f"tokenizer's ({ByteTokenizer().vocab_size}); copy the tokenizer files into the folder")
+
+
+def _tokens(tok, text: str, need: int | None) -> torch.Tensor:
+    """Token ids of `text`, or of a prefix of it long enough for `need` tokens (tokenizing ~1 MB is slow)."""
+    if need is None:
+        return tok.encode_tensor(text)
+    chars = need * 2
+    while True:
+        ids = tok.encode_tensor(text[:chars])
+        if len(ids) >= need + 1 or chars >= len(text):  # +1: the last token may be cut mid-word
+            return ids[:need]
+        chars *= 4
+
+
+def has_lm_eval() -> bool:
+    return importlib.util.find_spec("lm_eval") is not None
+
+
+def lm_eval_scores(hf_dir: str | Path, tasks: list[str], limit: int | None = None, batch_size: int = 8) -> dict:
+    """lm-evaluation-harness scores of a plain HF folder: {task: {metric: value}} (numbers only)."""
+    if not has_lm_eval():
+        raise ImportError("lm-eval is not installed: pip install 'nestlm[eval]' (lm-eval==0.4.13)")
+    import lm_eval
+
+    res = lm_eval.simple_evaluate(model="hf", model_args={"pretrained": str(hf_dir), "dtype": "float32"},
+                                  tasks=list(tasks), limit=limit, batch_size=batch_size, device="cpu")
+    return {t: {k: v for k, v in m.items() if isinstance(v, (int, float))} for t, m in res["results"].items()}
+
+
+def evaluate(elastic_or_hf_dir: str | Path, text_path: str | Path | None = None, seq_len: int = 256,
+             max_windows: int | None = 32, budgets: list | None = None, batch: int = 8,
+             lm_eval_tasks: list[str] | None = None, lm_eval_limit: int | None = None) -> list[dict]:
+    """Perplexity of the parent and of each budget (default: every budget of the manifest) on local text.
+
+    budgets: names, fractions (interpolated between trained ones) or SubArch, as `nestlm.slicing.slice`
+    takes them. Returns one dict per row: name, fraction, sub, params, active_params, ppl, tokens, seconds
+    (and lm_eval when lm_eval_tasks is given)."""
+    from nestlm.convert import from_hf
+    from nestlm.slicing import _open, resolve_budget
+    from nestlm.slicing import slice as slice_
+
+    path, cfg, _, manifest = _open(elastic_or_hf_dir)
+    if lm_eval_tasks and not has_lm_eval():
+        raise ImportError("lm_eval_tasks needs lm-eval: pip install 'nestlm[eval]' (lm-eval==0.4.13)")
+    text = load_text(text_path) if text_path is not None else default_text()
+    tok = load_tokenizer(path, cfg.vocab_size)
+    need = max_windows * seq_len + 1 if max_windows else None
+    ids = _tokens(tok, text, need)
+    if len(ids) < seq_len + 1:
+        raise ValueError(f"the text gives {len(ids)} tokens, too few for one window of {seq_len} + 1")
+    if int(ids.max()) >= cfg.vocab_size:
+        raise ConfigError(f"the tokenizer produced id {int(ids.max())} >= the model's vocab_size {cfg.vocab_size}")
+    model = from_hf(path)
+    cfg = model.cfg
+
+    todo: list[tuple[str, float | None, SubArch]] = [("parent", 1.0, SubArch())]
+    if budgets is None:
+        budgets = list(manifest["budgets"]) if manifest else []
+    full = SubArch.full(cfg)
+    for b in budgets:
+        name, sub = resolve_budget(path, b, cfg=cfg, manifest=manifest)
+        if sub.resolve(cfg) == full and name in ("full", "100%"):
+            continue  # the parent row already is the full model
+        frac = manifest["budgets"][name]["fraction"] if manifest and name in manifest["budgets"] else \
+            (float(b) if isinstance(b, (int, float)) else None)
+        todo.append((name, frac, sub))
+
+    rows = []
+    for name, frac, sub in todo:
+        t0 = time.perf_counter()
+        ppl = perplexity(model, ids, seq_len, batch=batch, sub=None if sub.resolve(cfg) == full else sub,
+                         max_windows=max_windows)
+        n_win = min((len(ids) - 1) // seq_len, max_windows or 1 << 62)
+        row = {"name": name, "fraction": frac, "sub": sub.to_dict(), "params": count_params(cfg, sub),
+               "active_params": count_active_params(cfg, sub), "ppl": ppl, "tokens": n_win * seq_len,
+               "seconds": time.perf_counter() - t0}
+        if lm_eval_tasks:
+            if name == "parent":
+                row["lm_eval"] = lm_eval_scores(path, lm_eval_tasks, lm_eval_limit)
+            else:
+                with tempfile.TemporaryDirectory() as tmp:
+                    row["lm_eval"] = lm_eval_scores(slice_(path, sub, Path(tmp) / "hf"), lm_eval_tasks,
+                                                    lm_eval_limit)
+        rows.append(row)
+    return rows
+
+
+def format_table(rows: list[dict]) -> str:
+    """A markdown table: budget, params, active params, perplexity (and its ratio to the parent's)."""
+    base = next((r["ppl"] for r in rows if r["name"] == "parent"), rows[0]["ppl"] if rows else math.nan)
+    tasks = sorted({t for r in rows for t in r.get("lm_eval", {})})
+    head = ["budget", "params", "active", "tokens", "ppl", "ppl / parent"] + tasks
+    lines = ["| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|"]
+    for r in rows:
+        cells = [r["name"], f"{r['params'] / 1e6:.2f}M", f"{r['active_params'] / 1e6:.2f}M", str(r["tokens"]),
+                 f"{r['ppl']:.3f}", f"{r['ppl'] / base:.3f}"]
+        for t in tasks:
+            m = r.get("lm_eval", {}).get(t, {})
+            key = next((k for k in ("acc_norm,none", "acc,none") if k in m), next(iter(m), None))
+            cells.append(f"{m[key]:.4f}" if key else "")
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)

@@ -36,7 +36,10 @@ def main(argv=None):
     ap.add_argument("--eval", type=int, default=32, help="held-out sequences")
     ap.add_argument("--fracs", type=float, nargs="+", default=[0.85, 0.70, 0.50])
     ap.add_argument("--out", type=Path, default=None, help="write the results as JSON here")
+    ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     args = ap.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     t0 = time.time()
 

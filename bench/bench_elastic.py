@@ -57,6 +57,7 @@ def main(argv=None) -> dict:
     from nestlm.arch import SubArch, width_subarch
     from nestlm.distill import kd_loss, router_loss
     from nestlm.model.slice import extract
+    from nestlm.optim import adamw
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true")
@@ -80,8 +81,8 @@ def main(argv=None) -> dict:
     ecfg = nestlm.ElasticConfig(budgets=list(BUDGETS), choices={ax: [int(w) for w in c] for ax, c in choices.items()},
                                 align=16, router_hidden=64)
     router = nestlm.Router(cfg, ecfg)
-    opt_model = torch.optim.AdamW(model.parameters(), lr=1e-5)
-    opt_router = torch.optim.AdamW(router.parameters(), lr=1e-3)
+    opt_model = adamw(model.parameters(), lr=1e-5)
+    opt_router = adamw(router.parameters(), lr=1e-3)
     ids = torch.randint(0, cfg.vocab_size, (args.batch, seq_len))
     with torch.no_grad():
         teacher = model(ids)  # the KD target, shared by every variant
@@ -119,7 +120,7 @@ def main(argv=None) -> dict:
     fns = {}
     for b in BUDGETS:
         small = extract(model, subs[b])
-        opt = torch.optim.AdamW(small.parameters(), lr=1e-5)
+        opt = adamw(small.parameters(), lr=1e-5)
         fns[("standalone", b)] = lambda small=small, opt=opt: standalone_step(small, opt)
     for mode in ("hard", "soft"):
         for bi, b in enumerate(BUDGETS):

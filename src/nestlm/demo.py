@@ -30,6 +30,7 @@ import nestlm
 from nestlm.arch import SubArch, count_active_params, count_params
 from nestlm.config import ElasticConfig, budget_name
 from nestlm.data import ByteTokenizer, eval_windows, kjv_text, perplexity, split, token_batches
+from nestlm.optim import adamw
 
 BUDGETS = (1.0, 0.75, 0.5)  # fractions of the parent's parameters
 # the router's width choices per axis, largest first (fractions of the demo widths: hidden 128, 4 Mamba heads
@@ -69,7 +70,7 @@ def lr_at(step: int, steps: int, lr: float, warmup: int) -> float:
 def pretrain(model, ids, steps: int, batch: int, seq_len: int, lr: float,
              gen: torch.Generator) -> list[float]:
     """Next-token cross-entropy on random windows of ids [n]. Returns the loss of every step."""
-    opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.95), weight_decay=0.1)
+    opt = adamw(model.parameters(), lr=lr, betas=(0.9, 0.95), weight_decay=0.1)
     dev = model.embeddings.weight.device
     model.train()
     losses = []

@@ -38,6 +38,7 @@ from nestlm.arch import SubArch, count_active_params, count_params
 from nestlm.config import ElasticConfig, budget_name
 from nestlm.distill import kd_loss, router_loss
 from nestlm.model.config import ConfigError
+from nestlm.optim import adamw
 from nestlm.router import Router
 
 MANIFEST = "nestlm_elastic.json"
@@ -123,8 +124,8 @@ def elastify(config: ElasticConfig | str | Path, model_or_hf_path, data, out_dir
 
     # ---- models: student (trained), teacher (frozen sorted parent), router
     model, teacher, router = prepare(ecfg, model_or_hf_path, data)
-    opt_model = torch.optim.AdamW(model.parameters(), lr=ecfg.lr_model, weight_decay=ecfg.weight_decay)
-    opt_router = torch.optim.AdamW(router.parameters(), lr=ecfg.lr_router, weight_decay=0.0)
+    opt_model = adamw(model.parameters(), lr=ecfg.lr_model, weight_decay=ecfg.weight_decay)
+    opt_router = adamw(router.parameters(), lr=ecfg.lr_router, weight_decay=0.0)
     budget_rng = random.Random(ecfg.seed)  # budget sampling; Gumbel noise uses torch's global RNG
     random.seed(ecfg.seed)
     torch.manual_seed(ecfg.seed)

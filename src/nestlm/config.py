@@ -60,6 +60,10 @@ class ElasticConfig:
     scale_end: float = 10.0
     router_weight: float = 1.0  # lambda on the budget loss
     dead_zone: float = 0.0  # relative cost deviation that costs nothing
+    router_bound: str = "softsign"  # how logits are bounded to (-1, 1): softsign (does not saturate) | tanh
+    expected_loss_weight: float = 1.0  # add E[budget loss] over the choice distribution (0: off)
+    expected_loss_sharpness: float = 10.0  # cap on logit scale / tau for that expectation
+    expected_loss_dead_zone: float = 0.01
     # ---- distillation
     kd_temperature: float = 1.0
     p_full: float = 0.5  # stage 1: probability of the full model; the other budgets share the rest uniformly
@@ -111,6 +115,9 @@ class ElasticConfig:
         need(0 < self.tau_end <= self.tau_start, "need 0 < tau_end <= tau_start")
         need(0 < self.scale_start and 0 < self.scale_end, "logit scales must be positive")
         need(self.router_weight >= 0 and self.dead_zone >= 0, "router_weight and dead_zone must be >= 0")
+        need(self.router_bound in ("softsign", "tanh"), f"router_bound must be softsign or tanh, got {self.router_bound!r}")
+        need(self.expected_loss_weight >= 0 and self.expected_loss_sharpness > 0 and self.expected_loss_dead_zone >= 0,
+             "expected_loss_weight and expected_loss_dead_zone must be >= 0, expected_loss_sharpness > 0")
         need(self.kd_temperature > 0, "kd_temperature must be positive")
         need(0 <= self.p_full <= 1, f"p_full must be in [0, 1], got {self.p_full}")
         need(0 <= self.stage2_start <= 1, "stage2_start is a fraction of steps in [0, 1]")

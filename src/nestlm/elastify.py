@@ -188,6 +188,12 @@ def elastify(config: ElasticConfig | str | Path, model_or_hf_path, data, out_dir
                 # budget loss on the expected cost under the noise-free choice probabilities (smooth)
                 expected = router.cost_ratio(router.probs(bi, tau, scale))
                 rl = router_loss(expected, frac, ecfg.router_weight, ecfg.dead_zone)
+                if not router.pinned(bi) and ecfg.expected_loss_weight > 0:
+                    # plus the expected loss over architectures, at a capped sharpness so its gradient
+                    # survives the end of the schedules (see Router.expected_loss)
+                    p = router.probs(bi, 1.0, min(scale / tau, ecfg.expected_loss_sharpness))
+                    rl = rl + ecfg.expected_loss_weight * router.expected_loss(
+                        p, lambda c, f=frac: router_loss(c, f, ecfg.router_weight, ecfg.expected_loss_dead_zone))
                 loss = (kd + rl) / ecfg.grad_accum
                 loss.backward()
                 kd_sum += float(kd.detach()) / ecfg.grad_accum

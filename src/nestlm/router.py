@@ -76,7 +76,8 @@ class Router(nn.Module):
         Logits are bounded to (-1, 1) by tanh, so that the schedules (logit scale 1 -> 10, tau 1 -> 0.05), not
         the optimizer, decide how peaked the choice is: unbounded logits saturate the softmax within a few
         steps, after which the cost gradient vanishes and the router locks on an early guess."""
-        return {ax: torch.tanh(net(budget_in)) for ax, net in self.nets.items()}
+        bound = F.softsign if self.ecfg.router_bound == "softsign" else torch.tanh  # softsign saturates slowly
+        return {ax: bound(net(budget_in)) for ax, net in self.nets.items()}
 
     def pinned(self, budget_idx: int) -> bool:
         return self.budgets[budget_idx] == 1.0
@@ -194,6 +195,27 @@ class Router(nn.Module):
             t = t * (self.kind_counts[kind] if kind else 1)
             total = t if total is None else total + t
         return total
+
+    def combo_costs(self) -> torch.Tensor:
+        """The cost ratio of every combination of choices: one dimension per axis (in `self.axes` order), the
+        sum of the per-kind tables broadcast over the axes they don't depend on."""
+        total = 0.0
+        for kind, axes in self.kind_axes.items():
+            t = getattr(self, f"cost_{kind or 'base'}") * (self.kind_counts[kind] if kind else 1)
+            if axes:
+                t = t.permute(sorted(range(len(axes)), key=lambda i: self.axes.index(axes[i])))
+            total = total + t.reshape([len(self.choices[a]) if a in axes else 1 for a in self.axes])
+        return total / self.full_cost
+
+    def expected_loss(self, weights: dict[str, torch.Tensor], loss_fn) -> torch.Tensor:
+        """E[loss_fn(cost ratio)] under independent per-axis choice probabilities: the expected budget loss,
+        not the loss of the expected cost. A mixture of a too-large and a too-small architecture can have
+        exactly the target's expected cost while its argmax lands far from it; this expectation is zero only
+        when the probability mass sits on architectures inside the loss's dead zone."""
+        losses = loss_fn(self.combo_costs())
+        for ax in self.axes:  # contract the leading axis each time
+            losses = torch.tensordot(weights[ax].to(losses.dtype), losses, dims=([0], [0]))
+        return losses
 
     def cost_ratio(self, weights: dict[str, torch.Tensor]) -> torch.Tensor:
         return self.cost(weights) / self.full_cost

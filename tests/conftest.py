@@ -91,3 +91,26 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
+
+
+def assert_round_trip_exact(hf, src_dir, ours, out_dir, ids):
+    """`to_hf` of a model read from `src_dir` rewrites the same tensors bit for bit, transformers loads the
+    result as the same class with identical logits, and nestlm reads it back to the same config."""
+    import json
+
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    import nestlm
+
+    out = nestlm.to_hf(ours, out_dir)
+    a, b = load_file(src_dir / "model.safetensors"), load_file(out / "model.safetensors")
+    assert set(a) == set(b)
+    for k in a:
+        assert a[k].dtype == b[k].dtype and torch.equal(a[k], b[k]), k
+    assert json.loads((out / "config.json").read_text())["model_type"] == hf.config.model_type
+    back = AutoModelForCausalLM.from_pretrained(out).eval()
+    assert type(back) is type(hf)
+    with torch.no_grad():
+        assert torch.equal(back(ids).logits, hf(ids).logits)
+    assert nestlm.from_hf(out).cfg == ours.cfg

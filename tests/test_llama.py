@@ -7,8 +7,7 @@ import json
 
 import pytest
 import torch
-from conftest import randomize_, tiny_llama_config, tiny_qwen3_config
-from safetensors.torch import load_file
+from conftest import assert_round_trip_exact, randomize_, tiny_llama_config, tiny_qwen3_config
 from torch.testing import assert_close
 
 import nestlm
@@ -134,24 +133,8 @@ def test_chunked_prefill_on_cache(pair):
 
 # ------------------------------------------------------------------------------------------ export
 def test_round_trip_exact(pair, tmp_path):
-    from transformers import AutoModelForCausalLM
-
     hf, d, ours = pair
-    out = nestlm.to_hf(ours, tmp_path / "rt")
-    a, b = load_file(d / "model.safetensors"), load_file(out / "model.safetensors")
-    assert set(a) == set(b)
-    for k in a:
-        assert a[k].dtype == b[k].dtype and torch.equal(a[k], b[k]), k
-    cfg = json.loads((out / "config.json").read_text())
-    assert cfg["model_type"] == hf.config.model_type
-    back = AutoModelForCausalLM.from_pretrained(out).eval()
-    assert type(back) is type(hf)
-    ids = _ids(2)
-    with torch.no_grad():
-        assert torch.equal(back(ids).logits, hf(ids).logits)
-    # and nestlm reads its own export back to the same model
-    again = nestlm.from_hf(out)
-    assert again.cfg == ours.cfg
+    assert_round_trip_exact(hf, d, ours, tmp_path / "rt", _ids(2))
 
 
 def test_sub_export_matches_sliced_forward(pair, tmp_path):

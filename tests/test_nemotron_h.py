@@ -10,11 +10,9 @@ would differ for reasons that are not bugs.
 
 from __future__ import annotations
 
-import json
-
 import pytest
 import torch
-from conftest import randomize_, tiny_nemotron_h_config
+from conftest import assert_round_trip_exact, randomize_, tiny_nemotron_h_config
 from safetensors.torch import load_file, save_file
 from torch.testing import assert_close
 
@@ -219,23 +217,9 @@ def test_greedy_generate_matches_transformers(pair):
 
 # ------------------------------------------------------------------------------------------ export
 def test_round_trip_exact(pair, tmp_path):
-    from transformers import AutoModelForCausalLM
-
     hf, d, ours = pair
-    out = nestlm.to_hf(ours, tmp_path / "rt")
-    a, b = load_file(d / "model.safetensors"), load_file(out / "model.safetensors")
-    assert set(a) == set(b)
-    for k in a:
-        assert a[k].dtype == b[k].dtype and torch.equal(a[k], b[k]), k
-    cfg = json.loads((out / "config.json").read_text())
-    assert cfg["model_type"] == "nemotron_h"
-    back = AutoModelForCausalLM.from_pretrained(out).eval()
-    assert type(back) is type(hf)
-    ids = ids_(2)
-    with torch.no_grad():
-        assert_close(back(ids).logits, hf(ids).logits, atol=0, rtol=0)
-    again = nestlm.from_hf(out)
-    assert again.cfg == ours.cfg
+    assert hf.config.model_type == "nemotron_h"
+    assert_round_trip_exact(hf, d, ours, tmp_path / "rt", ids_(2))
 
 
 def test_transformers5_in_memory_layout(pair, tmp_path):

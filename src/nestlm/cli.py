@@ -20,11 +20,10 @@ from pathlib import Path
 import torch
 
 from nestlm.arch import count_active_params, count_memory, count_params
+from nestlm.config import MANIFEST
 from nestlm.convert import CheckpointError, config_from_hf
 from nestlm.convert.io import read_config
 from nestlm.model.config import ConfigError, ModelConfig
-
-MANIFEST = "nestlm_elastic.json"
 
 
 class UsageError(Exception):
@@ -245,8 +244,9 @@ def _copy_tokenizer(src: str, dst: Path) -> None:
     import shutil
 
     from nestlm.convert.io import TOKENIZER_FILES
+    from nestlm.data import ByteTokenizer
 
-    for name in TOKENIZER_FILES + ("nestlm_tokenizer.json",):
+    for name in TOKENIZER_FILES + (ByteTokenizer.FILE,):
         if (Path(src) / name).is_file() and not (dst / name).is_file():
             shutil.copy2(Path(src) / name, dst / name)
 

@@ -21,6 +21,9 @@ import yaml
 from nestlm.arch import SubArch
 from nestlm.model.config import ConfigError, ModelConfig
 
+MANIFEST = "nestlm_elastic.json"  # an elastic checkpoint's manifest: budgets, their SubArch, the config
+ROUTER_FILE = "router.safetensors"  # its trained router, beside the HF weights
+
 METRICS = ("params", "active", "memory")
 # the SubArch width fields a router may choose, with what each one means for validation
 CHANNEL_AXES = ("hidden", "ffn", "moe_ffn", "shared_ffn")

@@ -85,6 +85,8 @@ class ByteTokenizer:
     folder works with `AutoTokenizer.from_pretrained(dir)`.
     """
 
+    FILE = "nestlm_tokenizer.json"  # what save() writes and load() reads
+
     specials = ("<bos>", "<eos>", "<pad>")
 
     def __init__(self):
@@ -122,12 +124,12 @@ class ByteTokenizer:
         """Write nestlm_tokenizer.json plus HF tokenizer.json / tokenizer_config.json into `out_dir`."""
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
-        (out / "nestlm_tokenizer.json").write_text(json.dumps(self.to_dict()))
+        (out / ByteTokenizer.FILE).write_text(json.dumps(self.to_dict()))
         self.hf_tokenizer().save_pretrained(str(out))
 
     @classmethod
     def load(cls, out_dir: str | Path) -> ByteTokenizer:
-        return cls.from_dict(json.loads((Path(out_dir) / "nestlm_tokenizer.json").read_text()))
+        return cls.from_dict(json.loads((Path(out_dir) / ByteTokenizer.FILE).read_text()))
 
     def hf_tokenizer(self):
         """A transformers PreTrainedTokenizerFast giving exactly `encode`'s ids (byte b -> id b)."""

@@ -107,13 +107,10 @@ def read_log(path: Path) -> list[dict]:
 
 
 def sort_by_importance(model, ids, batch: int, seq_len: int, n_batches: int, gen: torch.Generator) -> dict:
-    """Score on random windows of ids and sort in place (when nestlm.importance / nestlm.sort exist);
-    check that the full model's logits did not move."""
-    try:
-        from nestlm.importance import importance
-        from nestlm.sort import sort_
-    except ImportError:
-        return {"sorted": False, "note": "sorting not available yet"}
+    """Score on random windows of ids and sort in place; check that the full model's logits did not move."""
+    from nestlm.importance import importance
+    from nestlm.sort import sort_
+
     dev = model.embeddings.weight.device
     batches = [token_batches(ids, batch, seq_len, gen)[0].to(dev) for _ in range(n_batches)]  # [b, t] each
     probe = batches[0][:2]

@@ -35,14 +35,12 @@ import torch
 from tqdm.auto import tqdm
 
 from nestlm.arch import SubArch, count_active_params, count_params
-from nestlm.config import ElasticConfig, budget_name
+from nestlm.config import MANIFEST, ROUTER_FILE, ElasticConfig, budget_name
 from nestlm.distill import kd_loss, router_loss
 from nestlm.model.config import ConfigError
 from nestlm.optim import adamw
 from nestlm.router import Router
 
-MANIFEST = "nestlm_elastic.json"
-ROUTER_FILE = "router.safetensors"
 MANIFEST_VERSION = 1
 
 

@@ -58,7 +58,7 @@ class _HFTokenizer:
 def load_tokenizer(path: str | Path, vocab_size: int):
     """The folder's tokenizer, or ByteTokenizer for a byte-sized vocabulary. Has `encode_tensor(text)`."""
     path = Path(path)
-    if (path / "nestlm_tokenizer.json").is_file():
+    if (path / ByteTokenizer.FILE).is_file():
         return ByteTokenizer.load(path)
     if any((path / f).is_file() for f in TOKENIZER_MARKERS):
         from transformers import AutoTokenizer

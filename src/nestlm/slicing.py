@@ -23,9 +23,6 @@ import builtins
 import dataclasses
 import json
 import math
-import os
-import shutil
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,22 +30,26 @@ from pathlib import Path
 import torch
 
 from nestlm.arch import SubArch, count_active_params, count_params, sliced_config
-from nestlm.convert import FAMILIES, config_from_hf
+from nestlm.config import MANIFEST, ROUTER_FILE
+from nestlm.convert import FAMILIES, config_from_hf, nemotron_h
 from nestlm.convert.io import (
     TOKENIZER_FILES,
     CheckpointError,
     SafetensorsDir,
     UnsupportedArchitecture,
+    atomic_dir,
+    copy_files,
     read_config,
+    split_shards,
+    write_shards,
 )
+from nestlm.data import ByteTokenizer
 from nestlm.model.config import ConfigError, ModelConfig
 
 __all__ = ["format_info", "info", "plan", "resolve_budget", "slice"]
 
-MANIFEST = "nestlm_elastic.json"  # the same names as nestlm.elastify (not imported: it pulls in training code)
-ROUTER_FILE = "router.safetensors"
 SLICE_FILE = "nestlm_slice.json"  # provenance written next to a sliced checkpoint (ignored by transformers)
-EXTRA_FILES = ("nestlm_tokenizer.json",)
+EXTRA_FILES = (ByteTokenizer.FILE,)
 
 DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
           "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
@@ -60,9 +61,6 @@ ST_DTYPE = {v: k for k, v in DTYPES.items()}
 class Source(SafetensorsDir):
     """A checkpoint folder's tensors, memory-mapped: names, shapes and dtypes from the headers, and prefix
     reads that touch only the requested bytes."""
-
-    def read(self, name: str, idx: tuple) -> torch.Tensor:
-        return self._handles[self._where[name]].get_slice(name)[idx]
 
     def dtype(self, name: str) -> torch.dtype:
         return DTYPES[self._handles[self._where[name]].get_slice(name).get_dtype()]
@@ -116,8 +114,7 @@ def _check_weights(path: Path, cfg: ModelConfig, src: Source) -> ModelConfig:
     if cfg.family == "nemotron_h" and any(k.startswith("model.") for k in have):
         raise UnsupportedArchitecture(f"{path}: nemotron_h tensors named model.* (transformers' in-memory "
                                       "layout); re-export with nestlm.to_hf(nestlm.from_hf(path), new_dir)")
-    if cfg.family == "nemotron_h" and cfg.tie_embeddings and "lm_head.weight" in have \
-            and not _same(src, "lm_head.weight", "backbone.embeddings.weight"):
+    if cfg.family == "nemotron_h" and cfg.tie_embeddings and nemotron_h.runs_own_lm_head(src):
         cfg = dataclasses.replace(cfg, tie_embeddings=False)  # as load_hf_state: the file's own head runs
     want = _expected_shapes(cfg)
     optional = {"lm_head.weight"} if cfg.tie_embeddings else set()
@@ -133,15 +130,6 @@ def _check_weights(path: Path, cfg: ModelConfig, src: Source) -> ModelConfig:
         raise CheckpointError(f"{path}: tensor {k} has shape {got} but config.json implies {exp} "
                               f"({len(bad)} mismatched tensors)")
     return cfg
-
-
-def _same(src: Source, a: str, b: str, rows: int = 8192) -> bool:
-    """torch.equal of two [V, d] tensors, compared a block of rows at a time (bounded memory)."""
-    if src.shape(a) != src.shape(b):
-        return False
-    n = src.shape(a)[0]
-    return all(torch.equal(src.read(a, (builtins.slice(i, i + rows),)), src.read(b, (builtins.slice(i, i + rows),)))
-               for i in range(0, n, rows))
 
 
 def _check_manifest(path: Path, cfg: ModelConfig, manifest: dict) -> None:
@@ -397,17 +385,6 @@ def plan(src: Source, cfg: ModelConfig, sub: SubArch | None) -> list[OutTensor]:
 
 
 # ---------------------------------------------------------------------------------------------- writing
-def _shards(tensors: list[OutTensor], max_shard_bytes: int) -> list[list[OutTensor]]:
-    shards, cur, size = [], [], 0
-    for t in tensors:
-        if cur and size + t.nbytes > max_shard_bytes:
-            shards.append(cur)
-            cur, size = [], 0
-        cur.append(t)
-        size += t.nbytes
-    return shards + [cur]
-
-
 def _header(tensors: list[OutTensor]) -> bytes:
     h, off = {"__metadata__": {"format": "pt"}}, 0
     for t in tensors:
@@ -459,7 +436,7 @@ def slice(elastic_dir: str | Path, budget: str | float | SubArch, out_dir: str |
     (missing / truncated / inconsistent files), ConfigError (a SubArch that doesn't fit)."""
     t0 = time.perf_counter()
     out = Path(out_dir)
-    if out.exists() and not overwrite:
+    if out.exists() and not overwrite:  # before reading anything
         raise FileExistsError(f"{out} exists; choose a new directory or pass overwrite=True")
     path, cfg, src, manifest = _open(elastic_dir)
     name, sub = resolve_budget(path, budget, cfg=cfg, manifest=manifest)
@@ -470,41 +447,20 @@ def slice(elastic_dir: str | Path, budget: str | float | SubArch, out_dir: str |
     tensors = plan(src, cfg, s)
     emb = _names(cfg.family)[0]
     hf["dtype"] = str(src.dtype(emb)).removeprefix("torch.")
-    shards = _shards(tensors, max_shard_bytes)
+    shards = split_shards(tensors, lambda t: t.nbytes, max_shard_bytes)
     st = {"bytes_written": 0, "peak_bytes": 0, "tensors": len(tensors)}
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp", dir=out.parent))
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # memory-bound copies: on a busy machine the thread pool's spinning costs ~5x
     try:
-        if len(shards) == 1:
-            _write_shard(tmp / "model.safetensors", src, shards[0], st)
-        else:
-            weight_map = {}
-            for n, shard in enumerate(shards):
-                fname = f"model-{n + 1:05d}-of-{len(shards):05d}.safetensors"
-                _write_shard(tmp / fname, src, shard, st)
-                weight_map.update({t.name: fname for t in shard})
-            (tmp / "model.safetensors.index.json").write_text(json.dumps(
-                {"metadata": {"total_size": sum(t.nbytes for t in tensors)}, "weight_map": weight_map}, indent=2))
-        (tmp / "config.json").write_text(json.dumps(hf, indent=2))
-        for fname in TOKENIZER_FILES + EXTRA_FILES:
-            if (path / fname).is_file():
-                shutil.copy2(path / fname, tmp / fname)
-        (tmp / SLICE_FILE).write_text(json.dumps({
-            "source": str(path.resolve()), "budget": name, "sub": s.to_dict(), "family": cfg.family,
-            "params": count_params(cfg, s), "active_params": count_active_params(cfg, s)}, indent=2))
-        if out.exists():  # overwrite: move the old folder aside first, so a failure can't lose both
-            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old", dir=out.parent))
-            os.replace(out, old / "x")
-            os.replace(tmp, out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        with atomic_dir(out, overwrite) as tmp:
+            write_shards(tmp, shards, lambda fp, shard: _write_shard(fp, src, shard, st),
+                         lambda shard: [t.name for t in shard], sum(t.nbytes for t in tensors))
+            (tmp / "config.json").write_text(json.dumps(hf, indent=2))
+            copy_files(path, tmp, TOKENIZER_FILES + EXTRA_FILES)
+            (tmp / SLICE_FILE).write_text(json.dumps({
+                "source": str(path.resolve()), "budget": name, "sub": s.to_dict(), "family": cfg.family,
+                "params": count_params(cfg, s), "active_params": count_active_params(cfg, s)}, indent=2))
     finally:
         torch.set_num_threads(threads)
     st["seconds"] = time.perf_counter() - t0

@@ -51,13 +51,8 @@ def load_hf_state(path: str | Path) -> tuple[ModelConfig, dict[str, torch.Tensor
     hf = read_config(path)
     cfg = config_from_hf(hf)
     ckpt = SafetensorsDir(path)
-    if cfg.family == "nemotron_h" and cfg.tie_embeddings and "lm_head.weight" in ckpt:
-        # transformers' NemotronHForCausalLM never ties: it runs the file's own lm_head, so we untie too
-        # unless that head is the embedding matrix itself
-        emb = ckpt.get("backbone.embeddings.weight" if "backbone.embeddings.weight" in ckpt
-                       else "model.embeddings.weight")
-        if not torch.equal(ckpt.get("lm_head.weight"), emb):
-            cfg = dataclasses.replace(cfg, tie_embeddings=False)
+    if cfg.family == "nemotron_h" and cfg.tie_embeddings and nemotron_h.runs_own_lm_head(ckpt):
+        cfg = dataclasses.replace(cfg, tie_embeddings=False)  # run the file's own head, as transformers does
     sd = _family(hf).state_from_hf(ckpt, cfg)
     with torch.device("meta"):  # shapes only, no memory
         expected = {k: tuple(v.shape) for k, v in Decoder(cfg).state_dict().items()}

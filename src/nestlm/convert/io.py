@@ -3,6 +3,7 @@ atomic writes. Never unpickles: only safetensors are read."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -101,6 +102,74 @@ class SafetensorsDir:
     def shape(self, k: str) -> list[int]:
         return list(self._handles[self._where[k]].get_slice(k).get_shape())
 
+    def read(self, k: str, idx: tuple) -> torch.Tensor:
+        """A slice of tensor `k` (one slice per dim), reading only those bytes of the memory map."""
+        return self._handles[self._where[k]].get_slice(k)[idx]
+
+    def same(self, a: str, b: str, rows: int = 8192) -> bool:
+        """torch.equal of two tensors, compared a block of rows at a time (bounded memory)."""
+        if self.shape(a) != self.shape(b):
+            return False
+        return all(torch.equal(self.read(a, (slice(i, i + rows),)), self.read(b, (slice(i, i + rows),)))
+                   for i in range(0, self.shape(a)[0], rows))
+
+
+@contextlib.contextmanager
+def atomic_dir(out: Path, overwrite: bool = False):
+    """Yield a temporary sibling folder to fill; on success it becomes `out` (an existing `out` is moved
+    aside first and removed last, so a failure can't lose both), on any error it is removed."""
+    if out.exists() and not overwrite:
+        raise FileExistsError(f"{out} exists; choose a new directory or pass overwrite=True")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp", dir=out.parent))
+    try:
+        yield tmp
+        if out.exists():
+            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old", dir=out.parent))
+            os.replace(out, old / "x")
+            os.replace(tmp, out)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def split_shards(items: list, nbytes, max_shard_bytes: int) -> list[list]:
+    """Consecutive items grouped into shards of at most `max_shard_bytes` (a larger item gets its own)."""
+    shards, cur, size = [], [], 0
+    for it in items:
+        n = nbytes(it)
+        if cur and size + n > max_shard_bytes:
+            shards.append(cur)
+            cur, size = [], 0
+        cur.append(it)
+        size += n
+    return shards + [cur]
+
+
+def write_shards(folder: Path, shards: list[list], write_one, names_of, total_bytes: int) -> None:
+    """Write each shard with `write_one(path, shard)`: one model.safetensors, or numbered shards plus the
+    model.safetensors.index.json that maps every tensor name (`names_of(shard)`) to its file."""
+    if len(shards) == 1:
+        write_one(folder / "model.safetensors", shards[0])
+        return
+    weight_map = {}
+    for i, shard in enumerate(shards):
+        name = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+        write_one(folder / name, shard)
+        weight_map.update({k: name for k in names_of(shard)})
+    (folder / "model.safetensors.index.json").write_text(
+        json.dumps({"metadata": {"total_size": total_bytes}, "weight_map": weight_map}, indent=2))
+
+
+def copy_files(src_dir: str | Path | None, dst: Path, names) -> None:
+    if src_dir is not None:
+        for name in names:
+            if (Path(src_dir) / name).is_file():
+                shutil.copy2(Path(src_dir) / name, dst / name)
+
 
 def write_checkpoint(out_dir: str | Path, config: dict, tensors: dict[str, torch.Tensor],
                      src_dir: str | Path | None = None, max_shard_bytes: int = 4 << 30,
@@ -108,42 +177,14 @@ def write_checkpoint(out_dir: str | Path, config: dict, tensors: dict[str, torch
     """Write config.json + safetensors shards (+ tokenizer files copied from `src_dir`) atomically:
     everything goes to a temporary sibling folder that is renamed into place at the end."""
     out = Path(out_dir)
-    if out.exists() and not overwrite:
-        raise FileExistsError(f"{out} exists; choose a new directory or pass overwrite=True")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp", dir=out.parent))
-    try:
-        shards, cur, size = [], {}, 0
-        for k, v in tensors.items():
-            nbytes = v.numel() * v.element_size()
-            if cur and size + nbytes > max_shard_bytes:
-                shards.append(cur)
-                cur, size = {}, 0
-            cur[k] = v.detach().contiguous()
-            size += nbytes
-        shards.append(cur)
-        if len(shards) == 1:
-            save_file(shards[0], str(tmp / "model.safetensors"), metadata={"format": "pt"})
-        else:
-            weight_map = {}
-            for i, shard in enumerate(shards):
-                name = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
-                save_file(shard, str(tmp / name), metadata={"format": "pt"})
-                weight_map.update({k: name for k in shard})
-            total = sum(v.numel() * v.element_size() for v in tensors.values())
-            (tmp / "model.safetensors.index.json").write_text(
-                json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
+    with atomic_dir(out, overwrite) as tmp:
+        items = [(k, v.detach().contiguous()) for k, v in tensors.items()]
+        shards = split_shards(items, lambda kv: kv[1].numel() * kv[1].element_size(), max_shard_bytes)
+        total = sum(v.numel() * v.element_size() for _, v in items)
+        write_shards(tmp, shards, lambda fp, shard: save_file(dict(shard), str(fp), metadata={"format": "pt"}),
+                     lambda shard: [k for k, _ in shard], total)
         (tmp / "config.json").write_text(json.dumps(config, indent=2, default=_json_default))
-        if src_dir is not None:
-            for name in TOKENIZER_FILES:
-                if (Path(src_dir) / name).is_file():
-                    shutil.copy2(Path(src_dir) / name, tmp / name)
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        copy_files(src_dir, tmp, TOKENIZER_FILES)
     return out
 
 

@@ -130,6 +130,15 @@ def config_to_hf(cfg: ModelConfig) -> dict:
     return hf
 
 
+def runs_own_lm_head(ckpt) -> bool:
+    """transformers' NemotronHForCausalLM never ties embeddings: it runs the file's own lm_head. True when
+    the file (a SafetensorsDir) has one that is not the embedding matrix itself."""
+    if "lm_head.weight" not in ckpt:
+        return False
+    emb = "backbone.embeddings.weight" if "backbone.embeddings.weight" in ckpt else "model.embeddings.weight"
+    return not ckpt.same("lm_head.weight", emb)
+
+
 def state_from_hf(ckpt, cfg: ModelConfig) -> dict[str, torch.Tensor]:
     """ckpt: a SafetensorsDir-like object (keys(), get(k)). Returns our Decoder's state dict."""
     keys = [k for k in ckpt.keys() if not k.startswith("mtp.")]

@@ -234,6 +234,13 @@ def width_subarch(cfg: ModelConfig, frac: float, axes: tuple[str, ...] = WIDTH_A
     return best if best is not None else at(0.0)
 
 
+def depth_units(cfg: ModelConfig) -> list[list[int]]:
+    """Blocks that are dropped together: single blocks for hybrids, (attention, MLP) pairs for Llama/Qwen3."""
+    if cfg.family in ("llama", "qwen3"):
+        return [[2 * j, 2 * j + 1] for j in range(cfg.n_blocks // 2)]
+    return [[i] for i in range(cfg.n_blocks)]
+
+
 def depth_subarch(cfg: ModelConfig, layer_scores, frac: float, metric: str = "params") -> SubArch:
     """Drop the least important depth units (blocks; Llama/Qwen3: attention+MLP pairs) until the parameter
     count is at most `frac` of the full model's. `layer_scores`: per-block importance, higher = keep."""
@@ -241,8 +248,7 @@ def depth_subarch(cfg: ModelConfig, layer_scores, frac: float, metric: str = "pa
         raise ConfigError(f"budget fraction must be in (0, 1], got {frac}")
     count = count_active_params if metric == "active" else count_params
     target = frac * count(cfg)
-    pairs = cfg.family in ("llama", "qwen3")
-    units = [[2 * j, 2 * j + 1] for j in range(cfg.n_blocks // 2)] if pairs else [[i] for i in range(cfg.n_blocks)]
+    units = depth_units(cfg)
     scores = [float(sum(layer_scores[i] for i in u)) for u in units]
     kept = set(range(cfg.n_blocks))
     for ui in sorted(range(len(units)), key=lambda j: scores[j]):

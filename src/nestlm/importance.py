@@ -27,7 +27,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
-from nestlm.arch import SubArch
+from nestlm.arch import SubArch, depth_units
 
 
 @dataclass
@@ -59,13 +59,6 @@ class Scores:
     def layer_order(self) -> list[int]:
         """Block indices, least important first (the order in which depth pruning drops them)."""
         return self.tensors["layers"].argsort().tolist()
-
-
-def _depth_units(cfg) -> list[list[int]]:
-    """Blocks that are dropped together: single blocks for hybrids, (attention, MLP) pairs for Llama/Qwen3."""
-    if cfg.family in ("llama", "qwen3"):
-        return [[2 * j, 2 * j + 1] for j in range(cfg.n_blocks // 2)]
-    return [[i] for i in range(cfg.n_blocks)]
 
 
 @torch.no_grad()
@@ -106,7 +99,7 @@ def importance(model, batches: Iterable[torch.Tensor], layer_batches: int | None
             if mixer.shared is not None:
                 mixer.shared.probe = lambda name, hmid, i=i: add(f"blocks.{i}.shared_ffn",
                                                                  hmid.abs().sum(dim=(0, 1)))
-    units = _depth_units(cfg)
+    units = depth_units(cfg)
     layer_err = torch.zeros(len(units), dtype=torch.float64)
     n_layer_batches = 0
     try:

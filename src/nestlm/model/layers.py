@@ -241,15 +241,21 @@ class MoE(nn.Module):
         if xf.shape[0] == 1 and ffn_mask is None and self.probe is None:  # decoding one token: no grouping
             out = sum(F.linear(torch.relu(F.linear(xf, self.up_proj[e, :f, :k])).square(), self.down_proj[e, :k, :f])
                       * w[:, j:j + 1].to(xf.dtype) for j, e in enumerate(idx[0].tolist()))
-            out = out.view(shape)
-            if self.shared is not None:
-                out = out + self.shared(x, s.shared_ffn, masks.get("shared_ffn"))
-            return out
+        else:
+            out = self._grouped(xf, w, idx, s.experts, f, ffn_mask).to(x.dtype)
+        out = out.view(shape)
+        if self.shared is not None:
+            out = out + self.shared(x, s.shared_ffn, masks.get("shared_ffn"))
+        return out
+
+    def _grouped(self, xf, w, idx, n_exp: int, f: int, ffn_mask):
+        """Routed experts for many tokens: group the (token, slot) pairs by expert, then one matmul pair per
+        expert that got tokens. xf [n, k], w / idx [n, top_k] -> fp32 [n, k]."""
+        k = xf.shape[-1]
         out = torch.zeros_like(xf, dtype=torch.float32)
-        # group the (token, slot) pairs by expert, then one matmul pair per expert that got tokens
         flat = idx.reshape(-1)
         order = flat.argsort()
-        counts = torch.bincount(flat, minlength=s.experts).tolist()
+        counts = torch.bincount(flat, minlength=n_exp).tolist()
         tok = order // idx.shape[1]
         wts = w.reshape(-1)[order]
         start = 0
@@ -265,9 +271,6 @@ class MoE(nn.Module):
                 self.probe("expert", (e, hmid, y, wts[start:start + n]))  # [n, f], [n, k], [n]
             out.index_add_(0, ti, (y * wts[start:start + n, None]).float())
             start += n
-        out = out.to(x.dtype).view(shape)
-        if self.shared is not None:
-            out = out + self.shared(x, s.shared_ffn, masks.get("shared_ffn"))
         return out
 
 

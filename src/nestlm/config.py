@@ -54,6 +54,7 @@ class ElasticConfig:
     align: int = 8  # channel widths must be multiples of this (keeps quantization blocks aligned)
     mode: str = "hard"  # hard: sliced student (compute follows the budget) | soft: masked full-width student
     sort: bool = True  # score importance on `calib_batches` batches and sort the parent before training
+    quant: str | None = None  # None | "fp8" | "nvfp4": a fake-quantized student (QAD, see nestlm.quant)
     calib_batches: int = 4
     # ---- router
     router_hidden: int = 256
@@ -101,6 +102,7 @@ class ElasticConfig:
         self.budgets = [float(x) for x in b]
         need(self.metric in METRICS, f"metric must be one of {METRICS}, got {self.metric!r}")
         need(self.mode in ("hard", "soft"), f"mode must be hard or soft, got {self.mode!r}")
+        need(self.quant in (None, "fp8", "nvfp4"), f"quant must be null, fp8 or nvfp4, got {self.quant!r}")
         need(isinstance(self.choices, dict) and self.choices, "choices must map axis names to lists")
         unknown = sorted(set(self.choices) - set(AXES))
         need(not unknown, f"unknown axes in choices {unknown}; elastic axes are {list(AXES)}")

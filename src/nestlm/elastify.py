@@ -88,6 +88,11 @@ def prepare(ecfg: ElasticConfig, model_or_path, data):
         calib = [get_batch(data, i, ecfg.batch, ecfg.seq_len) for i in range(ecfg.calib_batches)]
         sort_(model, importance(model, calib, layer_batches=0, progress=False))
     teacher = copy.deepcopy(model).eval().requires_grad_(False)
+    if ecfg.quant:  # QAD: the student sees fake-quantized weights, the teacher stays full precision
+        from nestlm.quant import check_elastic, fake_quantize_
+
+        check_elastic(model.cfg, ecfg)  # every budget's quantized input widths stay whole blocks
+        fake_quantize_(model, ecfg.quant)
     torch.manual_seed(ecfg.seed)
     router = Router(model.cfg, ecfg)
     return model, teacher, router

@@ -119,6 +119,32 @@ class Router(nn.Module):
             lg = self.logits(self.onehot(budget_idx))
         return {ax: F.one_hot(v.argmax(), v.shape[-1]).float() for ax, v in lg.items()}
 
+    def decode(self, budget_idx: int, tol: float | None = None) -> dict[str, torch.Tensor]:
+        """The architecture this budget gets at inference: the most probable combination of choices (under the
+        end-of-training sharpness scale_end / tau_end) among those whose cost lies within `tol` (relative) of
+        the budget. When the per-axis argmax (`greedy`) lands, that is it; when it misses, this is the
+        router's next most likely architecture that does land. With no combination within `tol`, the one
+        closest to the budget. tol=None: plain `greedy`."""
+        if self.pinned(budget_idx) or tol is None:
+            return self.greedy(budget_idx)
+        sharp = self.ecfg.scale_end / self.ecfg.tau_end
+        with torch.no_grad():
+            lg = self.logits(self.onehot(budget_idx))
+            dev = self.relative_deviation(budget_idx)  # [n_1, ..., n_axes]
+            score = torch.zeros_like(dev)
+            for d, ax in enumerate(self.axes):  # log p(combo) = sum over axes of log p(choice)
+                shape = [1] * len(self.axes)
+                shape[d] = -1
+                score = score + F.log_softmax(lg[ax].double() * sharp, -1).view(shape)
+            inside = dev <= tol
+            flat = torch.where(inside, score, torch.full_like(score, -torch.inf)) if inside.any() else -dev
+            idx = torch.unravel_index(flat.flatten().argmax(), dev.shape)
+        return {ax: F.one_hot(idx[d], len(self.choices[ax])).float() for d, ax in enumerate(self.axes)}
+
+    def relative_deviation(self, budget_idx: int) -> torch.Tensor:
+        """|cost / budget - 1| of every combination of choices (one dimension per axis)."""
+        return (self.combo_costs() / self.budgets[budget_idx] - 1).abs()
+
     # ------------------------------------------------------------------ from weights to an architecture
     def indices(self, weights: dict[str, torch.Tensor]) -> dict[str, int]:
         return {ax: int(w.detach().argmax()) for ax, w in weights.items()}

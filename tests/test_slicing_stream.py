@@ -365,14 +365,6 @@ def test_evaluate_parent_and_budgets_match_sliced_checkpoints(elastic, tmp_path)
     assert rows[0]["tokens"] == (len(txt.read_text()) - 1) // 16 * 16
 
 
-def test_evaluate_lm_eval_hook(elastic):
-    pytest.importorskip("lm_eval")
-    src, _ = elastic("llama")
-    rows = evaluate(src, seq_len=16, max_windows=1, budgets=["50%"], lm_eval_tasks=["lambada_openai"],
-                    lm_eval_limit=2)
-    assert all("lambada_openai" in r["lm_eval"] for r in rows)
-
-
 # ---------------------------------------------------------------------------------------------- SmolLM2
 @pytest.mark.slow
 def test_smollm2_width_and_depth_slice(tmp_path):

@@ -156,17 +156,20 @@ def _gib(n: int) -> str:
 
 
 def evaluate(path: str, text: str | None = None, seq_len: int = 256, max_windows: int | None = 32,
-             budget: list[str] | None = None) -> list[dict]:
+             budget: list[str] | None = None, lm_eval: list[str] | None = None,
+             lm_eval_limit: int | None = None) -> list[dict]:
     """Perplexity of the parent and of every budget (or the given ones) on local text (default: the held-out
-    KJV New Testament): nestlm.evaluate.evaluate, printed with format_table."""
+    KJV New Testament): nestlm.evaluate.evaluate, printed with format_table. --lm-eval ITEMS.jsonl (or a
+    locally cached lm-eval task name) adds lm-eval scores per budget (the [eval] extra)."""
     from nestlm.evaluate import evaluate as run_evaluate
     from nestlm.evaluate import format_table
 
     try:
-        rows = run_evaluate(path, text, seq_len=seq_len, max_windows=max_windows, budgets=budget)
+        rows = run_evaluate(path, text, seq_len=seq_len, max_windows=max_windows, budgets=budget,
+                            lm_eval_tasks=lm_eval, lm_eval_limit=lm_eval_limit)
     except KeyError as e:
         raise UsageError(e.args[0]) from None
-    except ValueError as e:  # too little text, a malformed .jsonl
+    except (ValueError, ImportError, FileNotFoundError) as e:  # too little text, a malformed .jsonl, no lm-eval
         raise UsageError(str(e)) from None
     print(format_table(rows))
     return rows

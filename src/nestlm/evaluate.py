@@ -13,8 +13,9 @@ held out in the sense that the demo and recipes train on the front of the stream
 whole Bible has seen it. Tokenizer: the folder's own (AutoTokenizer) when it has one, else the byte-level
 `nestlm.data.ByteTokenizer` when the vocabulary has its size (256 or 259).
 
-lm-evaluation-harness (optional, `pip install nestlm[eval]`): `lm_eval_tasks=["hellaswag"]` adds its scores
-to each row, run through transformers on a sliced copy of each budget.
+lm-evaluation-harness (optional, `pip install nestlm[eval]`): `lm_eval_tasks=["my_items.jsonl"]` (local
+multiple-choice items, see `jsonl_task`) or task names whose data is already cached locally add lm-eval's
+scores to each row, run through plain transformers on a sliced copy of each budget. Nothing is downloaded.
 """
 
 from __future__ import annotations
@@ -31,7 +32,8 @@ from nestlm.arch import SubArch, count_active_params, count_params
 from nestlm.data import ByteTokenizer, kjv_text, load_text, perplexity
 from nestlm.model.config import ConfigError
 
-__all__ = ["default_text", "evaluate", "format_table", "has_lm_eval", "load_tokenizer", "lm_eval_scores"]
+__all__ = ["default_text", "evaluate", "format_table", "has_lm_eval", "jsonl_task", "load_tokenizer",
+           "lm_eval_scores"]
 
 NT_START = "THE GOSPEL ACCORDING TO ST. MATTHEW"
 TOKENIZER_MARKERS = ("tokenizer.json", "tokenizer.model", "vocab.json", "tokenizer_config.json")
@@ -86,15 +88,67 @@ def has_lm_eval() -> bool:
     return importlib.util.find_spec("lm_eval") is not None
 
 
-def lm_eval_scores(hf_dir: str | Path, tasks: list[str], limit: int | None = None, batch_size: int = 8) -> dict:
-    """lm-evaluation-harness scores of a plain HF folder: {task: {metric: value}} (numbers only)."""
+def jsonl_task(path: str | Path, name: str | None = None) -> dict:
+    """An lm-eval multiple-choice task (a config dict) over a local jsonl file, one item per line:
+
+        {"query": "In the beginning God created the", "choices": [" heaven", " sea"], "gold": 0}
+
+    Scored by lm-eval's loglikelihood of each choice right after the query (query + choice, nothing inserted
+    between them: put the space in the choice): acc, and acc_norm (normalised by the choice's length).
+    The file is checked here, so a malformed line fails with its line number before lm-eval starts."""
+    import json
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such task file")
+    n = 0
+    for i, line in enumerate(path.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            item = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise ConfigError(f"{path}:{i}: not JSON ({e.msg})") from None
+        ok = (isinstance(item, dict) and isinstance(item.get("query"), str)
+              and isinstance(item.get("choices"), list) and len(item["choices"]) >= 2
+              and all(isinstance(c, str) and c for c in item["choices"])
+              and isinstance(item.get("gold"), int) and 0 <= item["gold"] < len(item["choices"]))
+        if not ok:
+            raise ConfigError(f"{path}:{i}: need {{\"query\": str, \"choices\": [>= 2 non-empty str], "
+                              f"\"gold\": index into choices}}")
+        n += 1
+    if n == 0:
+        raise ConfigError(f"{path}: no items")
+    return {"task": name or path.stem, "dataset_path": "json",
+            "dataset_kwargs": {"data_files": {"test": str(path.resolve())}}, "test_split": "test",
+            "output_type": "multiple_choice", "doc_to_text": "{{query}}", "doc_to_choice": "{{choices}}",
+            "doc_to_target": "{{gold}}", "target_delimiter": "", "metric_list": [{"metric": m, "aggregation": "mean", "higher_is_better": True} for m in ("acc", "acc_norm")]}
+
+
+def lm_eval_scores(hf_dir: str | Path, tasks: list, limit: int | None = None, batch_size: int = 8,
+                   samples: bool = False) -> dict:
+    """lm-evaluation-harness scores of a plain HF folder, run through transformers: {task: {metric: value}}.
+
+    tasks: lm-eval task names (their data must already be in the local datasets cache: nothing is
+    downloaded), paths of local jsonl files (see `jsonl_task`) or task config dicts. samples=True adds
+    "_samples": {task: [per-item loglikelihoods of each choice]}."""
     if not has_lm_eval():
         raise ImportError("lm-eval is not installed: pip install 'nestlm[eval]' (lm-eval==0.4.13)")
+    import os
+
+    for var in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"):  # no network at run time
+        os.environ.setdefault(var, "1")
     import lm_eval
 
+    specs = [jsonl_task(t) if isinstance(t, (str, Path)) and str(t).endswith(".jsonl") else t for t in tasks]
     res = lm_eval.simple_evaluate(model="hf", model_args={"pretrained": str(hf_dir), "dtype": "float32"},
-                                  tasks=list(tasks), limit=limit, batch_size=batch_size, device="cpu")
-    return {t: {k: v for k, v in m.items() if isinstance(v, (int, float))} for t, m in res["results"].items()}
+                                  tasks=specs, limit=limit, batch_size=batch_size, device="cpu",
+                                  log_samples=samples)
+    out = {t: {k: v for k, v in m.items() if isinstance(v, (int, float))} for t, m in res["results"].items()}
+    if samples:
+        out["_samples"] = {t: [[float(r[0]) for r in s["filtered_resps"]] for s in sorted(v, key=lambda s: s["doc_id"])]
+                           for t, v in res["samples"].items()}
+    return out
 
 
 def evaluate(elastic_or_hf_dir: str | Path, text_path: str | Path | None = None, seq_len: int = 256,

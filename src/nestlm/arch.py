@@ -9,7 +9,8 @@ After importance sorting every elastic axis is a prefix, so a submodel is just a
     ffn                    MLP ("-") intermediate channels
     moe_ffn                routed experts' intermediate channels
     shared_ffn             shared expert's intermediate channels
-    experts                routed experts kept (router rows and correction bias sliced with them)
+    experts                routed experts kept (router rows and correction bias sliced with them; a softmax
+                           router needs at least top_k of them)
     layers                 indices of the blocks kept (depth); None keeps all
 
 `None` on any field means "the full width". Widths are global (the same for every block of a kind).
@@ -74,6 +75,9 @@ class SubArch:
             raise ConfigError("SubArch.shared_ffn is set but the model has no shared expert")
         if "E" in cfg.pattern and self.experts < cfg.n_experts and cfg.n_expert_groups > 1:
             raise ConfigError("slicing experts needs n_expert_groups == 1 (group-limited routing would break)")
+        if "E" in cfg.pattern and cfg.moe_router == "softmax" and self.experts < cfg.top_k:
+            raise ConfigError(f"SubArch.experts={self.experts} keeps fewer experts than top_k={cfg.top_k} "
+                              f"(num_experts_per_tok): keep at least {cfg.top_k}")
         layers = self.layers
         if len(layers) == 0:
             raise ConfigError("SubArch.layers keeps no block")
@@ -146,8 +150,10 @@ def _block_params(c: ModelConfig, kind: str, active: bool) -> int:
         n += inner * d + (d if c.mamba_bias else 0)  # out_proj
     elif kind == "E":
         n_used = c.top_k if active else c.n_experts
-        n += c.n_experts * d + c.n_experts  # router rows + correction bias
-        n += n_used * 2 * d * c.moe_intermediate_size
+        n += c.n_experts * d  # router rows
+        if c.moe_router == "sigmoid":
+            n += c.n_experts  # correction bias
+        n += n_used * (3 if c.moe_act == "swiglu" else 2) * d * c.moe_intermediate_size
         if c.shared_intermediate_size:
             n += 2 * d * c.shared_intermediate_size
             if c.mlp_bias:
@@ -234,15 +240,20 @@ def width_subarch(cfg: ModelConfig, frac: float, axes: tuple[str, ...] = WIDTH_A
     return best if best is not None else at(0.0)
 
 
+# families whose HF layer is two of our blocks (attention, then MLP or MoE): depth drops both
+PAIRED_FAMILIES = ("llama", "qwen3", "qwen3_moe", "mixtral")
+
+
 def depth_units(cfg: ModelConfig) -> list[list[int]]:
-    """Blocks that are dropped together: single blocks for hybrids, (attention, MLP) pairs for Llama/Qwen3."""
-    if cfg.family in ("llama", "qwen3"):
+    """Blocks that are dropped together: single blocks for hybrids, (attention, MLP/MoE) pairs for
+    Llama/Qwen3/Qwen3-MoE/Mixtral."""
+    if cfg.family in PAIRED_FAMILIES:
         return [[2 * j, 2 * j + 1] for j in range(cfg.n_blocks // 2)]
     return [[i] for i in range(cfg.n_blocks)]
 
 
 def depth_subarch(cfg: ModelConfig, layer_scores, frac: float, metric: str = "params") -> SubArch:
-    """Drop the least important depth units (blocks; Llama/Qwen3: attention+MLP pairs) until the parameter
+    """Drop the least important depth units (blocks; paired families: attention+MLP pairs) until the parameter
     count is at most `frac` of the full model's. `layer_scores`: per-block importance, higher = keep."""
     if not 0 < frac <= 1:
         raise ConfigError(f"budget fraction must be in (0, 1], got {frac}")

@@ -6,11 +6,12 @@
     print(nestlm.slicing.format_info(nestlm.slicing.info("out/elastic")))
 
 Nothing is loaded as a model. The slicer works on the HF-named tensors of the source folder (Nemotron-H:
-`backbone.*` with one tensor pair per expert; Llama / Qwen3: `model.*`) and reads only the prefixes the
-submodel keeps, straight from the memory-mapped safetensors: `get_slice(name)[rows, cols]`, one read per
-contiguous run (the first heads of each attention KV group / Mamba group are one read per group, then
-`torch.cat`). The index rules are those of `nestlm.model.slice.sliced_state_dict` (the in-memory reference);
-a test pins the streamed tensors to it bit for bit.
+`backbone.*` with one tensor pair per expert; Llama / Qwen3 / Qwen3-MoE / Mixtral: `model.*`, one tensor
+per expert and projection) and reads only the prefixes the submodel keeps, straight from the memory-mapped
+safetensors: `get_slice(name)[rows, cols]`, one read per contiguous run (the first heads of each attention
+KV group / Mamba group are one read per group, then `torch.cat`). The index rules are those of
+`nestlm.model.slice.sliced_state_dict` (the in-memory reference); a test pins the streamed tensors to it
+bit for bit.
 
 Output: shapes are known before any data is read, so every safetensors shard is written header first and
 then tensor by tensor: at most one output tensor (and its pieces) is in memory at a time. The folder is
@@ -31,7 +32,7 @@ import torch
 
 from nestlm.arch import SubArch, count_active_params, count_params, sliced_config
 from nestlm.config import MANIFEST, ROUTER_FILE
-from nestlm.convert import FAMILIES, config_from_hf, nemotron_h
+from nestlm.convert import FAMILIES, config_from_hf, moe, nemotron_h
 from nestlm.convert.io import (
     TOKENIZER_FILES,
     CheckpointError,
@@ -114,6 +115,11 @@ def _check_weights(path: Path, cfg: ModelConfig, src: Source) -> ModelConfig:
     if cfg.family == "nemotron_h" and any(k.startswith("model.") for k in have):
         raise UnsupportedArchitecture(f"{path}: nemotron_h tensors named model.* (transformers' in-memory "
                                       "layout); re-export with nestlm.to_hf(nestlm.from_hf(path), new_dir)")
+    fused = ("experts.gate_up_proj", "experts.down_proj")
+    if cfg.family in moe.EXPERT_NAMES and any(k.endswith(fused) for k in have):
+        raise UnsupportedArchitecture(f"{path}: {cfg.family} experts stored fused (experts.gate_up_proj: "
+                                      "transformers' in-memory layout); re-export with "
+                                      "nestlm.to_hf(nestlm.from_hf(path), new_dir)")
     if cfg.family == "nemotron_h" and cfg.tie_embeddings and nemotron_h.runs_own_lm_head(src):
         cfg = dataclasses.replace(cfg, tie_embeddings=False)  # as load_hf_state: the file's own head runs
     want = _expected_shapes(cfg)
@@ -329,15 +335,27 @@ class _Planner:
             self.add(o + "out_proj.bias", i + "out_proj.bias", (k,))
 
     def moe(self, i: str, o: str):
+        """The router's first e rows (and the sigmoid router's bias) with the first e experts, each cut to
+        its first f channels; expert tensors are named per family (up/down; gate/up/down; w1/w3/w2)."""
         c, s, k = self.cfg, self.s, self.s.hidden
         e, f = s.experts, s.moe_ffn
         self.add(o + "gate.weight", i + "gate.weight", (e, k))
-        self.add(o + "gate.e_score_correction_bias", i + "gate.e_score_correction_bias", (e,))
+        if c.moe_router == "sigmoid":
+            self.add(o + "gate.e_score_correction_bias", i + "gate.e_score_correction_bias", (e,))
+        names = _expert_names(c)
         for j in range(e):
-            self.add(f"{o}experts.{j}.up_proj.weight", f"{i}experts.{j}.up_proj.weight", (f, k))
-            self.add(f"{o}experts.{j}.down_proj.weight", f"{i}experts.{j}.down_proj.weight", (k, f))
+            for ours, theirs in names.items():
+                stops = (k, f) if ours == "down_proj" else (f, k)
+                self.add(f"{o}experts.{j}.{theirs}.weight", f"{i}experts.{j}.{theirs}.weight", stops)
         if c.shared_intermediate_size:
             self.mlp(i + "shared_experts.", o + "shared_experts.", s.shared_ffn, c.mlp_bias)
+
+
+def _expert_names(cfg: ModelConfig) -> dict[str, str]:
+    """Our stacked expert weights -> the HF per-expert projection names of cfg's family."""
+    if cfg.family in moe.EXPERT_NAMES:
+        return moe.EXPERT_NAMES[cfg.family]
+    return {"up_proj": "up_proj", "down_proj": "down_proj"}  # Nemotron-H: ReLU² experts
 
 
 def _names(family: str):
@@ -345,12 +363,14 @@ def _names(family: str):
     if family == "nemotron_h":
         return ("backbone.embeddings.weight", "backbone.norm_f.weight",
                 lambda i, kind: (f"backbone.layers.{i}.norm.weight", f"backbone.layers.{i}.mixer."))
+    moe_module = moe.MOE_MODULE.get(family, "mlp")
 
     def block(i, kind):  # our block i is half of HF layer i // 2
         j = i // 2
         if kind == "*":
             return f"model.layers.{j}.input_layernorm.weight", f"model.layers.{j}.self_attn."
-        return f"model.layers.{j}.post_attention_layernorm.weight", f"model.layers.{j}.mlp."
+        mixer = moe_module if kind == "E" else "mlp"
+        return f"model.layers.{j}.post_attention_layernorm.weight", f"model.layers.{j}.{mixer}."
 
     return "model.embed_tokens.weight", "model.norm.weight", block
 

@@ -76,17 +76,18 @@ def sort_(model, scores: Scores, axes: tuple[str, ...] = ("hidden", "heads", "kv
                 p = torch.stack([_order(ch[e]) for e in range(ch.shape[0])])  # [E, F]
                 perms[key + "expert_ffn"] = p
                 for e in range(ch.shape[0]):
-                    _take_(mx.up_proj[e], p[e], 0)
+                    for w in _expert_in(mx):
+                        _take_(w[e], p[e], 0)
                     _take_(mx.down_proj[e], p[e], 1)
             if "experts" in axes and key + "experts" in scores:
                 if cfg.n_expert_groups > 1:
                     continue  # group-limited routing pins experts to their groups: leave the order alone
                 p = _order(scores[key + "experts"])
                 perms[key + "experts"] = p
-                _take_(mx.gate.weight, p, 0)
-                _take_(mx.e_score_correction_bias, p, 0)
-                _take_(mx.up_proj, p, 0)
-                _take_(mx.down_proj, p, 0)
+                # the router's rows (and the sigmoid router's bias) move with their experts
+                for t in (mx.gate.weight, mx.e_score_correction_bias, mx.down_proj, *_expert_in(mx)):
+                    if t is not None:
+                        _take_(t, p, 0)
     return perms
 
 
@@ -106,7 +107,8 @@ def _sort_hidden_(model, p):
             ins, outs = [m for m in (mx.up_proj, mx.gate_proj) if m is not None], [mx.down_proj]
         else:
             ins, outs = [mx.gate], []
-            _take_(mx.up_proj, p, 2)
+            for w in _expert_in(mx):
+                _take_(w, p, 2)
             _take_(mx.down_proj, p, 1)
             if mx.shared is not None:
                 ins += [mx.shared.up_proj]
@@ -117,6 +119,11 @@ def _sort_hidden_(model, p):
             _take_(m.weight, p, 0)
             if m.bias is not None:
                 _take_(m.bias, p, 0)
+
+
+def _expert_in(mx) -> list:
+    """The stacked expert weights that read the hidden state, [E, F, D]: up (and SwiGLU's gate)."""
+    return [mx.up_proj] + ([mx.gate_proj] if mx.gate_proj is not None else [])
 
 
 def _sort_attention_(mx, kv, q_perm):

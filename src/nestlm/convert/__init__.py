@@ -1,6 +1,6 @@
 """Hugging Face checkpoints <-> nestlm Decoder.
 
-    model = from_hf("path/to/checkpoint")          # nemotron_h, llama, qwen3
+    model = from_hf("path/to/checkpoint")          # nemotron_h, llama, qwen3, qwen3_moe, mixtral
     to_hf(model, "out_dir")                         # the full model, loadable by plain transformers
     to_hf(model, "out_dir", sub=SubArch(...))       # a nested submodel, as a smaller standard checkpoint
 """
@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 
 from nestlm.arch import SubArch, sliced_config
-from nestlm.convert import llama, nemotron_h
+from nestlm.convert import llama, moe, nemotron_h
 from nestlm.convert.io import (
     CheckpointError,
     SafetensorsDir,
@@ -25,7 +25,7 @@ from nestlm.model.config import ConfigError, ModelConfig
 from nestlm.model.decoder import Decoder
 from nestlm.model.slice import sliced_state_dict
 
-FAMILIES = {"nemotron_h": nemotron_h, "llama": llama, "qwen3": llama}
+FAMILIES = {"nemotron_h": nemotron_h, "llama": llama, "qwen3": llama, "qwen3_moe": moe, "mixtral": moe}
 
 __all__ = ["CheckpointError", "UnsupportedArchitecture", "config_from_hf", "from_hf", "load_hf_state", "to_hf",
            "hf_tensors"]

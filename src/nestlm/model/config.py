@@ -4,9 +4,11 @@ A model is a stack of pre-norm residual blocks. The block kinds are read from `p
 per block, as Nemotron-H writes them:
 
     M  Mamba2 mixer          *  attention (GQA; RoPE and q/k-norm optional)
-    -  MLP (ReLU² or SwiGLU)  E  mixture of experts (sigmoid router + correction bias, shared expert)
+    -  MLP (ReLU² or SwiGLU)  E  mixture of experts: Nemotron-H's (sigmoid router + correction bias, ReLU²
+                               experts, shared expert) or Qwen3-MoE / Mixtral's (softmax router, SwiGLU experts)
 
-A Llama/Qwen3 layer is two blocks, "*-" (attention then MLP, each with its own pre-norm).
+A Llama/Qwen3 layer is two blocks, "*-" (attention then MLP, each with its own pre-norm); a Qwen3-MoE /
+Mixtral layer is "*E" (Qwen3-MoE's dense layers: "*-").
 """
 
 from __future__ import annotations
@@ -17,6 +19,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 BLOCK_KINDS = {"M": "mamba", "*": "attention", "-": "mlp", "E": "moe"}
+FAMILIES = ("nemotron_h", "llama", "qwen3", "qwen3_moe", "mixtral")
+MOE_ROUTERS = ("sigmoid", "softmax")
+ACTS = ("relu2", "swiglu")
 
 
 class ConfigError(ValueError):
@@ -30,7 +35,7 @@ class ModelConfig:
     pattern: str  # one char per block, see BLOCK_KINDS
     norm_eps: float = 1e-5
     tie_embeddings: bool = False
-    family: str = "nemotron_h"  # the Hugging Face family this model exports to: nemotron_h | llama | qwen3
+    family: str = "nemotron_h"  # the Hugging Face family this model exports to: one of FAMILIES
     # attention (*)
     num_heads: int = 0
     num_kv_heads: int = 0
@@ -52,15 +57,18 @@ class ModelConfig:
     mamba_bias: bool = False  # bias on in_proj / out_proj
     chunk_size: int = 128
     dt_min: float = 0.0  # softplus(dt + dt_bias) is clamped below at dt_min (prefill and decode alike)
-    # mixture of experts (E); experts are ReLU² MLPs as in Nemotron-H
+    # mixture of experts (E)
     n_experts: int = 0
     top_k: int = 0
     moe_intermediate_size: int = 0
     shared_intermediate_size: int = 0  # 0: no shared expert
     n_expert_groups: int = 1
     topk_groups: int = 1
-    norm_topk_prob: bool = True
+    norm_topk_prob: bool = True  # renormalise the top-k weights to sum to 1 (Mixtral: always)
     routed_scaling: float = 1.0
+    # router: "sigmoid" scores + correction bias (Nemotron-H) | "softmax" over the logits (Qwen3-MoE, Mixtral)
+    moe_router: str = "sigmoid"
+    moe_act: str = "relu2"  # routed experts: relu2 (up, down) | swiglu (gate, up, down)
     # keys copied verbatim into the exported HF config (token ids, max positions, ...)
     hf_extra: dict = field(default_factory=dict)
 
@@ -93,7 +101,7 @@ class ModelConfig:
         need(len(self.pattern) > 0, "pattern is empty: give one character per block from 'M*-E'")
         bad = sorted(set(self.pattern) - set(BLOCK_KINDS))
         need(not bad, f"pattern {self.pattern!r} has unknown block characters {bad}; use M, *, -, E")
-        need(self.family in ("nemotron_h", "llama", "qwen3"), f"unknown family {self.family!r}")
+        need(self.family in FAMILIES, f"unknown family {self.family!r}; one of {FAMILIES}")
         if "*" in self.pattern:
             need(self.num_heads > 0 and self.num_kv_heads > 0 and self.head_dim > 0,
                  "attention blocks need num_heads, num_kv_heads and head_dim > 0")
@@ -102,7 +110,7 @@ class ModelConfig:
             need(self.rope_theta is None or self.head_dim % 2 == 0, "RoPE needs an even head_dim")
         if "-" in self.pattern:
             need(self.intermediate_size > 0, "MLP blocks need intermediate_size > 0")
-            need(self.mlp_act in ("relu2", "swiglu"), f"mlp_act must be relu2 or swiglu, got {self.mlp_act!r}")
+            need(self.mlp_act in ACTS, f"mlp_act must be relu2 or swiglu, got {self.mlp_act!r}")
         if "M" in self.pattern:
             need(self.mamba_heads > 0 and self.mamba_head_dim > 0 and self.ssm_state > 0,
                  "Mamba blocks need mamba_heads, mamba_head_dim and ssm_state > 0")
@@ -116,6 +124,10 @@ class ModelConfig:
             need(self.n_experts % self.n_expert_groups == 0,
                  f"n_experts ({self.n_experts}) must be a multiple of n_expert_groups ({self.n_expert_groups})")
             need(0 < self.topk_groups <= self.n_expert_groups, "topk_groups must be in 1..n_expert_groups")
+            need(self.moe_router in MOE_ROUTERS, f"moe_router must be sigmoid or softmax, got {self.moe_router!r}")
+            need(self.moe_act in ACTS, f"moe_act must be relu2 or swiglu, got {self.moe_act!r}")
+            need(self.moe_router == "sigmoid" or self.n_expert_groups == 1,
+                 "group-limited routing (n_expert_groups > 1) is implemented for the sigmoid router only")
 
     # ---------------------------------------------------------------- (de)serialisation
     def to_dict(self) -> dict:

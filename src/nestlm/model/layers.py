@@ -191,21 +191,32 @@ class MLP(nn.Module):
 
 # ---------------------------------------------------------------------------------------------- MoE
 class MoE(nn.Module):
-    """Top-k routed ReLU² experts with sigmoid scores, a score-correction bias used only for the choice
-    (DeepSeek-V3 / Nemotron-H), optional group-limited routing, and a shared expert.
-    Elastic: first `experts` experts (router rows and correction bias with them), first `moe_ffn` channels
-    of each expert, first `shared_ffn` channels of the shared expert, first `hidden` channels."""
+    """Top-k routed experts, no bias on the experts. Two router / expert variants (cfg.moe_router, moe_act):
+
+    sigmoid + relu2 (Nemotron-H, DeepSeek-V3): sigmoid scores, a score-correction bias used only for the
+        choice, optional group-limited routing, ReLU² experts down(relu(up x)²), optional shared expert;
+    softmax + swiglu (Qwen3-MoE, Mixtral): softmax over the router logits, SwiGLU experts
+        down(silu(gate x) * up x). Mixtral's softmax over the top-k logits is the same as renormalising the
+        top-k of the full softmax (norm_topk_prob).
+
+    Expert weights are stacked parameters `up_proj`, `gate_proj` (SwiGLU only) [E, F, D] and `down_proj`
+    [E, D, F]. Elastic: first `experts` experts (router rows and correction bias with them: the softmax is
+    over the kept experts), first `moe_ffn` channels of each expert, first `shared_ffn` channels of the
+    shared expert, first `hidden` channels."""
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         d, e, f = cfg.hidden_size, cfg.n_experts, cfg.moe_intermediate_size
         self.top_k, self.n_groups, self.topk_groups = cfg.top_k, cfg.n_expert_groups, cfg.topk_groups
         self.norm_topk_prob, self.scaling = cfg.norm_topk_prob, cfg.routed_scaling
+        self.softmax = cfg.moe_router == "softmax"
         self.gate = nn.Linear(d, e, bias=False)
-        self.register_buffer("e_score_correction_bias", torch.zeros(e))
+        self.register_buffer("e_score_correction_bias", None if self.softmax else torch.zeros(e))
         self.probe = None
         self.up_proj = nn.Parameter(torch.empty(e, f, d))  # [expert, out, in]
         self.down_proj = nn.Parameter(torch.empty(e, d, f))
+        swiglu = cfg.moe_act == "swiglu"
+        self.register_parameter("gate_proj", nn.Parameter(torch.empty(e, f, d)) if swiglu else None)
         self.shared = MLP(d, cfg.shared_intermediate_size, "relu2", cfg.mlp_bias) \
             if cfg.shared_intermediate_size else None
 
@@ -213,11 +224,19 @@ class MoE(nn.Module):
         """x: [n, k] -> weights [n, top_k] (fp32), expert ids [n, top_k].
         mask [n_exp] (soft experts): experts with mask 0 are never chosen, the others' weights are scaled."""
         logits = F.linear(x.float(), self.gate.weight[:n_exp, : x.shape[-1]].float())
-        scores = logits.sigmoid()
-        choice = scores + self.e_score_correction_bias[:n_exp].float()
         if mask is not None:
             mask = mask[:n_exp].float()
-            choice = choice.masked_fill(mask == 0, float("-inf"))
+        if self.softmax:  # probabilities over the kept (unmasked) experts; the choice is by probability
+            if mask is not None:
+                logits = logits.masked_fill(mask == 0, float("-inf"))
+            scores = logits.softmax(-1)
+            choice = scores
+        else:
+            scores = logits.sigmoid()
+            choice = scores + self.e_score_correction_bias[:n_exp].float()
+            if mask is not None:
+                choice = choice.masked_fill(mask == 0, float("-inf"))
+        if mask is not None:
             scores = scores * mask
         top_k = min(self.top_k, n_exp)
         if self.n_groups > 1:  # keep the best `topk_groups` groups, scored by their two best experts
@@ -231,6 +250,14 @@ class MoE(nn.Module):
             w = w / (w.sum(-1, keepdim=True) + 1e-20)
         return w * self.scaling, idx
 
+    def expert(self, x: torch.Tensor, e: int, f: int) -> torch.Tensor:
+        """Expert e's intermediate activation (the input of down_proj) for tokens x [n, k]: [n, f]."""
+        k = x.shape[-1]
+        up = F.linear(x, self.up_proj[e, :f, :k])
+        if self.gate_proj is not None:
+            return F.silu(F.linear(x, self.gate_proj[e, :f, :k])) * up
+        return torch.relu(up).square()
+
     def forward(self, x, s: SubArch, masks: dict | None = None):
         shape, k = x.shape, x.shape[-1]
         xf = x.reshape(-1, k)
@@ -239,8 +266,8 @@ class MoE(nn.Module):
         f = s.moe_ffn
         ffn_mask = masks.get("moe_ffn")
         if xf.shape[0] == 1 and ffn_mask is None and self.probe is None:  # decoding one token: no grouping
-            out = sum(F.linear(torch.relu(F.linear(xf, self.up_proj[e, :f, :k])).square(), self.down_proj[e, :k, :f])
-                      * w[:, j:j + 1].to(xf.dtype) for j, e in enumerate(idx[0].tolist()))
+            out = sum(F.linear(self.expert(xf, e, f), self.down_proj[e, :k, :f]) * w[:, j:j + 1].to(xf.dtype)
+                      for j, e in enumerate(idx[0].tolist()))
         else:
             out = self._grouped(xf, w, idx, s.experts, f, ffn_mask).to(x.dtype)
         out = out.view(shape)
@@ -249,7 +276,7 @@ class MoE(nn.Module):
         return out
 
     def _grouped(self, xf, w, idx, n_exp: int, f: int, ffn_mask):
-        """Routed experts for many tokens: group the (token, slot) pairs by expert, then one matmul pair per
+        """Routed experts for many tokens: group the (token, slot) pairs by expert, then one set of matmuls per
         expert that got tokens. xf [n, k], w / idx [n, top_k] -> fp32 [n, k]."""
         k = xf.shape[-1]
         out = torch.zeros_like(xf, dtype=torch.float32)
@@ -263,7 +290,7 @@ class MoE(nn.Module):
             if n == 0:
                 continue
             ti = tok[start:start + n]
-            hmid = torch.relu(F.linear(xf[ti], self.up_proj[e, :f, :k])).square()
+            hmid = self.expert(xf[ti], e, f)
             if ffn_mask is not None:
                 hmid = hmid * ffn_mask[:f].to(hmid.dtype)
             y = F.linear(hmid, self.down_proj[e, :k, :f])

@@ -67,8 +67,12 @@ def _mixer(block, s: SubArch, cfg) -> dict[str, torch.Tensor]:
         return d
     # MoE
     e, f = s.experts, s.moe_ffn
-    d = {"gate.weight": mx.gate.weight[:e, :k], "e_score_correction_bias": mx.e_score_correction_bias[:e],
-         "up_proj": mx.up_proj[:e, :f, :k], "down_proj": mx.down_proj[:e, :k, :f]}
+    d = {"gate.weight": mx.gate.weight[:e, :k], "up_proj": mx.up_proj[:e, :f, :k],
+         "down_proj": mx.down_proj[:e, :k, :f]}
+    if mx.e_score_correction_bias is not None:  # the sigmoid router's bias follows its rows
+        d["e_score_correction_bias"] = mx.e_score_correction_bias[:e]
+    if mx.gate_proj is not None:  # SwiGLU experts
+        d["gate_proj"] = mx.gate_proj[:e, :f, :k]
     if mx.shared is not None:
         d.update({"shared." + n: t for n, t in _mlp(mx.shared, s.shared_ffn, k).items()})
     return d

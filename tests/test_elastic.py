@@ -160,6 +160,49 @@ def test_hard_forward_is_the_sliced_model_and_reaches_the_router(model):
         assert net[0].weight.grad is not None and net[0].weight.grad.abs().sum() > 0, ax
 
 
+@pytest.mark.parametrize("tied", [False, True])
+def test_sliced_backward_equals_the_extracted_models_gradients(tied):
+    """The sliced forward's weight gradients (nestlm.model.layers.prefix writes them into one zero-filled
+    tensor per weight) are the standalone submodel's gradients, in place, and zero everywhere else."""
+    import copy
+
+    from nestlm.model.slice import sliced_state_dict
+
+    model = randomize_(nestlm.Decoder(hybrid_cfg(tie_embeddings=tied)), seed=4)
+    sub = SubArch(hidden=24, attn_heads_per_group=1, mamba_heads_per_group=3, ffn=32, moe_ffn=8, shared_ffn=16,
+                  experts=3, layers=(0, 1, 2, 3, 5, 6, 7))
+    small = extract(model, sub)
+    ids = ids_(t=16)
+    model(ids, sub=sub).logsumexp(-1).mean().backward()
+    small(ids).logsumexp(-1).mean().backward()
+    grads = copy.deepcopy(model)
+    with torch.no_grad():
+        for p, g in zip(grads.parameters(), model.parameters(), strict=True):
+            p.copy_(g.grad if g.grad is not None else torch.zeros_like(p))
+    want = {n: p.grad for n, p in small.named_parameters()}
+    got = {n: t for n, t in sliced_state_dict(grads, sub).items() if n in want}  # (not the buffers)
+    assert set(got) == set(want)
+    for n in want:
+        assert_close(got[n], want[n], atol=1e-6, rtol=1e-5, msg=n)
+    outside = sum(float(g.grad.abs().sum()) for g in model.parameters() if g.grad is not None) - sum(
+        float(g.abs().sum()) for g in got.values())
+    assert abs(outside) < 1e-4  # nothing outside the submodel's prefixes got a gradient
+
+
+def test_prefix_is_plain_slicing():
+    from nestlm.model.layers import prefix
+
+    w = torch.randn(6, 5, 4, requires_grad=True)
+    g = torch.randn(3, 5, 2)
+    assert prefix(w, None, 9, None) is w  # nothing cut: the weight itself
+    (prefix(w, 3, None, 2) * g).sum().backward()
+    ref = torch.zeros_like(w)
+    ref[:3, :, :2] = g
+    assert torch.equal(w.grad, ref)
+    with torch.no_grad():
+        assert torch.equal(prefix(w, 2, 1), w[:2, :1])
+
+
 @pytest.mark.parametrize("axes", [("hidden",), ("ffn",), ("moe_ffn", "shared_ffn"), ("attn_heads_per_group",),
                                   ("mamba_heads_per_group",), ("experts",), tuple(ALL_AXES)])
 def test_one_hot_masks_equal_the_sliced_forward(model, axes):

@@ -23,6 +23,7 @@ from nestlm.model.layers import (
     RMSNorm,
     init_mamba_,
     masked_rms_norm,
+    prefix,
     rope_cos_sin,
 )
 
@@ -125,7 +126,8 @@ class Decoder(nn.Module):
             elif cache.sub != s:
                 raise ValueError("this cache was filled by another SubArch; start a new cache to switch models")
         k = s.hidden
-        x = F.embedding(ids, self.embeddings.weight[:, :k])  # [b, t, k]
+        emb = prefix(self.embeddings.weight, None, k)  # [vocab, k]
+        x = F.embedding(ids, emb)  # [b, t, k]
         mh = masks.get("hidden") if masks is not None else None
         if mh is not None:
             x = x * mh[:k].to(x.dtype)
@@ -141,7 +143,8 @@ class Decoder(nn.Module):
             cache.pos += ids.shape[1]
         if return_hidden:
             return x
-        return F.linear(x, self.lm_head_weight[:, :k]).float()
+        head = emb if self.lm_head is None else prefix(self.lm_head.weight, None, k)  # tied: one slice
+        return F.linear(x, head).float()
 
     # ------------------------------------------------------------------ utilities
     def num_params(self) -> int:

@@ -49,6 +49,34 @@ class RMSNorm(nn.Module):
         return rms_norm(x, self.weight, self.eps)
 
 
+class _Prefix(torch.autograd.Function):
+    """w[idx] whose backward writes the gradient into ONE zero-filled full-size tensor (chained slices,
+    w[:a][:, :b], fill one per sliced dim: a measurable share of an elastic training step)."""
+
+    @staticmethod
+    def forward(ctx, w, idx):
+        ctx.shape, ctx.idx = w.shape, idx
+        return w[idx]
+
+    @staticmethod
+    def backward(ctx, g):
+        gw = g.new_zeros(ctx.shape)
+        gw[ctx.idx] = g
+        return gw, None
+
+
+def prefix(w: torch.Tensor, *sizes: int | None) -> torch.Tensor:
+    """w[:sizes[0], :sizes[1], ...] (None: that dim uncut). The weight itself when nothing is cut, so the
+    full model's autograd graph has no slicing nodes at all."""
+    idx = tuple(slice(None) if n is None or n >= full else slice(0, n)
+                for n, full in zip(sizes, w.shape[: len(sizes)], strict=True))
+    if all(i == slice(None) for i in idx):
+        return w
+    if w.requires_grad and torch.is_grad_enabled():
+        return _Prefix.apply(w, idx)
+    return w[idx]
+
+
 def group_heads(t: torch.Tensor, n_groups: int, keep: int, dim: int = 0) -> torch.Tensor:
     """Keep the first `keep` channels of each of `n_groups` equal groups along `dim`.
 
@@ -95,20 +123,21 @@ class Attention(nn.Module):
         else:
             self.q_norm = self.k_norm = None
 
-    def _q_rows(self, t: torch.Tensor, s: SubArch) -> torch.Tensor:
+    def _q_rows(self, t: torch.Tensor, s: SubArch, dim: int = 0, k: int | None = None) -> torch.Tensor:
         # q rows are [kv group][head in group][head_dim]: keep the first g groups, first h heads of each
-        r = self.n_heads // self.n_kv
-        t = t[: s.attn_kv_heads * r * self.head_dim]
-        return group_heads(t, s.attn_kv_heads, s.attn_heads_per_group * self.head_dim, dim=0)
+        # (along `dim`: 0 for q_proj rows, 1 for o_proj columns), and the first k channels on the other dim
+        rows = s.attn_kv_heads * (self.n_heads // self.n_kv) * self.head_dim
+        t = prefix(t, rows) if t.dim() == 1 else prefix(t, *((rows, k) if dim == 0 else (k, rows)))
+        return group_heads(t, s.attn_kv_heads, s.attn_heads_per_group * self.head_dim, dim=dim)
 
     def forward(self, x, s: SubArch, cache: dict | None, rope, masks: dict | None = None):
         b, t, k = x.shape
         g, h, hd = s.attn_kv_heads, s.attn_heads_per_group, self.head_dim
         kv_rows = g * hd
         bias = self.q_proj.bias is not None
-        q = F.linear(x, self._q_rows(self.q_proj.weight, s)[:, :k], self._q_rows(self.q_proj.bias, s) if bias else None)
-        kk = F.linear(x, self.k_proj.weight[:kv_rows, :k], self.k_proj.bias[:kv_rows] if bias else None)
-        v = F.linear(x, self.v_proj.weight[:kv_rows, :k], self.v_proj.bias[:kv_rows] if bias else None)
+        q = F.linear(x, self._q_rows(self.q_proj.weight, s, k=k), self._q_rows(self.q_proj.bias, s) if bias else None)
+        kk = F.linear(x, prefix(self.k_proj.weight, kv_rows, k), prefix(self.k_proj.bias, kv_rows) if bias else None)
+        v = F.linear(x, prefix(self.v_proj.weight, kv_rows, k), prefix(self.v_proj.bias, kv_rows) if bias else None)
         q = q.view(b, t, g * h, hd)
         kk = kk.view(b, t, g, hd)
         if self.q_norm is not None:
@@ -134,8 +163,8 @@ class Attention(nn.Module):
         if self.probe is not None:
             self.probe("heads", out)  # [b, g*h, t, hd]
         out = out.transpose(1, 2).reshape(b, t, g * h * hd)
-        o_w = self._q_rows(self.o_proj.weight.T, s).T[:k]  # o_proj columns follow q's head layout
-        return F.linear(out, o_w, self.o_proj.bias[:k] if bias else None)
+        o_w = self._q_rows(self.o_proj.weight, s, dim=1, k=k)  # o_proj columns follow q's head layout
+        return F.linear(out, o_w, prefix(self.o_proj.bias, k) if bias else None)
 
 
 def _kv_cache_append(cache: dict, k, v):
@@ -174,7 +203,7 @@ class MLP(nn.Module):
         k = x.shape[-1]
 
         def lin(m):  # first `width` output rows, first k input columns
-            return F.linear(x, m.weight[:width, :k], m.bias[:width] if m.bias is not None else None)
+            return F.linear(x, prefix(m.weight, width, k), prefix(m.bias, width) if m.bias is not None else None)
 
         up = lin(self.up_proj)
         if self.gate_proj is not None:
@@ -185,8 +214,8 @@ class MLP(nn.Module):
             hmid = hmid * mask[:width].to(hmid.dtype)
         if self.probe is not None:
             self.probe("ffn", hmid)  # [b, t, width]
-        bias = self.down_proj.bias[:k] if self.down_proj.bias is not None else None
-        return F.linear(hmid, self.down_proj.weight[:k, :width], bias)
+        bias = prefix(self.down_proj.bias, k) if self.down_proj.bias is not None else None
+        return F.linear(hmid, prefix(self.down_proj.weight, k, width), bias)
 
 
 # ---------------------------------------------------------------------------------------------- MoE
@@ -223,7 +252,7 @@ class MoE(nn.Module):
     def route(self, x: torch.Tensor, n_exp: int, mask: torch.Tensor | None = None):
         """x: [n, k] -> weights [n, top_k] (fp32), expert ids [n, top_k].
         mask [n_exp] (soft experts): experts with mask 0 are never chosen, the others' weights are scaled."""
-        logits = F.linear(x.float(), self.gate.weight[:n_exp, : x.shape[-1]].float())
+        logits = F.linear(x.float(), prefix(self.gate.weight, n_exp, x.shape[-1]).float())
         if mask is not None:
             mask = mask[:n_exp].float()
         if self.softmax:  # probabilities over the kept (unmasked) experts; the choice is by probability
@@ -250,13 +279,21 @@ class MoE(nn.Module):
             w = w / (w.sum(-1, keepdim=True) + 1e-20)
         return w * self.scaling, idx
 
-    def expert(self, x: torch.Tensor, e: int, f: int) -> torch.Tensor:
-        """Expert e's intermediate activation (the input of down_proj) for tokens x [n, k]: [n, f]."""
-        k = x.shape[-1]
-        up = F.linear(x, self.up_proj[e, :f, :k])
-        if self.gate_proj is not None:
-            return F.silu(F.linear(x, self.gate_proj[e, :f, :k])) * up
-        return torch.relu(up).square()
+    def expert_weights(self, n_exp: int, f: int, k: int) -> tuple[list, list, list]:
+        """Per-expert weight views (up [f, k], gate [f, k] or None, down [k, f]) of the first n_exp experts.
+        Each stacked parameter is cut and split once per forward (indexing it per expert would give each
+        expert its own full-size zero gradient, and re-run any parametrization per expert)."""
+        up = prefix(self.up_proj, n_exp, f, k).unbind(0)
+        down = prefix(self.down_proj, n_exp, k, f).unbind(0)
+        gate = prefix(self.gate_proj, n_exp, f, k).unbind(0) if self.gate_proj is not None else [None] * n_exp
+        return up, gate, down
+
+    def expert(self, x: torch.Tensor, up: torch.Tensor, gate: torch.Tensor | None) -> torch.Tensor:
+        """An expert's intermediate activation (the input of down_proj) for tokens x [n, k]: [n, f]."""
+        u = F.linear(x, up)
+        if gate is not None:
+            return F.silu(F.linear(x, gate)) * u
+        return torch.relu(u).square()
 
     def forward(self, x, s: SubArch, masks: dict | None = None):
         shape, k = x.shape, x.shape[-1]
@@ -266,7 +303,9 @@ class MoE(nn.Module):
         f = s.moe_ffn
         ffn_mask = masks.get("moe_ffn")
         if xf.shape[0] == 1 and ffn_mask is None and self.probe is None:  # decoding one token: no grouping
-            out = sum(F.linear(self.expert(xf, e, f), self.down_proj[e, :k, :f]) * w[:, j:j + 1].to(xf.dtype)
+            up, gate, down = self.up_proj, self.gate_proj, self.down_proj
+            out = sum(F.linear(self.expert(xf, up[e, :f, :k], gate[e, :f, :k] if gate is not None else None),
+                               down[e, :k, :f]) * w[:, j:j + 1].to(xf.dtype)
                       for j, e in enumerate(idx[0].tolist()))
         else:
             out = self._grouped(xf, w, idx, s.experts, f, ffn_mask).to(x.dtype)
@@ -285,15 +324,16 @@ class MoE(nn.Module):
         counts = torch.bincount(flat, minlength=n_exp).tolist()
         tok = order // idx.shape[1]
         wts = w.reshape(-1)[order]
+        ups, gates, downs = self.expert_weights(n_exp, f, k)
         start = 0
         for e, n in enumerate(counts):
             if n == 0:
                 continue
             ti = tok[start:start + n]
-            hmid = self.expert(xf[ti], e, f)
+            hmid = self.expert(xf[ti], ups[e], gates[e])
             if ffn_mask is not None:
                 hmid = hmid * ffn_mask[:f].to(hmid.dtype)
-            y = F.linear(hmid, self.down_proj[e, :k, :f])
+            y = F.linear(hmid, downs[e])
             if self.probe is not None:
                 self.probe("expert", (e, hmid, y, wts[start:start + n]))  # [n, f], [n, k], [n]
             out.index_add_(0, ti, (y * wts[start:start + n, None]).float())
@@ -347,7 +387,7 @@ class Mamba2(nn.Module):
         m = s.mamba_heads_per_group
         hk, p, g, n = m * self.g, self.p, self.g, self.n  # hk: heads kept
         bias = self.in_proj.bias
-        zxbcdt = F.linear(x, self._in_proj(self.in_proj.weight, m)[:, :k],
+        zxbcdt = F.linear(x, self._in_proj(prefix(self.in_proj.weight, None, k), m),
                           self._in_proj(bias, m) if bias is not None else None)
         z, xbc, dt = zxbcdt.split([hk * p, hk * p + 2 * g * n, hk], dim=-1)
 
@@ -399,8 +439,8 @@ class Mamba2(nn.Module):
         if self.probe is not None:
             self.probe("heads", y)  # [b, t, hk*p]
 
-        ow = self._heads(self.out_proj.weight, m, p, dim=1)[:k]
-        return F.linear(y, ow, self.out_proj.bias[:k] if self.out_proj.bias is not None else None)
+        ow = self._heads(prefix(self.out_proj.weight, k), m, p, dim=1)
+        return F.linear(y, ow, prefix(self.out_proj.bias, k) if self.out_proj.bias is not None else None)
 
 
 def init_mamba_(mixer: Mamba2, dt_min: float = 1e-3, dt_max: float = 0.1, floor: float = 1e-4) -> None:

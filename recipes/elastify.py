@@ -4,6 +4,17 @@
     python recipes/elastify.py --config elastic.yaml --model path/to/hf --text corpus.txt --out out/elastic
     python recipes/elastify.py ... --max-steps 500    # stop after 500 steps; run the same command to resume
 
+The same script on N processes (PyTorch DDP or FSDP2; gloo on CPU, nccl on GPUs), only flags change:
+
+    OMP_NUM_THREADS=1 torchrun --nproc_per_node 2 recipes/elastify.py --parallel ddp --tiny --out /tmp/elastic_ddp
+    torchrun --nproc_per_node 8 recipes/elastify.py --parallel fsdp2 --config elastic.yaml --model path/to/hf ...
+
+Every rank takes batch / N rows of each global batch (the config's `batch` must divide by N), draws the same
+budgets, and gets the one-process losses up to float summation order; rank 0 writes the log, the checkpoint
+manifest and this report. A run may stop on N processes and resume on M (torch.distributed.checkpoint).
+On CPU this is a correctness path, not a speedup: the tiny run on a busy 2-core machine took ~27 ms per step
+on 1 process, ~43 ms with DDP and ~100 ms with FSDP2 on 2 (gloo collectives dominate a 21k-parameter model).
+
 The training loop itself is `nestlm.elastify.elastify` (src/nestlm/elastify.py), readable top to bottom:
 sort the parent, freeze a copy as the teacher, then per step sample a budget, let the router pick the widths,
 distill the sliced submodel, and keep its cost on budget. This script only gathers the inputs and prints the
@@ -14,6 +25,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import time
 from pathlib import Path
 
 import torch
@@ -28,7 +41,8 @@ def tiny_parent() -> nestlm.Decoder:
                              head_dim=8, intermediate_size=48, mamba_heads=8, mamba_head_dim=4, mamba_groups=2,
                              ssm_state=8, chunk_size=4, n_experts=4, top_k=2, moe_intermediate_size=16,
                              shared_intermediate_size=24)
-    return nestlm.Decoder(cfg).init_weights(seed=0, std=0.3)
+    torch.manual_seed(0)  # init_weights leaves some tensors (conv1d) at their default init: seed it too, so
+    return nestlm.Decoder(cfg).init_weights(seed=0, std=0.3)  # that every torchrun rank builds the same parent
 
 
 def tiny_config() -> ElasticConfig:
@@ -60,6 +74,8 @@ def main(argv=None):
     ap.add_argument("--out", type=Path, required=True)
     ap.add_argument("--max-steps", type=int, default=None, help="stop after this many steps (resume later)")
     ap.add_argument("--fresh", action="store_true", help="ignore an existing checkpoint in --out")
+    ap.add_argument("--parallel", choices=["ddp", "fsdp2"], default=None,
+                    help="under torchrun: wrap the student in DDP (default) or shard it with FSDP2")
     args = ap.parse_args(argv)
 
     # ---- inputs: the parent, the data, the elastic config
@@ -73,8 +89,15 @@ def main(argv=None):
     n_val = max(ecfg.seq_len * 4, len(tokens) // 50)
     train, val = tokens[:-n_val], tokens[-n_val:]
 
-    # ---- train (resumes from args.out/train/checkpoint.pt unless --fresh)
-    out = nestlm.elastify(ecfg, parent, train, args.out, max_steps=args.max_steps, resume=not args.fresh)
+    # ---- train (resumes from args.out/train/ unless --fresh)
+    times = []
+    out = nestlm.elastify(ecfg, parent, train, args.out, max_steps=args.max_steps, resume=not args.fresh,
+                          parallel=args.parallel, on_step=lambda rec: times.append(time.perf_counter()))
+    if int(os.environ.get("RANK", "0")) != 0:  # under torchrun, rank 0 reports
+        return
+    if len(times) > 1:
+        ms = (times[-1] - times[0]) / (len(times) - 1) * 1e3
+        print(f"{len(times)} steps on {os.environ.get('WORLD_SIZE', '1')} process(es): {ms:.1f} ms per step")
     if not (out / "nestlm_elastic.json").exists():
         print(f"stopped early; checkpoint in {out / 'train'} (run again to resume)")
         return

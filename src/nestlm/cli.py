@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -74,8 +75,9 @@ def importance(hf_dir: str, out: str, text: str | None = None, kjv: bool = False
 
 
 def elastify(config: str, model: str, out: str, text: str | None = None, kjv: bool = False,
-             max_steps: int | None = None, fresh: bool = False) -> Path:
-    """nestlm.elastify on an HF parent and a tokenized text; prints the resulting budgets."""
+             max_steps: int | None = None, fresh: bool = False, parallel: str | None = None) -> Path:
+    """nestlm.elastify on an HF parent and a tokenized text; prints the resulting budgets. Under torchrun,
+    --parallel ddp (default) or fsdp2."""
     import nestlm
     from nestlm.config import ElasticConfig
     from nestlm.slicing import format_info as format_elastic
@@ -88,7 +90,9 @@ def elastify(config: str, model: str, out: str, text: str | None = None, kjv: bo
     ids = _tokens(model, cfg.vocab_size, text, kjv, need=need)
     if len(ids) < longest + 1:
         raise UsageError(f"the text gives {len(ids)} tokens, too few for one window of seq_len {longest}")
-    dst = nestlm.elastify(ecfg, model, ids, out, max_steps=max_steps, resume=not fresh)
+    dst = nestlm.elastify(ecfg, model, ids, out, max_steps=max_steps, resume=not fresh, parallel=parallel)
+    if int(os.environ.get("RANK", "0")) != 0:  # under torchrun, rank 0 reports and copies the tokenizer
+        return dst
     if not (dst / MANIFEST).is_file():
         print(f"stopped after --max-steps {max_steps}; run the same command again to resume from {dst / 'train'}")
         return dst
@@ -287,6 +291,7 @@ def build_parser() -> argparse.ArgumentParser:
     text_args(c)
     c.add_argument("--out", required=True, metavar="DIR", help="the elastic checkpoint folder")
     c.add_argument("--max-steps", type=int, default=None, help="stop after this many steps (run again to resume)")
+    c.add_argument("--parallel", choices=["ddp", "fsdp2"], default=None, help="under torchrun: DDP (default) or FSDP2")
     c.add_argument("--fresh", action="store_true", help="ignore a training checkpoint in --out")
 
     c = sub.add_parser("slice", help="one budget of an elastic checkpoint as a plain HF checkpoint (streamed)")

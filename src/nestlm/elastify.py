@@ -15,12 +15,24 @@ The training loop below reads top to bottom (torchtune style; no trainer framewo
     AdamW for the model and AdamW for the router; gradient accumulation; jsonl log; atomic checkpoints that
     resume bit-exactly (CPU, same seeds): weights, both optimizers, torch/python RNG, step, data position.
 
+The same call runs on one process or on N under torchrun (`parallel="ddp" | "fsdp2"`, see nestlm.parallel):
+every rank draws the same budgets and noise and takes batch / N rows of each global batch, so the loss is the
+one-process loss up to float summation order. Checkpoints are then torch.distributed.checkpoint folders.
+
+Faults: every input is checked before anything is written (the config against the model, the data against
+its vocabulary, a checkpoint to resume against the parent and the config); checkpoints go to a temporary
+name and are renamed when complete, so a crash (kill -9 included) mid-write keeps the previous one; a
+non-finite loss stops the run before the optimizer step with a FloatingPointError that names the step, the
+budget and the last good checkpoint.
+
 Output folder (`out_dir`): the full sorted model as a standard HF checkpoint (config.json, model.safetensors),
-`router.safetensors`, and the manifest `nestlm_elastic.json`; training state lives in `out_dir/train/`.
+`router.safetensors`, and the manifest `nestlm_elastic.json`; training state lives in `out_dir/train/`
+(`checkpoint.pt` from one process, the folder `checkpoint/` from N).
 """
 
 from __future__ import annotations
 
+import base64
 import copy
 import json
 import math
@@ -34,14 +46,20 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from nestlm import parallel
 from nestlm.arch import SubArch, count_active_params, count_params
 from nestlm.config import MANIFEST, ROUTER_FILE, ElasticConfig, budget_name
 from nestlm.distill import kd_loss, router_loss
 from nestlm.model.config import ConfigError
 from nestlm.optim import adamw
+from nestlm.parallel import setup as setup_parallel
 from nestlm.router import Router
 
 MANIFEST_VERSION = 1
+CKPT_FILE = "checkpoint.pt"  # one process: a torch.save file (read back with weights_only=True)
+CKPT_DIR = "checkpoint"  # N processes: a torch.distributed.checkpoint folder (see nestlm.parallel)
+# config fields that may change when resuming (the others would silently change what the run means)
+RESUME_MAY_CHANGE = ("steps", "checkpoint_every", "log_every")
 
 
 # ---------------------------------------------------------------------------------------------- data
@@ -63,6 +81,45 @@ def get_batch(data, pos: int, batch: int, seq_len: int) -> torch.Tensor:
     raise TypeError("data must be a 1-D token tensor, a list of [b, t] batches, or a callable (pos, b, t)")
 
 
+def check_data(data, ecfg: ElasticConfig, vocab_size: int, world: int = 1) -> None:
+    """Fail early, before anything is written, on data that can't train this model: empty or shorter than one
+    window, not integer token ids, ids outside the vocabulary (another tokenizer's), batches that don't split
+    over `world` processes. A callable is checked on its first batch."""
+    longest = max(ecfg.seq_len, ecfg.stage2_seq_len or 0)
+    if isinstance(data, torch.Tensor):
+        if data.dim() != 1:
+            raise ValueError(f"data: a token tensor must be a 1-D stream of ids, got shape {tuple(data.shape)} "
+                             "(pass a list of [b, t] batches instead)")
+        if len(data) < longest + 1:
+            raise ValueError(f"data: {len(data)} tokens are too few for one window of seq_len {longest} "
+                             f"(need at least {longest + 1})")
+        tensors = {"data": data}
+    else:
+        if isinstance(data, (list, tuple)):
+            if not data:
+                raise ValueError("data: the list of batches is empty")
+            tensors = {f"data[{i}]": b for i, b in enumerate(data)}
+        elif callable(data):
+            tensors = {f"data(0, {ecfg.batch}, {ecfg.seq_len})": data(0, ecfg.batch, ecfg.seq_len)}
+        else:
+            raise TypeError("data must be a 1-D token tensor, a list of [b, t] batches, or a callable (pos, b, t)")
+        for where, b in tensors.items():  # batches: [b, t], non-empty, rows split over the processes
+            if not isinstance(b, torch.Tensor) or b.dim() != 2 or b.numel() == 0:
+                raise ValueError(f"{where}: expected a non-empty [batch, seq_len] tensor of token ids, got "
+                                 f"{tuple(b.shape) if isinstance(b, torch.Tensor) else type(b).__name__}")
+            if b.shape[0] % world:
+                raise ConfigError(f"{where}: {b.shape[0]} rows don't split over {world} processes")
+    for where, b in tensors.items():
+        if b.is_floating_point() or b.is_complex() or b.dtype == torch.bool:
+            raise ValueError(f"{where}: expected integer token ids, got {b.dtype}")
+        lo, hi = int(b.min()), int(b.max())
+        if lo < 0 or hi >= vocab_size:
+            raise ConfigError(f"{where}: token id {hi if hi >= vocab_size else lo} is outside the model's "
+                              f"vocabulary (vocab_size {vocab_size}); was it tokenized for another model?")
+    if ecfg.sort and ecfg.calib_batches < 1:
+        raise ConfigError(f"ElasticConfig: calib_batches must be >= 1 to sort by importance, got {ecfg.calib_batches}")
+
+
 # ---------------------------------------------------------------------------------------------- setup
 def _load_parent(model_or_path):
     from nestlm.convert import from_hf
@@ -77,116 +134,139 @@ def _fingerprint(model) -> float:
         return float(sum(p.double().abs().sum() for p in model.parameters()))
 
 
-def prepare(ecfg: ElasticConfig, model_or_path, data):
-    """(student, teacher, router): the sorted parent, its frozen copy, and a fresh router."""
+def _bits(x: float) -> int:
+    return int(torch.tensor(x, dtype=torch.float64).view(torch.int64))
+
+
+def prepare(ecfg: ElasticConfig, model_or_path, data, world: int = 1):
+    """(student, teacher, router): the sorted parent, its frozen copy, and a fresh router. Every input is
+    checked (config against the model, data against its vocabulary) before the slow part starts."""
     from nestlm.importance import importance
     from nestlm.sort import sort_
 
     model = _load_parent(model_or_path).float()
     ecfg.resolve_choices(model.cfg)  # fail early, with the axis named, if a choice doesn't fit the model
+    if ecfg.quant:  # QAD: every budget's quantized input widths must stay whole blocks
+        from nestlm.quant import check_elastic
+
+        check_elastic(model.cfg, ecfg)
+    check_data(data, ecfg, model.cfg.vocab_size, world)
     if ecfg.sort:
         calib = [get_batch(data, i, ecfg.batch, ecfg.seq_len) for i in range(ecfg.calib_batches)]
         sort_(model, importance(model, calib, layer_batches=0, progress=False))
     teacher = copy.deepcopy(model).eval().requires_grad_(False)
     if ecfg.quant:  # QAD: the student sees fake-quantized weights, the teacher stays full precision
-        from nestlm.quant import check_elastic, fake_quantize_
+        from nestlm.quant import fake_quantize_
 
-        check_elastic(model.cfg, ecfg)  # every budget's quantized input widths stay whole blocks
         fake_quantize_(model, ecfg.quant)
     torch.manual_seed(ecfg.seed)
     router = Router(model.cfg, ecfg)
     return model, teacher, router
 
 
-# ---------------------------------------------------------------------------------------------- checkpoints
-def _save_checkpoint(path: Path, state: dict) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(state, tmp)
-    os.replace(tmp, path)  # atomic: a crash leaves the previous checkpoint intact
-
-
-def _load_checkpoint(path: Path) -> dict:
-    return torch.load(path, map_location="cpu", weights_only=True)
-
-
 # ---------------------------------------------------------------------------------------------- the loop
 def elastify(config: ElasticConfig | str | Path, model_or_hf_path, data, out_dir: str | Path, *,
              max_steps: int | None = None, resume: bool = True, progress: bool = True,
-             on_step: Callable[[dict], None] | None = None) -> Path:
+             on_step: Callable[[dict], None] | None = None, parallel: str | None = None) -> Path:
     """Train the elastic model and write the elastic checkpoint folder `out_dir` (see the module doc).
 
     max_steps: stop (after checkpointing) once this many steps are done in total; run again to resume.
-    resume: continue from `out_dir/train/checkpoint.pt` if it exists. on_step: called with each log record.
-    Returns out_dir."""
+    resume: continue from the checkpoint in `out_dir/train/` if there is one. on_step: called with each log
+    record (on every rank). parallel: None (automatic: DDP under torchrun or an initialised process group,
+    else one process), "ddp" or "fsdp2" (see nestlm.parallel). Returns out_dir."""
     ecfg = config if isinstance(config, ElasticConfig) else ElasticConfig.load(config)
-    out = Path(out_dir)
-    train_dir = out / "train"
-    train_dir.mkdir(parents=True, exist_ok=True)
-    ckpt_path, log_path = train_dir / "checkpoint.pt", train_dir / "log.jsonl"
-    ecfg.save(train_dir / "elastic.yaml")
+    dp = setup_parallel(parallel)  # one process, or this rank of torchrun's N
+    try:
+        return _train(ecfg, model_or_hf_path, data, Path(out_dir), dp, max_steps, resume, progress, on_step)
+    finally:
+        dp.close()
 
-    # ---- models: student (trained), teacher (frozen sorted parent), router
-    model, teacher, router = prepare(ecfg, model_or_hf_path, data)
+
+def _train(ecfg: ElasticConfig, model_or_hf_path, data, out: Path, dp: parallel.DataParallel,
+           max_steps: int | None, resume: bool, progress: bool, on_step) -> Path:
+    if out.exists() and not out.is_dir():
+        raise FileExistsError(f"{out} is a file; elastify writes a folder")
+    if ecfg.batch % dp.world:
+        raise ConfigError(f"ElasticConfig: batch {ecfg.batch} doesn't split over {dp.world} processes (each "
+                          "takes batch / world rows of every global batch)")
+    train_dir = out / "train"
+    log_path = train_dir / "log.jsonl"
+
+    # ---- models: student (trained), teacher (frozen sorted parent), router; on N ranks: DDP / FSDP2
+    model, teacher, router = prepare(ecfg, model_or_hf_path, data, dp.world)
+    fingerprint = _fingerprint(teacher)
+    dp.check_same("parent models (sum of |weights|)", [_bits(fingerprint)])  # every rank must start alike
+    if dp.device is not None:
+        model, teacher, router = model.to(dp.device), teacher.to(dp.device), router.to(dp.device)
+    device = next(model.parameters()).device
+    student, teacher = parallel.wrap(model, teacher, dp)  # what we call; `model` stays the bare module
     opt_model = adamw(model.parameters(), lr=ecfg.lr_model, weight_decay=ecfg.weight_decay)
     opt_router = adamw(router.parameters(), lr=ecfg.lr_router, weight_decay=0.0)
     budget_rng = random.Random(ecfg.seed)  # budget sampling; Gumbel noise uses torch's global RNG
     random.seed(ecfg.seed)
     torch.manual_seed(ecfg.seed)
     step, pos = 0, 0
-    fingerprint = _fingerprint(teacher)
 
-    # ---- resume: everything that influences the next step is restored
-    if resume and ckpt_path.exists():
-        st = _load_checkpoint(ckpt_path)
-        if st["teacher_fingerprint"] != fingerprint:
-            raise ConfigError(f"{ckpt_path} was trained from another parent model (or other calibration "
-                              "data); pass the same model and data, or resume=False")
-        model.load_state_dict(st["model"])
-        router.load_state_dict(st["router"])
-        opt_model.load_state_dict(st["opt_model"])
-        opt_router.load_state_dict(st["opt_router"])
-        torch.set_rng_state(st["rng_torch"])
-        random.setstate(st["rng_python"])
-        budget_rng.setstate(st["rng_budget"])
-        step, pos = st["step"], st["data_pos"]
-    _truncate_log(log_path, step)  # drop records of steps after the checkpoint (a crash in between)
+    # ---- resume: everything that influences the next step is restored (checked before anything is written)
+    parts = {"model": (student, opt_model), "router": (router, opt_router)}
+    last_good = None  # (path, step) of the newest complete checkpoint
+    if resume:
+        found = _load_checkpoint(train_dir, dp, parts, fingerprint, ecfg, budget_rng)
+        if found is not None:
+            step, pos, last_good = found
+
+    # ---- from here on we write: only rank 0, except for the checkpoint shards
+    if dp.main:
+        train_dir.mkdir(parents=True, exist_ok=True)
+        _write_config(ecfg, train_dir / "elastic.yaml")
+        _truncate_log(log_path, step)  # drop records of steps after the checkpoint (a crash in between)
+        _drop_stale_checkpoints(train_dir, keep=last_good[0] if last_good else None)
+    dp.barrier()
 
     def checkpoint():
-        _save_checkpoint(ckpt_path, {
-            "step": step, "data_pos": pos, "model": model.state_dict(), "router": router.state_dict(),
-            "opt_model": opt_model.state_dict(), "opt_router": opt_router.state_dict(),
-            "rng_torch": torch.get_rng_state(), "rng_python": random.getstate(),
-            "rng_budget": budget_rng.getstate(), "teacher_fingerprint": fingerprint,
-            "config": ecfg.to_dict()})
+        if not parallel.all_finite([*model.parameters(), *router.parameters()], dp):  # finite steps, inf weights
+            raise FloatingPointError(f"weights are non-finite after step {step - 1}; not checkpointing them. "
+                                     f"{_last_good_text(last_good)}")
+        if dp.distributed:
+            path = train_dir / CKPT_DIR
+            parallel.save_checkpoint(path, parts, _train_state(step, pos, budget_rng, fingerprint, ecfg, as_text=True), dp)
+        else:
+            path = train_dir / CKPT_FILE
+            _save_checkpoint(path, {
+                "model": model.state_dict(), "router": router.state_dict(),
+                "opt_model": opt_model.state_dict(), "opt_router": opt_router.state_dict(),
+                **_train_state(step, pos, budget_rng, fingerprint, ecfg)})
+        return path, step
 
-    writer = _tensorboard(train_dir)
+    writer = _tensorboard(train_dir) if dp.main else None
     stop = ecfg.steps if max_steps is None else min(ecfg.steps, max_steps)
-    bar = tqdm(total=ecfg.steps, initial=step, disable=not progress, desc="elastify")
+    bar = tqdm(total=ecfg.steps, initial=step, disable=not (progress and dp.main), desc="elastify")
     ema: dict[str, float] = {}
     model.train()
-    with open(log_path, "a") as log:
-        while step < stop:
-            # ---- this step's budget, schedules and context length
-            bi = budget_rng.choices(range(len(ecfg.budgets)), weights=ecfg.budget_probs(step))[0]
-            frac = ecfg.budgets[bi]
-            tau, scale = ecfg.tau_at(step), ecfg.scale_at(step)
-            seq_len = ecfg.seq_len_at(step)
-            kd_sum, rl_sum = 0.0, 0.0
+    while step < stop:
+        # ---- this step's budget, schedules and context length (the same on every rank: checked)
+        bi = budget_rng.choices(range(len(ecfg.budgets)), weights=ecfg.budget_probs(step))[0]
+        dp.check_same("step, data position, budget and RNG state", [step, pos, bi, parallel.rng_checksum()])
+        frac = ecfg.budgets[bi]
+        tau, scale = ecfg.tau_at(step), ecfg.scale_at(step)
+        seq_len = ecfg.seq_len_at(step)
+        kd_sum, rl_sum = 0.0, 0.0
 
-            for _ in range(ecfg.grad_accum):
-                ids = get_batch(data, pos, ecfg.batch, seq_len)
-                pos += 1
-                with torch.no_grad():
-                    t_logits = teacher(ids)
-                hard = ecfg.mode == "hard"
-                w = router.sample(bi, tau, scale, hard=hard)
-                sub = router.subarch(w)
+        for micro in range(ecfg.grad_accum):
+            ids = dp.rows(get_batch(data, pos, ecfg.batch, seq_len)).to(device)  # this rank's rows [b/N, t]
+            pos += 1
+            with torch.no_grad():
+                t_logits = teacher(ids)
+            hard = ecfg.mode == "hard"
+            w = router.sample(bi, tau, scale, hard=hard)
+            sub = router.subarch(w)
+            with parallel.grad_sync(student, dp, sync=micro == ecfg.grad_accum - 1):
                 if router.pinned(bi):  # the full model: no router in the loop
-                    s_logits = model(ids)
+                    s_logits = student(ids)
                 elif hard:  # compute follows the budget; the gate (== 1.0) passes the KD gradient to the router
-                    s_logits = model(ids, sub=sub) * router.gate(w)
+                    s_logits = student(ids, sub=sub) * router.gate(w)
                 else:  # soft: expected widths as channel masks at full width
-                    s_logits = model(ids, masks=router.masks(w))
+                    s_logits = student(ids, masks=router.masks(w))
                 kd = kd_loss(s_logits, t_logits, ecfg.kd_temperature)
                 # budget loss on the expected cost under the noise-free choice probabilities (smooth)
                 expected = router.cost_ratio(router.probs(bi, tau, scale))
@@ -199,47 +279,93 @@ def elastify(config: ElasticConfig | str | Path, model_or_hf_path, data, out_dir
                         p, lambda c, f=frac: router_loss(c, f, ecfg.router_weight, ecfg.expected_loss_dead_zone))
                 loss = (kd + rl) / ecfg.grad_accum
                 loss.backward()
-                kd_sum += float(kd.detach()) / ecfg.grad_accum
-                rl_sum += float(rl.detach()) / ecfg.grad_accum
+            kd_sum += float(kd.detach()) / ecfg.grad_accum
+            rl_sum += float(rl.detach()) / ecfg.grad_accum
 
-            opt_model.step()
-            opt_router.step()
-            opt_model.zero_grad(set_to_none=True)
-            opt_router.zero_grad(set_to_none=True)
+        # ---- the update: the router is replicated, average its gradients (DDP / FSDP2 did the student's)
+        parallel.average_grads_(router.parameters(), dp)
+        kd_sum = dp.mean(kd_sum)  # the global batch's loss (rl is the same on every rank)
+        name = budget_name(frac)
+        bad = None  # stop before the update: the weights stay good, the last checkpoint the last good one
+        if not math.isfinite(kd_sum + rl_sum):
+            bad = f"loss is {kd_sum + rl_sum} (kd {kd_sum}, router {rl_sum})"
+        elif not parallel.all_finite(_grads(model, router), dp):
+            bad = f"loss {kd_sum + rl_sum:.6g} but non-finite gradients"
+        if bad:
+            raise FloatingPointError(f"step {step}, budget {name}: {bad}; stopped before updating. "
+                                     f"{_last_good_text(last_good)}")
+        opt_model.step()
+        opt_router.step()
+        opt_model.zero_grad(set_to_none=True)
+        opt_router.zero_grad(set_to_none=True)
 
-            # ---- log
-            name = budget_name(frac)
-            rec = {"step": step, "budget": name, "fraction": frac, "kd": kd_sum, "router_loss": rl_sum,
-                   "cost_ratio": float(router.cost_ratio(w).detach()), "expected_ratio": float(expected.detach()), "sub": {ax: getattr(sub, ax) for ax in router.axes},
-                   "tau": tau, "scale": scale, "seq_len": seq_len}
-            if step % ecfg.log_every == 0 or step == ecfg.steps - 1:
+        # ---- log
+        rec = {"step": step, "budget": name, "fraction": frac, "kd": kd_sum, "router_loss": rl_sum,
+               "cost_ratio": float(router.cost_ratio(w).detach()), "expected_ratio": float(expected.detach()),
+               "sub": {ax: getattr(sub, ax) for ax in router.axes}, "tau": tau, "scale": scale, "seq_len": seq_len}
+        if dp.main and (step % ecfg.log_every == 0 or step == ecfg.steps - 1):
+            with open(log_path, "a") as log:
                 log.write(json.dumps(rec) + "\n")
-                log.flush()
-            if writer is not None:
-                writer.add_scalar(f"kd/{name}", kd_sum, step)
-                writer.add_scalar(f"cost_ratio/{name}", rec["cost_ratio"], step)
-            if on_step is not None:
-                on_step(rec)
-            ema[name] = kd_sum if name not in ema else 0.9 * ema[name] + 0.1 * kd_sum
-            bar.set_postfix({k: f"{v:.3f}" for k, v in ema.items()}, refresh=False)
-            bar.update(1)
-            step += 1
-            if step % ecfg.checkpoint_every == 0 or step == stop:
-                log.flush()
-                checkpoint()
+        if writer is not None:
+            writer.add_scalar(f"kd/{name}", kd_sum, step)
+            writer.add_scalar(f"cost_ratio/{name}", rec["cost_ratio"], step)
+        if on_step is not None:
+            on_step(rec)
+        ema[name] = kd_sum if name not in ema else 0.9 * ema[name] + 0.1 * kd_sum
+        bar.set_postfix({k: f"{v:.3f}" for k, v in ema.items()}, refresh=False)
+        bar.update(1)
+        step += 1
+        if step % ecfg.checkpoint_every == 0 or step == stop:
+            last_good = checkpoint()
     bar.close()
     if writer is not None:
         writer.close()
     if step >= ecfg.steps:
-        export(model, router, ecfg, out)
+        with parallel.full_weights(model, dp):  # FSDP2: gather the shards (every rank takes part)
+            if dp.main:
+                export(model, router, ecfg, out)
+        dp.barrier()
     return out
 
 
+def _grads(*modules) -> list[torch.Tensor]:
+    return [p.grad for m in modules for p in m.parameters() if p.grad is not None]
+
+
+def _last_good_text(last_good) -> str:
+    if last_good is None:
+        return "No checkpoint has been written yet."
+    return f"The last good checkpoint is {last_good[0]} (step {last_good[1]})."
+
+
 def _truncate_log(path: Path, step: int) -> None:
+    """Keep the records of steps before `step`; a torn last line (a crash mid-write) is dropped too."""
     if not path.exists():
         return
-    keep = [ln for ln in path.read_text().splitlines() if ln.strip() and json.loads(ln)["step"] < step]
+    keep = []
+    for ln in path.read_text().splitlines():
+        try:
+            if json.loads(ln)["step"] < step:
+                keep.append(ln)
+        except (json.JSONDecodeError, KeyError, TypeError):
+            continue
     path.write_text("".join(ln + "\n" for ln in keep))
+
+
+def _drop_stale_checkpoints(train_dir: Path, keep: Path | None) -> None:
+    """Remove every checkpoint but the one this run resumed from (a fresh run: all of them), so that a later
+    resume can't pick up an older run's state (e.g. the DCP folder of an earlier N-process run)."""
+    for p in (train_dir / CKPT_FILE, train_dir / CKPT_DIR, *(train_dir.glob(f"{CKPT_DIR}*.*"))):
+        if p.is_dir() and p != keep:
+            shutil.rmtree(p)
+        elif p.exists() and p != keep:
+            p.unlink()
+
+
+def _write_config(ecfg: ElasticConfig, path: Path) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    ecfg.save(tmp)
+    os.replace(tmp, path)
 
 
 def _tensorboard(train_dir: Path):
@@ -250,11 +376,108 @@ def _tensorboard(train_dir: Path):
     return SummaryWriter(str(train_dir / "tb"))
 
 
+# ---------------------------------------------------------------------------------------------- checkpoints
+def _train_state(step: int, pos: int, budget_rng: random.Random, fingerprint: float, ecfg: ElasticConfig,
+                 as_text: bool = False) -> dict:
+    """Everything but the weights and optimizer states that the next step depends on. as_text: RNG tensors as
+    base64 text (the DCP checkpoint's train_state.json), else as tensors (the torch.save checkpoint)."""
+    st = {"step": step, "data_pos": pos, "rng_torch": torch.get_rng_state(), "rng_python": random.getstate(),
+          "rng_budget": budget_rng.getstate(), "teacher_fingerprint": fingerprint, "config": ecfg.to_dict()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        st["rng_cuda"] = torch.cuda.get_rng_state()
+    if as_text:
+        for k in ("rng_torch", "rng_cuda"):
+            if k in st:
+                st[k] = base64.b64encode(st[k].numpy().tobytes()).decode()
+    return st
+
+
+def _set_rng(st: dict, budget_rng: random.Random) -> None:
+    def tensor(v):  # a tensor (torch.save) or base64 text (JSON)
+        return v if isinstance(v, torch.Tensor) else torch.frombuffer(bytearray(base64.b64decode(v)), dtype=torch.uint8)
+
+    def py_state(s):  # random.getstate() is (version, tuple of ints, gauss); JSON turned the tuples to lists
+        return (s[0], tuple(s[1]), s[2])
+
+    torch.set_rng_state(tensor(st["rng_torch"]))
+    if "rng_cuda" in st and torch.cuda.is_available():
+        torch.cuda.set_rng_state(tensor(st["rng_cuda"]))
+    random.setstate(py_state(st["rng_python"]))
+    budget_rng.setstate(py_state(st["rng_budget"]))
+
+
+def _save_checkpoint(path: Path, state: dict) -> None:
+    """torch.save to a temporary file, fsync, then rename: a crash at any point leaves the previous file."""
+    tmp = path.with_name(path.name + ".tmp")
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(state, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def _read_pt(path: Path) -> dict:
+    from nestlm.convert import CheckpointError
+
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # truncated zip, not a checkpoint, or a pickle that isn't plain data
+        raise CheckpointError(f"{path}: unreadable training checkpoint ({parallel.load_error_text(e)}); "
+                              "delete it or pass resume=False to start over") from None
+
+
+def _check_resumable(st: dict, path: Path, fingerprint: float, ecfg: ElasticConfig) -> None:
+    if st["teacher_fingerprint"] != fingerprint:
+        raise ConfigError(f"{path} was trained from another parent model (or other calibration "
+                          "data); pass the same model and data, or resume=False")
+    saved, now = (json.loads(json.dumps(d)) for d in (st["config"], ecfg.to_dict()))  # tuples -> lists
+    changed = sorted(k for k in set(saved) | set(now) if k not in RESUME_MAY_CHANGE and saved.get(k) != now.get(k))
+    if changed:
+        raise ConfigError(f"{path} was written with another ElasticConfig (it differs in {changed}); resume "
+                          "with the same config, or pass resume=False to start over")
+
+
+def _load_checkpoint(train_dir: Path, dp, parts: dict, fingerprint: float, ecfg: ElasticConfig,
+                     budget_rng: random.Random):
+    """Restore the newest checkpoint in `train_dir` into `parts` and the RNGs -> (step, data_pos, (path, step)),
+    or None when there is none. One process reads checkpoint.pt, or a DCP folder from an N-process run;
+    N processes read the DCP folder (whatever N wrote it)."""
+    pt = train_dir / CKPT_FILE
+    folder = parallel.find_checkpoint(train_dir / CKPT_DIR)
+    st = _read_pt(pt) if pt.is_file() and not dp.distributed else None
+    if folder is not None and (st is None or parallel.read_state(folder)["step"] > st["step"]):
+        st = parallel.read_state(folder)
+        _check_resumable(st, folder, fingerprint, ecfg)
+        parallel.load_checkpoint(folder, parts)
+        path = folder
+    elif st is not None:
+        _check_resumable(st, pt, fingerprint, ecfg)
+        (model, opt_model), (router, opt_router) = parts["model"], parts["router"]
+        model.load_state_dict(st["model"])
+        router.load_state_dict(st["router"])
+        opt_model.load_state_dict(st["opt_model"])
+        opt_router.load_state_dict(st["opt_router"])
+        path = pt
+    elif pt.is_file():  # N processes and only a one-process checkpoint
+        raise ConfigError(f"{pt} was written by a one-process run; resume it with one process, or pass "
+                          "resume=False to start over")
+    else:
+        return None
+    _set_rng(st, budget_rng)
+    return st["step"], st["data_pos"], (path, st["step"])
+
+
 # ---------------------------------------------------------------------------------------------- export / load
 def manifest_for(model, router: Router, ecfg: ElasticConfig) -> dict:
+    """Every budget's architecture: the router's most probable one within ecfg.landing_tolerance of the
+    budget (Router.decode), its parameters and its cost ratio."""
     budgets = {}
     for i, frac in enumerate(ecfg.budgets):
-        sub = router.subarch(router.greedy(i)) if not router.pinned(i) else SubArch()
+        sub = router.subarch(router.decode(i, ecfg.landing_tolerance)) if not router.pinned(i) else SubArch()
         budgets[budget_name(frac)] = {
             "fraction": frac, "sub": sub.to_dict(),
             "params": count_params(model.cfg, sub), "active_params": count_active_params(model.cfg, sub),
@@ -287,23 +510,55 @@ def export(model, router: Router, ecfg: ElasticConfig, out_dir: str | Path) -> P
 
 
 def load_elastic(path: str | Path):
-    """-> (model, router, manifest) from an elastic checkpoint folder written by `elastify` / `export`."""
-    from safetensors.torch import load_file
-
+    """-> (model, router, manifest) from an elastic checkpoint folder written by `elastify` / `export`.
+    Raises CheckpointError naming the file for a missing, unreadable or mismatched manifest or router."""
     from nestlm.convert import CheckpointError, from_hf
 
     path = Path(path)
     mf = path / MANIFEST
     if not mf.is_file():
         raise CheckpointError(f"{path}: no {MANIFEST} (not an elastic checkpoint)")
-    manifest = json.loads(mf.read_text())
-    if manifest.get("version") != MANIFEST_VERSION:
-        raise CheckpointError(f"{mf}: manifest version {manifest.get('version')} is not {MANIFEST_VERSION}")
-    ecfg = ElasticConfig.from_dict(manifest["elastic"])
+    try:
+        manifest = json.loads(mf.read_text())
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{mf}: not valid JSON ({e})") from None
+    if not isinstance(manifest, dict) or manifest.get("version") != MANIFEST_VERSION:
+        version = manifest.get("version") if isinstance(manifest, dict) else None
+        raise CheckpointError(f"{mf}: manifest version {version} is not {MANIFEST_VERSION}")
+    try:
+        ecfg = ElasticConfig.from_dict(manifest["elastic"])
+    except (KeyError, ConfigError) as e:
+        raise CheckpointError(f"{mf}: bad elastic config ({e})") from None
     model = from_hf(path)
     router = Router(model.cfg, ecfg)
-    router.load_state_dict(load_file(str(path / ROUTER_FILE)))
+    router.load_state_dict(_read_router(path / ROUTER_FILE, router))
     return model, router.eval(), manifest
+
+
+def _read_router(f: Path, router: Router) -> dict[str, torch.Tensor]:
+    """The router weights in `f`, checked against the router the manifest describes."""
+    from safetensors import safe_open
+
+    from nestlm.convert import CheckpointError
+    from nestlm.convert.io import SafetensorsDir
+
+    if not f.is_file():
+        raise CheckpointError(f"{f}: missing (the elastic checkpoint's router)")
+    try:
+        with safe_open(str(f), framework="pt") as h:
+            SafetensorsDir._check_size(f, h)
+            sd = {k: h.get_tensor(k) for k in h.keys()}
+    except CheckpointError:
+        raise
+    except Exception as e:  # safetensors' own error types for bad headers and data
+        raise CheckpointError(f"{f}: not a readable safetensors file ({e})") from None
+    want = {k: tuple(v.shape) for k, v in router.state_dict().items()}
+    got = {k: tuple(v.shape) for k, v in sd.items()}
+    if got != want:
+        diff = sorted(k for k in set(want) | set(got) if want.get(k) != got.get(k))[:4]
+        raise CheckpointError(f"{f}: the router weights don't match the manifest's elastic config "
+                              + "; ".join(f"{k}: file {got.get(k)}, config {want.get(k)}" for k in diff))
+    return sd
 
 
 def budget_subarch(manifest: dict, name_or_frac) -> SubArch:

@@ -28,6 +28,7 @@ from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 from nestlm.arch import SubArch, depth_units
+from nestlm.model.config import ConfigError
 
 
 @dataclass
@@ -105,6 +106,7 @@ def importance(model, batches: Iterable[torch.Tensor], layer_batches: int | None
     try:
         n_batches = 0
         for ids in tqdm(batches, desc="importance", disable=not progress, unit="batch"):
+            _check_batch(ids, n_batches, cfg.vocab_size)
             ids = ids.to(model.embeddings.weight.device)
             logits = model(ids)
             n_tokens[0] += ids.numel()
@@ -140,6 +142,18 @@ def importance(model, batches: Iterable[torch.Tensor], layer_batches: int | None
     meta = {"tokens": n_tokens[0], "batches": n_batches, "layer_batches": n_layer_batches,
             "depth_unit": "layer" if len(units[0]) == 2 else "block"}
     return Scores(out, meta)
+
+
+def _check_batch(ids, i: int, vocab_size: int) -> None:
+    """A calibration batch is a non-empty [batch, seq_len] tensor of this model's token ids."""
+    if not isinstance(ids, torch.Tensor) or ids.dim() != 2 or ids.numel() == 0 or ids.is_floating_point():
+        got = f"{tuple(ids.shape)} {ids.dtype}" if isinstance(ids, torch.Tensor) else type(ids).__name__
+        raise ValueError(f"calibration batch {i}: expected a non-empty [batch, seq_len] tensor of token ids, "
+                         f"got {got}")
+    lo, hi = int(ids.min()), int(ids.max())
+    if lo < 0 or hi >= vocab_size:
+        raise ConfigError(f"calibration batch {i}: token id {hi if hi >= vocab_size else lo} is outside the "
+                          f"model's vocabulary (vocab_size {vocab_size}); was it tokenized for another model?")
 
 
 def _depth_study(model, ids, logits, units) -> torch.Tensor:

@@ -170,6 +170,9 @@ class Decoder(nn.Module):
         for block in self.layers:
             if block.kind == "M":
                 init_mamba_(block.mixer)
+        for m in self.modules():  # conv1d keeps torch's default init, drawn here so that `seed` fixes it too
+            if isinstance(m, nn.Conv1d):
+                m.reset_parameters()
         if seed is not None:
             torch.random.set_rng_state(gen_state)
         return self

@@ -8,13 +8,11 @@
    quant = fmt, sort = false (the parent is already sorted) and the QAD overrides (--config, --steps).
 2. `nestlm.elastify` from the elastic checkpoint: the teacher is a frozen full-precision copy, the student
    the same weights fake-quantized (nestlm.quant.fake_quantize_), trained by KL to the teacher on every
-   budget, sampled as in elastic training. Its output folder (DIR/elastify) holds the student as elastify
-   exports it: the fake-quantized weights, in full precision, with a new router and manifest.
-3. The trained latent weights (DIR/elastify/train/checkpoint.pt), activations calibrated at every budget,
+   budget, sampled as in elastic training, starting from the checkpoint's trained router. Its output folder
+   (DIR/elastify) holds the student's latent (full-precision) weights, the router and a manifest.
+3. Those latent weights fake-quantized again, activations calibrated at every budget,
    packed: DIR/<fmt> is a packed elastic checkpoint (manifest and router kept) that vLLM loads and
    `nestlm.quant.slice_quantized` cuts budgets out of.
-
-Note: elastify starts a fresh router (its budgets' widths are learned again, on the same budgets).
 """
 
 from __future__ import annotations
@@ -55,12 +53,9 @@ def train_tokens(elastic_dir: str | Path, vocab_size: int, text: str | None = No
     return split(ids, val_frac)[0]
 
 
-def load_student(elastify_dir: str | Path, parent_dir: str | Path, fmt: str) -> nestlm.Decoder:
-    """The QAD student with its trained latent weights (from elastify's checkpoint), fake-quantized."""
-    student = fake_quantize_(nestlm.from_hf(parent_dir), fmt)
-    state = torch.load(Path(elastify_dir) / "train" / "checkpoint.pt", map_location="cpu", weights_only=True)
-    student.load_state_dict(state["model"])
-    return student.eval()
+def load_student(elastify_dir: str | Path, fmt: str) -> nestlm.Decoder:
+    """The QAD student: the latent weights elastify exported, fake-quantized (what training computed)."""
+    return fake_quantize_(nestlm.from_hf(elastify_dir), fmt).eval()
 
 
 def qad(elastic_dir: str | Path, out_dir: str | Path, fmt: str = "nvfp4", overrides: dict | None = None,
@@ -72,10 +67,10 @@ def qad(elastic_dir: str | Path, out_dir: str | Path, fmt: str = "nvfp4", overri
     data = train_tokens(elastic_dir, parent.cfg.vocab_size) if data is None else data
 
     t0 = time.perf_counter()
-    run = nestlm.elastify(ecfg, parent, data, out / "elastify", progress=progress)  # 1 + 2
+    run = nestlm.elastify(ecfg, parent, data, out / "elastify", progress=progress, router_init=elastic_dir)
     seconds = time.perf_counter() - t0
 
-    student = load_student(run, elastic_dir, fmt)  # 3: latent weights, activations, packed export
+    student = load_student(run, fmt)  # 3: latent weights, activations, packed export
     manifest = json.loads((run / MANIFEST).read_text())
     subs = [None] + [nestlm.SubArch.from_dict(b["sub"]) for b in manifest["budgets"].values()]
     amax = calibrate(student, _batches(data, calib_batches, ecfg.batch, ecfg.seq_len), subs, progress=progress)

@@ -289,3 +289,38 @@ def test_demo_budget_folders_load_in_transformers_with_their_sizes(quick_demo):
         n -= head.numel()
     assert n == small["params"]
     assert model.config.hidden_size == small["sub"]["hidden"] < r["config"]["hidden_size"]
+
+
+def test_quantize_then_slice_eval_and_load_the_packed_elastic_checkpoint(elastic_dir, text_file, tmp_path, capsys):
+    """`nestlm quantize` keeps an elastic checkpoint elastic: `nestlm slice` cuts a packed budget out of it,
+    `from_hf` dequantizes both, and the cut equals the packed elastic model run at that budget."""
+    import nestlm
+    from nestlm.elastify import budget_subarch
+
+    q = tmp_path / "fp8"
+    assert main(["quantize", str(elastic_dir), "-o", str(q), "--fmt", "fp8", "--calib-tokens", "256",
+                 "--seq-len", "32", "--text", str(text_file)]) == 0
+    assert "bytes each" in capsys.readouterr().out
+    hf = json.loads((q / "config.json").read_text())
+    assert hf["quantization_config"]["quant_algo"] == "FP8" and (q / "nestlm_elastic.json").is_file()
+    cut = tmp_path / "cut"
+    assert main(["slice", str(q), "--budget", "60%", "-o", str(cut)]) == 0
+    manifest = json.loads((q / "nestlm_elastic.json").read_text())
+    sub = budget_subarch(manifest, "60%")
+    packed, small, latent = nestlm.from_hf(q), nestlm.from_hf(cut), nestlm.from_hf(elastic_dir)
+    ids = torch.randint(0, 256, (2, 24), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(small(ids), packed(ids, sub=sub), atol=1e-5, rtol=1e-5)
+    changed = 0
+    for (n, w), (n2, w0) in zip(packed.named_parameters(), latent.named_parameters(), strict=True):
+        assert n == n2
+        rel = float((w - w0).detach().norm() / w0.detach().norm().clamp_min(1e-12))
+        assert rel < 0.05, n  # E4M3 keeps 3 mantissa bits: at most 1/16 relative rounding per element
+        changed += rel > 0
+    assert changed >= 10  # the mixers' projections were quantized (embeddings, norms, conv are not)
+    capsys.readouterr()
+    assert main(["eval", str(q), "--seq-len", "16", "--max-windows", "2", "--budget", "60%"]) == 0
+    assert "| 60% |" in capsys.readouterr().out
+    with pytest.raises(SystemExit) as e:
+        main(["info", str(q)])
+    assert e.value.code == 2 and "packed quantized checkpoint" in capsys.readouterr().err

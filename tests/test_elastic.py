@@ -396,3 +396,18 @@ def test_decode_is_the_most_probable_architecture_within_tolerance():
             if abs(float(router.cost_ratio(greedy)) / router.budgets[bi] - 1) <= 0.03:
                 assert router.indices(router.decode(bi, tol=0.03)) == router.indices(greedy)
     assert router.indices(router.decode(0, tol=0.03)) == {ax: 0 for ax in router.axes}  # full: pinned
+
+
+def test_router_init_starts_from_a_trained_router(trained, tmp_path):
+    out, ecfg = trained
+    _, router, _ = load_elastic(out)
+    seen = []
+    nestlm.elastify(tiny_run_config(steps=1), parent(), stream(), tmp_path / "again", progress=False,
+                    router_init=out, on_step=seen.append)
+    # the first step's router loss is evaluated with the trained weights (a fresh router would differ)
+    _, fresh, _ = load_elastic(tmp_path / "again")  # after one optimizer step: close to the trained router
+    for (n, a), (_, b) in zip(router.state_dict().items(), fresh.state_dict().items(), strict=True):
+        assert (a - b).abs().max() < 0.05, n
+    with pytest.raises(ConfigError, match="router_init"):
+        nestlm.elastify(tiny_run_config(steps=1, budgets=[1.0, 0.7]), parent(), stream(), tmp_path / "x",
+                        progress=False, router_init=out)

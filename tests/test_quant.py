@@ -494,14 +494,16 @@ def test_tiny_qad_run_trains_and_exports(tmp_path, elastic_dir):
     kd = {n: [r["kd"] for r in log if r["budget"] == n] for n in ("full", "60%")}
     assert all(math.isfinite(v) and v > 0 for r in log for v in (r["kd"],))
     assert kd["full"][-1] < kd["full"][0]  # one repeated batch: the quantized student moves to the teacher
-    # elastify exported the parametrized student through to_hf: its fake-quantized weights
+    # elastify exported the student's latent weights (what `quantize` packs exactly as training saw them)
     student = fake_quantize_(nestlm.from_hf(elastic_dir), "nvfp4")
     state = torch.load(qad / "train" / "checkpoint.pt", weights_only=True)["model"]
     student.load_state_dict(state)
-    exported = sliced_state_dict(nestlm.from_hf(qad), None)
-    assert all(torch.equal(exported[k], v) for k, v in _baked(student).items())
-    # the packed export of the trained latent weights loads back to the same model
     latent = latent_state_dict(state)
     assert "layers.3.mixer.up_proj" in latent and not any("parametrizations" in k for k in latent)
+    exported = sliced_state_dict(nestlm.from_hf(qad), None)
+    assert set(exported) == set(latent) and all(torch.equal(exported[k], v) for k, v in latent.items())
+    baked = _baked(student)
+    assert any(not torch.equal(exported[k], v) for k, v in baked.items())  # latent, not fake-quantized
+    # the packed export of the trained latent weights loads back to the same model
     out = export_quantized(student, tmp_path / "packed", "nvfp4", input_amax=calibrate(student, [ids], progress=False))
     assert torch.equal(load_quantized(out)(ids), student(ids))

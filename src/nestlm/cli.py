@@ -179,6 +179,25 @@ def evaluate(path: str, text: str | None = None, seq_len: int = 256, max_windows
     return rows
 
 
+def quantize(src: str, out: str, fmt: str = "nvfp4", budget: str | None = None, calib_tokens: int = 8192,
+             text: str | None = None, seq_len: int = 256, overwrite: bool = False) -> Path:
+    """nestlm.quant.quantize: an HF or elastic checkpoint -> a packed FP8 / NVFP4 checkpoint (ModelOpt
+    layout, which vLLM reads); an elastic source stays elastic (`nestlm slice` cuts budgets from it)."""
+    from nestlm.quant import quantize as run_quantize
+    from nestlm.quant import quantized_bytes
+
+    try:
+        dst = run_quantize(src, out, fmt, budget=budget, calib_tokens=calib_tokens, text=text, seq_len=seq_len,
+                           overwrite=overwrite)
+    except KeyError as e:  # an unknown budget
+        raise UsageError(e.args[0]) from None
+    b = quantized_bytes(dst)
+    print(f"wrote {dst} ({fmt}): {b['quantized_params']:,} quantized parameters at "
+          f"{b['bytes_per_quantized_param']:.4f} bytes each (scales included); {b['file_bytes'] / 1e6:.2f} MB of "
+          f"safetensors")
+    return dst
+
+
 def convert(src: str, dst: str, overwrite: bool = False) -> Path:
     """Read an HF checkpoint into nestlm and write it back as one (same dtype, tokenizer files copied)."""
     from nestlm.convert import from_hf, to_hf
@@ -311,6 +330,19 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--max-windows", type=int, default=32, help="windows of --seq-len tokens (0: all)")
     c.add_argument("--budget", action="append", default=None,
                    help="a budget name or fraction; repeat for several (default: every budget)")
+    c.add_argument("--lm-eval", action="append", default=None, metavar="ITEMS.jsonl",
+                   help="lm-eval multiple-choice items (local jsonl) or a locally cached task; repeatable")
+    c.add_argument("--lm-eval-limit", type=int, default=None, help="at most this many items per task")
+
+    c = sub.add_parser("quantize", help="FP8 / NVFP4 packed checkpoint (ModelOpt layout) of an HF or elastic folder")
+    c.add_argument("src")
+    c.add_argument("-o", "--out", required=True, metavar="DIR")
+    c.add_argument("--fmt", default="nvfp4", choices=["nvfp4", "fp8", "fp8_channel"])
+    c.add_argument("--budget", default=None, help="quantize only this budget (name or fraction)")
+    c.add_argument("--calib-tokens", type=int, default=8192, help="activation calibration tokens")
+    c.add_argument("--text", default=None, help="calibration text (.txt / .jsonl; default: the KJV Bible)")
+    c.add_argument("--seq-len", type=int, default=256)
+    c.add_argument("--overwrite", action="store_true")
 
     c = sub.add_parser("convert", help="HF checkpoint -> nestlm -> HF checkpoint (a round trip)")
     c.add_argument("src")
@@ -327,7 +359,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 COMMANDS = {"demo": demo, "importance": importance, "elastify": elastify, "slice": slice, "info": info,
-            "eval": evaluate, "convert": convert, "generate": generate}
+            "eval": evaluate, "quantize": quantize, "convert": convert, "generate": generate}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -167,23 +167,27 @@ def prepare(ecfg: ElasticConfig, model_or_path, data, world: int = 1):
 # ---------------------------------------------------------------------------------------------- the loop
 def elastify(config: ElasticConfig | str | Path, model_or_hf_path, data, out_dir: str | Path, *,
              max_steps: int | None = None, resume: bool = True, progress: bool = True,
-             on_step: Callable[[dict], None] | None = None, parallel: str | None = None) -> Path:
+             on_step: Callable[[dict], None] | None = None, parallel: str | None = None,
+             router_init: str | Path | None = None) -> Path:
     """Train the elastic model and write the elastic checkpoint folder `out_dir` (see the module doc).
 
     max_steps: stop (after checkpointing) once this many steps are done in total; run again to resume.
     resume: continue from the checkpoint in `out_dir/train/` if there is one. on_step: called with each log
     record (on every rank). parallel: None (automatic: DDP under torchrun or an initialised process group,
-    else one process), "ddp" or "fsdp2" (see nestlm.parallel). Returns out_dir."""
+    else one process), "ddp" or "fsdp2" (see nestlm.parallel). router_init: an elastic checkpoint folder
+    whose trained router starts this run (same budgets and choices; QAD keeps the widths it learned).
+    Returns out_dir."""
     ecfg = config if isinstance(config, ElasticConfig) else ElasticConfig.load(config)
     dp = setup_parallel(parallel)  # one process, or this rank of torchrun's N
     try:
-        return _train(ecfg, model_or_hf_path, data, Path(out_dir), dp, max_steps, resume, progress, on_step)
+        return _train(ecfg, model_or_hf_path, data, Path(out_dir), dp, max_steps, resume, progress, on_step,
+                      router_init)
     finally:
         dp.close()
 
 
 def _train(ecfg: ElasticConfig, model_or_hf_path, data, out: Path, dp: parallel.DataParallel,
-           max_steps: int | None, resume: bool, progress: bool, on_step) -> Path:
+           max_steps: int | None, resume: bool, progress: bool, on_step, router_init=None) -> Path:
     if out.exists() and not out.is_dir():
         raise FileExistsError(f"{out} is a file; elastify writes a folder")
     if ecfg.batch % dp.world:
@@ -194,6 +198,8 @@ def _train(ecfg: ElasticConfig, model_or_hf_path, data, out: Path, dp: parallel.
 
     # ---- models: student (trained), teacher (frozen sorted parent), router; on N ranks: DDP / FSDP2
     model, teacher, router = prepare(ecfg, model_or_hf_path, data, dp.world)
+    if router_init is not None:
+        _load_router(router, Path(router_init))
     fingerprint = _fingerprint(teacher)
     dp.check_same("parent models (sum of |weights|)", [_bits(fingerprint)])  # every rank must start alike
     if dp.device is not None:
@@ -497,7 +503,13 @@ def export(model, router: Router, ecfg: ElasticConfig, out_dir: str | Path) -> P
     out.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=".export.tmp", dir=out))
     try:
-        to_hf(model, tmp / "hf", overwrite=True)
+        if ecfg.quant:  # QAD: the latent weights (nestlm quantize packs them exactly as the student saw them)
+            from nestlm.quant import fake_quant_disabled
+
+            with fake_quant_disabled(model):
+                to_hf(model, tmp / "hf", overwrite=True)
+        else:
+            to_hf(model, tmp / "hf", overwrite=True)
         save_file({k: v.detach().contiguous().cpu() for k, v in router.state_dict().items()},
                   str(tmp / "hf" / ROUTER_FILE))
         (tmp / MANIFEST).write_text(json.dumps(manifest_for(model, router, ecfg), indent=2))
@@ -507,6 +519,24 @@ def export(model, router: Router, ecfg: ElasticConfig, out_dir: str | Path) -> P
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return out
+
+
+def _load_router(router: Router, path: Path) -> None:
+    """Start from the router of an elastic checkpoint folder (or a router.safetensors file)."""
+    from safetensors.torch import load_file
+
+    from nestlm.convert import CheckpointError
+
+    f = path / ROUTER_FILE if path.is_dir() else path
+    if not f.is_file():
+        raise CheckpointError(f"router_init: {f} not found")
+    state = load_file(str(f))
+    want = {k: tuple(v.shape) for k, v in router.state_dict().items()}
+    got = {k: tuple(v.shape) for k, v in state.items()}
+    if want != got:
+        raise ConfigError(f"router_init: {f} was trained for other budgets or choices (its tensors "
+                          f"{sorted(got.items())[:2]}... vs this config's {sorted(want.items())[:2]}...)")
+    router.load_state_dict(state)
 
 
 def load_elastic(path: str | Path):

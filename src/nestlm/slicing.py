@@ -92,7 +92,8 @@ def _open(path: str | Path) -> tuple[Path, ModelConfig, Source, dict | None]:
     except ConfigError as e:
         raise CheckpointError(f"{path}/config.json: {e}") from None
     src = Source(path)
-    cfg = _check_weights(path, cfg, src)
+    if "quantization_config" not in hf:  # a packed folder's shapes are checked by nestlm.quant's loader
+        cfg = _check_weights(path, cfg, src)
     manifest = _manifest(path)
     if manifest is not None:
         _check_manifest(path, cfg, manifest)
@@ -458,6 +459,14 @@ def slice(elastic_dir: str | Path, budget: str | float | SubArch, out_dir: str |
     out = Path(out_dir)
     if out.exists() and not overwrite:  # before reading anything
         raise FileExistsError(f"{out} exists; choose a new directory or pass overwrite=True")
+    if "quantization_config" in read_config(elastic_dir):  # packed FP8 / NVFP4: cut codes and scales as-is
+        from nestlm.quant import slice_quantized
+
+        dst = slice_quantized(elastic_dir, out, budget, overwrite=overwrite)
+        if stats is not None:
+            stats.update(bytes_written=sum(f.stat().st_size for f in dst.glob("*.safetensors")),
+                         seconds=time.perf_counter() - t0)
+        return dst
     path, cfg, src, manifest = _open(elastic_dir)
     name, sub = resolve_budget(path, budget, cfg=cfg, manifest=manifest)
     s = sub.resolve(cfg)
@@ -524,6 +533,9 @@ def info(elastic_or_hf_dir: str | Path) -> dict:
     computed, not measured: sum over budgets of stored parameters x dtype bytes (the weights that one
     standalone checkpoint per budget would hold; their small safetensors headers and configs excluded)."""
     path, cfg, src, manifest = _open(elastic_or_hf_dir)
+    if "quantization_config" in read_config(path):
+        raise CheckpointError(f"{path} is a packed quantized checkpoint; its bytes per quantized parameter: "
+                              "nestlm.quant.quantized_bytes(path); its budgets: the manifest")
     dtype = src.dtype(_names(cfg.family)[0])
     nb = dtype.itemsize
     full = SubArch.full(cfg)

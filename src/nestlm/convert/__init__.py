@@ -70,7 +70,14 @@ def load_hf_state(path: str | Path) -> tuple[ModelConfig, dict[str, torch.Tensor
 
 
 def from_hf(path: str | Path, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu") -> Decoder:
-    """Load a Hugging Face checkpoint folder (config.json + safetensors) as a nestlm Decoder."""
+    """Load a Hugging Face checkpoint folder (config.json + safetensors) as a nestlm Decoder. A packed FP8 /
+    NVFP4 folder (a `quantization_config` in config.json) is dequantized (nestlm.quant.load_quantized)."""
+    if "quantization_config" in read_config(path):
+        from nestlm.quant import load_quantized
+
+        model = load_quantized(path, dtype=dtype, device=device)
+        model.source_dir = str(path)
+        return model
     cfg, sd = load_hf_state(path)
     with torch.device("meta"):
         model = Decoder(cfg)

@@ -411,3 +411,21 @@ def test_router_init_starts_from_a_trained_router(trained, tmp_path):
     with pytest.raises(ConfigError, match="router_init"):
         nestlm.elastify(tiny_run_config(steps=1, budgets=[1.0, 0.7]), parent(), stream(), tmp_path / "x",
                         progress=False, router_init=out)
+
+
+def test_tensorboard_scalars_equal_the_jsonl_log(tmp_path):
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    out = nestlm.elastify(tiny_run_config(steps=12), parent(), stream(), tmp_path / "tb", progress=False)
+    log = [json.loads(ln) for ln in (out / "train" / "log.jsonl").read_text().splitlines()]
+    acc = EventAccumulator(str(out / "train" / "tb"))
+    acc.Reload()
+    tags = acc.Tags()["scalars"]
+    for name in {r["budget"] for r in log}:
+        assert f"kd/{name}" in tags and f"cost_ratio/{name}" in tags
+        events = {e.step: e.value for e in acc.Scalars(f"kd/{name}")}
+        want = {r["step"]: r["kd"] for r in log if r["budget"] == name}
+        assert set(events) == set(want)
+        for step, v in want.items():
+            assert events[step] == pytest.approx(v, rel=1e-6)

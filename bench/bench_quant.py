@@ -63,13 +63,17 @@ def main(argv=None):
     ap.add_argument("--eval-windows", type=int, default=96)
     ap.add_argument("--calib-tokens", type=int, default=16384)
     ap.add_argument("--repeat", type=int, default=3, help="runs per timing (median)")
-    args = ap.parse_args(argv)
+    ap.add_argument("--quick", action="store_true",
+                    help="smoke settings (bench/run.py --quick): the quick demo, 40 QAD steps, fewer windows")
+    args, _ = ap.parse_known_args(argv)  # bench/run.py passes the same arguments to every bench
+    if args.quick:
+        args.qad_steps, args.eval_windows, args.calib_tokens, args.repeat = 40, 24, 4096, 1
     work = args.work
     work.mkdir(parents=True, exist_ok=True)
     if args.elastic is None:
         from nestlm.demo import demo
 
-        demo(out_dir=work / "demo")
+        demo(out_dir=work / "demo", quick=args.quick)
         args.elastic = work / "demo" / "elastic"
     elastic = args.elastic
 
@@ -135,8 +139,9 @@ def main(argv=None):
                      f"{r['nvfp4_qad_own']:.3f} ({r['qad_own_params']:,} params)"])
     print(f"\nelastic checkpoint {elastic}; held-out KJV perplexity on {res['eval_tokens']:,} tokens "
           f"(recovery = ppl_fp / ppl_q); QAD: {args.qad_steps} steps in {res['qad_seconds']:.0f} s\n")
-    print(table(["budget", "params", "ppl full precision", "FP8 PTQ", "NVFP4 PTQ", "NVFP4 QAD",
-                 "NVFP4 QAD at its own widths"], rows))
+    quality = table(["budget", "params", "ppl full precision", "FP8 PTQ", "NVFP4 PTQ", "NVFP4 QAD",
+                     "NVFP4 QAD at its own widths"], rows)
+    print(quality)
     srows = [["elastic (all budgets)", "fp32", f"{fp_bytes:,}", "4.0000", ""]]
     for fmt in ("fp8", "nvfp4"):
         b = res[f"bytes_{fmt}"]
@@ -146,8 +151,10 @@ def main(argv=None):
             s = slices[(fmt, name)]
             srows.append([name, fmt, f"{s['file_bytes']:,}", f"{s['bytes_per_quantized_param']:.4f}",
                           f"{s['seconds'] * 1000:.0f} ms (slice)"])
+    storage = table(["checkpoint", "format", "safetensors bytes", "B/qparam", "median time"], srows)
     print()
-    print(table(["checkpoint", "format", "safetensors bytes", "B/qparam", "median time"], srows))
+    print(storage)
+    return quality + "\n\n" + storage
 
 
 if __name__ == "__main__":

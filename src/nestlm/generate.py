@@ -2,6 +2,9 @@
 
     out = generate(model, ids, max_new_tokens=64)                       # greedy, the full model
     out = generate(model, ids, 64, sub=SubArch(hidden=256), temperature=0.8, top_k=50, seed=0)
+    new = decode(model, logits, cache, 64, stop_sequences=[end_ids])    # go on from a filled cache
+
+Two-phase generation (think on one nested submodel, answer on another) builds on these: nestlm.budget.
 
 Device-agnostic: every tensor follows `ids`. The model contract is
 
@@ -18,7 +21,7 @@ from collections.abc import Callable, Iterable
 import torch
 import torch.nn.functional as F
 
-__all__ = ["decode_one_token", "generate", "prefill", "sample"]
+__all__ = ["decode", "decode_one_token", "generate", "prefill", "sample"]
 
 
 def _last_logits(model, ids: torch.Tensor, cache, sub) -> torch.Tensor:
@@ -57,47 +60,84 @@ def sample(logits: torch.Tensor, temperature: float = 0.0, top_k: int | None = N
     return torch.multinomial(probs, 1, generator=generator)  # [b, 1]
 
 
+def _stop_tensor(stop_tokens, dtype: torch.dtype, device) -> torch.Tensor | None:
+    """An int or ids -> a 1-D tensor of the distinct ids, None when there are none."""
+    if isinstance(stop_tokens, int):
+        stop_tokens = [stop_tokens]
+    if not stop_tokens:
+        return None
+    return torch.tensor(sorted({int(s) for s in stop_tokens}), dtype=dtype, device=device)
+
+
+def _ends_with(new: torch.Tensor, n: int, seq: torch.Tensor) -> torch.Tensor:
+    """Rows of new[:, :n] whose last len(seq) tokens are `seq`: [b] bool."""
+    L = seq.shape[0]
+    if n < L:
+        return torch.zeros(new.shape[0], dtype=torch.bool, device=new.device)
+    return (new[:, n - L:n] == seq).all(dim=1)
+
+
+def decode(model, logits: torch.Tensor, cache, max_new_tokens: int, sub=None, temperature: float = 0.0,
+           top_k: int | None = None, stop_tokens: Iterable[int] | int | None = None,
+           stop_sequences: Iterable[Iterable[int]] | None = None, generator: torch.Generator | None = None,
+           callback: Callable[[torch.Tensor], None] | None = None, dtype: torch.dtype = torch.long) -> torch.Tensor:
+    """Continue from `logits` [b, v] (the prediction after the tokens already in `cache`): sample up to
+    `max_new_tokens` tokens, feeding each one into the cache except the last. Returns the new tokens [b, n].
+
+    A row ends when it samples one of `stop_tokens` or its new tokens end with one of `stop_sequences`
+    (multi-token markers such as a byte-level '</think>'); a finished row repeats its last token as padding
+    while the other rows go on, and decoding stops once every row has ended. So after the call the cache
+    holds every token but the last one returned: cache.pos == tokens before + n - 1 (for n >= 1)."""
+    b, dev = logits.shape[0], logits.device
+    stop = _stop_tensor(stop_tokens, dtype, dev)
+    seqs = [torch.as_tensor(list(q), dtype=dtype, device=dev) for q in (stop_sequences or ())]
+    if any(q.numel() == 0 for q in seqs):
+        raise ValueError("stop_sequences must not contain an empty sequence")
+    new = torch.empty(b, max(max_new_tokens, 0), dtype=dtype, device=dev)  # [b, n]
+    done = torch.zeros(b, dtype=torch.bool, device=dev)  # rows that ended
+    pad = torch.zeros(b, dtype=dtype, device=dev)  # the token each finished row repeats
+    can_stop = stop is not None or bool(seqs)
+    with torch.inference_mode():
+        for i in range(max_new_tokens):
+            nxt = sample(logits, temperature, top_k, generator)[:, 0].to(dtype)  # [b]
+            if can_stop:
+                nxt = torch.where(done, pad, nxt)
+            new[:, i] = nxt
+            if callback is not None:
+                callback(nxt)
+            if can_stop:
+                hit = torch.isin(nxt, stop) if stop is not None else torch.zeros_like(done)
+                for q in seqs:
+                    hit = hit | _ends_with(new, i + 1, q)
+                hit = hit & ~done
+                pad = torch.where(hit, nxt, pad)
+                done = done | hit
+                if bool(done.all()):
+                    return new[:, : i + 1]
+            if i + 1 < max_new_tokens:
+                logits = decode_one_token(model, nxt[:, None], cache, sub)  # [b, 1] -> [b, v]
+    return new
+
+
 def generate(model, ids: torch.Tensor, max_new_tokens: int, sub=None, temperature: float = 0.0,
              top_k: int | None = None, stop_tokens: Iterable[int] | int | None = None, seed: int | None = None,
-             callback: Callable[[torch.Tensor], None] | None = None) -> torch.Tensor:
+             callback: Callable[[torch.Tensor], None] | None = None,
+             stop_sequences: Iterable[Iterable[int]] | None = None) -> torch.Tensor:
     """ids [b, t] -> [b, t + new] with new <= max_new_tokens.
 
-    A row that produced one of `stop_tokens` keeps emitting that token (as padding) while the other rows
-    go on; generation ends early once every row has stopped. `callback(new_tokens [b])` is called after
-    every step (streaming). `seed` makes sampling reproducible (a private generator; the global RNG is
-    untouched).
+    A row that produced one of `stop_tokens` (or whose new tokens end with one of `stop_sequences`) keeps
+    emitting that last token (as padding) while the other rows go on; generation ends early once every row
+    has stopped. `callback(new_tokens [b])` is called after every step (streaming). `seed` makes sampling
+    reproducible (a private generator; the global RNG is untouched).
     """
     if ids.dim() == 1:
         ids = ids[None]
-    b, t = ids.shape
-    dev = ids.device
-    generator = torch.Generator(device=dev).manual_seed(int(seed)) if seed is not None else None
-    if isinstance(stop_tokens, int):
-        stop_tokens = [stop_tokens]
-    stop = torch.tensor(sorted({int(s) for s in stop_tokens}), dtype=ids.dtype, device=dev) \
-        if stop_tokens else None
-
+    if max_new_tokens <= 0:
+        return ids.clone()
+    generator = torch.Generator(device=ids.device).manual_seed(int(seed)) if seed is not None else None
     with torch.inference_mode():
-        out = torch.empty(b, t + max_new_tokens, dtype=ids.dtype, device=dev)  # [b, t + new]
-        out[:, :t] = ids
-        if max_new_tokens <= 0:
-            return out
         cache = model.new_cache()
         logits = prefill(model, ids, cache, sub)  # [b, v]
-        done = torch.zeros(b, dtype=torch.bool, device=dev)  # rows that hit a stop token
-        pad = torch.zeros(b, dtype=ids.dtype, device=dev)  # the stop token each finished row repeats
-        for i in range(max_new_tokens):
-            nxt = sample(logits, temperature, top_k, generator)[:, 0].to(ids.dtype)  # [b]
-            if stop is not None:
-                nxt = torch.where(done, pad, nxt)
-                hit = torch.isin(nxt, stop) & ~done
-                pad = torch.where(hit, nxt, pad)
-                done = done | hit
-            out[:, t + i] = nxt
-            if callback is not None:
-                callback(nxt)
-            if stop is not None and bool(done.all()):
-                return out[:, : t + i + 1]
-            if i + 1 < max_new_tokens:
-                logits = decode_one_token(model, nxt[:, None], cache, sub)  # [b, 1] -> [b, v]
-        return out
+        new = decode(model, logits, cache, max_new_tokens, sub, temperature, top_k, stop_tokens, stop_sequences,
+                     generator, callback, ids.dtype)  # [b, n]
+        return torch.cat([ids, new], dim=1)

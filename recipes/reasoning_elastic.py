@@ -1,0 +1,202 @@
+"""Train a small hybrid parent on the synthetic reasoning task, then elastify it: the model budget control runs.
+
+    python recipes/reasoning_elastic.py --out runs/reasoning                       # ~15 min on 1 CPU thread
+    python recipes/reasoning_elastic.py --config recipes/configs/reasoning_tiny.yaml --out runs/reasoning
+
+The task (nestlm.reasoning): 'Q:07+58-81=?\\n<think>07+58=65 65-81=84</think>A:84', modular arithmetic with a
+worked trace, generated offline and deterministic by seed. Stages, each skipped when its output exists (so the
+same command resumes after an interruption, and re-running a finished recipe does nothing):
+
+  1. parent/   pretrain from scratch with next-token cross-entropy on the trace and answer tokens only (the
+               question's random operands are not predictable); an HF checkpoint with the byte tokenizer.
+               Checkpoints every `checkpoint_every` steps in parent_train/ and resumes from there.
+  2. elastic/  nestlm.elastify: importance sorting, router-chosen widths for every budget, distillation of the
+               nested submodels from the frozen parent on packed task examples; the elastic checkpoint, plus
+               the tokenizer and `reasoning_task.json` (the task, for bench/budget_control.py).
+
+The config YAML has four sections: task (nestlm.reasoning.TaskConfig), model (nestlm.ModelConfig fields),
+pretrain (steps, batch, lr, warmup, seed, checkpoint_every) and elastic (nestlm.ElasticConfig fields).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+import yaml
+
+import nestlm
+from nestlm.config import MANIFEST
+from nestlm.data import ByteTokenizer
+from nestlm.model.config import ConfigError
+from nestlm.reasoning import TaskConfig, encode_examples, format_example, sample_problems
+
+DEFAULT_CONFIG = Path(__file__).parent / "configs" / "reasoning_tiny.yaml"
+TASK_FILE = "reasoning_task.json"  # written into the elastic folder: which task the model was trained on
+PRETRAIN_KEYS = {"steps", "batch", "lr", "warmup", "seed", "checkpoint_every"}
+ELASTIFY_DATA_SEED = 1_000_000  # elastify's batches use seeds from here on: other problems than pretraining's
+
+
+# ---------------------------------------------------------------------------------------------- config
+def load_config(path: str | Path) -> dict:
+    """{'task': TaskConfig, 'model': ModelConfig, 'pretrain': dict, 'elastic': ElasticConfig}."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: no such recipe config")
+    raw = yaml.safe_load(path.read_text()) or {}
+    unknown = sorted(set(raw) - {"task", "model", "pretrain", "elastic"})
+    if unknown:
+        raise ConfigError(f"{path}: unknown sections {unknown} (task, model, pretrain, elastic)")
+    pre = dict(raw.get("pretrain") or {})
+    if set(pre) - PRETRAIN_KEYS:
+        raise ConfigError(f"{path}: unknown pretrain keys {sorted(set(pre) - PRETRAIN_KEYS)}")
+    pre = {"steps": 1500, "batch": 32, "lr": 3e-3, "warmup": 50, "seed": 0, "checkpoint_every": 250} | pre
+    tok = ByteTokenizer()
+    model = {"family": "nemotron_h", "vocab_size": tok.vocab_size, "tie_embeddings": True,
+             "hf_extra": {"bos_token_id": tok.bos_id, "eos_token_id": tok.eos_id, "pad_token_id": tok.pad_id}}
+    model |= raw.get("model") or {}
+    try:
+        task = TaskConfig(**(raw.get("task") or {}))
+        mcfg = nestlm.ModelConfig.from_dict(model)
+    except TypeError as e:
+        raise ConfigError(f"{path}: {e}") from None
+    return {"task": task, "model": mcfg, "pretrain": pre,
+            "elastic": nestlm.ElasticConfig.from_dict(raw.get("elastic") or {})}
+
+
+# ---------------------------------------------------------------------------------------------- data
+def train_batch(task: TaskConfig, step: int, batch: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The `step`-th pretraining batch: ids [b, T] and the loss mask [b, T] (deterministic in step)."""
+    return encode_examples(sample_problems(task, batch, seed=seed * 1_000_003 + step), ByteTokenizer())
+
+
+def packed_batches(task: TaskConfig):
+    """elastify's data: (pos, batch, seq_len) -> [batch, seq_len] rows of whole examples back to back
+    (<bos> example <eos> <bos> example ...), cut at seq_len. Deterministic in pos."""
+    tok = ByteTokenizer()
+
+    def get(pos: int, batch: int, seq_len: int) -> torch.Tensor:
+        rows, k = [], 0
+        probs = sample_problems(task, batch * (seq_len // 16 + 1), seed=ELASTIFY_DATA_SEED + pos)
+        for _ in range(batch):
+            row: list[int] = []
+            while len(row) < seq_len:
+                row += tok.encode(format_example(probs[k]), bos=True, eos=True)
+                k += 1
+            rows.append(row[:seq_len])
+        return torch.tensor(rows)
+
+    return get
+
+
+# ---------------------------------------------------------------------------------------------- stage 1
+def masked_loss(model, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Mean cross-entropy over the target tokens (mask 1) of ids [b, T]."""
+    logits = model(ids[:, :-1])  # [b, T-1, V]
+    nll = F.cross_entropy(logits.flatten(0, 1), ids[:, 1:].flatten(), reduction="none")  # [b*(T-1)]
+    m = mask[:, 1:].flatten()
+    return (nll * m).sum() / m.sum()
+
+
+def pretrain_parent(cfg: dict, out: Path) -> Path:
+    """Stage 1: train the parent from scratch; writes out/parent (HF checkpoint + tokenizer)."""
+    from nestlm.demo import lr_at
+    from nestlm.optim import adamw
+
+    pre, task = cfg["pretrain"], cfg["task"]
+    work = out / "parent_train"
+    work.mkdir(parents=True, exist_ok=True)
+    ckpt = work / "checkpoint.pt"
+    torch.manual_seed(pre["seed"])  # init_weights leaves conv1d at its constructor's (seeded) init
+    model = nestlm.Decoder(cfg["model"]).init_weights(pre["seed"])
+    opt = adamw(model.parameters(), lr=pre["lr"], betas=(0.9, 0.95), weight_decay=0.1)
+    step, log = 0, []
+    if ckpt.exists():
+        st = torch.load(ckpt, map_location="cpu", weights_only=True)
+        model.load_state_dict(st["model"])
+        opt.load_state_dict(st["opt"])
+        step, log = st["step"], st["log"]
+        print(f"pretrain: resuming at step {step}")
+    model.train()
+    t0 = time.perf_counter()
+    while step < pre["steps"]:
+        for group in opt.param_groups:
+            group["lr"] = lr_at(step, pre["steps"], pre["lr"], pre["warmup"])
+        ids, mask = train_batch(task, step, pre["batch"], pre["seed"])
+        loss = masked_loss(model, ids, mask)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        log.append(loss.item())
+        step += 1
+        if step % 50 == 0 or step == pre["steps"]:
+            print(f"pretrain step {step}/{pre['steps']} loss {sum(log[-50:]) / len(log[-50:]):.4f} "
+                  f"({time.perf_counter() - t0:.0f} s)", flush=True)
+        if step % pre["checkpoint_every"] == 0 or step == pre["steps"]:
+            tmp = ckpt.with_name("checkpoint.pt.tmp")
+            torch.save({"model": model.state_dict(), "opt": opt.state_dict(), "step": step, "log": log}, tmp)
+            os.replace(tmp, ckpt)  # atomic
+    parent = out / "parent"
+    nestlm.to_hf(model.eval(), parent, overwrite=True)
+    ByteTokenizer().save(parent)
+    (work / "loss.json").write_text(json.dumps(log))
+    return parent
+
+
+# ---------------------------------------------------------------------------------------------- stage 2
+def elastify_parent(cfg: dict, parent: Path, out: Path) -> Path:
+    """Stage 2: nestlm.elastify on packed task examples; writes out/elastic."""
+    elastic = out / "elastic"
+    nestlm.elastify(cfg["elastic"], parent, packed_batches(cfg["task"]), elastic)
+    ByteTokenizer().save(elastic)
+    (elastic / TASK_FILE).write_text(json.dumps(dataclasses.asdict(cfg["task"])))
+    return elastic
+
+
+def run(config: str | Path = DEFAULT_CONFIG, out: str | Path = "runs/reasoning") -> Path:
+    """Both stages (skipping finished ones); returns the elastic checkpoint folder."""
+    cfg = load_config(config)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    times = json.loads((out / "recipe.json").read_text())["seconds"] if (out / "recipe.json").exists() else {}
+    parent = out / "parent"
+    if not (parent / "config.json").is_file():
+        t = time.perf_counter()
+        pretrain_parent(cfg, out)
+        times["pretrain"] = time.perf_counter() - t
+    else:
+        print(f"stage 1: {parent} exists, skipped")
+    elastic = out / "elastic"
+    if not (elastic / MANIFEST).is_file() or not (elastic / TASK_FILE).is_file():
+        t = time.perf_counter()
+        elastify_parent(cfg, parent, out)
+        times["elastify"] = time.perf_counter() - t
+    else:
+        print(f"stage 2: {elastic} exists, skipped")
+    (out / "recipe.json").write_text(json.dumps({"config": str(config), "seconds": times}, indent=2))
+    manifest = json.loads((elastic / MANIFEST).read_text())
+    for name, b in manifest["budgets"].items():
+        widths = {k: v for k, v in b["sub"].items() if v is not None}
+        print(f"{name:>6}: {b['params']:,} params  {json.dumps(widths)}")
+    return elastic
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--config", type=Path, default=DEFAULT_CONFIG)
+    ap.add_argument("--out", type=Path, default=Path("runs/reasoning"))
+    ap.add_argument("--threads", type=int, default=1, help="torch intra-op threads (default 1)")
+    args = ap.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    print(f"elastic checkpoint: {run(args.config, args.out)}")
+
+
+if __name__ == "__main__":
+    main()

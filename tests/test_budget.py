@@ -328,3 +328,28 @@ def test_encode_examples_masks_the_question():
         assert tok.decode(targets) == format_example(p)[len(format_prompt(p)):] and targets[-1] == tok.eos_id
     with pytest.raises(ConfigError, match="seq_len"):
         encode_examples(probs, tok, seq_len=10)
+
+
+def test_cli_generate_with_budget_control(tmp_path, capsys):
+    """`nestlm generate ELASTIC --think-budget 70%` streams what think_answer computes; a bad budget exits 2."""
+    from nestlm.cli import main
+    from nestlm.config import ElasticConfig
+    from nestlm.elastify import export
+    from nestlm.router import Router
+
+    tok = ByteTokenizer()
+    model = hybrid("M*-M", seed=11, vocab=tok.vocab_size)
+    ecfg = ElasticConfig(budgets=[1.0, 0.7], align=4, choices={"hidden": [1.0, 0.75], "mamba_heads_per_group": [1.0, 0.5]},
+                         router_hidden=4, steps=1, sort=False)
+    export(model, Router(model.cfg, ecfg), ecfg, tmp_path)
+    tok.save(tmp_path)
+    ref = think_answer(tmp_path, "Q:3+4=?\n<think>", think_budget="70%", max_think=6, max_answer=5, stream=False,
+                       transplant=True)
+    assert main(["generate", str(tmp_path), "--prompt", "Q:3+4=?\n<think>", "--think-budget", "70%",
+                 "--max-think", "6", "--max-new-tokens", "5", "--transplant"]) == 0
+    out, err = capsys.readouterr()
+    assert out.rstrip("\n") == tok.decode(ref.tokens[0, 1:])  # the prompt (after <bos>) and every new token
+    assert "on 70%" in err and "transplant" in err
+    with pytest.raises(SystemExit) as e:
+        main(["generate", str(tmp_path), "--prompt", "x", "--think-budget", "33%"])
+    assert e.value.code == 2 and "no budget" in capsys.readouterr().err

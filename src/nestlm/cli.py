@@ -210,8 +210,24 @@ def convert(src: str, dst: str, overwrite: bool = False) -> Path:
 
 
 def generate(path: str, prompt: str, max_new_tokens: int = 64, temperature: float = 0.0,
-             seed: int | None = None) -> str:
-    """Stream a continuation of `prompt` from an HF checkpoint folder (with its tokenizer) to stdout."""
+             seed: int | None = None, think_budget: str | None = None, answer_budget: str = "full",
+             max_think: int = 256, transplant: bool = False, end_think: str = "</think>"):
+    """Stream a continuation of `prompt` from an HF checkpoint folder (with its tokenizer) to stdout.
+
+    Budget control (an elastic checkpoint): --think-budget B thinks on budget B until `end_think` or
+    --max-think tokens, then answers (--max-new-tokens) on --answer-budget (nestlm.budget.think_answer)."""
+    if think_budget is not None:
+        from nestlm.budget import think_answer
+
+        try:
+            res = think_answer(path, prompt, think_budget, answer_budget, max_think=max_think,
+                               max_answer=max_new_tokens, transplant=transplant, end_think=end_think,
+                               temperature=temperature, seed=seed)
+        except KeyError as e:
+            raise UsageError(e.args[0]) from None
+        print(f"\n[thought {res.think_len + res.forced_len} tokens on {think_budget} (ended by {res.ended_by}), "
+              f"answered {res.answer_len} on {answer_budget} ({res.switch}); {res.total_s:.2f} s]", file=sys.stderr)
+        return res
     from transformers import AutoTokenizer
 
     from nestlm.convert import from_hf
@@ -355,6 +371,11 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--max-new-tokens", type=int, default=64)
     c.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
     c.add_argument("--seed", type=int, default=None)
+    c.add_argument("--think-budget", default=None, help="budget control: think on this budget (elastic checkpoint)")
+    c.add_argument("--answer-budget", default="full", help="budget control: answer on this budget (default full)")
+    c.add_argument("--max-think", type=int, default=256, help="thinking-token budget (then </think> is forced)")
+    c.add_argument("--transplant", action="store_true", help="answer from the thinking model's caches (no re-prefill)")
+    c.add_argument("--end-think", default="</think>", help="the tag that ends the thinking phase")
     return p
 
 

@@ -101,7 +101,7 @@ def main(argv=None) -> dict:
         if router.pinned(bi):
             logits = model(ids)
         elif mode == "hard":
-            logits = model(ids, sub=router.subarch(w)) * router.gate(w)
+            logits = model(ids, sub=router.subarch(w), gate=router.gate(w))
         else:
             logits = model(ids, masks=router.masks(w))
         loss = kd_loss(logits, teacher) + router_loss(router.cost_ratio(router.probs(bi)), BUDGETS[bi])

@@ -152,12 +152,23 @@ def test_hard_forward_is_the_sliced_model_and_reaches_the_router(model):
     torch.manual_seed(1)
     w = r.sample(1, tau=1.0, scale=1.0)
     sub = r.subarch(w)
-    out = model(ids, sub=sub) * r.gate(w)
+    out = model(ids, sub=sub, gate=r.gate(w))
     with torch.no_grad():
         assert_close(out, extract(model, sub)(ids) * 1.0, atol=2e-5, rtol=1e-4)
     (out.logsumexp(-1).mean() + r.cost_ratio(w)).backward()
     for ax, net in r.nets.items():
         assert net[0].weight.grad is not None and net[0].weight.grad.abs().sum() > 0, ax
+    # the gate on the final hidden state gives the gradients of scaling the logits (the lm_head is linear)
+    grads = {n: p.grad.clone() for n, p in [*model.named_parameters(), *r.named_parameters()] if p.grad is not None}
+    model.zero_grad(set_to_none=True)
+    r.zero_grad(set_to_none=True)
+    torch.manual_seed(1)
+    w = r.sample(1, tau=1.0, scale=1.0)  # the same draw, a fresh graph
+    ((model(ids, sub=sub) * r.gate(w)).logsumexp(-1).mean() + r.cost_ratio(w)).backward()
+    for n, p in [*model.named_parameters(), *r.named_parameters()]:
+        if n in grads:
+            assert_close(p.grad, grads[n], atol=1e-6, rtol=1e-5, msg=n)
+    model.zero_grad(set_to_none=True)
 
 
 @pytest.mark.parametrize("tied", [False, True])

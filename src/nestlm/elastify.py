@@ -270,7 +270,7 @@ def _train(ecfg: ElasticConfig, model_or_hf_path, data, out: Path, dp: parallel.
                 if router.pinned(bi):  # the full model: no router in the loop
                     s_logits = student(ids)
                 elif hard:  # compute follows the budget; the gate (== 1.0) passes the KD gradient to the router
-                    s_logits = student(ids, sub=sub) * router.gate(w)
+                    s_logits = student(ids, sub=sub, gate=router.gate(w))
                 else:  # soft: expected widths as channel masks at full width
                     s_logits = student(ids, masks=router.masks(w))
                 kd = kd_loss(s_logits, t_logits, ecfg.kd_temperature)

@@ -112,13 +112,18 @@ class Decoder(nn.Module):
         return Cache()
 
     def forward(self, ids: torch.Tensor, sub: SubArch | None = None, cache: Cache | None = None,
-                return_hidden: bool = False, masks: dict | None = None) -> torch.Tensor:
+                return_hidden: bool = False, masks: dict | None = None,
+                gate: torch.Tensor | None = None) -> torch.Tensor:
         """ids: [b, t] -> logits [b, t, vocab] (fp32), or the final normed hidden [b, t, hidden_k].
 
         masks (soft elastic widths, used by elastic training): {axis: [width] float tensor} for SubArch width
         axes (hidden, ffn, moe_ffn, shared_ffn, attn_heads_per_group, mamba_heads_per_group, experts),
         multiplying that axis's channels (heads, experts) instead of slicing them. A 0/1 prefix mask gives
-        the sliced submodel's logits."""
+        the sliced submodel's logits.
+
+        gate (a scalar, elastic hard mode: the router's straight-through weight, == 1.0) multiplies the final
+        hidden state. The lm_head is linear, so the gradients equal those of multiplying the logits, at
+        hidden/vocab of the cost."""
         s = self.resolve(sub)
         if cache is not None:
             if cache.sub is None:
@@ -141,6 +146,8 @@ class Decoder(nn.Module):
         x = self.norm_f(x) if mh is None else masked_rms_norm(x, self.norm_f.weight, self.norm_f.eps, mh)
         if cache is not None:
             cache.pos += ids.shape[1]
+        if gate is not None:
+            x = x * gate.to(x.dtype)
         if return_hidden:
             return x
         head = emb if self.lm_head is None else prefix(self.lm_head.weight, None, k)  # tied: one slice

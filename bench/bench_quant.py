@@ -8,8 +8,8 @@ Perplexity: exp(mean next-token NLL) on the held-out end of the KJV stream (the 
 the same windows for every row. A quantized row loads the packed checkpoint with nestlm.quant.load_quantized
 (dequantized weights, activations in full precision: weight-only fake quantization) and runs each budget's
 SubArch, which equals the budget sliced out of the packed checkpoint (tests/test_quant.py).
-recovery = ppl(full precision) / ppl(quantized) at the same budget. QAD: recipes/qad.py, whose router is
-trained again, so each QAD budget is evaluated at the original manifest's widths and at its own.
+recovery = ppl(full precision) / ppl(quantized) at the same budget. QAD: recipes/qad.py (starting from the
+checkpoint's router); each QAD budget is evaluated at the original manifest's widths and at its own.
 Bytes: the packed elastic checkpoint and each sliced budget; "B/qparam" = bytes of the quantized weights and
 all their scales / quantized parameters. Times are medians of --repeat runs.
 """
@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
+import shutil
 import statistics
 import time
 from pathlib import Path
@@ -105,6 +106,7 @@ def main(argv=None):
     # ---- QAD: recipes/qad.py (elastify with a fake-quantized student), packed NVFP4
     recipe = load_recipe()
     t0 = time.perf_counter()
+    shutil.rmtree(work / "qad", ignore_errors=True)  # a fresh QAD run (the recipe would resume an old one)
     run = recipe.qad(elastic, work / "qad", "nvfp4", {"steps": args.qad_steps, "lr_model": args.qad_lr,
                                                       "checkpoint_every": args.qad_steps}, progress=False)
     res["qad_seconds"] = time.perf_counter() - t0

@@ -52,7 +52,7 @@ def interleaved_medians(fns: dict, repeats: int) -> dict:
     return {k: statistics.median(v) for k, v in times.items()}
 
 
-def main(argv=None) -> dict:
+def main(argv=None) -> str:
     import nestlm
     from nestlm.arch import SubArch, width_subarch
     from nestlm.distill import kd_loss, router_loss
@@ -132,18 +132,18 @@ def main(argv=None) -> dict:
     params = {b: nestlm.count_params(cfg, subs[b]) for b in BUDGETS}
     print(f"model: {cfg.pattern} hidden={cfg.hidden_size} vocab={cfg.vocab_size}, batch={args.batch} "
           f"seq_len={seq_len}, torch threads={torch.get_num_threads()}, medians of {repeats}")
-    print(f"{'':>12}" + "".join(f"{f'{b:g} ({params[b] / 1e6:.2f}M)':>18}" for b in BUDGETS) + f"{'sum':>10}{'ratio':>8}")
+    head = "| step | " + " | ".join(f"{b:g} ({params[b] / 1e6:.2f}M)" for b in BUDGETS) + " | sum | ratio |"
+    lines = [head, "|" + "---|" * (len(BUDGETS) + 3)]
     tot_std = sum(standalone.values())
-    print(f"{'standalone':>12}" + "".join(f"{standalone[b] * 1e3:>16.1f}ms" for b in BUDGETS)
-          + f"{tot_std * 1e3:>8.1f}ms{1.0:>8.2f}")
-    result = {"standalone_s": standalone}
+    lines.append("| standalone | " + " | ".join(f"{standalone[b] * 1e3:.1f} ms" for b in BUDGETS)
+                 + f" | {tot_std * 1e3:.1f} ms | 1.00 |")
     for mode, per in rows:
         tot = sum(per.values())
-        print(f"{'elastic ' + mode:>12}" + "".join(f"{per[b] * 1e3:>16.1f}ms" for b in BUDGETS)
-              + f"{tot * 1e3:>8.1f}ms{tot / tot_std:>8.2f}")
-        result[mode] = {"per_budget_s": per, "ratio": tot / tot_std}
-    return result
-
+        lines.append(f"| elastic {mode} | " + " | ".join(f"{per[b] * 1e3:.1f} ms" for b in BUDGETS)
+                     + f" | {tot * 1e3:.1f} ms | {tot / tot_std:.2f} |")
+    table = "\n".join(lines)
+    print(table)
+    return table
 
 if __name__ == "__main__":
     main(sys.argv[1:])

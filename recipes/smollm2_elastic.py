@@ -1,8 +1,8 @@
 """The real-model reproduction: SmolLM2-135M elastified into 100% / 75% / 50% of its parameters, compared
 with the baselines the paper compares against. Offline (KJV text, the cached SmolLM2); CPU or CUDA.
 
-    python recipes/smollm2_elastic.py --out runs/smollm2                  # the YAML's settings (~1 h, 2 cores)
-    python recipes/smollm2_elastic.py --out runs/smollm2 --steps 40 --baseline-steps 40 --eval 16   # shorter
+    python recipes/smollm2_elastic.py --out runs/smollm2 --eval 16 --threads 1   # the YAML's settings (~75 min)
+    python recipes/smollm2_elastic.py --out runs/smollm2 --steps 40 --baseline-steps 40          # shorter
 
 Stages (each one is skipped when its output exists, so the command resumes after a kill; elastic training
 itself resumes from its checkpoint):

@@ -440,3 +440,28 @@ def test_tensorboard_scalars_equal_the_jsonl_log(tmp_path):
         assert set(events) == set(want)
         for step, v in want.items():
             assert events[step] == pytest.approx(v, rel=1e-6)
+
+
+def test_manifest_keeps_the_routers_own_choice_when_it_misses_the_budget():
+    from nestlm.elastify import manifest_for
+
+    model = nestlm.Decoder(hybrid_cfg())
+    ecfg = ElasticConfig(budgets=[1.0, 0.8, 0.6], choices={"hidden": [32, 24, 16], "ffn": [48, 32, 16]}, align=8)
+    for seed in range(20):  # an untrained router: find one whose argmax misses a budget that decode can hit
+        torch.manual_seed(seed)
+        router = Router(model.cfg, ecfg)
+        miss = [i for i in (1, 2) if router.indices(router.decode(i, 0.02)) != router.indices(router.greedy(i))]
+        if miss:
+            break
+    assert miss
+    with pytest.warns(UserWarning, match="the router's per-axis choice costs"):
+        m = manifest_for(model, router, ecfg)
+    for i, b in enumerate(m["budgets"].values()):
+        if i:  # within 2% when some architecture is; else the closest one
+            best = float(router.relative_deviation(i).min())
+            assert abs(b["cost_ratio"] / b["fraction"] - 1) <= max(0.02, best + 1e-9)
+        if i in miss:
+            assert SubArch.from_dict(b["argmax_sub"]) == router.subarch(router.greedy(i))
+            assert b["argmax_cost_ratio"] == pytest.approx(float(router.cost_ratio(router.greedy(i))))
+        else:
+            assert "argmax_sub" not in b

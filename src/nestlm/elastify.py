@@ -40,6 +40,7 @@ import os
 import random
 import shutil
 import tempfile
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 
@@ -484,10 +485,20 @@ def manifest_for(model, router: Router, ecfg: ElasticConfig) -> dict:
     budgets = {}
     for i, frac in enumerate(ecfg.budgets):
         sub = router.subarch(router.decode(i, ecfg.landing_tolerance)) if not router.pinned(i) else SubArch()
+        ratio = float(router.count(model.cfg, sub)) / router.full_cost
         budgets[budget_name(frac)] = {
             "fraction": frac, "sub": sub.to_dict(),
             "params": count_params(model.cfg, sub), "active_params": count_active_params(model.cfg, sub),
-            "cost_ratio": float(router.count(model.cfg, sub)) / router.full_cost}
+            "cost_ratio": ratio}
+        argmax = router.subarch(router.greedy(i))
+        if not router.pinned(i) and argmax != sub:  # the router's own choice missed: say so, keep it
+            a_ratio = float(router.count(model.cfg, argmax)) / router.full_cost
+            budgets[budget_name(frac)].update(argmax_sub=argmax.to_dict(), argmax_cost_ratio=a_ratio)
+            warnings.warn(f"budget {budget_name(frac)}: the router's per-axis choice costs {a_ratio:.3f} "
+                          f"(target {frac}); the manifest uses its most probable architecture within "
+                          f"{ecfg.landing_tolerance:.0%} ({ratio:.3f}), which training may have sampled "
+                          "rarely: check its quality, or train longer (the argmax is kept as argmax_sub)",
+                          stacklevel=2)
     return {"version": MANIFEST_VERSION, "family": model.cfg.family, "metric": ecfg.metric,
             "budgets": budgets, "choices": router.choices, "elastic": ecfg.to_dict()}
 

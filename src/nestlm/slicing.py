@@ -519,6 +519,23 @@ def _stored_params(cfg: ModelConfig, sub: SubArch | None) -> int:
     return n
 
 
+def _packed_bytes(path: Path, cfg: ModelConfig, nb: int):
+    """(SubArch -> bytes of its packed weights, how they are computed) for a packed FP8 / NVFP4 folder:
+    quantized parameters at the folder's measured bytes per quantized parameter (scales included), the
+    others at `nb` bytes."""
+    from nestlm.model.decoder import Decoder
+    from nestlm.quant import quantized_bytes, quantized_weights
+
+    bpq = quantized_bytes(path)["bytes_per_quantized_param"]
+
+    def weight_bytes(sub: SubArch) -> float:
+        with torch.device("meta"):
+            n_q = sum(w.latent().numel() for w in quantized_weights(Decoder(sliced_config(cfg, sub))))
+        return n_q * bpq + (_stored_params(cfg, sub) - n_q) * nb
+
+    return weight_bytes, f"{bpq:.4f} B per quantized param (measured) and {nb} B per other param"
+
+
 def _folder_bytes(path: Path) -> dict[str, int]:
     """Bytes on disk of the top-level files (train/ and other subfolders are training state, not shipped)."""
     files = {p.name: p.stat().st_size for p in path.iterdir() if p.is_file() and not p.name.startswith(".")}
@@ -533,11 +550,14 @@ def info(elastic_or_hf_dir: str | Path) -> dict:
     computed, not measured: sum over budgets of stored parameters x dtype bytes (the weights that one
     standalone checkpoint per budget would hold; their small safetensors headers and configs excluded)."""
     path, cfg, src, manifest = _open(elastic_or_hf_dir)
-    if "quantization_config" in read_config(path):
-        raise CheckpointError(f"{path} is a packed quantized checkpoint; its bytes per quantized parameter: "
-                              "nestlm.quant.quantized_bytes(path); its budgets: the manifest")
     dtype = src.dtype(_names(cfg.family)[0])
     nb = dtype.itemsize
+    weight_bytes = lambda r: _stored_params(cfg, r) * nb
+    how = f"{nb} B ({str(dtype).removeprefix('torch.')})"
+    packed = read_config(path).get("quantization_config")
+    if packed:  # FP8 / NVFP4: quantized params at the folder's measured bytes each, the rest at the dtype's
+        weight_bytes, how = _packed_bytes(path, cfg, nb)
+        dtype_name = f"{packed.get('quant_algo', 'quantized')} (+ {str(dtype).removeprefix('torch.')})"
     full = SubArch.full(cfg)
     rows = []
     budgets = manifest["budgets"].items() if manifest else [("full", {"fraction": 1.0, "sub": {}})]
@@ -548,16 +568,17 @@ def info(elastic_or_hf_dir: str | Path) -> dict:
                      "sub": {k: v for k, v in r.to_dict().items() if k != "layers" and v != getattr(full, k)}
                      | ({"layers": list(r.layers)} if r.layers != full.layers else {}),
                      "params": count_params(cfg, r), "active_params": count_active_params(cfg, r),
-                     "bytes": _stored_params(cfg, r) * nb})
+                     "bytes": weight_bytes(r)})
     on_disk = _folder_bytes(path)
-    d = {"path": str(path), "family": cfg.family, "elastic": manifest is not None, "dtype": str(dtype).removeprefix("torch."),
+    d = {"path": str(path), "family": cfg.family, "elastic": manifest is not None,
+         "dtype": dtype_name if packed else str(dtype).removeprefix("torch."),
          "pattern": cfg.pattern, "hidden_size": cfg.hidden_size, "vocab_size": cfg.vocab_size,
          "params": count_params(cfg), "active_params": count_active_params(cfg), "budgets": rows,
          "storage": {"elastic_bytes": on_disk["weights"], "folder_bytes": on_disk["total"],
                      "separate_bytes": sum(r["bytes"] for r in rows), "n_budgets": len(rows),
                      "how": "elastic_bytes: measured size of the folder's safetensors (weights + router); "
-                            "separate_bytes: computed as sum over budgets of stored params x "
-                            f"{nb} B ({str(dtype).removeprefix('torch.')}), headers/configs excluded"}}
+                            f"separate_bytes: computed as sum over budgets of stored params x {how}; "
+                            "headers/configs excluded"}}
     if (path / SLICE_FILE).is_file():
         d["sliced_from"] = json.loads((path / SLICE_FILE).read_text())
     return d
@@ -595,7 +616,7 @@ def format_info(d: dict) -> str:
         ratio = st["separate_bytes"] / max(st["elastic_bytes"], 1)
         lines.append(f"storage: {_human(st['elastic_bytes'])} on disk for all {st['n_budgets']} budgets "
                      f"(measured) vs {_human(st['separate_bytes'])} as {st['n_budgets']} separate checkpoints "
-                     f"(computed: params x dtype bytes) -> {ratio:.2f}x")
+                     f"(computed: {st['how'].split('computed as ')[-1].split(';')[0]}) -> {ratio:.2f}x")
     else:
         lines.append(f"storage: {_human(st['elastic_bytes'])} of safetensors on disk "
                      f"(folder {_human(st['folder_bytes'])})")

@@ -9,6 +9,8 @@ import warnings
 import pytest
 import torch
 
+import nestlm
+
 warnings.filterwarnings("ignore", message=".*falling back to its reference PyTorch implementation.*")
 
 # The test models are tiny: one intra-op thread is fastest, and on a shared 2-core machine torch's thread
@@ -43,6 +45,16 @@ def randomize_(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
             v = rn(p, 0.1)
         p.copy_(v.to(p.dtype))
     return model
+
+
+def tiny_hybrid_config(**over) -> nestlm.ModelConfig:
+    """Our own tiny hybrid (Mamba2 with 2 groups, GQA attention, MLP, MoE with a shared expert): pattern
+    "M*-E" and a 64-token vocabulary unless overridden."""
+    kw = dict(vocab_size=64, hidden_size=32, pattern="M*-E", num_heads=4, num_kv_heads=2, head_dim=8,
+              intermediate_size=48, mamba_heads=8, mamba_head_dim=4, mamba_groups=2, ssm_state=8, chunk_size=4,
+              n_experts=4, top_k=2, moe_intermediate_size=16, shared_intermediate_size=24)
+    kw.update(over)
+    return nestlm.ModelConfig(**kw)
 
 
 def tiny_nemotron_h_config(**over):

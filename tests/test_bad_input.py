@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import randomize_
+from conftest import randomize_, tiny_hybrid_config
 
 import nestlm
 from nestlm import ConfigError, ElasticConfig
@@ -29,16 +29,8 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 ROOT = Path(__file__).parents[1]
 
 
-def hybrid_cfg(**over):
-    kw = dict(vocab_size=64, hidden_size=32, pattern="M*-E", num_heads=4, num_kv_heads=2, head_dim=8,
-              intermediate_size=48, mamba_heads=8, mamba_head_dim=4, mamba_groups=2, ssm_state=8, chunk_size=4,
-              n_experts=4, top_k=2, moe_intermediate_size=16, shared_intermediate_size=24)
-    kw.update(over)
-    return nestlm.ModelConfig(**kw)
-
-
 def parent(**over):
-    return randomize_(nestlm.Decoder(hybrid_cfg(**over)), seed=0)
+    return randomize_(nestlm.Decoder(tiny_hybrid_config(**over)), seed=0)
 
 
 def stream(n=2000, hi=64):
@@ -251,7 +243,7 @@ def test_resume_under_another_config(stopped, tmp_path):
 
 
 def test_resume_from_another_parent(stopped, tmp_path):
-    other = randomize_(nestlm.Decoder(hybrid_cfg()), seed=1)
+    other = randomize_(nestlm.Decoder(tiny_hybrid_config()), seed=1)
     msg = fails_cleanly(tmp_path, ConfigError, train(tmp_path, model=other))
     assert "was trained from another parent model" in msg
 

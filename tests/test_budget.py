@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import randomize_
+from conftest import randomize_, tiny_hybrid_config
 
 import nestlm
 from nestlm.arch import SubArch
@@ -32,10 +32,7 @@ S = SubArch(hidden=24, attn_kv_heads=1, attn_heads_per_group=1, mamba_heads_per_
 
 
 def hybrid(pattern: str = "M*-EM*E-", seed: int = 0, vocab: int = VOCAB) -> nestlm.Decoder:
-    cfg = nestlm.ModelConfig(
-        vocab_size=vocab, hidden_size=32, pattern=pattern, num_heads=4, num_kv_heads=2, head_dim=8,
-        intermediate_size=48, mamba_heads=8, mamba_head_dim=4, mamba_groups=2, ssm_state=8, chunk_size=4,
-        n_experts=4, top_k=2, moe_intermediate_size=16, shared_intermediate_size=24)
+    cfg = tiny_hybrid_config(vocab_size=vocab, pattern=pattern)
     return randomize_(nestlm.Decoder(cfg).init_weights(seed), seed).eval()
 
 

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import randomize_
+from conftest import randomize_, tiny_hybrid_config
 from torch.testing import assert_close
 
 import nestlm
@@ -29,16 +29,8 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 STEPS, STOP = 8, 4  # the resumed run stops after STOP steps (a checkpoint) and is restarted
 
 
-def hybrid_cfg(**over):
-    kw = dict(vocab_size=64, hidden_size=32, pattern="M*-E", num_heads=4, num_kv_heads=2, head_dim=8,
-              intermediate_size=48, mamba_heads=8, mamba_head_dim=4, mamba_groups=2, ssm_state=8, chunk_size=4,
-              n_experts=4, top_k=2, moe_intermediate_size=16, shared_intermediate_size=24)
-    kw.update(over)
-    return nestlm.ModelConfig(**kw)
-
-
 def parent(seed=0):
-    return randomize_(nestlm.Decoder(hybrid_cfg()), seed=seed)
+    return randomize_(nestlm.Decoder(tiny_hybrid_config()), seed=seed)
 
 
 def stream(n=4000, seed=0):
@@ -63,7 +55,7 @@ def qad_setup():
         from nestlm.quant import check_elastic  # noqa: F401
     except ImportError:
         return None
-    cfg = hybrid_cfg(mamba_head_dim=8, shared_intermediate_size=32)
+    cfg = tiny_hybrid_config(mamba_head_dim=8, shared_intermediate_size=32)
     ecfg = run_config(quant="nvfp4", align=16, budgets=[1.0, 0.8, 0.6], choices={
         "hidden": [1.0, 0.5], "ffn": [48, 32, 16], "mamba_heads_per_group": [1.0, 0.5]})
     return randomize_(nestlm.Decoder(cfg), seed=0), ecfg

@@ -10,7 +10,7 @@ import random
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import randomize_
+from conftest import randomize_, tiny_hybrid_config
 from torch.testing import assert_close
 
 import nestlm
@@ -30,11 +30,7 @@ TRAIN_AXES = {"hidden": [1.0, 0.875, 0.75, 0.625, 0.5], "ffn": [1.0, 0.5], "mamb
 
 
 def hybrid_cfg(pattern="M*-EM*-E", **over):
-    kw = dict(vocab_size=64, hidden_size=32, pattern=pattern, num_heads=4, num_kv_heads=2, head_dim=8,
-              intermediate_size=48, mamba_heads=8, mamba_head_dim=4, mamba_groups=2, ssm_state=8, chunk_size=4,
-              n_experts=4, top_k=2, moe_intermediate_size=16, shared_intermediate_size=24)
-    kw.update(over)
-    return nestlm.ModelConfig(**kw)
+    return tiny_hybrid_config(pattern=pattern, **over)
 
 
 def ids_(b=2, t=12, seed=0, vocab=64):

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import randomize_, tiny_nemotron_h_config
+from conftest import randomize_, tiny_hybrid_config, tiny_nemotron_h_config
 
 import nestlm
 from nestlm.arch import SubArch
@@ -15,10 +15,7 @@ VOCAB = 64
 
 
 def hybrid_model(seed: int = 0) -> nestlm.Decoder:
-    cfg = nestlm.ModelConfig(
-        vocab_size=VOCAB, hidden_size=32, pattern="M*-EM*E-", num_heads=4, num_kv_heads=2, head_dim=8,
-        intermediate_size=48, mamba_heads=8, mamba_head_dim=4, mamba_groups=2, ssm_state=8, chunk_size=4,
-        n_experts=4, top_k=2, moe_intermediate_size=16, shared_intermediate_size=24)
+    cfg = tiny_hybrid_config(vocab_size=VOCAB, pattern="M*-EM*E-")
     return randomize_(nestlm.Decoder(cfg).init_weights(seed), seed).eval()
 
 

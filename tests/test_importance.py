@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import randomize_, tiny_llama_config, tiny_qwen3_config
+from conftest import randomize_, tiny_hybrid_config, tiny_llama_config, tiny_qwen3_config
 
 import nestlm
 from nestlm.importance import Scores, importance
@@ -14,11 +14,7 @@ from nestlm.sort import is_sorted, permute_scores, sort_
 
 
 def hybrid(**over):
-    kw = dict(vocab_size=64, hidden_size=32, pattern="M*-EM*-E", num_heads=4, num_kv_heads=2, head_dim=8,
-              intermediate_size=48, mamba_heads=8, mamba_head_dim=4, mamba_groups=2, ssm_state=8, chunk_size=4,
-              n_experts=4, top_k=2, moe_intermediate_size=16, shared_intermediate_size=24)
-    kw.update(over)
-    return randomize_(nestlm.Decoder(nestlm.ModelConfig(**kw)))
+    return randomize_(nestlm.Decoder(tiny_hybrid_config(**{"pattern": "M*-EM*-E", **over})))
 
 
 def batches(vocab, n=3, seed=1):

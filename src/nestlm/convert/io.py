@@ -26,6 +26,19 @@ class UnsupportedArchitecture(CheckpointError):
     """A checkpoint whose model_type / features nestlm does not convert."""
 
 
+def stack_experts(per_expert: dict[str, dict[int, torch.Tensor]], n_experts: int,
+                  family: str) -> dict[str, torch.Tensor]:
+    """{our stacked name: {expert id: tensor}} (one tensor per expert, as files hold them) -> {name: [E, ...]}.
+    Every expert 0..n_experts-1 must be there."""
+    out = {}
+    for name, experts in per_expert.items():
+        if sorted(experts) != list(range(n_experts)):
+            raise UnsupportedArchitecture(f"{family} {name}: experts {sorted(experts)} present, "
+                                          f"expected 0..{n_experts - 1}")
+        out[name] = torch.stack([experts[e] for e in range(n_experts)])
+    return out
+
+
 def read_config(path: str | Path) -> dict:
     path = Path(path)
     f = path / "config.json"

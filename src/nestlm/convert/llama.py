@@ -90,9 +90,10 @@ def config_to_hf(cfg: ModelConfig) -> dict:
 _ATTN = ("q_proj", "k_proj", "v_proj", "o_proj", "q_norm", "k_norm")
 
 
-def state_from_hf(ckpt, cfg: ModelConfig) -> dict[str, torch.Tensor]:
+def state_from_hf(ckpt, cfg: ModelConfig, keys=None) -> dict[str, torch.Tensor]:
+    """ckpt: a SafetensorsDir-like object (keys(), get(k)); keys: only these of its tensors (default: all)."""
     sd: dict[str, torch.Tensor] = {}
-    for k in ckpt.keys():
+    for k in ckpt.keys() if keys is None else keys:
         if k == "lm_head.weight":
             if not cfg.tie_embeddings:
                 sd[k] = ckpt.get(k)

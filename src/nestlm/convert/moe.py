@@ -22,7 +22,8 @@ import re
 
 import torch
 
-from nestlm.convert.io import UnsupportedArchitecture
+from nestlm.convert import llama
+from nestlm.convert.io import UnsupportedArchitecture, stack_experts
 from nestlm.convert.llama import _rope_theta
 from nestlm.model.config import ModelConfig
 
@@ -144,85 +145,53 @@ def config_to_hf(cfg: ModelConfig) -> dict:
 
 # ---------------------------------------------------------------------------------------------- weights
 def state_from_hf(ckpt, cfg: ModelConfig) -> dict[str, torch.Tensor]:
-    """ckpt: a SafetensorsDir-like object (keys(), get(k)). Returns our Decoder's state dict."""
+    """ckpt: a SafetensorsDir-like object (keys(), get(k)). Returns our Decoder's state dict. The MoE blocks'
+    router and experts are read here; everything else (embeddings, norms, attention, dense MLP layers) is a
+    Llama layer and read by nestlm.convert.llama."""
     family = cfg.family
     moe = f"(?:{MOE_MODULE[family]}|mlp)" if family == "mixtral" else "mlp"  # in memory, Mixtral's is `mlp` too
     hf_to_ours = {v: k for k, v in EXPERT_NAMES[family].items()}
     sd: dict[str, torch.Tensor] = {}
-    per_expert: dict[tuple[int, str], dict[int, torch.Tensor]] = {}
+    per_expert: dict[str, dict[int, torch.Tensor]] = {}  # our stacked name -> {expert: tensor}
+    dense: list[str] = []
     for k in ckpt.keys():
-        if k == "lm_head.weight":
-            if not cfg.tie_embeddings:
-                sd[k] = ckpt.get(k)
+        m = re.fullmatch(rf"model\.layers\.(\d+)\.({moe}\..+)", k)
+        if m is None or cfg.pattern[2 * int(m[1]) + 1:2 * int(m[1]) + 2] != "E":
+            dense.append(k)
             continue
-        if k == "model.embed_tokens.weight":
-            sd["embeddings.weight"] = ckpt.get(k)
-            continue
-        if k == "model.norm.weight":
-            sd["norm_f.weight"] = ckpt.get(k)
-            continue
-        m = re.fullmatch(r"model\.layers\.(\d+)\.(.+)", k)
-        if m is None:
-            raise UnsupportedArchitecture(f"{family}: unexpected tensor {k!r}")
-        j, rest = int(m[1]), m[2]
-        attn, mlp = f"layers.{2 * j}.", f"layers.{2 * j + 1}."
-        if rest == "input_layernorm.weight":
-            sd[attn + "norm.weight"] = ckpt.get(k)
-        elif rest == "post_attention_layernorm.weight":
-            sd[mlp + "norm.weight"] = ckpt.get(k)
-        elif rest.startswith("self_attn."):
-            sd[attn + "mixer." + rest[len("self_attn."):]] = ckpt.get(k)
-        elif e := re.fullmatch(rf"{moe}\.experts\.(\d+)\.(\w+)\.weight", rest):
+        mixer, rest = f"layers.{2 * int(m[1]) + 1}.mixer.", m[2]
+        if e := re.fullmatch(rf"{moe}\.experts\.(\d+)\.(\w+)\.weight", rest):
             if e[2] not in hf_to_ours:
                 raise UnsupportedArchitecture(f"{family}: unexpected expert tensor {k!r}")
-            per_expert.setdefault((j, hf_to_ours[e[2]]), {})[int(e[1])] = ckpt.get(k)
+            per_expert.setdefault(mixer + hf_to_ours[e[2]], {})[int(e[1])] = ckpt.get(k)
         elif re.fullmatch(rf"{moe}\.experts\.gate_up_proj", rest):  # fused in memory: [E, 2F, D] = [gate | up]
-            gate, up = ckpt.get(k).chunk(2, dim=1)
-            sd[mlp + "mixer.gate_proj"], sd[mlp + "mixer.up_proj"] = gate, up
+            sd[mixer + "gate_proj"], sd[mixer + "up_proj"] = ckpt.get(k).chunk(2, dim=1)
         elif re.fullmatch(rf"{moe}\.experts\.down_proj", rest):
-            sd[mlp + "mixer.down_proj"] = ckpt.get(k)
+            sd[mixer + "down_proj"] = ckpt.get(k)
         elif re.fullmatch(rf"{moe}\.gate\.weight", rest):
-            sd[mlp + "mixer.gate.weight"] = ckpt.get(k)
-        elif family == "qwen3_moe" and re.fullmatch(r"mlp\.(gate_proj|up_proj|down_proj)\.weight", rest):
-            sd[mlp + "mixer." + rest[len("mlp."):]] = ckpt.get(k)  # a dense layer
-        elif "rotary_emb" in rest:
-            continue
+            sd[mixer + "gate.weight"] = ckpt.get(k)
         else:
             raise UnsupportedArchitecture(f"{family}: unexpected tensor {k!r}")
-    for (j, proj), experts in per_expert.items():
-        if sorted(experts) != list(range(cfg.n_experts)):
-            raise UnsupportedArchitecture(f"{family} layer {j}: {proj} of experts {sorted(experts)} present, "
-                                          f"expected 0..{cfg.n_experts - 1}")
-        sd[f"layers.{2 * j + 1}.mixer.{proj}"] = torch.stack([experts[e] for e in range(cfg.n_experts)])
+    sd.update(llama.state_from_hf(ckpt, cfg, keys=dense))
+    sd.update(stack_experts(per_expert, cfg.n_experts, family))
     return sd
 
 
 def state_to_hf(sd: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str, torch.Tensor]:
-    """Our state dict -> the on-disk layout (model.*, one tensor per expert and projection)."""
+    """Our state dict -> the on-disk layout (model.*, one tensor per expert and projection). The MoE blocks'
+    router and experts are written here, the rest as Llama layers (nestlm.convert.llama)."""
     family = cfg.family
     out: dict[str, torch.Tensor] = {}
+    rest: dict[str, torch.Tensor] = {}
     for name, t in sd.items():
-        if name == "embeddings.weight":
-            out["model.embed_tokens.weight"] = t
-        elif name == "norm_f.weight":
-            out["model.norm.weight"] = t
-        elif name == "lm_head.weight":
-            out[name] = t
-        elif m := re.fullmatch(r"layers\.(\d+)\.(norm\.weight|mixer\.(.+))", name):
-            i = int(m[1])
-            j, is_attn = i // 2, i % 2 == 0
-            layer = f"model.layers.{j}."
-            if m[2] == "norm.weight":
-                out[layer + ("input_layernorm" if is_attn else "post_attention_layernorm") + ".weight"] = t
-            elif is_attn:
-                out[layer + "self_attn." + m[3]] = t
-            elif cfg.pattern[i] == "-":
-                out[layer + "mlp." + m[3]] = t
-            elif m[3] in EXPERT_NAMES[family]:  # stacked experts
-                for e in range(t.shape[0]):
-                    out[f"{layer}{MOE_MODULE[family]}.experts.{e}.{EXPERT_NAMES[family][m[3]]}.weight"] = t[e]
-            else:
-                out[f"{layer}{MOE_MODULE[family]}.{m[3]}"] = t  # gate.weight: the router
+        m = re.fullmatch(r"layers\.(\d+)\.mixer\.(.+)", name)
+        if m is None or cfg.pattern[int(m[1])] != "E":
+            rest[name] = t
+            continue
+        module = f"model.layers.{int(m[1]) // 2}.{MOE_MODULE[family]}"
+        if m[2] in EXPERT_NAMES[family]:  # stacked experts
+            for e in range(t.shape[0]):
+                out[f"{module}.experts.{e}.{EXPERT_NAMES[family][m[2]]}.weight"] = t[e]
         else:
-            raise KeyError(name)
-    return out
+            out[f"{module}.{m[2]}"] = t  # gate.weight: the router
+    return llama.state_to_hf(rest, cfg) | out

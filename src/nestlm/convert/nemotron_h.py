@@ -11,7 +11,7 @@ import re
 
 import torch
 
-from nestlm.convert.io import UnsupportedArchitecture
+from nestlm.convert.io import UnsupportedArchitecture, stack_experts
 from nestlm.model.config import ModelConfig
 
 PATTERN_TO_TYPE = {"M": "linear_attention", "E": "moe", "*": "full_attention", "-": "mlp"}
@@ -144,7 +144,7 @@ def state_from_hf(ckpt, cfg: ModelConfig) -> dict[str, torch.Tensor]:
     keys = [k for k in ckpt.keys() if not k.startswith("mtp.")]
     prefix = "backbone." if any(k.startswith("backbone.") for k in keys) else "model."
     sd: dict[str, torch.Tensor] = {}
-    per_expert: dict[tuple[int, str], dict[int, torch.Tensor]] = {}
+    per_expert: dict[str, dict[int, torch.Tensor]] = {}  # our stacked name -> {expert: tensor}
     for k in keys:
         if k == "lm_head.weight":
             if not cfg.tie_embeddings:
@@ -154,16 +154,12 @@ def state_from_hf(ckpt, cfg: ModelConfig) -> dict[str, torch.Tensor]:
             raise UnsupportedArchitecture(f"nemotron_h: unexpected tensor {k!r}")
         name = k[len(prefix):]
         if m := re.fullmatch(r"layers\.(\d+)\.mixer\.experts\.(\d+)\.(up_proj|down_proj)\.weight", name):
-            per_expert.setdefault((int(m[1]), m[3]), {})[int(m[2])] = ckpt.get(k)
+            per_expert.setdefault(f"layers.{m[1]}.mixer.{m[3]}", {})[int(m[2])] = ckpt.get(k)
             continue
         name = name.replace("mixer.gate.e_score_correction_bias", "mixer.e_score_correction_bias")
         name = name.replace("mixer.experts.", "mixer.").replace("mixer.shared_experts.", "mixer.shared.")
         sd[name] = ckpt.get(k)
-    for (layer, proj), experts in per_expert.items():
-        if sorted(experts) != list(range(cfg.n_experts)):
-            raise UnsupportedArchitecture(f"nemotron_h layer {layer}: experts {sorted(experts)} present, "
-                                          f"expected 0..{cfg.n_experts - 1}")
-        sd[f"layers.{layer}.mixer.{proj}"] = torch.stack([experts[e] for e in range(cfg.n_experts)])
+    sd.update(stack_experts(per_expert, cfg.n_experts, "nemotron_h"))
     return sd
 
 

@@ -248,17 +248,23 @@ def test_standalone_submodels_match_the_sliced_elastic_model(think, answer, swit
             torch.testing.assert_close(v, cache.layers[i][key], atol=1e-5, rtol=1e-5)
 
 
-def test_think_answer_from_an_elastic_checkpoint(tmp_path, capsys):
+def write_elastic(path, seed: int) -> ByteTokenizer:
+    """A random hybrid exported as an elastic checkpoint (budgets full and 70%) with the byte tokenizer."""
     from nestlm.config import ElasticConfig
     from nestlm.elastify import export
     from nestlm.router import Router
 
     tok = ByteTokenizer()
-    model = hybrid("M*-M", seed=10, vocab=tok.vocab_size)
+    model = hybrid("M*-M", seed=seed, vocab=tok.vocab_size)
     ecfg = ElasticConfig(budgets=[1.0, 0.7], align=4, choices={"hidden": [1.0, 0.75], "mamba_heads_per_group": [1.0, 0.5]},
                          router_hidden=4, steps=1, sort=False)
-    export(model, Router(model.cfg, ecfg), ecfg, tmp_path)
-    tok.save(tmp_path)
+    export(model, Router(model.cfg, ecfg), ecfg, path)
+    tok.save(path)
+    return tok
+
+
+def test_think_answer_from_an_elastic_checkpoint(tmp_path, capsys):
+    tok = write_elastic(tmp_path, seed=10)
     res = think_answer(tmp_path, "Q:1+2=?\n<think>", think_budget="70%", answer_budget="full", max_think=5,
                        max_answer=4)
     printed = capsys.readouterr().out
@@ -330,16 +336,8 @@ def test_encode_examples_masks_the_question():
 def test_cli_generate_with_budget_control(tmp_path, capsys):
     """`nestlm generate ELASTIC --think-budget 70%` streams what think_answer computes; a bad budget exits 2."""
     from nestlm.cli import main
-    from nestlm.config import ElasticConfig
-    from nestlm.elastify import export
-    from nestlm.router import Router
 
-    tok = ByteTokenizer()
-    model = hybrid("M*-M", seed=11, vocab=tok.vocab_size)
-    ecfg = ElasticConfig(budgets=[1.0, 0.7], align=4, choices={"hidden": [1.0, 0.75], "mamba_heads_per_group": [1.0, 0.5]},
-                         router_hidden=4, steps=1, sort=False)
-    export(model, Router(model.cfg, ecfg), ecfg, tmp_path)
-    tok.save(tmp_path)
+    tok = write_elastic(tmp_path, seed=11)
     ref = think_answer(tmp_path, "Q:3+4=?\n<think>", think_budget="70%", max_think=6, max_answer=5, stream=False,
                        transplant=True)
     assert main(["generate", str(tmp_path), "--prompt", "Q:3+4=?\n<think>", "--think-budget", "70%",

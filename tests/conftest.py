@@ -57,6 +57,29 @@ def tiny_hybrid_config(**over) -> nestlm.ModelConfig:
     return nestlm.ModelConfig(**kw)
 
 
+@torch.no_grad()
+def hf_cached(hf, ids, p):
+    """HF logits for a prefill of ids[:, :p] then one token at a time through its own cache."""
+    out = hf(ids[:, :p], use_cache=True)
+    logits, past = [out.logits], out.past_key_values
+    for t in range(p, ids.shape[1]):
+        out = hf(ids[:, t:t + 1], past_key_values=past, use_cache=True)
+        logits.append(out.logits)
+        past = out.past_key_values
+    return torch.cat(logits, 1)
+
+
+@torch.no_grad()
+def ours_cached(model, ids, p, sub=None):
+    """Our logits for a prefill of ids[:, :p] then one token at a time through our cache."""
+    cache = model.new_cache()
+    logits = [model(ids[:, :p], sub=sub, cache=cache)]
+    for t in range(p, ids.shape[1]):
+        logits.append(model(ids[:, t:t + 1], sub=sub, cache=cache))
+    assert cache.pos == ids.shape[1]
+    return torch.cat(logits, 1)
+
+
 def tiny_nemotron_h_config(**over):
     from transformers import NemotronHConfig
 

@@ -9,7 +9,7 @@ import json
 
 import pytest
 import torch
-from conftest import assert_round_trip_exact, randomize_
+from conftest import assert_round_trip_exact, hf_cached, ours_cached, randomize_
 from safetensors.torch import load_file, save_file
 from torch.testing import assert_close
 
@@ -136,17 +136,8 @@ def test_cached_decoding(pair):
     ids, p = ids_(2, 12), 5
     with torch.no_grad():
         full = ours(ids)
-        cache = ours.new_cache()
-        steps = [ours(ids[:, :p], cache=cache)]
-        out = hf(ids[:, :p], use_cache=True)
-        hf_steps, past = [out.logits], out.past_key_values
-        for t in range(p, ids.shape[1]):
-            steps.append(ours(ids[:, t:t + 1], cache=cache))
-            out = hf(ids[:, t:t + 1], past_key_values=past, use_cache=True)
-            hf_steps.append(out.logits)
-            past = out.past_key_values
-    got = torch.cat(steps, 1)
-    assert_close(got, torch.cat(hf_steps, 1), **TOL)
+    got, ref = ours_cached(ours, ids, p), hf_cached(hf, ids, p)
+    assert_close(got, ref, **TOL)
     assert_close(got, full, **TOL)
 
 

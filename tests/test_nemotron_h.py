@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import assert_round_trip_exact, randomize_, tiny_nemotron_h_config
+from conftest import assert_round_trip_exact, hf_cached, ours_cached, randomize_, tiny_nemotron_h_config
 from safetensors.torch import load_file, save_file
 from torch.testing import assert_close
 
@@ -75,28 +75,6 @@ def pair(request, tmp_path_factory):
     d = tmp_path_factory.mktemp(request.param)
     hf.save_pretrained(d)
     return hf, d, nestlm.from_hf(d)
-
-
-@torch.no_grad()
-def hf_cached(hf, ids, p):
-    """HF logits for a prefill of ids[:, :p] then one token at a time through its own cache."""
-    out = hf(ids[:, :p], use_cache=True)
-    logits, past = [out.logits], out.past_key_values
-    for t in range(p, ids.shape[1]):
-        out = hf(ids[:, t : t + 1], past_key_values=past, use_cache=True)
-        logits.append(out.logits)
-        past = out.past_key_values
-    return torch.cat(logits, 1)
-
-
-@torch.no_grad()
-def ours_cached(model, ids, p, sub=None):
-    cache = model.new_cache()
-    logits = [model(ids[:, :p], sub=sub, cache=cache)]
-    for t in range(p, ids.shape[1]):
-        logits.append(model(ids[:, t : t + 1], sub=sub, cache=cache))
-    assert cache.pos == ids.shape[1]
-    return torch.cat(logits, 1)
 
 
 # ------------------------------------------------------------------------------------------ loading

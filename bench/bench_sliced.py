@@ -66,7 +66,6 @@ def bench_model(name: str, model, args) -> list[dict]:
     cfg = model.cfg
     subs = {1.0: None} | {f: width_subarch(cfg, f) for f in args.budgets}
     models = {f: (model if s is None else extract(model, s).eval()) for f, s in subs.items()}
-    resolved = {f: models[f].resolve(None) for f in subs}
     g = torch.Generator().manual_seed(0)
     pb, pt = args.prefill_batch, args.prefill_len
     ids = torch.randint(0, cfg.vocab_size, (pb, pt), generator=g)
@@ -83,8 +82,7 @@ def bench_model(name: str, model, args) -> list[dict]:
         mm = matmul_params(cfg, subs[f])
         rows.append({"model": name, "budget": f, "active": active, "ideal": full_active / active,
                      "mm_ideal": full_mm / mm, "prefill": t_pre[0] / t_pre[i], "generate": t_gen[0] / t_gen[i],
-                     "prefill_tok_s": pb * pt / t_pre[i], "gen_tok_s": args.new_tokens / t_gen[i],
-                     "hidden": resolved[f].hidden})
+                     "prefill_tok_s": pb * pt / t_pre[i], "gen_tok_s": args.new_tokens / t_gen[i]})
     return rows
 
 

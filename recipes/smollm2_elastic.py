@@ -35,6 +35,7 @@ from nestlm.data import perplexity
 from nestlm.distill import kd_loss
 from nestlm.elastify import get_batch
 from nestlm.importance import Scores
+from nestlm.model.slice import extract
 from nestlm.optim import adamw
 
 HERE = Path(__file__).resolve().parent
@@ -145,8 +146,6 @@ def main(argv=None) -> dict:
             if b["fraction"] >= 1.0:
                 r["independent"] = r["one_shot"]  # the full model is the teacher itself
             else:
-                from nestlm.model.slice import extract
-
                 student, losses = distill_alone(teacher, extract(teacher, sub).requires_grad_(True), train,
                                                 base_steps, ecfg, f"independent {name}")
                 r["independent"], r["independent_final_kd"] = ppl(student), losses[-1]
@@ -159,8 +158,6 @@ def main(argv=None) -> dict:
                       ("depth", depth_subarch(cfg, layer_scores, 0.85))):
         if mode in wd:
             continue
-        from nestlm.model.slice import extract
-
         one = ppl(teacher, sub)
         student, _ = distill_alone(teacher, extract(teacher, sub).requires_grad_(True), train, base_steps,
                                    ecfg, f"{mode} 85%")

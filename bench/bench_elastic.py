@@ -4,8 +4,8 @@ sliced submodels as standalone models.
     ratio = sum over budgets of the elastic step time  /  sum over budgets of the extracted model's step time
 
 A step is forward + KD loss (against precomputed teacher logits, the same for both) + backward + optimizer.
-hard: the elastic model runs the SLICED submodel, logits * the router's straight-through gate, plus the
-router's budget loss and a router optimizer step. soft: the full-width model with the router's channel masks.
+hard: the elastic model runs the SLICED submodel, its final hidden state * the router's straight-through
+gate, plus the router's two budget losses and a router optimizer step (as nestlm.elastify does). soft: the full-width model with the router's channel masks.
 fp32, `--threads` CPU threads (default 1: steadier on a shared machine); one warmup round, then `--repeats`
 rounds that time every variant in turn (interleaved, so drifting machine load hits all alike); MEDIANS.
 
@@ -87,24 +87,33 @@ def main(argv=None) -> str:
     with torch.no_grad():
         teacher = model(ids)  # the KD target, shared by every variant
 
-    def weights_for(bi: int):
-        """Straight-through one-hots on this budget's widths (what router.sample returns in hard mode)."""
+    def weights_for(bi: int, p: dict):
+        """Straight-through one-hots on this budget's widths, with the gradient of the choice probabilities
+        `p` (what router.sample returns in hard mode, minus the Gumbel noise)."""
         if router.pinned(bi):
             return router.full_weights()
-        p = router.probs(bi)
         sub = subs[BUDGETS[bi]]
         return {ax: F.one_hot(torch.tensor(choices[ax].index(getattr(sub, ax))), len(choices[ax])).float()
                 - p[ax].detach() + p[ax] for ax in axes}
 
     def elastic_step(bi: int, mode: str):
-        w = weights_for(bi)
+        """One step as nestlm.elastify takes it: one router evaluation, the model at the chosen widths, KD +
+        the budget loss on the expected cost + the expected budget loss over architectures."""
+        b = BUDGETS[bi]
+        lg = None if router.pinned(bi) else router.budget_logits(bi)
+        p = router.probs(bi, logits=lg)
+        w = weights_for(bi, p)
         if router.pinned(bi):
             logits = model(ids)
         elif mode == "hard":
             logits = model(ids, sub=router.subarch(w), gate=router.gate(w))
         else:
             logits = model(ids, masks=router.masks(w))
-        loss = kd_loss(logits, teacher) + router_loss(router.cost_ratio(router.probs(bi)), BUDGETS[bi])
+        loss = kd_loss(logits, teacher) + router_loss(router.cost_ratio(p), b)
+        if not router.pinned(bi):
+            sharp = router.probs(bi, 1.0, ecfg.expected_loss_sharpness, logits=lg)
+            loss = loss + ecfg.expected_loss_weight * router.expected_loss(
+                sharp, lambda c: router_loss(c, b, ecfg.router_weight, ecfg.expected_loss_dead_zone))
         loss.backward()
         opt_model.step()
         opt_router.step()
@@ -117,7 +126,18 @@ def main(argv=None) -> str:
         opt.step()
         opt.zero_grad(set_to_none=True)
 
-    fns = {}
+    def router_step(bi: int):
+        """The router's share of an elastify step alone: Gumbel sample, both budget losses, backward, AdamW."""
+        lg = router.budget_logits(bi)
+        w = router.sample(bi, 0.5, 2.0, logits=lg)
+        loss = router.gate(w) + router_loss(router.cost_ratio(router.probs(bi, 0.5, 2.0, logits=lg)), BUDGETS[bi])
+        sharp = router.probs(bi, 1.0, ecfg.expected_loss_sharpness, logits=lg)
+        loss = loss + router.expected_loss(sharp, lambda c: router_loss(c, BUDGETS[bi], 1.0, 0.01))
+        loss.backward()
+        opt_router.step()
+        opt_router.zero_grad(set_to_none=True)
+
+    fns = {"router": lambda: router_step(len(BUDGETS) - 1)}
     for b in BUDGETS:
         small = extract(model, subs[b])
         opt = adamw(small.parameters(), lr=1e-5)
@@ -143,6 +163,7 @@ def main(argv=None) -> str:
                      + f" | {tot * 1e3:.1f} ms | {tot / tot_std:.2f} |")
     table = "\n".join(lines)
     print(table)
+    print(f"router alone, per step (in the elastic rows above): {med['router'] * 1e3:.2f} ms")
     return table
 
 if __name__ == "__main__":

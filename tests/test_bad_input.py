@@ -360,7 +360,7 @@ def test_router_that_does_not_match_the_manifest(elastic, tmp_path):
     mf.write_text(json.dumps(manifest))
     msg = fails_cleanly(tmp_path, CheckpointError, lambda: nestlm.load_elastic(elastic))
     assert "the router weights don't match the manifest's elastic config" in msg
-    assert "file (16, 2), config (24, 2)" in msg, msg
+    assert "w1: file (2, 16, 2), config (2, 24, 2)" in msg, msg
 
 
 def test_manifest_that_is_not_json(elastic, tmp_path):

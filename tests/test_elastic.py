@@ -152,8 +152,8 @@ def test_hard_forward_is_the_sliced_model_and_reaches_the_router(model):
     with torch.no_grad():
         assert_close(out, extract(model, sub)(ids) * 1.0, atol=2e-5, rtol=1e-4)
     (out.logsumexp(-1).mean() + r.cost_ratio(w)).backward()
-    for ax, net in r.nets.items():
-        assert net[0].weight.grad is not None and net[0].weight.grad.abs().sum() > 0, ax
+    for a, ax in enumerate(r.axes):  # every axis's own first layer
+        assert r.w1.grad is not None and r.w1.grad[a].abs().sum() > 0, ax
     # the gate on the final hidden state gives the gradients of scaling the logits (the lm_head is linear)
     grads = {n: p.grad.clone() for n, p in [*model.named_parameters(), *r.named_parameters()] if p.grad is not None}
     model.zero_grad(set_to_none=True)
@@ -227,8 +227,9 @@ def test_soft_masks_pass_gradients_to_every_axis(model):
     torch.manual_seed(0)
     w = r.sample(1, tau=1.0, scale=1.0, hard=False)
     model(ids_(), masks=r.masks(w)).logsumexp(-1).mean().backward()
-    for ax, net in r.nets.items():
-        assert net[2].weight.grad.abs().sum() > 0, ax
+    for a, ax in enumerate(r.axes):  # every axis's own output layer, real choices only
+        assert r.w2.grad[a, : len(r.choices[ax])].abs().sum() > 0, ax
+        assert r.w2.grad[a, len(r.choices[ax]):].abs().sum() == 0, ax
     model.zero_grad(set_to_none=True)
 
 
@@ -361,11 +362,12 @@ def test_expected_loss_is_the_brute_force_expectation():
 
 def test_router_lands_on_budget_for_most_seeds(tmp_path):
     """The per-axis argmax alone (no landing rule): before the expected-loss term and softsign bounds, 1 seed
-    in 5 landed every budget within 2%. The manifest's choice (Router.decode) must land on every seed."""
+    in 5 landed every budget within 2%. The manifest's choice (Router.decode) must land on every seed.
+    200 steps: at 120, the argmax landed on 6 of seeds 0-9 (8 at 200; two seeds lock one axis early)."""
     landed = 0
     for seed in range(5):
         out = tmp_path / f"s{seed}"
-        nestlm.elastify(tiny_run_config(seed=seed), parent(), stream(), out, progress=False)
+        nestlm.elastify(tiny_run_config(seed=seed, steps=200), parent(), stream(), out, progress=False)
         model, router, manifest = load_elastic(out)
         greedy = [float(router.cost_ratio(router.greedy(i))) / f for i, f in enumerate(router.budgets)]
         landed += all(abs(r - 1) <= 0.02 for r in greedy)
@@ -384,8 +386,7 @@ def test_decode_is_the_most_probable_architecture_within_tolerance():
     sharp = ecfg.scale_end / ecfg.tau_end
     for seed in range(6):
         torch.manual_seed(seed)
-        for net in router.nets.values():
-            net[-1].reset_parameters()
+        router.reset_parameters()
         for bi in (1, 2):
             lg = {ax: v.detach() for ax, v in router.logits(router.onehot(bi)).items()}
             best, best_lp, nearest, nearest_dev = None, -math.inf, None, math.inf

@@ -265,7 +265,8 @@ def _train(ecfg: ElasticConfig, model_or_hf_path, data, out: Path, dp: parallel.
             with torch.no_grad():
                 t_logits = teacher(ids)
             hard = ecfg.mode == "hard"
-            w = router.sample(bi, tau, scale, hard=hard)
+            lg = None if router.pinned(bi) else router.budget_logits(bi)  # one router forward per micro-step
+            w = router.sample(bi, tau, scale, hard=hard, logits=lg)
             sub = router.subarch(w)
             with parallel.grad_sync(student, dp, sync=micro == ecfg.grad_accum - 1):
                 if router.pinned(bi):  # the full model: no router in the loop
@@ -276,12 +277,12 @@ def _train(ecfg: ElasticConfig, model_or_hf_path, data, out: Path, dp: parallel.
                     s_logits = student(ids, masks=router.masks(w))
                 kd = kd_loss(s_logits, t_logits, ecfg.kd_temperature)
                 # budget loss on the expected cost under the noise-free choice probabilities (smooth)
-                expected = router.cost_ratio(router.probs(bi, tau, scale))
+                expected = router.cost_ratio(router.probs(bi, tau, scale, logits=lg))
                 rl = router_loss(expected, frac, ecfg.router_weight, ecfg.dead_zone)
                 if not router.pinned(bi) and ecfg.expected_loss_weight > 0:
                     # plus the expected loss over architectures, at a capped sharpness so its gradient
                     # survives the end of the schedules (see Router.expected_loss)
-                    p = router.probs(bi, 1.0, min(scale / tau, ecfg.expected_loss_sharpness))
+                    p = router.probs(bi, 1.0, min(scale / tau, ecfg.expected_loss_sharpness), logits=lg)
                     rl = rl + ecfg.expected_loss_weight * router.expected_loss(
                         p, lambda c, f=frac: router_loss(c, f, ecfg.router_weight, ecfg.expected_loss_dead_zone))
                 loss = (kd + rl) / ecfg.grad_accum
@@ -307,8 +308,10 @@ def _train(ecfg: ElasticConfig, model_or_hf_path, data, out: Path, dp: parallel.
         opt_router.zero_grad(set_to_none=True)
 
         # ---- log
+        with torch.no_grad():
+            cost_ratio = float(router.cost_ratio(w))
         rec = {"step": step, "budget": name, "fraction": frac, "kd": kd_sum, "router_loss": rl_sum,
-               "cost_ratio": float(router.cost_ratio(w).detach()), "expected_ratio": float(expected.detach()),
+               "cost_ratio": cost_ratio, "expected_ratio": float(expected.detach()),
                "sub": {ax: getattr(sub, ax) for ax in router.axes}, "tau": tau, "scale": scale, "seq_len": seq_len}
         if dp.main and (step % ecfg.log_every == 0 or step == ecfg.steps - 1):
             with open(log_path, "a") as log:

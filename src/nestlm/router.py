@@ -57,59 +57,90 @@ class Router(nn.Module):
         self.choices = ecfg.resolve_choices(cfg)  # {axis: [widths, largest first]}
         self.axes = list(self.choices)
         self.budgets = list(ecfg.budgets)
-        nb, hd = len(self.budgets), ecfg.router_hidden
-        self.nets = nn.ModuleDict({
-            ax: nn.Sequential(nn.Linear(nb, hd), nn.LeakyReLU(), nn.Linear(hd, len(ch)))
-            for ax, ch in self.choices.items()})
+        nb, hd, na = len(self.budgets), ecfg.router_hidden, len(self.axes)
+        n_max = max((len(ch) for ch in self.choices.values()), default=1)
+        # One small MLP per axis, one-hot(budget) [nb] -> Linear -> LeakyReLU -> Linear -> logits [n_choices],
+        # with the axes' weights stacked so that all of them run in the same few ops (a step's router cost is
+        # op overhead, not arithmetic). Axis a owns w1[a] [hd, nb], b1[a], and the first n_choices(a) rows of
+        # w2[a] [n_max, hd] and b2[a]; the rows past them are padding, masked out of every softmax.
+        self.w1 = nn.Parameter(torch.empty(na, hd, nb))
+        self.b1 = nn.Parameter(torch.empty(na, hd))
+        self.w2 = nn.Parameter(torch.empty(na, n_max, hd))
+        self.b2 = nn.Parameter(torch.empty(na, n_max))
+        n = torch.tensor([len(ch) for ch in self.choices.values()], dtype=torch.long)
+        self.register_buffer("valid", torch.arange(n_max)[None, :] < n[:, None], persistent=False)  # [na, n_max]
+        self.reset_parameters()
         self.count = cost_fn(ecfg.metric, ecfg.memory_seq_len)
         self.full_cost = float(self.count(cfg))
         self._build_cost_tables()
 
+    def reset_parameters(self) -> None:
+        """nn.Linear's default init, per axis: U(-1/sqrt(fan_in), 1/sqrt(fan_in)) for weights and biases."""
+        for t, fan_in in ((self.w1, self.w1.shape[-1]), (self.b1, self.w1.shape[-1]),
+                          (self.w2, self.w2.shape[-1]), (self.b2, self.w2.shape[-1])):
+            nn.init.uniform_(t, -fan_in ** -0.5, fan_in ** -0.5)
+
     # ------------------------------------------------------------------ logits and sampling
     def onehot(self, budget_idx: int) -> torch.Tensor:
-        dev = next(self.parameters()).device
-        return F.one_hot(torch.tensor(budget_idx, device=dev), len(self.budgets)).float()
+        return F.one_hot(torch.tensor(budget_idx, device=self.w1.device), len(self.budgets)).float()
+
+    def table(self, budget_in: torch.Tensor) -> torch.Tensor:
+        """budget_in: [n_budgets] (a one-hot, or a blend for interpolation) -> logits [n_axes, n_max], -inf
+        in the padding.
+
+        Logits are bounded to (-1, 1) (softsign or tanh), so that the schedules (logit scale 1 -> 10, tau 1 ->
+        0.05), not the optimizer, decide how peaked the choice is: unbounded logits saturate the softmax
+        within a few steps, after which the cost gradient vanishes and the router locks on an early guess."""
+        bound = F.softsign if self.ecfg.router_bound == "softsign" else torch.tanh  # softsign saturates slowly
+        h = F.leaky_relu(torch.einsum("ahn,n->ah", self.w1, budget_in) + self.b1)  # [na, hd]
+        out = bound(torch.einsum("ach,ah->ac", self.w2, h) + self.b2)  # [na, n_max]
+        return out.masked_fill(~self.valid, -torch.inf)
+
+    def split(self, t: torch.Tensor) -> dict[str, torch.Tensor]:
+        """[n_axes, n_max] -> {axis: its first n_choices entries}."""
+        return {ax: t[a, : len(ch)] for a, (ax, ch) in enumerate(self.choices.items())}
 
     def logits(self, budget_in: torch.Tensor) -> dict[str, torch.Tensor]:
-        """budget_in: [n_budgets] (a one-hot, or a blend for interpolation) -> {axis: logits [n_choices]}.
-
-        Logits are bounded to (-1, 1) by tanh, so that the schedules (logit scale 1 -> 10, tau 1 -> 0.05), not
-        the optimizer, decide how peaked the choice is: unbounded logits saturate the softmax within a few
-        steps, after which the cost gradient vanishes and the router locks on an early guess."""
-        bound = F.softsign if self.ecfg.router_bound == "softsign" else torch.tanh  # softsign saturates slowly
-        return {ax: bound(net(budget_in)) for ax, net in self.nets.items()}
+        """budget_in: [n_budgets] -> {axis: bounded logits [n_choices]} (see `table`)."""
+        return self.split(self.table(budget_in))
 
     def pinned(self, budget_idx: int) -> bool:
         return self.budgets[budget_idx] == 1.0
 
     def full_weights(self) -> dict[str, torch.Tensor]:
-        dev = next(self.parameters()).device
+        dev = self.w1.device
         return {ax: F.one_hot(torch.tensor(0, device=dev), len(ch)).float() for ax, ch in self.choices.items()}
 
+    def budget_logits(self, budget_idx: int) -> torch.Tensor:
+        """The logits table [n_axes, n_max] of a trained budget. A training step evaluates it once and hands
+        it to `sample` and `probs` (`logits=`): one router forward and backward per step, not one per use."""
+        return self.table(self.onehot(budget_idx))
+
     def sample(self, budget_idx: int, tau: float = 1.0, scale: float = 1.0, hard: bool = True,
-               generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
+               generator: torch.Generator | None = None, logits: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         """Per-axis Gumbel-Softmax weights [n_choices]. hard: one-hot values, soft gradients (straight
-        through). The full budget (1.0) is pinned: constant one-hots on the full width, no gradient."""
+        through). The full budget (1.0) is pinned: constant one-hots on the full width, no gradient.
+        logits: this budget's `budget_logits`, when the caller already has them."""
         if self.pinned(budget_idx):
             return self.full_weights()
-        out = {}
-        for ax, lg in self.logits(self.onehot(budget_idx)).items():
-            u = torch.rand(lg.shape, generator=generator, device=lg.device).clamp_(1e-10, 1 - 1e-10)
-            gumbel = -torch.log(-torch.log(u))
-            y = torch.softmax((lg * scale + gumbel) / tau, dim=-1)
-            if hard:  # value: the sampled one-hot; gradient: the noise-free softmax (see the class doc)
-                p = torch.softmax(lg * scale / tau, dim=-1)
-                y = F.one_hot(y.argmax(), y.shape[-1]).to(y.dtype) - p.detach() + p
-            out[ax] = y
-        return out
+        lg = self.budget_logits(budget_idx) if logits is None else logits  # [na, n_max]
+        u = torch.rand(lg.shape, generator=generator, device=lg.device).clamp_(1e-10, 1 - 1e-10)
+        gumbel = -torch.log(-torch.log(u))
+        y = torch.softmax((lg * scale + gumbel) / tau, dim=-1)  # the padding's -inf gets probability 0
+        if hard:  # value: the sampled one-hot; gradient: the noise-free softmax (see the class doc)
+            p = torch.softmax(lg * (scale / tau), dim=-1)
+            y = F.one_hot(y.argmax(-1), y.shape[-1]).to(y.dtype) - p.detach() + p
+        return self.split(y)
 
-    def probs(self, budget_idx: int, tau: float = 1.0, scale: float = 1.0) -> dict[str, torch.Tensor]:
+    def probs(self, budget_idx: int, tau: float = 1.0, scale: float = 1.0,
+              logits: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         """Noise-free choice probabilities softmax(logits * scale / tau) per axis: the router loss is taken on
         the expected cost under these (smooth, so the router settles on the budget instead of oscillating
-        between the corners a sampled cost's sign-like gradient pushes it to)."""
+        between the corners a sampled cost's sign-like gradient pushes it to). logits: as in `sample`."""
         if self.pinned(budget_idx):
             return self.full_weights()
-        return {ax: torch.softmax(v * scale / tau, dim=-1) for ax, v in self.logits(self.onehot(budget_idx)).items()}
+        lg = self.budget_logits(budget_idx) if logits is None else logits
+        return self.split(torch.softmax(lg * (scale / tau), dim=-1))
 
     def greedy(self, budget_idx: int) -> dict[str, torch.Tensor]:
         """One-hot weights at each axis's argmax (what inference uses)."""
@@ -209,22 +240,28 @@ class Router(nn.Module):
                 block = count(two, sub) - count(one, sub)
                 grid[tuple(idx)] = (count(one, sub) - block) if kind == "" else block
             self.register_buffer(f"cost_{kind or 'base'}", grid, persistent=False)
+        self.register_buffer("combo", self._combo_costs(), persistent=False)
 
     def cost(self, weights: dict[str, torch.Tensor]) -> torch.Tensor:
         """Expected cost (absolute units of the metric) of the architecture the weights choose; differentiable,
         exact at one-hot weights."""
         total = None
+        w64 = {ax: w.to(torch.float64) for ax, w in weights.items()}  # the tables are float64
         for kind, axes in self.kind_axes.items():
             t = getattr(self, f"cost_{kind or 'base'}")
             for ax in axes:  # contract the leading axis each time
-                t = torch.tensordot(weights[ax].to(t.dtype), t, dims=([0], [0]))
+                t = torch.tensordot(w64[ax], t, dims=([0], [0]))
             t = t * (self.kind_counts[kind] if kind else 1)
             total = t if total is None else total + t
         return total
 
     def combo_costs(self) -> torch.Tensor:
-        """The cost ratio of every combination of choices: one dimension per axis (in `self.axes` order), the
-        sum of the per-kind tables broadcast over the axes they don't depend on."""
+        """The cost ratio of every combination of choices: one dimension per axis (in `self.axes` order)."""
+        return self.combo
+
+    def _combo_costs(self) -> torch.Tensor:
+        """combo_costs, built once from the per-kind tables: their sum, each broadcast over the axes it
+        doesn't depend on."""
         total = 0.0
         for kind, axes in self.kind_axes.items():
             t = getattr(self, f"cost_{kind or 'base'}") * (self.kind_counts[kind] if kind else 1)

@@ -50,8 +50,9 @@ class RMSNorm(nn.Module):
 
 
 class _Prefix(torch.autograd.Function):
-    """w[idx] whose backward writes the gradient into ONE zero-filled full-size tensor (chained slices,
-    w[:a][:, :b], fill one per sliced dim: a measurable share of an elastic training step)."""
+    """w[idx] whose backward builds the full-size gradient writing each element once: g into the prefix,
+    zeros into the rest. (Chained slices, w[:a][:, :b], zero-fill one full-size tensor per sliced dim and
+    then copy into it: a measurable share of an elastic training step.)"""
 
     @staticmethod
     def forward(ctx, w, idx):
@@ -60,8 +61,13 @@ class _Prefix(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, g):
-        gw = g.new_zeros(ctx.shape)
-        gw[ctx.idx] = g
+        gw = g.new_empty(ctx.shape)
+        view = gw
+        for d, (i, full) in enumerate(zip(ctx.idx, ctx.shape[: len(ctx.idx)], strict=True)):
+            if i.stop is not None:  # a cut dim: zero its tail (inside the prefix of the dims before it)
+                view.narrow(d, i.stop, full - i.stop).zero_()
+                view = view.narrow(d, 0, i.stop)
+        view.copy_(g)
         return gw, None
 
 

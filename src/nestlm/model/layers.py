@@ -369,24 +369,35 @@ class Mamba2(nn.Module):
         self.norm = RMSNorm(h * p, cfg.norm_eps)  # gated, grouped: one RMS per group of heads
         self.probe = None
         self.out_proj = nn.Linear(h * p, d, bias=cfg.mamba_bias)
+        self._rows: dict = {}  # (m, device) -> kept row indices, see _kept_rows
 
     # -- elastic slicing of the head-coupled tensors (one helper per layout)
     def _heads(self, t, m, width, dim=0):
         """First m heads of every group along `dim`, where each head is `width` channels wide."""
         return group_heads(t, self.g, m * width, dim=dim) if m * self.g != self.h else t
 
+    def _kept_rows(self, m: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+        """The rows of in_proj ([z | x | B | C | dt]) and of conv1d ([x | B | C]) kept at m heads per group, as
+        index tensors (built once per m and device): one gather per weight, whose gradient is one index_add,
+        instead of a cat of four slices whose backward fills a full-size zero tensor per slice."""
+        key = (m, str(device))
+        if key not in self._rows:
+            hp, gn, p = self.h * self.p, self.g * self.n, self.p
+
+            def heads(start, width):  # first m heads of every group, `width` rows each, from row `start`
+                return start + group_heads(torch.arange(self.h * width, device=device), self.g, m * width)
+
+            with torch.inference_mode(False):  # a cache made while generating must serve training too
+                bc = torch.arange(2 * gn, device=device)
+                self._rows[key] = (torch.cat([heads(0, p), heads(hp, p), 2 * hp + bc, heads(2 * hp + 2 * gn, 1)]),
+                                   torch.cat([heads(0, p), hp + bc]))
+        return self._rows[key]
+
     def _in_proj(self, t, m):  # rows [z | x | B | C | dt]
-        hp, gn = self.h * self.p, self.g * self.n
-        if m * self.g == self.h:
-            return t
-        z, xs, bc, dt = t[:hp], t[hp:2 * hp], t[2 * hp:2 * hp + 2 * gn], t[2 * hp + 2 * gn:]
-        return torch.cat([self._heads(z, m, self.p), self._heads(xs, m, self.p), bc, self._heads(dt, m, 1)])
+        return t if m * self.g == self.h else t.index_select(0, self._kept_rows(m, t.device)[0])
 
     def _conv(self, t, m):  # channels [x | B | C]
-        hp = self.h * self.p
-        if m * self.g == self.h:
-            return t
-        return torch.cat([self._heads(t[:hp], m, self.p), t[hp:]])
+        return t if m * self.g == self.h else t.index_select(0, self._kept_rows(m, t.device)[1])
 
     def forward(self, x, s: SubArch, cache: dict | None, masks: dict | None = None):
         b, t, k = x.shape

@@ -252,6 +252,17 @@ def depth_units(cfg: ModelConfig) -> list[list[int]]:
     return [[i] for i in range(cfg.n_blocks)]
 
 
+def unit_order(cfg: ModelConfig, layer_scores) -> list[int]:
+    """Depth unit indices (see `depth_units`), least important first: the order depth pruning drops them.
+    `layer_scores`: per-block importance (`importance(...)["layers"]`), higher = keep; a unit scores the sum
+    of its blocks. Ties keep the unit order (a stable sort)."""
+    units = depth_units(cfg)
+    if len(layer_scores) != cfg.n_blocks:
+        raise ConfigError(f"layer_scores has {len(layer_scores)} entries for {cfg.n_blocks} blocks")
+    scores = [float(sum(layer_scores[i] for i in u)) for u in units]
+    return sorted(range(len(units)), key=lambda j: scores[j])
+
+
 def depth_subarch(cfg: ModelConfig, layer_scores, frac: float, metric: str = "params") -> SubArch:
     """Drop the least important depth units (blocks; paired families: attention+MLP pairs) until the parameter
     count is at most `frac` of the full model's. `layer_scores`: per-block importance, higher = keep."""
@@ -260,9 +271,8 @@ def depth_subarch(cfg: ModelConfig, layer_scores, frac: float, metric: str = "pa
     count = count_active_params if metric == "active" else count_params
     target = frac * count(cfg)
     units = depth_units(cfg)
-    scores = [float(sum(layer_scores[i] for i in u)) for u in units]
     kept = set(range(cfg.n_blocks))
-    for ui in sorted(range(len(units)), key=lambda j: scores[j]):
+    for ui in unit_order(cfg, layer_scores):
         if count(cfg, SubArch(layers=tuple(sorted(kept)))) <= target:
             break
         if len(kept) <= len(units[ui]):

@@ -8,17 +8,24 @@ Budgets are fractions of the full model's cost (`metric`: params | active | memo
 full model itself and is pinned (the router never shrinks it). Each elastic axis (a width field of
 `SubArch`) has a list of choices, largest first: fractions of the full width (floats) or explicit widths
 (ints). Fractions must land on valid widths: channels a multiple of `align`, heads a whole number per group.
+
+Depth is an opt-in axis (not in the default choices): `choices["depth"]` lists how many depth units each
+choice keeps (`arch.depth_units`: a block, or an attention+MLP pair for Llama-like families), largest first,
+as fractions of all units (rounded to the nearest whole count, halves up) or as counts (ints). Which units go
+first is `depth_order` (unit indices, least important first): `elastify` scores it on the calibration
+batches when it is None, and the manifest's `elastic` section keeps the order it used. Hard mode only.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import yaml
 
-from nestlm.arch import SubArch
+from nestlm.arch import SubArch, depth_units
 from nestlm.model.config import ConfigError, ModelConfig
 
 MANIFEST = "nestlm_elastic.json"  # an elastic checkpoint's manifest: budgets, their SubArch, the config
@@ -29,6 +36,7 @@ METRICS = ("params", "active", "memory")
 CHANNEL_AXES = ("hidden", "ffn", "moe_ffn", "shared_ffn")
 HEAD_AXES = ("attn_heads_per_group", "mamba_heads_per_group")
 AXES = CHANNEL_AXES + HEAD_AXES + ("experts",)
+DEPTH = "depth"  # the router axis that chooses how many depth units to keep (SubArch.layers)
 
 
 def _default_choices() -> dict:
@@ -51,6 +59,8 @@ class ElasticConfig:
     memory_seq_len: int = 4096
     choices: dict = field(default_factory=_default_choices)
     axes: list[str] | None = None  # elastic axes; None: every axis in `choices` that the model has
+    depth_order: list[int] | None = None  # depth units, least important (dropped first) first; None: scored
+    #                                       by elastify on the calibration batches (only used with "depth")
     align: int = 8  # channel widths must be multiples of this (keeps quantization blocks aligned)
     mode: str = "hard"  # hard: sliced student (compute follows the budget) | soft: masked full-width student
     sort: bool = True  # score importance on `calib_batches` batches and sort the parent before training
@@ -106,8 +116,8 @@ class ElasticConfig:
         need(self.mode in ("hard", "soft"), f"mode must be hard or soft, got {self.mode!r}")
         need(self.quant in (None, "fp8", "nvfp4"), f"quant must be null, fp8 or nvfp4, got {self.quant!r}")
         need(isinstance(self.choices, dict) and self.choices, "choices must map axis names to lists")
-        unknown = sorted(set(self.choices) - set(AXES))
-        need(not unknown, f"unknown axes in choices {unknown}; elastic axes are {list(AXES)}")
+        unknown = sorted(set(self.choices) - set(AXES) - {DEPTH})
+        need(not unknown, f"unknown axes in choices {unknown}; elastic axes are {[*AXES, DEPTH]}")
         for ax, lst in self.choices.items():
             need(isinstance(lst, (list, tuple)) and len(lst) > 0, f"choices[{ax!r}] must be a non-empty list")
             need(all(isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0 for v in lst),
@@ -118,6 +128,12 @@ class ElasticConfig:
         if self.axes is not None:
             missing = [a for a in self.axes if a not in self.choices]
             need(not missing, f"axes {missing} have no entry in choices")
+        need(not (self.depth_axis and self.mode == "soft"),
+             "the depth axis needs mode: hard (soft mode masks channels; there are no soft layer masks)")
+        d = self.depth_order
+        need(d is None or (isinstance(d, (list, tuple)) and all(isinstance(i, int) and not isinstance(i, bool)
+                                                                 for i in d)),
+             f"depth_order must be a list of depth unit indices, got {d!r}")
         need(self.align >= 1 and self.router_hidden >= 1, "align and router_hidden must be >= 1")
         need(0 < self.tau_end <= self.tau_start, "need 0 < tau_end <= tau_start")
         need(0 < self.scale_start and 0 < self.scale_end, "logit scales must be positive")
@@ -138,9 +154,15 @@ class ElasticConfig:
         need(self.stage2_seq_len is None or self.stage2_seq_len >= 1, "stage2_seq_len must be >= 1")
         need(self.lr_model >= 0 and self.lr_router >= 0, "learning rates must be >= 0")
 
+    @property
+    def depth_axis(self) -> bool:
+        """Whether the router chooses depth (every model has depth units, so this needs no model)."""
+        return DEPTH in self.choices and (self.axes is None or DEPTH in self.axes)
+
     # ---------------------------------------------------------------- validation against a model
     def resolve_choices(self, cfg: ModelConfig) -> dict[str, list[int]]:
         """{axis: [widths, largest first]} for the elastic axes of `cfg`; the first choice is the full width.
+        The depth axis (last, when chosen) gives depth unit counts, the first one all units.
         Raises ConfigError naming the axis and the divisibility rule a choice breaks."""
         full = SubArch.full(cfg)
         present = {ax for ax in AXES if getattr(full, ax)}
@@ -155,7 +177,7 @@ class ElasticConfig:
         if self.axes is None:
             axes = [a for a in AXES if a in self.choices and a in present]
         else:
-            absent = [a for a in self.axes if a not in present]
+            absent = [a for a in self.axes if a not in present and a != DEPTH]
             if absent:
                 raise ConfigError(f"ElasticConfig: axes {absent} are elastic but the model has no such width "
                                   f"(pattern {cfg.pattern!r})")
@@ -174,7 +196,32 @@ class ElasticConfig:
                 raise ConfigError(f"ElasticConfig: choices[{ax!r}] = {self.choices[ax]} give widths {widths} "
                                   f"(full width {f}): they must be strictly decreasing")
             out[ax] = widths
+        if self.depth_axis:
+            out[DEPTH] = self._depth_counts(cfg)
         return out
+
+    def _depth_counts(self, cfg: ModelConfig) -> list[int]:
+        """choices["depth"] as unit counts [all units, ..., fewest], checked against the model's depth units;
+        depth_order (when set) must be a permutation of those units."""
+        n = len(depth_units(cfg))
+        lst = self.choices[DEPTH]
+        where = f"ElasticConfig: choices[{DEPTH!r}] = {lst}"
+        counts = []
+        for v in lst:
+            if isinstance(v, float) and v > 1:
+                raise ConfigError(f"{where}: fractions must be <= 1.0 (write unit counts as ints)")
+            counts.append(math.floor(v * n + 0.5) if isinstance(v, float) else int(v))  # halves round up
+        if any(not 1 <= c <= n for c in counts):
+            raise ConfigError(f"{where} gives unit counts {counts}, outside 1..{n} (the model has {n} depth units)")
+        if counts[0] != n:
+            raise ConfigError(f"{where} must start with all {n} depth units (1.0), got {counts[0]}")
+        if any(counts[i] <= counts[i + 1] for i in range(len(counts) - 1)):
+            raise ConfigError(f"{where} gives unit counts {counts} (of {n} depth units): they must be strictly "
+                              "decreasing")
+        if self.depth_order is not None and sorted(self.depth_order) != list(range(n)):
+            raise ConfigError(f"ElasticConfig: depth_order {self.depth_order} must hold each of the model's {n} "
+                              f"depth units 0..{n - 1} once")
+        return counts
 
     def _width(self, ax: str, v, full: int, cfg: ModelConfig) -> int:
         where = f"ElasticConfig: choices[{ax!r}] value {v}"

@@ -8,7 +8,8 @@ The training loop below reads top to bottom (torchtune style; no trainer framewo
 
     parent --(importance, sort_)--> student; teacher = frozen deepcopy of the sorted parent
     each step: sample a budget (stage 1: p_full for the full model, else uniform; stage 2: stage2_weights)
-               router samples a width per axis (Gumbel-Softmax, tau annealed, logit scale ramped)
+               router samples a width per axis (Gumbel-Softmax, tau annealed, logit scale ramped); with the
+               depth axis also how many depth units to keep (dropped least important first, scored up front)
                hard: student = the SLICED submodel, logits * prod(chosen straight-through weights) (== 1.0)
                soft: student = the full-width model with channel masks (expected widths)
                loss = KL(teacher || student) + lambda * relu(|E[cost] / target - 1| - dead_zone)
@@ -34,6 +35,7 @@ from __future__ import annotations
 
 import base64
 import copy
+import dataclasses
 import json
 import math
 import os
@@ -48,8 +50,8 @@ import torch
 from tqdm.auto import tqdm
 
 from nestlm import parallel
-from nestlm.arch import SubArch, count_active_params, count_params
-from nestlm.config import MANIFEST, ROUTER_FILE, ElasticConfig, budget_name
+from nestlm.arch import SubArch, count_active_params, count_params, unit_order
+from nestlm.config import DEPTH, MANIFEST, ROUTER_FILE, ElasticConfig, budget_name
 from nestlm.distill import kd_loss, router_loss
 from nestlm.model.config import ConfigError
 from nestlm.optim import adamw
@@ -119,6 +121,9 @@ def check_data(data, ecfg: ElasticConfig, vocab_size: int, world: int = 1) -> No
                               f"vocabulary (vocab_size {vocab_size}); was it tokenized for another model?")
     if ecfg.sort and ecfg.calib_batches < 1:
         raise ConfigError(f"ElasticConfig: calib_batches must be >= 1 to sort by importance, got {ecfg.calib_batches}")
+    if _scores_depth(ecfg) and ecfg.calib_batches < 1:
+        raise ConfigError(f"ElasticConfig: calib_batches must be >= 1 to score the depth units (or set "
+                          f"depth_order), got {ecfg.calib_batches}")
 
 
 # ---------------------------------------------------------------------------------------------- setup
@@ -139,22 +144,36 @@ def _bits(x: float) -> int:
     return int(torch.tensor(x, dtype=torch.float64).view(torch.int64))
 
 
+def _scores_depth(ecfg: ElasticConfig) -> bool:
+    """Whether `prepare` scores the depth units (the depth axis without a given depth_order)."""
+    return ecfg.depth_axis and ecfg.depth_order is None
+
+
 def prepare(ecfg: ElasticConfig, model_or_path, data, world: int = 1):
     """(student, teacher, router): the sorted parent, its frozen copy, and a fresh router. Every input is
-    checked (config against the model, data against its vocabulary) before the slow part starts."""
+    checked (config against the model, data against its vocabulary) before the slow part starts.
+
+    With the depth axis and no depth_order, the depth study (importance's per-block scores) on the same
+    calibration batches orders the units, least important first; the router's config (`router.ecfg`, a copy
+    of `ecfg`) holds that order, and so do the checkpoints and the manifest written from it."""
     from nestlm.importance import importance
     from nestlm.sort import sort_
 
     model = _load_parent(model_or_path).float()
-    ecfg.resolve_choices(model.cfg)  # fail early, with the axis named, if a choice doesn't fit the model
-    if ecfg.quant:  # QAD: every budget's quantized input widths must stay whole blocks
+    choices = ecfg.resolve_choices(model.cfg)  # fail early, with the axis named, if a choice doesn't fit
+    if ecfg.quant:  # QAD: every budget's quantized input widths must stay whole blocks (depth changes none)
         from nestlm.quant import check_elastic
 
-        check_elastic(model.cfg, ecfg)
+        check_elastic(model.cfg, dataclasses.replace(ecfg, axes=[a for a in choices if a != DEPTH]))
     check_data(data, ecfg, model.cfg.vocab_size, world)
-    if ecfg.sort:
+    if ecfg.sort or _scores_depth(ecfg):
         calib = [get_batch(data, i, ecfg.batch, ecfg.seq_len) for i in range(ecfg.calib_batches)]
-        sort_(model, importance(model, calib, layer_batches=0, progress=False))
+        layer_batches = ecfg.calib_batches if _scores_depth(ecfg) else 0
+        scores = importance(model, calib, layer_batches=layer_batches, progress=False)
+        if _scores_depth(ecfg):  # sorting permutes channels only: the parent's function, so these scores, stay
+            ecfg = dataclasses.replace(ecfg, depth_order=unit_order(model.cfg, scores["layers"].tolist()))
+        if ecfg.sort:
+            sort_(model, scores)
     teacher = copy.deepcopy(model).eval().requires_grad_(False)
     if ecfg.quant:  # QAD: the student sees fake-quantized weights, the teacher stays full precision
         from nestlm.quant import fake_quantize_
@@ -199,6 +218,7 @@ def _train(ecfg: ElasticConfig, model_or_hf_path, data, out: Path, dp: parallel.
 
     # ---- models: student (trained), teacher (frozen sorted parent), router; on N ranks: DDP / FSDP2
     model, teacher, router = prepare(ecfg, model_or_hf_path, data, dp.world)
+    ecfg = router.ecfg  # the config the router was built from (with the depth axis: its depth_order filled in)
     if router_init is not None:
         _load_router(router, Path(router_init))
     fingerprint = _fingerprint(teacher)
@@ -312,7 +332,7 @@ def _train(ecfg: ElasticConfig, model_or_hf_path, data, out: Path, dp: parallel.
             cost_ratio = float(router.cost_ratio(w))
         rec = {"step": step, "budget": name, "fraction": frac, "kd": kd_sum, "router_loss": rl_sum,
                "cost_ratio": cost_ratio, "expected_ratio": float(expected.detach()),
-               "sub": {ax: getattr(sub, ax) for ax in router.axes}, "tau": tau, "scale": scale, "seq_len": seq_len}
+               "sub": router.chosen(w), "tau": tau, "scale": scale, "seq_len": seq_len}
         if dp.main and (step % ecfg.log_every == 0 or step == ecfg.steps - 1):
             with open(log_path, "a") as log:
                 log.write(json.dumps(rec) + "\n")
@@ -574,7 +594,10 @@ def load_elastic(path: str | Path):
     except (KeyError, ConfigError) as e:
         raise CheckpointError(f"{mf}: bad elastic config ({e})") from None
     model = from_hf(path)
-    router = Router(model.cfg, ecfg)
+    try:
+        router = Router(model.cfg, ecfg)
+    except ConfigError as e:  # e.g. the depth axis without its depth_order
+        raise CheckpointError(f"{mf}: the elastic config doesn't build a router for this model ({e})") from None
     router.load_state_dict(_read_router(path / ROUTER_FILE, router))
     return model, router.eval(), manifest
 

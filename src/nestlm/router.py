@@ -1,6 +1,7 @@
 """Router: a budget -> a nested architecture, learned end to end with the distillation loss.
 
-For every elastic axis (a width field of SubArch: hidden, ffn, mamba_heads_per_group, ...):
+For every elastic axis (a width field of SubArch: hidden, ffn, mamba_heads_per_group, ...; and, opt-in,
+"depth": how many depth units to keep, dropped in `ecfg.depth_order`, which sets SubArch.layers):
 
     one-hot(budget) [n_budgets] -> Linear -> LeakyReLU -> Linear -> logits [n_choices]   (largest width first)
 
@@ -16,6 +17,9 @@ tabulate the cost of ONE block on the small grid of its own axes' choices, by ca
 The expected cost is then  base·w_hidden + Σ_K n_K · contract(grid_K, w_a for a in axes(K)),  a multilinear
 polynomial in the per-axis weights: at one-hot weights it is exactly the counter's value for that SubArch
 (a test pins this), and for soft weights it is the expected cost under independent per-axis choices.
+With depth as an axis, the number of blocks of kind K depends on the depth choice d (n_K[d]: blocks of K
+among those kept), so n_K becomes (w_depth · n_K): one more leading dimension of each block kind's table,
+n_K[d] · grid_K, contracted like the others (the cost stays multilinear, exact at one-hots).
 """
 
 from __future__ import annotations
@@ -27,9 +31,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from nestlm.arch import SubArch, count_active_params, count_memory, count_params
-from nestlm.config import ElasticConfig
-from nestlm.model.config import ModelConfig
+from nestlm.arch import SubArch, count_active_params, count_memory, count_params, depth_units
+from nestlm.config import DEPTH, ElasticConfig
+from nestlm.model.config import ConfigError, ModelConfig
 
 # the axes each block kind's cost depends on ("" = embeddings, final norm and lm_head)
 KIND_AXES = {
@@ -54,8 +58,10 @@ class Router(nn.Module):
     def __init__(self, cfg: ModelConfig, ecfg: ElasticConfig):
         super().__init__()
         self.cfg, self.ecfg = cfg, ecfg
-        self.choices = ecfg.resolve_choices(cfg)  # {axis: [widths, largest first]}
+        self.choices = ecfg.resolve_choices(cfg)  # {axis: [widths (depth: unit counts), largest first]}
         self.axes = list(self.choices)
+        self.units = depth_units(cfg)  # [[block indices]] dropped together
+        self.depth_order = self._depth_order(ecfg)  # unit indices, least important first; None without depth
         self.budgets = list(ecfg.budgets)
         nb, hd, na = len(self.budgets), ecfg.router_hidden, len(self.axes)
         n_max = max((len(ch) for ch in self.choices.values()), default=1)
@@ -73,6 +79,15 @@ class Router(nn.Module):
         self.count = cost_fn(ecfg.metric, ecfg.memory_seq_len)
         self.full_cost = float(self.count(cfg))
         self._build_cost_tables()
+
+    def _depth_order(self, ecfg: ElasticConfig) -> list[int] | None:
+        if DEPTH not in self.choices:
+            return None
+        if ecfg.depth_order is None:  # (resolve_choices checked a given order against the model's units)
+            raise ConfigError("ElasticConfig: the depth axis needs depth_order (the depth units, least important "
+                              "first); elastify scores it on the calibration batches, and an elastic "
+                              "checkpoint's manifest keeps it in its `elastic` section")
+        return list(ecfg.depth_order)
 
     def reset_parameters(self) -> None:
         """nn.Linear's default init, per axis: U(-1/sqrt(fan_in), 1/sqrt(fan_in)) for weights and biases."""
@@ -182,7 +197,27 @@ class Router(nn.Module):
 
     def subarch(self, weights: dict[str, torch.Tensor]) -> SubArch:
         """The SubArch of each axis's argmax choice (axes the router doesn't control stay full)."""
-        return SubArch(**{ax: self.choices[ax][i] for ax, i in self.indices(weights).items()})
+        return self.at(self.indices(weights))
+
+    def at(self, idx: dict[str, int]) -> SubArch:
+        """The SubArch of the choices idx {axis: choice index}: widths, and the depth choice's `layers`."""
+        kw = {ax: self.choices[ax][i] for ax, i in idx.items() if ax != DEPTH}
+        if DEPTH in idx:
+            kw["layers"] = self.layers_kept(self.choices[DEPTH][idx[DEPTH]])
+        return SubArch(**kw)
+
+    def chosen(self, weights: dict[str, torch.Tensor]) -> dict[str, int]:
+        """{axis: the chosen width (depth: units kept)} of each axis's argmax choice (what the log records)."""
+        return {ax: self.choices[ax][i] for ax, i in self.indices(weights).items()}
+
+    def layers_kept(self, n_units: int) -> tuple[int, ...] | None:
+        """The blocks that keeping `n_units` depth units leaves: all but those of the first
+        (n_all - n_units) units of depth_order, as increasing block indices; None (all) at full depth."""
+        drop = self.depth_order[: len(self.units) - n_units]
+        if not drop:
+            return None
+        dropped = {b for u in drop for b in self.units[u]}
+        return tuple(b for b in range(self.cfg.n_blocks) if b not in dropped)
 
     def gate(self, weights: dict[str, torch.Tensor]) -> torch.Tensor:
         """Product of the chosen weights: exactly 1.0 in hard mode, but it carries the router's gradient
@@ -194,9 +229,11 @@ class Router(nn.Module):
 
     def masks(self, weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Soft mode: per-axis channel masks at full width, mask[i] = sum_j w_j [i < width_j] (the expected
-        inclusion of channel i). Head axes are per head of a group; experts per expert."""
+        inclusion of channel i). Head axes are per head of a group; experts per expert; depth has no mask."""
         out = {}
         for ax, w in weights.items():
+            if ax == DEPTH:  # no soft layer masks (ElasticConfig refuses depth in soft mode)
+                continue
             widths = self.choices[ax]
             ind = (torch.arange(widths[0], device=w.device)[None, :]
                    < torch.tensor(widths, device=w.device)[:, None]).to(w.dtype)  # [n_choices, full]
@@ -219,17 +256,16 @@ class Router(nn.Module):
         with torch.no_grad():
             x = a * self.onehot(hi) + (1 - a) * self.onehot(lo)
             lg = self.logits(x)
-        return SubArch(**{ax: self.choices[ax][int(v.argmax())] for ax, v in lg.items()})
+        return self.at({ax: int(v.argmax()) for ax, v in lg.items()})
 
     # ------------------------------------------------------------------ cost
     def _build_cost_tables(self) -> None:
-        """Per block kind present in the model: the cost of one block on the grid of its elastic axes."""
+        """Per block kind present in the model: the cost of all its blocks on the grid of its elastic axes
+        (depth first, when it is an axis: n_K[d] blocks of one block's cost); the base on the hidden grid."""
         cfg, count = self.cfg, self.count
-        self.kind_counts = {k: cfg.pattern.count(k) for k in sorted(set(cfg.pattern))}
         self.kind_axes: dict[str, tuple[str, ...]] = {}
-        for kind in [""] + list(self.kind_counts):
+        for kind in [""] + sorted(set(cfg.pattern)):
             axes = tuple(a for a in KIND_AXES[kind] if a in self.choices)
-            self.kind_axes[kind] = axes
             one = dataclasses.replace(cfg, pattern=kind or cfg.pattern[0])
             two = dataclasses.replace(cfg, pattern=2 * (kind or cfg.pattern[0]))
             shape = [len(self.choices[a]) for a in axes]
@@ -239,8 +275,24 @@ class Router(nn.Module):
                 sub = SubArch(**{a: self.choices[a][i] for a, i in zip(axes, idx, strict=True)})
                 block = count(two, sub) - count(one, sub)
                 grid[tuple(idx)] = (count(one, sub) - block) if kind == "" else block
+            if kind:
+                n = self.kind_counts(kind)  # [n_depth] or [1]
+                grid = n.view(-1, *[1] * len(axes)) * grid
+                grid = grid if DEPTH in self.choices else grid[0]
+                axes = ((DEPTH,) if DEPTH in self.choices else ()) + axes
+            self.kind_axes[kind] = axes
             self.register_buffer(f"cost_{kind or 'base'}", grid, persistent=False)
         self.register_buffer("combo", self._combo_costs(), persistent=False)
+
+    def kind_counts(self, kind: str) -> torch.Tensor:
+        """Blocks of `kind` kept under each depth choice [n_depth] (float64); [1] (all of them) without depth."""
+        if DEPTH not in self.choices:
+            return torch.tensor([self.cfg.pattern.count(kind)], dtype=torch.float64)
+        out = []
+        for n in self.choices[DEPTH]:
+            kept = self.layers_kept(n) or range(self.cfg.n_blocks)
+            out.append(sum(self.cfg.pattern[b] == kind for b in kept))
+        return torch.tensor(out, dtype=torch.float64)
 
     def cost(self, weights: dict[str, torch.Tensor]) -> torch.Tensor:
         """Expected cost (absolute units of the metric) of the architecture the weights choose; differentiable,
@@ -251,7 +303,6 @@ class Router(nn.Module):
             t = getattr(self, f"cost_{kind or 'base'}")
             for ax in axes:  # contract the leading axis each time
                 t = torch.tensordot(w64[ax], t, dims=([0], [0]))
-            t = t * (self.kind_counts[kind] if kind else 1)
             total = t if total is None else total + t
         return total
 
@@ -264,7 +315,7 @@ class Router(nn.Module):
         doesn't depend on."""
         total = 0.0
         for kind, axes in self.kind_axes.items():
-            t = getattr(self, f"cost_{kind or 'base'}") * (self.kind_counts[kind] if kind else 1)
+            t = getattr(self, f"cost_{kind or 'base'}")
             if axes:
                 t = t.permute(sorted(range(len(axes)), key=lambda i: self.axes.index(axes[i])))
             total = total + t.reshape([len(self.choices[a]) if a in axes else 1 for a in self.axes])

@@ -5,7 +5,8 @@ sliced submodels as standalone models.
 
 A step is forward + KD loss (against precomputed teacher logits, the same for both) + backward + optimizer.
 hard: the elastic model runs the SLICED submodel, its final hidden state * the router's straight-through
-gate, plus the router's two budget losses and a router optimizer step (as nestlm.elastify does). soft: the full-width model with the router's channel masks.
+gate, plus the router's budget losses and a router optimizer step (as nestlm.elastify does). soft: the
+full-width model with the router's channel masks.
 fp32, `--threads` CPU threads (default 1: steadier on a shared machine); one warmup round, then `--repeats`
 rounds that time every variant in turn (interleaved, so drifting machine load hits all alike); MEDIANS.
 
@@ -55,7 +56,8 @@ def interleaved_medians(fns: dict, repeats: int) -> dict:
 def main(argv=None) -> str:
     import nestlm
     from nestlm.arch import SubArch, width_subarch
-    from nestlm.distill import kd_loss, router_loss
+    from nestlm.distill import kd_loss
+    from nestlm.elastify import budget_loss
     from nestlm.model.slice import extract
     from nestlm.optim import adamw
 
@@ -96,24 +98,20 @@ def main(argv=None) -> str:
         return {ax: F.one_hot(torch.tensor(choices[ax].index(getattr(sub, ax))), len(choices[ax])).float()
                 - p[ax].detach() + p[ax] for ax in axes}
 
+    tau, scale = 0.5, 2.0  # mid-schedule
+
     def elastic_step(bi: int, mode: str):
         """One step as nestlm.elastify takes it: one router evaluation, the model at the chosen widths, KD +
-        the budget loss on the expected cost + the expected budget loss over architectures."""
-        b = BUDGETS[bi]
+        the router's budget losses (nestlm.elastify.budget_loss)."""
         lg = None if router.pinned(bi) else router.budget_logits(bi)
-        p = router.probs(bi, logits=lg)
-        w = weights_for(bi, p)
+        w = weights_for(bi, router.probs(bi, tau, scale, logits=lg))
         if router.pinned(bi):
             logits = model(ids)
         elif mode == "hard":
             logits = model(ids, sub=router.subarch(w), gate=router.gate(w))
         else:
             logits = model(ids, masks=router.masks(w))
-        loss = kd_loss(logits, teacher) + router_loss(router.cost_ratio(p), b)
-        if not router.pinned(bi):
-            sharp = router.probs(bi, 1.0, ecfg.expected_loss_sharpness, logits=lg)
-            loss = loss + ecfg.expected_loss_weight * router.expected_loss(
-                sharp, lambda c: router_loss(c, b, ecfg.router_weight, ecfg.expected_loss_dead_zone))
+        loss = kd_loss(logits, teacher) + budget_loss(router, ecfg, bi, lg, tau, scale)[0]
         loss.backward()
         opt_model.step()
         opt_router.step()
@@ -127,12 +125,10 @@ def main(argv=None) -> str:
         opt.zero_grad(set_to_none=True)
 
     def router_step(bi: int):
-        """The router's share of an elastify step alone: Gumbel sample, both budget losses, backward, AdamW."""
+        """The router's share of an elastify step alone: Gumbel sample, budget losses, backward, AdamW."""
         lg = router.budget_logits(bi)
-        w = router.sample(bi, 0.5, 2.0, logits=lg)
-        loss = router.gate(w) + router_loss(router.cost_ratio(router.probs(bi, 0.5, 2.0, logits=lg)), BUDGETS[bi])
-        sharp = router.probs(bi, 1.0, ecfg.expected_loss_sharpness, logits=lg)
-        loss = loss + router.expected_loss(sharp, lambda c: router_loss(c, BUDGETS[bi], 1.0, 0.01))
+        w = router.sample(bi, tau, scale, logits=lg)
+        loss = router.gate(w) + budget_loss(router, ecfg, bi, lg, tau, scale)[0]
         loss.backward()
         opt_router.step()
         opt_router.zero_grad(set_to_none=True)

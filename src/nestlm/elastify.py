@@ -185,6 +185,23 @@ def prepare(ecfg: ElasticConfig, model_or_path, data, world: int = 1):
 
 
 # ---------------------------------------------------------------------------------------------- the loop
+def budget_loss(router: Router, ecfg: ElasticConfig, bi: int, logits, tau: float, scale: float):
+    """(router loss, expected cost ratio) of budget `bi` at this step's schedules; logits: the step's
+    `router.budget_logits(bi)` (None for the pinned full budget).
+
+    The budget loss is taken on the expected cost under the noise-free choice probabilities (smooth), plus
+    the expected loss over architectures at a capped sharpness, so that its gradient survives the end of
+    the schedules (see Router.expected_loss)."""
+    frac = ecfg.budgets[bi]
+    expected = router.cost_ratio(router.probs(bi, tau, scale, logits=logits))
+    rl = router_loss(expected, frac, ecfg.router_weight, ecfg.dead_zone)
+    if not router.pinned(bi) and ecfg.expected_loss_weight > 0:
+        p = router.probs(bi, 1.0, min(scale / tau, ecfg.expected_loss_sharpness), logits=logits)
+        rl = rl + ecfg.expected_loss_weight * router.expected_loss(
+            p, lambda c: router_loss(c, frac, ecfg.router_weight, ecfg.expected_loss_dead_zone))
+    return rl, expected
+
+
 def elastify(config: ElasticConfig | str | Path, model_or_hf_path, data, out_dir: str | Path, *,
              max_steps: int | None = None, resume: bool = True, progress: bool = True,
              on_step: Callable[[dict], None] | None = None, parallel: str | None = None,
@@ -296,15 +313,7 @@ def _train(ecfg: ElasticConfig, model_or_hf_path, data, out: Path, dp: parallel.
                 else:  # soft: expected widths as channel masks at full width
                     s_logits = student(ids, masks=router.masks(w))
                 kd = kd_loss(s_logits, t_logits, ecfg.kd_temperature)
-                # budget loss on the expected cost under the noise-free choice probabilities (smooth)
-                expected = router.cost_ratio(router.probs(bi, tau, scale, logits=lg))
-                rl = router_loss(expected, frac, ecfg.router_weight, ecfg.dead_zone)
-                if not router.pinned(bi) and ecfg.expected_loss_weight > 0:
-                    # plus the expected loss over architectures, at a capped sharpness so its gradient
-                    # survives the end of the schedules (see Router.expected_loss)
-                    p = router.probs(bi, 1.0, min(scale / tau, ecfg.expected_loss_sharpness), logits=lg)
-                    rl = rl + ecfg.expected_loss_weight * router.expected_loss(
-                        p, lambda c, f=frac: router_loss(c, f, ecfg.router_weight, ecfg.expected_loss_dead_zone))
+                rl, expected = budget_loss(router, ecfg, bi, lg, tau, scale)
                 loss = (kd + rl) / ecfg.grad_accum
                 loss.backward()
             kd_sum += float(kd.detach()) / ecfg.grad_accum

@@ -309,7 +309,7 @@ def test_sliced_depth_budgets_equal_the_elastic_forward(trained, tmp_path):
     ids = ids_(seed=5)
     # every manifest budget, and one between them that the loaded router interpolates (depth included)
     cases = [(name, SubArch.from_dict(b["sub"])) for name, b in manifest["budgets"].items()]
-    cases.append((0.66, router.interpolate(0.66)))
+    cases.append((0.66, router.interpolate(0.66, router.ecfg.landing_tolerance)))  # as slice does
     for budget, sub in cases:
         dst = slicing.slice(out, budget, tmp_path / str(budget).replace("%", "p"))
         hf = AutoModelForCausalLM.from_pretrained(dst).eval()

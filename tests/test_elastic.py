@@ -127,6 +127,36 @@ def test_sample_pins_full_and_interpolates():
     r.interpolate(0.55).resolve(cfg)  # between: a valid SubArch
 
 
+def test_interpolation_with_a_tolerance_is_the_most_probable_landing_architecture():
+    """interpolate(frac, tol): brute force over every combination, under the blended logits at the
+    end-of-training sharpness, against the router's pick; the pick's cost lands when any combination does."""
+    import itertools
+
+    cfg = hybrid_cfg()
+    ecfg = ElasticConfig(budgets=[1.0, 0.8, 0.5], choices={"hidden": [32, 24, 16], "ffn": [48, 32, 16],
+                                                           "experts": [4, 3, 2]}, align=8)
+    r = Router(cfg, ecfg)
+    sharp = ecfg.scale_end / ecfg.tau_end
+    for seed, frac in itertools.product(range(4), (0.75, 0.65, 0.55)):
+        torch.manual_seed(seed)
+        r.reset_parameters()
+        a = (frac - 0.5) / (0.8 - 0.5)
+        lg = {ax: v.detach() for ax, v in r.logits(a * r.onehot(1) + (1 - a) * r.onehot(2)).items()}
+        best, best_lp, nearest, nearest_dev = None, -math.inf, None, math.inf
+        for idx in itertools.product(*[range(len(r.choices[ax])) for ax in r.axes]):
+            pick = dict(zip(r.axes, idx, strict=True))
+            dev = abs(float(r.cost_ratio(onehots(r, pick))) / frac - 1)
+            lp = sum(float(F.log_softmax(lg[ax].double() * sharp, -1)[i]) for ax, i in pick.items())
+            if dev <= 0.03 and lp > best_lp:
+                best, best_lp = pick, lp
+            if dev < nearest_dev:
+                nearest, nearest_dev = pick, dev
+        got = r.interpolate(frac, tol=0.03)
+        assert got == r.at(best or nearest), (seed, frac)
+        if best is not None:
+            assert abs(nestlm.count_params(cfg, got) / nestlm.count_params(cfg) / frac - 1) <= 0.03
+
+
 def test_losses():
     s, t = torch.randn(2, 3, 10), torch.randn(2, 3, 10)
     assert float(kd_loss(t, t)) == pytest.approx(0.0, abs=1e-6)

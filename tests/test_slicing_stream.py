@@ -162,7 +162,7 @@ def test_budgets_by_name_fraction_and_interpolation(elastic, family, tmp_path):
     router = Router(model.cfg, ElasticConfig.from_dict(man["elastic"]))
     from safetensors.torch import load_file
     router.load_state_dict(load_file(str(src / "router.safetensors")))
-    sub = router.interpolate(0.65)
+    sub = router.interpolate(0.65, router.ecfg.landing_tolerance)  # what slice uses for fractions
     d = read_dir(slice_(src, 0.65, tmp_path / "interp"))
     want = hf_tensors(model, sub)[1]
     assert d.keys() == want.keys() and all(torch.equal(d[k], want[k]) for k in want)

@@ -173,18 +173,23 @@ class Router(nn.Module):
         closest to the budget. tol=None: plain `greedy`."""
         if self.pinned(budget_idx) or tol is None:
             return self.greedy(budget_idx)
-        sharp = self.ecfg.scale_end / self.ecfg.tau_end
         with torch.no_grad():
-            lg = self.logits(self.onehot(budget_idx))
-            dev = self.relative_deviation(budget_idx)  # [n_1, ..., n_axes]
-            score = torch.zeros_like(dev)
-            for d, ax in enumerate(self.axes):  # log p(combo) = sum over axes of log p(choice)
-                shape = [1] * len(self.axes)
-                shape[d] = -1
-                score = score + F.log_softmax(lg[ax].double() * sharp, -1).view(shape)
-            inside = dev <= tol
-            flat = torch.where(inside, score, torch.full_like(score, -torch.inf)) if inside.any() else -dev
-            idx = torch.unravel_index(flat.flatten().argmax(), dev.shape)
+            return self._most_probable(self.logits(self.onehot(budget_idx)), self.budgets[budget_idx], tol)
+
+    def _most_probable(self, lg: dict[str, torch.Tensor], target: float, tol: float) -> dict[str, torch.Tensor]:
+        """One-hot weights of the most probable combination of choices under the logits `lg` (at the
+        end-of-training sharpness) among those whose cost ratio lies within `tol` of `target`; with none
+        inside, the combination closest to `target`."""
+        sharp = self.ecfg.scale_end / self.ecfg.tau_end
+        dev = (self.combo_costs() / target - 1).abs()  # [n_1, ..., n_axes]
+        score = torch.zeros_like(dev)
+        for d, ax in enumerate(self.axes):  # log p(combo) = sum over axes of log p(choice)
+            shape = [1] * len(self.axes)
+            shape[d] = -1
+            score = score + F.log_softmax(lg[ax].double() * sharp, -1).view(shape)
+        inside = dev <= tol
+        flat = torch.where(inside, score, torch.full_like(score, -torch.inf)) if inside.any() else -dev
+        idx = torch.unravel_index(flat.flatten().argmax(), dev.shape)
         return {ax: F.one_hot(idx[d], len(self.choices[ax])).float() for d, ax in enumerate(self.axes)}
 
     def relative_deviation(self, budget_idx: int) -> torch.Tensor:
@@ -240,22 +245,26 @@ class Router(nn.Module):
             out[ax] = w @ ind
         return out
 
-    def interpolate(self, frac: float) -> SubArch:
-        """A SubArch for a budget between trained ones: blend the two neighbouring one-hots linearly and take
-        each axis's argmax. Outside the trained range it clamps to the nearest budget; 1.0 is the full model."""
+    def interpolate(self, frac: float, tol: float | None = None) -> SubArch:
+        """A SubArch for a budget between trained ones: blend the two neighbouring one-hots linearly, then take
+        each axis's argmax (tol=None) or, like `decode`, the most probable architecture whose cost lies within
+        `tol` of `frac` (nothing guarantees that the per-axis argmax of a blend costs about `frac`). Outside
+        the trained range it clamps to the nearest budget; 1.0 is the full model."""
         if frac >= 1.0:
             return SubArch()
         b = self.budgets
         if frac >= b[0]:
-            return self.subarch(self.greedy(0))
+            return self.subarch(self.decode(0, tol))
         if frac <= b[-1]:
-            return self.subarch(self.greedy(len(b) - 1))
+            return self.subarch(self.decode(len(b) - 1, tol))
         hi = max(i for i in range(len(b)) if b[i] >= frac)  # b[hi] >= frac > b[hi + 1]
         lo = hi + 1
         a = (frac - b[lo]) / (b[hi] - b[lo])
         with torch.no_grad():
             x = a * self.onehot(hi) + (1 - a) * self.onehot(lo)
             lg = self.logits(x)
+            if tol is not None:
+                return self.subarch(self._most_probable(lg, frac, tol))
         return self.at({ax: int(v.argmax()) for ax, v in lg.items()})
 
     # ------------------------------------------------------------------ cost

@@ -206,7 +206,8 @@ def resolve_budget(path: str | Path, budget: str | float | SubArch, *, cfg: Mode
                        f"{path} (budgets: {names}); pick one of them or a fraction in between")
     from nestlm.config import budget_name
 
-    return f"{budget_name(frac)} (interpolated)", _router(path, cfg, manifest).interpolate(frac)
+    router = _router(path, cfg, manifest)  # within the landing tolerance of frac, like the trained budgets
+    return f"{budget_name(frac)} (interpolated)", router.interpolate(frac, router.ecfg.landing_tolerance)
 
 
 def _router(path: Path, cfg: ModelConfig, manifest: dict):

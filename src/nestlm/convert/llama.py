@@ -54,6 +54,26 @@ def config_from_hf(hf: dict) -> ModelConfig:
     )
 
 
+def decoder_hf_config(cfg: ModelConfig, arch: str, n_layers: int) -> dict:
+    """The config.json entries every RoPE + GQA + SwiGLU decoder family shares (Llama, Qwen3 and their MoE
+    relatives): architecture, sizes, attention, norm, RoPE, tying, dtype."""
+    return {
+        "architectures": [arch],
+        "model_type": cfg.family,
+        "vocab_size": cfg.vocab_size,
+        "hidden_size": cfg.hidden_size,
+        "num_hidden_layers": n_layers,
+        "num_attention_heads": cfg.num_heads,
+        "num_key_value_heads": cfg.num_kv_heads,
+        "head_dim": cfg.head_dim,
+        "hidden_act": "silu",
+        "rms_norm_eps": cfg.norm_eps,
+        "rope_parameters": {"rope_type": "default", "rope_theta": cfg.rope_theta},
+        "tie_word_embeddings": cfg.tie_embeddings,
+        "dtype": "float32",
+    }
+
+
 def config_to_hf(cfg: ModelConfig) -> dict:
     n = len(cfg.pattern) // 2
     if cfg.pattern != "*-" * n:
@@ -64,23 +84,8 @@ def config_to_hf(cfg: ModelConfig) -> dict:
     if cfg.qk_norm != (cfg.family == "qwen3"):
         raise UnsupportedArchitecture("q/k-norm is exported as qwen3 only")
     arch = {"llama": "LlamaForCausalLM", "qwen3": "Qwen3ForCausalLM"}[cfg.family]
-    hf = {
-        "architectures": [arch],
-        "model_type": cfg.family,
-        "vocab_size": cfg.vocab_size,
-        "hidden_size": cfg.hidden_size,
-        "intermediate_size": cfg.intermediate_size,
-        "num_hidden_layers": n,
-        "num_attention_heads": cfg.num_heads,
-        "num_key_value_heads": cfg.num_kv_heads,
-        "head_dim": cfg.head_dim,
-        "hidden_act": "silu",
-        "rms_norm_eps": cfg.norm_eps,
-        "rope_parameters": {"rope_type": "default", "rope_theta": cfg.rope_theta},
-        "attention_bias": cfg.attn_bias,
-        "tie_word_embeddings": cfg.tie_embeddings,
-        "dtype": "float32",
-    }
+    hf = decoder_hf_config(cfg, arch, n)
+    hf.update(intermediate_size=cfg.intermediate_size, attention_bias=cfg.attn_bias)
     if cfg.family == "llama":
         hf["mlp_bias"] = cfg.mlp_bias
     hf.update(cfg.hf_extra)

@@ -116,22 +116,7 @@ def config_to_hf(cfg: ModelConfig) -> dict:
                                       "expert, expert groups or routed scaling")
     if family == "mixtral" and not cfg.norm_topk_prob:
         raise UnsupportedArchitecture("mixtral always renormalises the top-k router weights (norm_topk_prob)")
-    hf = {
-        "architectures": [ARCHITECTURES[family]],
-        "model_type": family,
-        "vocab_size": cfg.vocab_size,
-        "hidden_size": cfg.hidden_size,
-        "num_hidden_layers": n,
-        "num_attention_heads": cfg.num_heads,
-        "num_key_value_heads": cfg.num_kv_heads,
-        "head_dim": cfg.head_dim,
-        "hidden_act": "silu",
-        "rms_norm_eps": cfg.norm_eps,
-        "rope_parameters": {"rope_type": "default", "rope_theta": cfg.rope_theta},
-        "tie_word_embeddings": cfg.tie_embeddings,
-        "num_experts_per_tok": cfg.top_k,
-        "dtype": "float32",
-    }
+    hf = llama.decoder_hf_config(cfg, ARCHITECTURES[family], n) | {"num_experts_per_tok": cfg.top_k}
     if family == "mixtral":
         hf.update(num_local_experts=cfg.n_experts, intermediate_size=cfg.moe_intermediate_size)
     else:

@@ -3,6 +3,7 @@ matter (HF's init leaves norms at 1 and blocks near zero, which would hide bugs)
 
 from __future__ import annotations
 
+import json
 import math
 import warnings
 
@@ -45,6 +46,49 @@ def randomize_(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
             v = rn(p, 0.1)
         p.copy_(v.to(p.dtype))
     return model
+
+
+def random_hf_model(make, over: dict, seed: int = 0):
+    """A transformers model of the config `make(**over)`, every weight randomized (randomize_), fp32, eval."""
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    return randomize_(AutoModelForCausalLM.from_config(make(**over), dtype=torch.float32), seed=seed).eval()
+
+
+def saved_hf_pair(make, over: dict, folder):
+    """(random HF model, the folder it is saved in, our model loaded from that folder)."""
+    hf = random_hf_model(make, over)
+    hf.save_pretrained(folder)
+    return hf, folder, nestlm.from_hf(folder)
+
+
+def onehots(router, idx: dict) -> dict:
+    """{axis: one-hot weights} of the choice indices idx {axis: index}."""
+    return {ax: torch.nn.functional.one_hot(torch.tensor(i), len(router.choices[ax])).float() for ax, i in idx.items()}
+
+
+def tiny_ids(b=2, t=12, seed=0, vocab=64) -> torch.Tensor:
+    return torch.randint(0, vocab, (b, t), generator=torch.Generator().manual_seed(seed))
+
+
+def token_stream(n=4000, seed=0) -> torch.Tensor:
+    """Random tokens of the tiny models' 64-token vocabulary: training data for tiny elastify runs."""
+    return torch.randint(0, 64, (n,), generator=torch.Generator().manual_seed(seed))
+
+
+def train_log(out) -> list[dict]:
+    """The records of an elastify run's out/train/log.jsonl (the file must exist)."""
+    return [json.loads(ln) for ln in (out / "train" / "log.jsonl").read_text().splitlines()]
+
+
+def tiny_run_config(choices: dict, **over):
+    """The tiny elastify runs' ElasticConfig: three budgets, a fast router, 120 steps of 4 x 16 tokens."""
+    kw = dict(budgets=[1.0, 0.75, 0.64], choices=choices, align=4, steps=120, batch=4, seq_len=16,
+              lr_model=1e-3, lr_router=0.03, router_weight=2.0, router_hidden=32, p_full=0.2,
+              checkpoint_every=1000, calib_batches=2, seed=0)
+    kw.update(over)
+    return nestlm.ElasticConfig(**kw)
 
 
 def tiny_hybrid_config(**over) -> nestlm.ModelConfig:

@@ -9,10 +9,12 @@ import itertools
 import json
 import math
 
+import conftest
 import pytest
 import torch
-import torch.nn.functional as F
-from conftest import randomize_, tiny_hybrid_config
+from conftest import onehots, randomize_, tiny_hybrid_config, train_log
+from conftest import tiny_ids as ids_
+from conftest import token_stream as stream
 from torch.testing import assert_close
 
 import nestlm
@@ -43,17 +45,9 @@ def router_(cfg=None, choices=CHOICES, order=ORDER, **kw):
     return Router(cfg, ElasticConfig(choices=choices, depth_order=order, **kw))
 
 
-def onehots(router, idx):
-    return {ax: F.one_hot(torch.tensor(i), len(router.choices[ax])).float() for ax, i in idx.items()}
-
-
 def every_choice(router):
     for idx in itertools.product(*[range(len(router.choices[a])) for a in router.axes]):
         yield dict(zip(router.axes, idx, strict=True))
-
-
-def ids_(b=2, t=12, seed=0, vocab=64):
-    return torch.randint(0, vocab, (b, t), generator=torch.Generator().manual_seed(seed))
 
 
 # ---------------------------------------------------------------------------------------------- config
@@ -207,15 +201,7 @@ def test_unit_order_is_least_important_first():
 
 # ---------------------------------------------------------------------------------------------- training
 def tiny_run_config(**over):
-    kw = dict(budgets=[1.0, 0.75, 0.64], choices=TRAIN_AXES, align=4, steps=120, batch=4, seq_len=16,
-              lr_model=1e-3, lr_router=0.03, router_weight=2.0, router_hidden=32, p_full=0.2,
-              checkpoint_every=1000, calib_batches=2, seed=0)
-    kw.update(over)
-    return ElasticConfig(**kw)
-
-
-def stream(n=4000, seed=0):
-    return torch.randint(0, 64, (n,), generator=torch.Generator().manual_seed(seed))
+    return conftest.tiny_run_config(over.pop("choices", TRAIN_AXES), **over)
 
 
 def parent():
@@ -228,10 +214,6 @@ def trained(tmp_path_factory):
     ecfg = tiny_run_config()
     nestlm.elastify(ecfg, parent(), stream(), out, progress=False)
     return out, ecfg
-
-
-def log_(out):
-    return [json.loads(ln) for ln in (out / "train" / "log.jsonl").read_text().splitlines()]
 
 
 def test_prepare_scores_the_depth_order_deterministically():
@@ -278,7 +260,7 @@ def test_tiny_depth_run_kl_falls_costs_land_and_units_drop(trained):
             after = float(kd_loss(model(held_out, sub=sub), t_logits))
             assert after < 0.8 * before, (name, before, after)
     assert dropped, manifest["budgets"]  # some budget keeps fewer units than the parent has
-    log = log_(out)
+    log = train_log(out)
     assert len(log) == ecfg.steps and all("depth" in r["sub"] for r in log)
     assert {r["sub"]["depth"] for r in log if r["budget"] != "full"} > {8}  # training sampled shallower models
     for name in ("75%", "64%"):
@@ -340,7 +322,7 @@ def test_depth_resume_gives_bit_identical_losses(tmp_path):
     nestlm.elastify(ecfg, parent(), stream(), tmp_path / "b", progress=False, max_steps=7)
     assert not (tmp_path / "b" / "nestlm_elastic.json").exists()
     nestlm.elastify(ecfg, parent(), stream(), tmp_path / "b", progress=False)
-    a, b = log_(tmp_path / "a"), log_(tmp_path / "b")
+    a, b = train_log(tmp_path / "a"), train_log(tmp_path / "b")
     assert [r["step"] for r in b] == list(range(16))
     assert a == b  # every loss, budget, choice (depth included) and ratio, bit for bit
     ma, mb = (json.loads((tmp_path / d / "nestlm_elastic.json").read_text()) for d in "ab")

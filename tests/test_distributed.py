@@ -19,6 +19,7 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import randomize_, tiny_hybrid_config
+from conftest import token_stream as stream
 from torch.testing import assert_close
 
 import nestlm
@@ -31,10 +32,6 @@ STEPS, STOP = 8, 4  # the resumed run stops after STOP steps (a checkpoint) and 
 
 def parent(seed=0):
     return randomize_(nestlm.Decoder(tiny_hybrid_config()), seed=seed)
-
-
-def stream(n=4000, seed=0):
-    return torch.randint(0, 64, (n,), generator=torch.Generator().manual_seed(seed))
 
 
 def run_config(**over):

@@ -3,14 +3,16 @@
 
 from __future__ import annotations
 
-import json
 import math
 import random
 
+import conftest
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import randomize_, tiny_hybrid_config
+from conftest import onehots, randomize_, tiny_hybrid_config, train_log
+from conftest import tiny_ids as ids_
+from conftest import token_stream as stream
 from torch.testing import assert_close
 
 import nestlm
@@ -31,14 +33,6 @@ TRAIN_AXES = {"hidden": [1.0, 0.875, 0.75, 0.625, 0.5], "ffn": [1.0, 0.5], "mamb
 
 def hybrid_cfg(pattern="M*-EM*-E", **over):
     return tiny_hybrid_config(pattern=pattern, **over)
-
-
-def ids_(b=2, t=12, seed=0, vocab=64):
-    return torch.randint(0, vocab, (b, t), generator=torch.Generator().manual_seed(seed))
-
-
-def onehots(router, idx):
-    return {ax: F.one_hot(torch.tensor(i), len(router.choices[ax])).float() for ax, i in idx.items()}
 
 
 # ---------------------------------------------------------------------------------------------- config
@@ -265,15 +259,7 @@ def test_soft_masks_pass_gradients_to_every_axis(model):
 
 # ---------------------------------------------------------------------------------------------- training
 def tiny_run_config(**over):
-    kw = dict(budgets=[1.0, 0.75, 0.64], choices=TRAIN_AXES, align=4, steps=120, batch=4, seq_len=16,
-              lr_model=1e-3, lr_router=0.03, router_weight=2.0, router_hidden=32, p_full=0.2,
-              checkpoint_every=1000, calib_batches=2, seed=0)
-    kw.update(over)
-    return ElasticConfig(**kw)
-
-
-def stream(n=4000, seed=0):
-    return torch.randint(0, 64, (n,), generator=torch.Generator().manual_seed(seed))
+    return conftest.tiny_run_config(over.pop("choices", TRAIN_AXES), **over)
 
 
 def parent():
@@ -307,7 +293,7 @@ def test_tiny_run_kl_falls_and_costs_land_on_budget(trained):
             before = float(kd_loss(teacher(held_out, sub=sub), t_logits))
             after = float(kd_loss(model(held_out, sub=sub), t_logits))
             assert after < 0.8 * before, (name, before, after)
-    log = [json.loads(ln) for ln in (out / "train" / "log.jsonl").read_text().splitlines()]
+    log = train_log(out)
     assert len(log) == ecfg.steps
     for name in ("75%", "64%"):
         kd = [r["kd"] for r in log if r["budget"] == name]
@@ -343,7 +329,7 @@ def test_resume_gives_bit_identical_losses(tmp_path):
     nestlm.elastify(ecfg, parent(), stream(), tmp_path / "b", progress=False)
 
     def log(d):
-        return [json.loads(ln) for ln in (d / "train" / "log.jsonl").read_text().splitlines()]
+        return train_log(d)
 
     a, b = log(tmp_path / "a"), log(tmp_path / "b")
     assert [r["step"] for r in b] == list(range(16))
@@ -365,7 +351,7 @@ def test_resume_refuses_another_parent(tmp_path):
 def test_soft_mode_trains(tmp_path):
     ecfg = tiny_run_config(steps=6, mode="soft")
     nestlm.elastify(ecfg, parent(), stream(), tmp_path, progress=False)
-    log = [json.loads(ln) for ln in (tmp_path / "train" / "log.jsonl").read_text().splitlines()]
+    log = train_log(tmp_path)
     assert len(log) == 6 and all(r["kd"] == r["kd"] for r in log)  # finite
     load_elastic(tmp_path)
 
@@ -456,7 +442,7 @@ def test_tensorboard_scalars_equal_the_jsonl_log(tmp_path):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     out = nestlm.elastify(tiny_run_config(steps=12), parent(), stream(), tmp_path / "tb", progress=False)
-    log = [json.loads(ln) for ln in (out / "train" / "log.jsonl").read_text().splitlines()]
+    log = train_log(out)
     acc = EventAccumulator(str(out / "train" / "tb"))
     acc.Reload()
     tags = acc.Tags()["scalars"]

@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import randomize_
+from conftest import token_stream as stream
 
 import nestlm
 from nestlm import ElasticConfig, parallel
@@ -38,10 +39,6 @@ def parent():
                              ssm_state=8, chunk_size=4, n_experts=4, top_k=2, moe_intermediate_size=16,
                              shared_intermediate_size=24)
     return randomize_(nestlm.Decoder(cfg), seed=0)
-
-
-def stream():
-    return torch.randint(0, 64, (4000,), generator=torch.Generator().manual_seed(0))
 
 
 def run_config(**over):

@@ -11,7 +11,7 @@ from conftest import (
     assert_round_trip_exact,
     hf_cached,
     ours_cached,
-    randomize_,
+    saved_hf_pair,
     tiny_llama_config,
     tiny_qwen3_config,
 )
@@ -48,24 +48,11 @@ def _one_thread():
     torch.set_num_threads(n)
 
 
-def _hf_model(make, over, seed=0):
-    from transformers import AutoModelForCausalLM
-
-    cfg = make(**over)
-    torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
-    return randomize_(model, seed=seed).eval()
-
-
 @pytest.fixture(scope="module", params=sorted(CASES))
 def pair(request, tmp_path_factory):
     """(HF model, its checkpoint folder, our model loaded from it)."""
     make, over = CASES[request.param]
-    hf = _hf_model(make, over)
-    d = tmp_path_factory.mktemp(request.param)
-    hf.save_pretrained(d)
-    ours = nestlm.from_hf(d)
-    return hf, d, ours
+    return saved_hf_pair(make, over, tmp_path_factory.mktemp(request.param))
 
 
 def _ids(batch=2, t=11, vocab=96, seed=1):

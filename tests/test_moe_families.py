@@ -9,7 +9,13 @@ import json
 
 import pytest
 import torch
-from conftest import assert_round_trip_exact, hf_cached, ours_cached, randomize_
+from conftest import (
+    assert_round_trip_exact,
+    hf_cached,
+    ours_cached,
+    random_hf_model,
+    saved_hf_pair,
+)
 from safetensors.torch import load_file, save_file
 from torch.testing import assert_close
 
@@ -61,21 +67,11 @@ CASES = {
 }
 
 
-def hf_model(make, over, seed=0):
-    from transformers import AutoModelForCausalLM
-
-    torch.manual_seed(seed)
-    return randomize_(AutoModelForCausalLM.from_config(make(**over), dtype=torch.float32), seed=seed).eval()
-
-
 @pytest.fixture(scope="module", params=sorted(CASES))
 def pair(request, tmp_path_factory):
     """(HF model, its checkpoint folder, our model loaded from it)."""
     make, over = CASES[request.param]
-    hf = hf_model(make, over)
-    d = tmp_path_factory.mktemp(request.param)
-    hf.save_pretrained(d)
-    return hf, d, nestlm.from_hf(d)
+    return saved_hf_pair(make, over, tmp_path_factory.mktemp(request.param))
 
 
 def ids_(batch=2, t=11, seed=1):
@@ -280,7 +276,7 @@ def test_sliding_window_is_refused(make, over, tmp_path):
 
 
 def test_window_that_never_bites_is_accepted(tmp_path):
-    hf = hf_model(tiny_mixtral_config, {"sliding_window": 128})
+    hf = random_hf_model(tiny_mixtral_config, {"sliding_window": 128})
     hf.save_pretrained(tmp_path)
     ours = nestlm.from_hf(tmp_path)
     with torch.no_grad():
@@ -294,7 +290,7 @@ def test_sorting_puts_dead_experts_last(tmp_path):
     sorted model keeps the live experts first, and its half-channel prefix is the full model's function.
     (Cutting experts is never exact under softmax routing: tokens that went to a dead expert are routed to
     a live one instead; see the report's figures.)"""
-    hf_model(tiny_mixtral_config, {}).save_pretrained(tmp_path)
+    random_hf_model(tiny_mixtral_config, {}).save_pretrained(tmp_path)
     model = nestlm.from_hf(tmp_path)
     with torch.no_grad():
         for block in model.layers:

@@ -34,6 +34,7 @@ import torch
 
 from nestlm.arch import SubArch
 from nestlm.generate import decode, prefill
+from nestlm.model import layout
 from nestlm.model.config import ConfigError
 from nestlm.model.decoder import Cache
 
@@ -70,40 +71,6 @@ class TwoPhaseResult:
 
 
 # ---------------------------------------------------------------------------------------------- transplant
-def _resize(t: torch.Tensor, dim: int, n: int) -> torch.Tensor:
-    """The first n entries of t along dim, zero-padded when t has fewer. Always a new tensor."""
-    have = t.shape[dim]
-    if n <= have:
-        return t.narrow(dim, 0, n).clone()
-    shape = list(t.shape)
-    shape[dim] = n - have
-    return torch.cat([t, t.new_zeros(shape)], dim=dim)
-
-
-def _attention_state(state: dict, kv_heads: int) -> dict:
-    """k, v [b, g, cap, hd] -> [b, kv_heads, len, hd]: the KV groups both keep, zeros for new ones."""
-    if not state:
-        return {}
-    n = state["len"]
-    return {"k": _resize(state["k"][:, :, :n], 1, kv_heads), "v": _resize(state["v"][:, :, :n], 1, kv_heads),
-            "len": n}
-
-
-def _mamba_state(state: dict, groups: int, head_dim: int, heads_per_group: int) -> dict:
-    """conv [b, m*g*p + 2*g*n, K-1] and ssm [b, m*g, p, n] (heads group-major) -> `heads_per_group` heads
-    per group: the first heads of each group kept, zeros for the heads the source did not have."""
-    if not state:
-        return {}
-    g, p = groups, head_dim
-    ssm = state["ssm"]  # [b, hk, p, n]
-    b, hk, _, n = ssm.shape
-    ssm = _resize(ssm.view(b, g, hk // g, p, n), 2, heads_per_group).flatten(1, 2)  # [b, g*m, p, n]
-    conv = state["conv"]  # [b, hk*p + 2*g*n, K-1]: channels [x | B | C]
-    xs, bc = conv[:, : hk * p], conv[:, hk * p:]
-    xs = _resize(xs.unflatten(1, (g, hk // g * p)), 2, heads_per_group * p).flatten(1, 2)  # [b, g*m*p, K-1]
-    return {"conv": torch.cat([xs, bc], dim=1), "ssm": ssm}
-
-
 def transplant_cache(model, cache: Cache, sub: SubArch | None) -> Cache:
     """A cache for submodel `sub` built from `cache` (filled by another nested submodel of `model`), without
     running the model: the source cache is left as it was.
@@ -116,19 +83,24 @@ def transplant_cache(model, cache: Cache, sub: SubArch | None) -> Cache:
         raise ValueError("transplant_cache: the cache is empty (run a prefill first)")
     src, dst = cache.sub, model.resolve(sub)
     pattern = model.cfg.pattern
-    lost = [i for i in dst.layers if pattern[i] in "M*" and i not in src.layers]
+    lost = [i for i in dst.layers if layout.cache_tensors(model.cfg, pattern[i]) and i not in src.layers]
     if lost:
         raise ConfigError(f"cannot transplant the cache: the target SubArch.layers keeps blocks {lost} "
                           f"({''.join(pattern[i] for i in lost)}) that the source dropped; use switch='reprefill'")
     out = Cache()
     out.pos, out.sub = cache.pos, dst
+    have, want = layout.axis_values(src), layout.axis_values(dst)
     for i in dst.layers:
-        state = cache.layers.get(i, {})
-        if pattern[i] == "*":
-            out.layers[i] = _attention_state(state, dst.attn_kv_heads)
-        elif pattern[i] == "M":
-            mixer = model.layers[i].mixer
-            out.layers[i] = _mamba_state(state, mixer.g, mixer.p, dst.mamba_heads_per_group)
+        decl = layout.cache_tensors(model.cfg, pattern[i])  # MLP / MoE blocks hold no state
+        if not decl:
+            continue
+        state = dict(cache.layers.get(i, {}))
+        if "len" in state:  # attention: the filled part of the preallocated K/V buffers
+            state |= {n: state[n][:, :, :state["len"]] for n in ("k", "v")}
+        out.layers[i] = {n: layout.embed(state[n], d, segs, have, want)
+                         for n, dims in decl.items() if n in state for d, segs in dims.items()}
+        if "len" in state:
+            out.layers[i]["len"] = state["len"]
     return out
 
 

@@ -46,6 +46,7 @@ from nestlm.convert.io import (
 )
 from nestlm.data import ByteTokenizer
 from nestlm.model.config import ConfigError, ModelConfig
+from nestlm.model.layout import Cut, is_stacked, model_cuts
 
 __all__ = ["format_info", "info", "plan", "resolve_budget", "slice"]
 
@@ -248,162 +249,41 @@ class OutTensor:
         return math.prod(self.shape) * self.dtype.itemsize
 
 
-def _group_ranges(total: int, groups: int, keep: int, offset: int = 0) -> list[tuple[int, int]]:
-    """The first `keep` of each of `groups` equal groups of `total` (group_heads' rule), as index ranges."""
-    per = total // groups
-    return [(offset + g * per, offset + g * per + keep) for g in range(groups)]
-
-
-def _merge(ranges: list[tuple[int, int]]) -> list[tuple[int, int]]:
-    out: list[list[int]] = []
-    for a, b in ranges:
-        if out and out[-1][1] == a:
-            out[-1][1] = b
-        elif b > a:
-            out.append([a, b])
-    return [(a, b) for a, b in out]
-
-
-class _Planner:
-    def __init__(self, src: Source, cfg: ModelConfig, s: SubArch):
-        self.src, self.cfg, self.s = src, cfg, s
-        self.out: list[OutTensor] = []
-
-    def add(self, name: str, src: str, stops: tuple, ranges: list[tuple[int, int]] | None = None, dim: int = 0):
-        """Output `name` = source `src` cut to the prefix `stops` (one stop per dim, None: all), except along
-        `dim` where `ranges` (if given) are kept and concatenated."""
-        shape = self.src.shape(src)
-        stops = tuple(stops) + (None,) * (len(shape) - len(stops))
-        if ranges is None:
-            ranges = [(0, shape[dim] if stops[dim] is None else stops[dim])]
-        ranges = _merge(ranges)
-        pieces = []
-        for a, b in ranges:
-            idx = tuple(builtins.slice(a, b) if d == dim else builtins.slice(0, stops[d]) for d in range(len(shape)))
-            pieces.append(Piece(src, idx))
-        out_shape = tuple(sum(b - a for a, b in ranges) if d == dim else (shape[d] if stops[d] is None else stops[d])
-                          for d in range(len(shape)))
-        self.out.append(OutTensor(name, pieces, dim, out_shape, self.src.dtype(src)))
-
-    # -- per block kind: `i` source prefix, `o` output prefix (both end with ".")
-    def attention(self, i: str, o: str):
-        c, s, k = self.cfg, self.s, self.s.hidden
-        hd, r = c.head_dim, c.num_heads // c.num_kv_heads
-        q = _group_ranges(c.num_kv_heads * r * hd, c.num_kv_heads, s.attn_heads_per_group * hd)[:s.attn_kv_heads]
-        kv = s.attn_kv_heads * hd
-        self.add(o + "q_proj.weight", i + "q_proj.weight", (None, k), q)
-        self.add(o + "k_proj.weight", i + "k_proj.weight", (kv, k))
-        self.add(o + "v_proj.weight", i + "v_proj.weight", (kv, k))
-        self.add(o + "o_proj.weight", i + "o_proj.weight", (k, None), q, dim=1)
-        if c.attn_bias:
-            self.add(o + "q_proj.bias", i + "q_proj.bias", (None,), q)
-            self.add(o + "k_proj.bias", i + "k_proj.bias", (kv,))
-            self.add(o + "v_proj.bias", i + "v_proj.bias", (kv,))
-            self.add(o + "o_proj.bias", i + "o_proj.bias", (k,))
-        if c.qk_norm:
-            self.add(o + "q_norm.weight", i + "q_norm.weight", ())
-            self.add(o + "k_norm.weight", i + "k_norm.weight", ())
-
-    def mlp(self, i: str, o: str, f: int, bias: bool):
-        k = self.s.hidden
-        names = ("gate_proj", "up_proj") if self.cfg.mlp_act == "swiglu" and "shared_experts" not in i \
-            else ("up_proj",)
-        for n in names:
-            self.add(o + n + ".weight", i + n + ".weight", (f, k))
-            if bias:
-                self.add(o + n + ".bias", i + n + ".bias", (f,))
-        self.add(o + "down_proj.weight", i + "down_proj.weight", (k, f))
-        if bias:
-            self.add(o + "down_proj.bias", i + "down_proj.bias", (k,))
-
-    def mamba(self, i: str, o: str):
-        c, k, m = self.cfg, self.s.hidden, self.s.mamba_heads_per_group
-        h, p, g, n = c.mamba_heads, c.mamba_head_dim, c.mamba_groups, c.ssm_state
-        hp, gn = h * p, g * n
-        heads = lambda width, off=0: _group_ranges(h * width, g, m * width, off)  # first m heads of each group
-        in_rows = heads(p) + heads(p, hp) + [(2 * hp, 2 * hp + 2 * gn)] + heads(1, 2 * hp + 2 * gn)  # z|x|B C|dt
-        conv_rows = heads(p) + [(hp, hp + 2 * gn)]  # x | B C
-        self.add(o + "in_proj.weight", i + "in_proj.weight", (None, k), in_rows)
-        if c.mamba_bias:
-            self.add(o + "in_proj.bias", i + "in_proj.bias", (None,), in_rows)
-        self.add(o + "conv1d.weight", i + "conv1d.weight", (), conv_rows)
-        if c.conv_bias:
-            self.add(o + "conv1d.bias", i + "conv1d.bias", (), conv_rows)
-        for name in ("dt_bias", "A_log", "D"):
-            self.add(o + name, i + name, (), heads(1))
-        self.add(o + "norm.weight", i + "norm.weight", (), heads(p))
-        self.add(o + "out_proj.weight", i + "out_proj.weight", (k, None), heads(p), dim=1)
-        if c.mamba_bias:
-            self.add(o + "out_proj.bias", i + "out_proj.bias", (k,))
-
-    def moe(self, i: str, o: str):
-        """The router's first e rows (and the sigmoid router's bias) with the first e experts, each cut to
-        its first f channels; expert tensors are named per family (up/down; gate/up/down; w1/w3/w2)."""
-        c, s, k = self.cfg, self.s, self.s.hidden
-        e, f = s.experts, s.moe_ffn
-        self.add(o + "gate.weight", i + "gate.weight", (e, k))
-        if c.moe_router == "sigmoid":
-            self.add(o + "gate.e_score_correction_bias", i + "gate.e_score_correction_bias", (e,))
-        names = _expert_names(c)
-        for j in range(e):
-            for ours, theirs in names.items():
-                stops = (k, f) if ours == "down_proj" else (f, k)
-                self.add(f"{o}experts.{j}.{theirs}.weight", f"{i}experts.{j}.{theirs}.weight", stops)
-        if c.shared_intermediate_size:
-            self.mlp(i + "shared_experts.", o + "shared_experts.", s.shared_ffn, c.mlp_bias)
-
-
-def _expert_names(cfg: ModelConfig) -> dict[str, str]:
-    """Our stacked expert weights -> the HF per-expert projection names of cfg's family."""
-    if cfg.family in moe.EXPERT_NAMES:
-        return moe.EXPERT_NAMES[cfg.family]
-    return {"up_proj": "up_proj", "down_proj": "down_proj"}  # Nemotron-H: ReLU² experts
-
-
-def _names(family: str):
-    """Family-specific HF names: (embedding, final norm, block -> (norm, mixer prefix))."""
-    if family == "nemotron_h":
-        return ("backbone.embeddings.weight", "backbone.norm_f.weight",
-                lambda i, kind: (f"backbone.layers.{i}.norm.weight", f"backbone.layers.{i}.mixer."))
-    moe_module = moe.MOE_MODULE.get(family, "mlp")
-
-    def block(i, kind):  # our block i is half of HF layer i // 2
-        j = i // 2
-        if kind == "*":
-            return f"model.layers.{j}.input_layernorm.weight", f"model.layers.{j}.self_attn."
-        mixer = moe_module if kind == "E" else "mlp"
-        return f"model.layers.{j}.post_attention_layernorm.weight", f"model.layers.{j}.{mixer}."
-
-    return "model.embed_tokens.weight", "model.norm.weight", block
+def _out_tensor(src, name: str, src_name: str, c: Cut) -> OutTensor:
+    """Output `name` = source `src_name` cut to `c`: prefix dims sliced, and at most one dim of several runs
+    (the first heads of each group) read run by run and concatenated along it."""
+    shape = list(src.shape(src_name))
+    c = tuple(c) + (None,) * (len(shape) - len(c))
+    runs = [r if r is not None else ((0, shape[d]),) for d, r in enumerate(c)]
+    multi = [d for d, r in enumerate(runs) if len(r) > 1 or r[0][0] != 0]
+    if len(multi) > 1:
+        raise ValueError(f"{src_name}: cut along several dims at once ({multi})")
+    dim = multi[0] if multi else 0
+    pieces = [Piece(src_name, tuple(builtins.slice(a, b) if d == dim else builtins.slice(0, runs[d][0][1])
+                                    for d in range(len(shape)))) for a, b in runs[dim]]
+    out_shape = tuple(sum(b - a for a, b in r) for r in runs)
+    return OutTensor(name, pieces, dim, out_shape, src.dtype(src_name))
 
 
 def plan(src: Source, cfg: ModelConfig, sub: SubArch | None) -> list[OutTensor]:
-    """Every output tensor of the submodel `sub`: its HF name, shape, dtype and the source reads behind it."""
+    """Every output tensor of the submodel `sub`: its HF name, shape, dtype and the source reads behind it.
+    The cuts are nestlm.model.layout's (the sliced forward's); the HF names are the family converter's."""
     s = (sub or SubArch()).resolve(cfg)
     small = sliced_config(cfg, s)
-    p = _Planner(src, cfg, s)
-    k = s.hidden
-    emb, norm_f, block = _names(cfg.family)
-    p.add(emb, emb, (None, k))
-    for new_i, i in enumerate(s.layers):
-        kind = cfg.pattern[i]
-        src_norm, src_mixer = block(i, kind)
-        out_norm, out_mixer = block(new_i, kind)
-        p.add(out_norm, src_norm, (k,))
-        if kind == "*":
-            p.attention(src_mixer, out_mixer)
-        elif kind == "-":
-            p.mlp(src_mixer, out_mixer, s.ffn, cfg.mlp_bias)
-        elif kind == "M":
-            p.mamba(src_mixer, out_mixer)
+    fam = FAMILIES[cfg.family]
+    out = []
+    for name, (src_name, c) in model_cuts(cfg, s).items():
+        if is_stacked(src_name):  # one tensor per expert on disk: the kept experts, each cut on (out, in)
+            kept = range(cfg.n_experts) if c[0] is None else [j for a, b in c[0] for j in range(a, b)]
+            out += [_out_tensor(src, fam.hf_name(name, small, new_j), fam.hf_name(src_name, cfg, j), c[1:])
+                    for new_j, j in enumerate(kept)]
         else:
-            p.moe(src_mixer, out_mixer)
-    p.add(norm_f, norm_f, (k,))
-    if cfg.family == "nemotron_h":  # transformers' Nemotron-H always runs its own lm_head (see state_to_hf)
-        p.add("lm_head.weight", "lm_head.weight" if "lm_head.weight" in src else emb, (None, k))
-    elif not small.tie_embeddings:
-        p.add("lm_head.weight", "lm_head.weight", (None, k))
-    return p.out
+            out.append(_out_tensor(src, fam.hf_name(name, small), fam.hf_name(src_name, cfg), c))
+    if getattr(fam, "WRITES_LM_HEAD", False) and not any(t.name == "lm_head.weight" for t in out):
+        emb = fam.hf_name("embeddings.weight", cfg)  # a tied source: the head is the embedding matrix
+        head = "lm_head.weight" if "lm_head.weight" in src else emb
+        out.append(_out_tensor(src, "lm_head.weight", head, model_cuts(cfg, s)["embeddings.weight"][1]))
+    return out
 
 
 # ---------------------------------------------------------------------------------------------- writing
@@ -475,7 +355,7 @@ def slice(elastic_dir: str | Path, budget: str | float | SubArch, out_dir: str |
     hf = FAMILIES[cfg.family].config_to_hf(small)  # UnsupportedArchitecture before anything is written
     _check_transformers_accepts(hf)
     tensors = plan(src, cfg, s)
-    emb = _names(cfg.family)[0]
+    emb = FAMILIES[cfg.family].hf_name("embeddings.weight", cfg)
     hf["dtype"] = str(src.dtype(emb)).removeprefix("torch.")
     shards = split_shards(tensors, lambda t: t.nbytes, max_shard_bytes)
     st = {"bytes_written": 0, "peak_bytes": 0, "tensors": len(tensors)}
@@ -551,7 +431,7 @@ def info(elastic_or_hf_dir: str | Path) -> dict:
     computed, not measured: sum over budgets of stored parameters x dtype bytes (the weights that one
     standalone checkpoint per budget would hold; their small safetensors headers and configs excluded)."""
     path, cfg, src, manifest = _open(elastic_or_hf_dir)
-    dtype = src.dtype(_names(cfg.family)[0])
+    dtype = src.dtype(FAMILIES[cfg.family].hf_name("embeddings.weight", cfg))
     nb = dtype.itemsize
     weight_bytes = lambda r: _stored_params(cfg, r) * nb
     how = f"{nb} B ({str(dtype).removeprefix('torch.')})"

@@ -126,23 +126,22 @@ def state_from_hf(ckpt, cfg: ModelConfig, keys=None) -> dict[str, torch.Tensor]:
     return sd
 
 
+def hf_name(name: str, cfg: ModelConfig, expert: int | None = None) -> str:
+    """Our state-dict name -> the file's: our block i is half of HF layer i // 2 (attention, then MLP)."""
+    if name == "embeddings.weight":
+        return "model.embed_tokens.weight"
+    if name == "norm_f.weight":
+        return "model.norm.weight"
+    if name == "lm_head.weight":
+        return name
+    if m := re.fullmatch(r"layers\.(\d+)\.(norm\.weight|mixer\.(.+))", name):
+        i = int(m[1])
+        j, is_attn = i // 2, i % 2 == 0
+        if m[2] == "norm.weight":
+            return f"model.layers.{j}.{'input_layernorm' if is_attn else 'post_attention_layernorm'}.weight"
+        return f"model.layers.{j}.{'self_attn' if is_attn else 'mlp'}.{m[3]}"
+    raise KeyError(name)
+
+
 def state_to_hf(sd: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str, torch.Tensor]:
-    out: dict[str, torch.Tensor] = {}
-    for name, t in sd.items():
-        if name == "embeddings.weight":
-            out["model.embed_tokens.weight"] = t
-        elif name == "norm_f.weight":
-            out["model.norm.weight"] = t
-        elif name == "lm_head.weight":
-            out[name] = t
-        elif m := re.fullmatch(r"layers\.(\d+)\.(norm\.weight|mixer\.(.+))", name):
-            i = int(m[1])
-            j, is_attn = i // 2, i % 2 == 0
-            if m[2] == "norm.weight":
-                ln = "input_layernorm" if is_attn else "post_attention_layernorm"
-                out[f"model.layers.{j}.{ln}.weight"] = t
-            else:
-                out[f"model.layers.{j}.{'self_attn' if is_attn else 'mlp'}.{m[3]}"] = t
-        else:
-            raise KeyError(name)
-    return out
+    return {hf_name(name, cfg): t for name, t in sd.items()}

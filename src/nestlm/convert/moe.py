@@ -26,6 +26,7 @@ from nestlm.convert import llama
 from nestlm.convert.io import UnsupportedArchitecture, stack_experts
 from nestlm.convert.llama import _rope_theta
 from nestlm.model.config import ModelConfig
+from nestlm.model.layout import is_stacked
 
 PASSTHROUGH = ("bos_token_id", "eos_token_id", "pad_token_id", "max_position_embeddings", "initializer_range",
                "router_aux_loss_coef", "output_router_logits", "router_jitter_noise", "sliding_window",
@@ -162,21 +163,24 @@ def state_from_hf(ckpt, cfg: ModelConfig) -> dict[str, torch.Tensor]:
     return sd
 
 
+def hf_name(name: str, cfg: ModelConfig, expert: int | None = None) -> str:
+    """Our state-dict name -> the file's: a MoE block's router and experts (one tensor per expert and
+    projection) are named here, everything else as a Llama layer (nestlm.convert.llama)."""
+    m = re.fullmatch(r"layers\.(\d+)\.mixer\.(.+)", name)
+    if m is None or cfg.pattern[int(m[1])] != "E":
+        return llama.hf_name(name, cfg)
+    module = f"model.layers.{int(m[1]) // 2}.{MOE_MODULE[cfg.family]}"
+    if expert is not None:  # a stacked expert tensor
+        return f"{module}.experts.{expert}.{EXPERT_NAMES[cfg.family][m[2]]}.weight"
+    return f"{module}.{m[2]}"  # gate.weight: the router
+
+
 def state_to_hf(sd: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str, torch.Tensor]:
-    """Our state dict -> the on-disk layout (model.*, one tensor per expert and projection). The MoE blocks'
-    router and experts are written here, the rest as Llama layers (nestlm.convert.llama)."""
-    family = cfg.family
+    """Our state dict -> the on-disk layout (model.*, one tensor per expert and projection)."""
     out: dict[str, torch.Tensor] = {}
-    rest: dict[str, torch.Tensor] = {}
     for name, t in sd.items():
-        m = re.fullmatch(r"layers\.(\d+)\.mixer\.(.+)", name)
-        if m is None or cfg.pattern[int(m[1])] != "E":
-            rest[name] = t
-            continue
-        module = f"model.layers.{int(m[1]) // 2}.{MOE_MODULE[family]}"
-        if m[2] in EXPERT_NAMES[family]:  # stacked experts
-            for e in range(t.shape[0]):
-                out[f"{module}.experts.{e}.{EXPERT_NAMES[family][m[2]]}.weight"] = t[e]
+        if is_stacked(name):
+            out |= {hf_name(name, cfg, e): t[e] for e in range(t.shape[0])}
         else:
-            out[f"{module}.{m[2]}"] = t  # gate.weight: the router
-    return llama.state_to_hf(rest, cfg) | out
+            out[hf_name(name, cfg)] = t
+    return out

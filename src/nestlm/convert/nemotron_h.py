@@ -13,6 +13,7 @@ import torch
 
 from nestlm.convert.io import UnsupportedArchitecture, stack_experts
 from nestlm.model.config import ModelConfig
+from nestlm.model.layout import is_stacked
 
 PATTERN_TO_TYPE = {"M": "linear_attention", "E": "moe", "*": "full_attention", "-": "mlp"}
 TYPE_TO_PATTERN = {v: k for k, v in PATTERN_TO_TYPE.items()} | {"mamba": "M", "attention": "*"}
@@ -163,20 +164,28 @@ def state_from_hf(ckpt, cfg: ModelConfig) -> dict[str, torch.Tensor]:
     return sd
 
 
+def hf_name(name: str, cfg: ModelConfig, expert: int | None = None) -> str:
+    """Our state-dict name -> the file's (backbone.*; a stacked expert tensor: one name per `expert`)."""
+    if name == "lm_head.weight":
+        return name
+    if expert is not None:  # layers.{i}.mixer.{up_proj|down_proj}: ReLU² experts
+        head, _, proj = name.rpartition(".")
+        return f"backbone.{head}.experts.{expert}.{proj}.weight"
+    name = name.replace("mixer.e_score_correction_bias", "mixer.gate.e_score_correction_bias")
+    return "backbone." + name.replace("mixer.shared.", "mixer.shared_experts.")
+
+
+WRITES_LM_HEAD = True  # transformers' Nemotron-H never ties: a file always carries its own lm_head
+
+
 def state_to_hf(sd: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str, torch.Tensor]:
     """Our state dict -> the on-disk nemotron_h layout (backbone., one tensor pair per expert)."""
     out: dict[str, torch.Tensor] = {}
     if "lm_head.weight" not in sd:  # transformers' Nemotron-H never ties: it needs its own lm_head
         out["lm_head.weight"] = sd["embeddings.weight"].clone()
     for name, t in sd.items():
-        if name == "lm_head.weight":
-            out[name] = t
-            continue
-        if m := re.fullmatch(r"layers\.(\d+)\.mixer\.(up_proj|down_proj)", name):  # stacked experts
-            for e in range(t.shape[0]):
-                out[f"backbone.layers.{m[1]}.mixer.experts.{e}.{m[2]}.weight"] = t[e]
-            continue
-        name = name.replace("mixer.e_score_correction_bias", "mixer.gate.e_score_correction_bias")
-        name = name.replace("mixer.shared.", "mixer.shared_experts.")
-        out["backbone." + name] = t
+        if is_stacked(name):
+            out |= {hf_name(name, cfg, e): t[e] for e in range(t.shape[0])}
+        else:
+            out[hf_name(name, cfg)] = t
     return out

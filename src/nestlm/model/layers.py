@@ -1,8 +1,9 @@
 """The four block mixers of the hybrid decoder, in plain PyTorch, with explicit elastic widths.
 
-Every forward takes the already-resolved `SubArch` `s` and slices its weights as prefixes: `w[:k]` for the
-hidden side, the first heads of each group for attention and Mamba, the first experts / FFN channels. With
-the full SubArch every slice is the whole tensor (no copy). Parameter names follow Hugging Face Nemotron-H
+Every forward takes the already-resolved `SubArch` `s` and cuts its weights by the one slicing rule,
+declared per mixer in `nestlm.model.layout` (`self.tensors`): prefixes of the hidden side, the first heads
+of each group for attention and Mamba, the first experts / FFN channels. With the full SubArch every cut is
+the whole tensor (no copy, no autograd node). Parameter names follow Hugging Face Nemotron-H
 (Llama's gate/up/down for SwiGLU), so converters are mostly renames.
 """
 
@@ -15,8 +16,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from nestlm.arch import SubArch
+from nestlm.model import layout
 from nestlm.model.config import ModelConfig
+from nestlm.model.layout import prefix, take
 from nestlm.model.ssd import ssd_chunked, ssm_step
+
+__all__ = ["MLP", "Attention", "Mamba2", "MoE", "RMSNorm", "masked_rms_norm", "prefix", "rms_norm", "take"]
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -49,50 +54,30 @@ class RMSNorm(nn.Module):
         return rms_norm(x, self.weight, self.eps)
 
 
-class _Prefix(torch.autograd.Function):
-    """w[idx] whose backward builds the full-size gradient writing each element once: g into the prefix,
-    zeros into the rest. (Chained slices, w[:a][:, :b], zero-fill one full-size tensor per sliced dim and
-    then copy into it: a measurable share of an elastic training step.)"""
+class _Sliced(nn.Module):
+    """A mixer whose weights are cut by the declared layout (nestlm.model.layout): `self.tensors` declares
+    every tensor once; `cuts(key, values)` gives {tensor: Cut} at some widths, built once per key."""
 
-    @staticmethod
-    def forward(ctx, w, idx):
-        ctx.shape, ctx.idx = w.shape, idx
-        return w[idx]
+    def __init__(self, tensors: dict):
+        super().__init__()
+        self.tensors = tensors
+        self._cuts: dict = {}
 
-    @staticmethod
-    def backward(ctx, g):
-        gw = g.new_empty(ctx.shape)
-        view = gw
-        for d, (i, full) in enumerate(zip(ctx.idx, ctx.shape[: len(ctx.idx)], strict=True)):
-            if i.stop is not None:  # a cut dim: zero its tail (inside the prefix of the dims before it)
-                view.narrow(d, i.stop, full - i.stop).zero_()
-                view = view.narrow(d, 0, i.stop)
-        view.copy_(g)
-        return gw, None
+    def cuts(self, key, values) -> dict:
+        c = self._cuts.get(key)
+        if c is None:
+            v = values() if callable(values) else values
+            c = self._cuts[key] = {n: layout.cut(d, v) for n, d in self.tensors.items()}
+        return c
+
+    def sub_cuts(self, s: SubArch) -> dict:
+        return self.cuts(s, lambda: layout.axis_values(s))
 
 
-def prefix(w: torch.Tensor, *sizes: int | None) -> torch.Tensor:
-    """w[:sizes[0], :sizes[1], ...] (None: that dim uncut). The weight itself when nothing is cut, so the
-    full model's autograd graph has no slicing nodes at all."""
-    idx = tuple(slice(None) if n is None or n >= full else slice(0, n)
-                for n, full in zip(sizes, w.shape[: len(sizes)], strict=True))
-    if all(i == slice(None) for i in idx):
-        return w
-    if w.requires_grad and torch.is_grad_enabled():
-        return _Prefix.apply(w, idx)
-    return w[idx]
-
-
-def group_heads(t: torch.Tensor, n_groups: int, keep: int, dim: int = 0) -> torch.Tensor:
-    """Keep the first `keep` channels of each of `n_groups` equal groups along `dim`.
-
-    Heads are laid out group-major ([group 0 heads | group 1 heads | ...]), so "the first m heads of every
-    group" is `group_heads(t, groups, m * head_width)`. Returns t itself (no copy) when nothing is cut.
-    """
-    per_group = t.shape[dim] // n_groups
-    if keep == per_group:
-        return t
-    return t.unflatten(dim, (n_groups, per_group)).narrow(dim + 1, 0, keep).flatten(dim, dim + 1)
+def _linear(x, m: nn.Linear, c: dict, name: str):
+    """F.linear with module m's weight and bias cut to the layout's `name.weight` / `name.bias`."""
+    b = take(m.bias, c[name + ".bias"]) if m.bias is not None else None
+    return F.linear(x, take(m.weight, c[name + ".weight"]), b)
 
 
 # ---------------------------------------------------------------------------------------------- attention
@@ -110,12 +95,12 @@ def apply_rope(x, cos, sin):  # x: [b, heads, t, d]
     return x * cos + rotated * sin
 
 
-class Attention(nn.Module):
+class Attention(_Sliced):
     """GQA self-attention. Elastic: first `attn_kv_heads` KV groups, first `attn_heads_per_group` query heads
-    of each group, first `hidden` input/output channels."""
+    of each group, first `hidden` input/output channels (nestlm.model.layout.attention_tensors)."""
 
     def __init__(self, cfg: ModelConfig):
-        super().__init__()
+        super().__init__(layout.attention_tensors(cfg))
         d, hd = cfg.hidden_size, cfg.head_dim
         self.n_heads, self.n_kv, self.head_dim = cfg.num_heads, cfg.num_kv_heads, hd
         self.q_proj = nn.Linear(d, cfg.num_heads * hd, bias=cfg.attn_bias)
@@ -129,21 +114,13 @@ class Attention(nn.Module):
         else:
             self.q_norm = self.k_norm = None
 
-    def _q_rows(self, t: torch.Tensor, s: SubArch, dim: int = 0, k: int | None = None) -> torch.Tensor:
-        # q rows are [kv group][head in group][head_dim]: keep the first g groups, first h heads of each
-        # (along `dim`: 0 for q_proj rows, 1 for o_proj columns), and the first k channels on the other dim
-        rows = s.attn_kv_heads * (self.n_heads // self.n_kv) * self.head_dim
-        t = prefix(t, rows) if t.dim() == 1 else prefix(t, *((rows, k) if dim == 0 else (k, rows)))
-        return group_heads(t, s.attn_kv_heads, s.attn_heads_per_group * self.head_dim, dim=dim)
-
     def forward(self, x, s: SubArch, cache: dict | None, rope, masks: dict | None = None):
         b, t, k = x.shape
         g, h, hd = s.attn_kv_heads, s.attn_heads_per_group, self.head_dim
-        kv_rows = g * hd
-        bias = self.q_proj.bias is not None
-        q = F.linear(x, self._q_rows(self.q_proj.weight, s, k=k), self._q_rows(self.q_proj.bias, s) if bias else None)
-        kk = F.linear(x, prefix(self.k_proj.weight, kv_rows, k), prefix(self.k_proj.bias, kv_rows) if bias else None)
-        v = F.linear(x, prefix(self.v_proj.weight, kv_rows, k), prefix(self.v_proj.bias, kv_rows) if bias else None)
+        c = self.sub_cuts(s)
+        q = _linear(x, self.q_proj, c, "q_proj")  # [b, t, g*h*hd]
+        kk = _linear(x, self.k_proj, c, "k_proj")  # [b, t, g*hd]
+        v = _linear(x, self.v_proj, c, "v_proj")
         q = q.view(b, t, g * h, hd)
         kk = kk.view(b, t, g, hd)
         if self.q_norm is not None:
@@ -169,8 +146,7 @@ class Attention(nn.Module):
         if self.probe is not None:
             self.probe("heads", out)  # [b, g*h, t, hd]
         out = out.transpose(1, 2).reshape(b, t, g * h * hd)
-        o_w = self._q_rows(self.o_proj.weight, s, dim=1, k=k)  # o_proj columns follow q's head layout
-        return F.linear(out, o_w, prefix(self.o_proj.bias, k) if bias else None)
+        return _linear(out, self.o_proj, c, "o_proj")  # o_proj columns follow q's head layout
 
 
 def _kv_cache_append(cache: dict, k, v):
@@ -193,13 +169,14 @@ def _kv_cache_append(cache: dict, k, v):
 
 
 # ---------------------------------------------------------------------------------------------- MLP
-class MLP(nn.Module):
+class MLP(_Sliced):
     """ReLU² (Nemotron-H: down(relu(up x)²)) or SwiGLU (Llama: down(silu(gate x) * up x)).
-    Elastic: first `width` intermediate channels, first `hidden` channels."""
+    Elastic: first `width` intermediate channels (the layout's `axis`: ffn, or a MoE's shared_ffn), first
+    `hidden` channels."""
 
-    def __init__(self, d: int, f: int, act: str, bias: bool):
-        super().__init__()
-        self.act = act
+    def __init__(self, d: int, f: int, act: str, bias: bool, axis: str = "ffn"):
+        super().__init__(layout.mlp_tensors(d, f, act == "swiglu", bias, axis))
+        self.act, self.axis = act, axis
         self.probe = None
         self.up_proj = nn.Linear(d, f, bias=bias)
         self.gate_proj = nn.Linear(d, f, bias=bias) if act == "swiglu" else None
@@ -207,25 +184,21 @@ class MLP(nn.Module):
 
     def forward(self, x, width: int, mask: torch.Tensor | None = None):
         k = x.shape[-1]
-
-        def lin(m):  # first `width` output rows, first k input columns
-            return F.linear(x, prefix(m.weight, width, k), prefix(m.bias, width) if m.bias is not None else None)
-
-        up = lin(self.up_proj)
+        c = self.cuts((width, k), {"hidden": k, self.axis: width})
+        up = _linear(x, self.up_proj, c, "up_proj")  # [b, t, width]
         if self.gate_proj is not None:
-            hmid = F.silu(lin(self.gate_proj)) * up
+            hmid = F.silu(_linear(x, self.gate_proj, c, "gate_proj")) * up
         else:
             hmid = torch.relu(up).square()
         if mask is not None:  # soft width: [f] channel mask
             hmid = hmid * mask[:width].to(hmid.dtype)
         if self.probe is not None:
             self.probe("ffn", hmid)  # [b, t, width]
-        bias = prefix(self.down_proj.bias, k) if self.down_proj.bias is not None else None
-        return F.linear(hmid, prefix(self.down_proj.weight, k, width), bias)
+        return _linear(hmid, self.down_proj, c, "down_proj")
 
 
 # ---------------------------------------------------------------------------------------------- MoE
-class MoE(nn.Module):
+class MoE(_Sliced):
     """Top-k routed experts, no bias on the experts. Two router / expert variants (cfg.moe_router, moe_act):
 
     sigmoid + relu2 (Nemotron-H, DeepSeek-V3): sigmoid scores, a score-correction bias used only for the
@@ -240,7 +213,7 @@ class MoE(nn.Module):
     shared expert, first `hidden` channels."""
 
     def __init__(self, cfg: ModelConfig):
-        super().__init__()
+        super().__init__({n: d for n, d in layout.moe_tensors(cfg).items() if not n.startswith("shared.")})
         d, e, f = cfg.hidden_size, cfg.n_experts, cfg.moe_intermediate_size
         self.top_k, self.n_groups, self.topk_groups = cfg.top_k, cfg.n_expert_groups, cfg.topk_groups
         self.norm_topk_prob, self.scaling = cfg.norm_topk_prob, cfg.routed_scaling
@@ -252,13 +225,17 @@ class MoE(nn.Module):
         self.down_proj = nn.Parameter(torch.empty(e, d, f))
         swiglu = cfg.moe_act == "swiglu"
         self.register_parameter("gate_proj", nn.Parameter(torch.empty(e, f, d)) if swiglu else None)
-        self.shared = MLP(d, cfg.shared_intermediate_size, "relu2", cfg.mlp_bias) \
+        self.shared = MLP(d, cfg.shared_intermediate_size, "relu2", cfg.mlp_bias, "shared_ffn") \
             if cfg.shared_intermediate_size else None
+
+    def _cut(self, n_exp: int, f: int, k: int) -> dict:
+        return self.cuts((n_exp, f, k), {"experts": n_exp, "moe_ffn": f, "hidden": k})
 
     def route(self, x: torch.Tensor, n_exp: int, mask: torch.Tensor | None = None):
         """x: [n, k] -> weights [n, top_k] (fp32), expert ids [n, top_k].
         mask [n_exp] (soft experts): experts with mask 0 are never chosen, the others' weights are scaled."""
-        logits = F.linear(x.float(), prefix(self.gate.weight, n_exp, x.shape[-1]).float())
+        c = self._cut(n_exp, self.up_proj.shape[1], x.shape[-1])
+        logits = F.linear(x.float(), take(self.gate.weight, c["gate.weight"]).float())
         if mask is not None:
             mask = mask[:n_exp].float()
         if self.softmax:  # probabilities over the kept (unmasked) experts; the choice is by probability
@@ -268,7 +245,7 @@ class MoE(nn.Module):
             choice = scores
         else:
             scores = logits.sigmoid()
-            choice = scores + self.e_score_correction_bias[:n_exp].float()
+            choice = scores + take(self.e_score_correction_bias, c["e_score_correction_bias"]).float()
             if mask is not None:
                 choice = choice.masked_fill(mask == 0, float("-inf"))
         if mask is not None:
@@ -289,9 +266,10 @@ class MoE(nn.Module):
         """Per-expert weight views (up [f, k], gate [f, k] or None, down [k, f]) of the first n_exp experts.
         Each stacked parameter is cut and split once per forward (indexing it per expert would give each
         expert its own full-size zero gradient, and re-run any parametrization per expert)."""
-        up = prefix(self.up_proj, n_exp, f, k).unbind(0)
-        down = prefix(self.down_proj, n_exp, k, f).unbind(0)
-        gate = prefix(self.gate_proj, n_exp, f, k).unbind(0) if self.gate_proj is not None else [None] * n_exp
+        c = self._cut(n_exp, f, k)
+        up = take(self.up_proj, c["up_proj"]).unbind(0)
+        down = take(self.down_proj, c["down_proj"]).unbind(0)
+        gate = take(self.gate_proj, c["gate_proj"]).unbind(0) if self.gate_proj is not None else [None] * n_exp
         return up, gate, down
 
     def expert(self, x: torch.Tensor, up: torch.Tensor, gate: torch.Tensor | None) -> torch.Tensor:
@@ -309,10 +287,11 @@ class MoE(nn.Module):
         f = s.moe_ffn
         ffn_mask = masks.get("moe_ffn")
         if xf.shape[0] == 1 and ffn_mask is None and self.probe is None:  # decoding one token: no grouping
-            up, gate, down = self.up_proj, self.gate_proj, self.down_proj
-            out = sum(F.linear(self.expert(xf, up[e, :f, :k], gate[e, :f, :k] if gate is not None else None),
-                               down[e, :k, :f]) * w[:, j:j + 1].to(xf.dtype)
-                      for j, e in enumerate(idx[0].tolist()))
+            c = self._cut(s.experts, f, k)  # views of the stacked weights (no grad while decoding)
+            up, down = take(self.up_proj, c["up_proj"]), take(self.down_proj, c["down_proj"])
+            gate = take(self.gate_proj, c["gate_proj"]) if self.gate_proj is not None else None
+            out = sum(F.linear(self.expert(xf, up[e], gate[e] if gate is not None else None), down[e])
+                      * w[:, j:j + 1].to(xf.dtype) for j, e in enumerate(idx[0].tolist()))
         else:
             out = self._grouped(xf, w, idx, s.experts, f, ffn_mask).to(x.dtype)
         out = out.view(shape)
@@ -348,14 +327,14 @@ class MoE(nn.Module):
 
 
 # ---------------------------------------------------------------------------------------------- Mamba2
-class Mamba2(nn.Module):
+class Mamba2(_Sliced):
     """Mamba2 mixer (Nemotron-H layout). in_proj rows are [z | x | B | C | dt], conv1d channels [x | B | C].
     Elastic: first `mamba_heads_per_group` heads of every group (z, x, dt, A_log, D, dt_bias, the gated
     norm and out_proj follow the heads; B and C belong to groups and are kept whole), first `hidden`
-    channels."""
+    channels (nestlm.model.layout.mamba_tensors)."""
 
     def __init__(self, cfg: ModelConfig):
-        super().__init__()
+        super().__init__(layout.mamba_tensors(cfg))
         d, h, p, g, n = cfg.hidden_size, cfg.mamba_heads, cfg.mamba_head_dim, cfg.mamba_groups, cfg.ssm_state
         self.h, self.p, self.g, self.n = h, p, g, n
         self.kernel, self.chunk, self.dt_min, self.eps = cfg.conv_kernel, cfg.chunk_size, cfg.dt_min, cfg.norm_eps
@@ -369,48 +348,18 @@ class Mamba2(nn.Module):
         self.norm = RMSNorm(h * p, cfg.norm_eps)  # gated, grouped: one RMS per group of heads
         self.probe = None
         self.out_proj = nn.Linear(h * p, d, bias=cfg.mamba_bias)
-        self._rows: dict = {}  # (m, device) -> kept row indices, see _kept_rows
-
-    # -- elastic slicing of the head-coupled tensors (one helper per layout)
-    def _heads(self, t, m, width, dim=0):
-        """First m heads of every group along `dim`, where each head is `width` channels wide."""
-        return group_heads(t, self.g, m * width, dim=dim) if m * self.g != self.h else t
-
-    def _kept_rows(self, m: int, device) -> tuple[torch.Tensor, torch.Tensor]:
-        """The rows of in_proj ([z | x | B | C | dt]) and of conv1d ([x | B | C]) kept at m heads per group, as
-        index tensors (built once per m and device): one gather per weight, whose gradient is one index_add,
-        instead of a cat of four slices whose backward fills a full-size zero tensor per slice."""
-        key = (m, str(device))
-        if key not in self._rows:
-            hp, gn, p = self.h * self.p, self.g * self.n, self.p
-
-            def heads(start, width):  # first m heads of every group, `width` rows each, from row `start`
-                return start + group_heads(torch.arange(self.h * width, device=device), self.g, m * width)
-
-            with torch.inference_mode(False):  # a cache made while generating must serve training too
-                bc = torch.arange(2 * gn, device=device)
-                self._rows[key] = (torch.cat([heads(0, p), heads(hp, p), 2 * hp + bc, heads(2 * hp + 2 * gn, 1)]),
-                                   torch.cat([heads(0, p), hp + bc]))
-        return self._rows[key]
-
-    def _in_proj(self, t, m):  # rows [z | x | B | C | dt]
-        return t if m * self.g == self.h else t.index_select(0, self._kept_rows(m, t.device)[0])
-
-    def _conv(self, t, m):  # channels [x | B | C]
-        return t if m * self.g == self.h else t.index_select(0, self._kept_rows(m, t.device)[1])
 
     def forward(self, x, s: SubArch, cache: dict | None, masks: dict | None = None):
         b, t, k = x.shape
         m = s.mamba_heads_per_group
         hk, p, g, n = m * self.g, self.p, self.g, self.n  # hk: heads kept
-        bias = self.in_proj.bias
-        zxbcdt = F.linear(x, self._in_proj(prefix(self.in_proj.weight, None, k), m),
-                          self._in_proj(bias, m) if bias is not None else None)
+        c = self.sub_cuts(s)
+        zxbcdt = _linear(x, self.in_proj, c, "in_proj")  # [b, t, 2*hk*p + 2*g*n + hk]
         z, xbc, dt = zxbcdt.split([hk * p, hk * p + 2 * g * n, hk], dim=-1)
 
         # causal depthwise conv over [x | B | C], with the last kernel-1 inputs carried in the cache
-        cw = self._conv(self.conv1d.weight[:, 0], m)  # [conv_dim_k, kernel]
-        cb = self._conv(self.conv1d.bias, m) if self.conv1d.bias is not None else None
+        cw = take(self.conv1d.weight, c["conv1d.weight"])[:, 0]  # [conv_dim_k, kernel]
+        cb = take(self.conv1d.bias, c["conv1d.bias"]) if self.conv1d.bias is not None else None
         xbc = xbc.transpose(1, 2)  # [b, c, t]
         K = self.kernel
         if t == 1 and cache is not None and "conv" in cache:  # decoding: one window, a multiply-and-sum
@@ -428,9 +377,9 @@ class Mamba2(nn.Module):
             xbc = F.silu(F.conv1d(xbc_in, cw[:, None, :], cb, groups=cw.shape[0])).transpose(1, 2)  # [b, t, c]
         xs, B, C = xbc.split([hk * p, g * n, g * n], dim=-1)
 
-        A = -torch.exp(self._heads(self.A_log, m, 1).float())
-        D = self._heads(self.D, m, 1)
-        dt = F.softplus(dt.float() + self._heads(self.dt_bias, m, 1).float()).clamp(min=self.dt_min)  # [b, t, hk]
+        A = -torch.exp(take(self.A_log, c["A_log"]).float())
+        D = take(self.D, c["D"])
+        dt = F.softplus(dt.float() + take(self.dt_bias, c["dt_bias"]).float()).clamp(min=self.dt_min)  # [b, t, hk]
         state = cache.get("ssm") if cache is not None else None
         if t == 1 and state is not None:
             y = ssm_step(state, xs.view(b, hk, p), dt[:, 0], A, B.view(b, g, n), C.view(b, g, n), D)[:, None]
@@ -443,7 +392,7 @@ class Mamba2(nn.Module):
         hm = masks.get("mamba_heads_per_group") if masks is not None else None
 
         # gated RMSNorm, grouped: statistics over each group's kept heads, never across groups
-        nw = self._heads(self.norm.weight, m, p)
+        nw = take(self.norm.weight, c["norm.weight"])
         yg = (y.float() * F.silu(z.float())).view(b, t, g, m * p)
         if hm is None:
             yg = yg * torch.rsqrt(yg.pow(2).mean(-1, keepdim=True) + self.eps)
@@ -456,8 +405,7 @@ class Mamba2(nn.Module):
         if self.probe is not None:
             self.probe("heads", y)  # [b, t, hk*p]
 
-        ow = self._heads(prefix(self.out_proj.weight, k), m, p, dim=1)
-        return F.linear(y, ow, prefix(self.out_proj.bias, k) if self.out_proj.bias is not None else None)
+        return _linear(y, self.out_proj, c, "out_proj")
 
 
 def init_mamba_(mixer: Mamba2, dt_min: float = 1e-3, dt_max: float = 0.1, floor: float = 1e-4) -> None:

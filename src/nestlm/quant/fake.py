@@ -30,6 +30,7 @@ from torch.nn.utils import parametrize
 from tqdm.auto import tqdm
 
 from nestlm.arch import SubArch
+from nestlm.model import layout
 from nestlm.model.config import ConfigError, ModelConfig
 from nestlm.model.layers import MLP, Attention, Mamba2, MoE
 from nestlm.quant.formats import (
@@ -244,28 +245,40 @@ def fake_quant_disabled(model: nn.Module):
 
 
 # ---------------------------------------------------------------------------------------------- width checks
+_GROUP_WIDTH = {"q_heads": ("head_dim", "KV group"), "mamba": ("mamba_head_dim", "Mamba group")}
+_OWNER = {"-": "MLP ", "E": "expert "}
+
+
 def _input_widths(cfg: ModelConfig, s: SubArch) -> list[tuple[str, int, int, str]]:
-    """(axis, its value, input width, which weights) for every quantized input width of the submodel s."""
-    kinds = {cfg.pattern[i] for i in s.layers}
-    out = [("hidden", s.hidden, s.hidden, "q/k/v, in_proj, up/gate_proj input (hidden channels)")]
-    if "-" in kinds:
-        out.append(("ffn", s.ffn, s.ffn, "MLP down_proj input"))
-    if "E" in kinds:
-        out.append(("moe_ffn", s.moe_ffn, s.moe_ffn, "expert down_proj input"))
-        if cfg.shared_intermediate_size:
-            out.append(("shared_ffn", s.shared_ffn, s.shared_ffn, "shared expert down_proj input"))
-    if "*" in kinds:  # o_proj reads [group 0: first h heads | group 1: first h heads | ...]
-        hd, per_group = cfg.head_dim, cfg.num_heads // cfg.num_kv_heads
-        h = s.attn_heads_per_group
-        out.append(("attn_heads_per_group", h, h * hd, f"o_proj input of each KV group ({h} heads x head_dim {hd})"))
-        out.append(("head_dim", hd, per_group * hd, f"o_proj input stride of a KV group ({per_group} heads)"))
-    if "M" in kinds:  # out_proj reads the first m heads of each Mamba group
-        p, per_group = cfg.mamba_head_dim, cfg.mamba_heads // cfg.mamba_groups
-        m = s.mamba_heads_per_group
-        out.append(("mamba_heads_per_group", m, m * p,
-                    f"out_proj input of each Mamba group ({m} heads x mamba_head_dim {p})"))
-        out.append(("mamba_head_dim", p, per_group * p, f"out_proj input stride of a Mamba group ({per_group} heads)"))
-    return out
+    """(axis, its value, input width, which weights) for every quantized input width of the submodel s, read
+    off the layout's declaration of each quantized weight's input (last) dim: each kept run, and for
+    grouped heads the stride between groups, is a whole number of blocks or the packed prefix breaks."""
+    v = layout.axis_values(s)
+    out: dict[tuple, str] = {}
+    for kind in dict.fromkeys(cfg.pattern[i] for i in s.layers):
+        for name, dims in layout.block_tensors(cfg, kind).items():
+            leaf = name.removesuffix(".weight").rpartition(".")[2]
+            if leaf not in QUANTIZED or len(dims) < 2:  # biases, norms, the router
+                continue
+            owner = "shared expert " if name.startswith("shared.") else _OWNER.get(kind, "")
+            for seg in dims[max(dims)]:  # the input dim
+                if seg.axis is None:
+                    continue
+                field = layout.AXIS_FIELDS[seg.axis]
+                field, keep = (field[-1], v[seg.axis][-1]) if isinstance(field, tuple) else (field, v[seg.axis])
+                if seg.axis == "hidden":
+                    out.setdefault(("hidden", keep, keep), "q/k/v, in_proj, up/gate_proj input (hidden channels)")
+                elif seg.axis in _GROUP_WIDTH:
+                    width_name, group = _GROUP_WIDTH[seg.axis]
+                    per = seg.units // seg.groups
+                    out.setdefault((field, keep, keep * seg.width), f"{leaf} input of each {group} ({keep} heads "
+                                   f"x {width_name} {seg.width})")
+                    out.setdefault((width_name, seg.width, per * seg.width),
+                                   f"{leaf} input stride of a {group} ({per} heads)")
+                else:
+                    out.setdefault((field, keep, keep * seg.width), f"{owner}{leaf} input")
+    hidden_first = sorted(out.items(), key=lambda kv: kv[0][0] != "hidden")
+    return [(*k, what) for k, what in hidden_first]
 
 
 def _bad_widths(cfg: ModelConfig, s: SubArch, fmt: Format):

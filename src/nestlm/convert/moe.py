@@ -23,8 +23,9 @@ import re
 import torch
 
 from nestlm.convert import llama
-from nestlm.convert.io import UnsupportedArchitecture, stack_experts
+from nestlm.convert.common import stack_experts
 from nestlm.convert.llama import _rope_theta
+from nestlm.errors import UnsupportedArchitecture
 from nestlm.model.config import ModelConfig
 
 PASSTHROUGH = ("bos_token_id", "eos_token_id", "pad_token_id", "max_position_embeddings", "initializer_range",

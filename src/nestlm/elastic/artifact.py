@@ -143,20 +143,23 @@ def _parse_fraction(s: str) -> float | None:
         return None
 
 
-def resolve_budget(path: str | Path, budget: str | float | SubArch, *, cfg=None, manifest: dict | None = None,
-                   router=None) -> tuple[str, SubArch]:
+def resolve_budget(path: str | Path | None, budget: str | float | SubArch, *, cfg=None,
+                   manifest: dict | None = None, router=None) -> tuple[str, SubArch]:
     """(a display name, the SubArch) of `budget` for the checkpoint at `path`.
 
     budget: a manifest name ('full', '77%'); a fraction, as a number (0.6) or a string ('60%', '0.6'): a
     trained one -> its manifest entry, 1.0 -> the full model, one between two trained ones -> the router's
     interpolation within the checkpoint's landing_tolerance; or an explicit SubArch (checked against the
-    config). cfg / manifest / router: already read (else read from `path`).
+    config). cfg / manifest / router: already read (else read from `path`; path=None: `manifest` alone,
+    which resolves names and trained fractions).
     Raises KeyError (listing the manifest's budgets) for a name or fraction the checkpoint doesn't have."""
-    path = Path(path)
-    if cfg is None:
-        cfg, manifest = _config_and_manifest(path)
+    if path is not None:
+        path = Path(path)
+        if cfg is None:
+            cfg, manifest = _config_and_manifest(path)
     if isinstance(budget, SubArch):
-        budget.resolve(cfg)  # ConfigError, naming the axis, if it doesn't fit
+        if cfg is not None:
+            budget.resolve(cfg)  # ConfigError, naming the axis, if it doesn't fit
         return "custom", budget
     if isinstance(budget, bool) or not isinstance(budget, (str, int, float)):
         raise TypeError(f"budget must be a name, a fraction or a SubArch, got {type(budget).__name__}")
@@ -182,6 +185,8 @@ def resolve_budget(path: str | Path, budget: str | float | SubArch, *, cfg=None,
         raise KeyError(f"no budget {budget!r} in {path}: {frac:g} is outside the trained range "
                        f"{min(fracs):g}..{max(fracs):g} (budgets: {names}); pick one of them or a fraction in between")
     if router is None:
+        if path is None:
+            raise KeyError(f"budget {budget!r} lies between trained budgets {names}: interpolating needs the router")
         router = read_router(path, cfg, manifest)
     # within the landing tolerance of frac, like the trained budgets
     return f"{budget_name(frac)} (interpolated)", router.interpolate(frac, router.ecfg.landing_tolerance)

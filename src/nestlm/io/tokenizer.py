@@ -77,7 +77,7 @@ def load_tokenizer(path: str | Path, vocab_size: int | None = None) -> Tokenizer
     if vocab_size in BYTE_VOCABS:
         return Tokenizer(ByteTokenizer())
     raise CheckpointError(f"{path}: no tokenizer files ({', '.join(HF_TOKENIZER_FILES[:2])}, or "
-                          f"{ByteTokenizer.FILE}) and the vocabulary ({vocab_size}) is not the byte tokenizer's "
+                          f"{ByteTokenizer.FILE}) and its vocabulary ({vocab_size}) is not the byte tokenizer's "
                           f"({BYTE_VOCABS[1]}); copy the tokenizer files into the folder")
 
 

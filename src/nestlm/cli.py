@@ -13,7 +13,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 from pathlib import Path
@@ -22,7 +21,7 @@ import torch
 
 from nestlm.arch import count_active_params, count_memory, count_params
 from nestlm.convert import config_from_hf
-from nestlm.elastic.artifact import MANIFEST
+from nestlm.elastic.artifact import MANIFEST, read_provenance
 from nestlm.errors import CheckpointError, ConfigError
 from nestlm.io.safetensors import read_config
 from nestlm.model.config import ModelConfig
@@ -112,7 +111,7 @@ def slice(elastic_dir: str, budget: str, out: str, overwrite: bool = False) -> P
         dst = run_slice(elastic_dir, budget, out, overwrite=overwrite, stats=stats)
     except KeyError as e:  # an unknown budget: the message lists the checkpoint's budgets
         raise UsageError(e.args[0]) from None
-    meta = json.loads((dst / "nestlm_slice.json").read_text())
+    meta = read_provenance(dst)
     print(f"wrote {dst} (budget {meta['budget']}: {meta['params']:,} parameters, "
           f"{stats['bytes_written'] / 1e6:.2f} MB in {stats['seconds']:.2f} s)")
     return dst

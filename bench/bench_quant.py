@@ -26,8 +26,8 @@ from pathlib import Path
 
 import nestlm
 from nestlm.arch import SubArch
-from nestlm.config import MANIFEST
 from nestlm.data import ByteTokenizer, kjv_text, perplexity, split
+from nestlm.elastic.artifact import read_manifest
 from nestlm.quant import load_quantized, quantize, quantized_bytes, slice_quantized
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -80,7 +80,7 @@ def main(argv=None):
 
     # ---- held-out tokens and the full-precision elastic model
     val = split(ByteTokenizer().encode_tensor(kjv_text()), val_frac=0.05)[1]
-    manifest = json.loads((elastic / MANIFEST).read_text())
+    manifest = read_manifest(elastic, required=True)
     budgets = {n: SubArch.from_dict(b["sub"]) for n, b in manifest["budgets"].items()}
     fp = nestlm.from_hf(elastic)
 
@@ -111,7 +111,7 @@ def main(argv=None):
                                                       "checkpoint_every": args.qad_steps}, progress=False)
     res["qad_seconds"] = time.perf_counter() - t0
     q = load_quantized(run["packed"])
-    qad_manifest = json.loads((run["packed"] / MANIFEST).read_text())
+    qad_manifest = read_manifest(run["packed"], required=True)
     for name, sub in budgets.items():
         res["rows"][name]["nvfp4_qad"] = ppl(q, sub)
         own = SubArch.from_dict(qad_manifest["budgets"][name]["sub"])

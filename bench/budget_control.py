@@ -114,12 +114,12 @@ def weight_reads(res, think_params: int, answer_params: int) -> float:
 def evaluate(model, manifest, task, configs: list[Setup], n: int, seed: int, max_answer: int, warmup: int):
     from nestlm.budget import generate_two_phase
     from nestlm.data import ByteTokenizer
-    from nestlm.elastify import budget_subarch
+    from nestlm.elastic.artifact import resolve_budget
     from nestlm.reasoning import THINK_END, format_prompt, format_trace, sample_problems, score
 
     tok = ByteTokenizer()
     tag = tok.encode(THINK_END)
-    subs = {b: budget_subarch(manifest, b) for b in manifest["budgets"]}
+    subs = {b: resolve_budget(None, b, manifest=manifest)[1] for b in manifest["budgets"]}
     params = {b: v["active_params"] for b, v in manifest["budgets"].items()}
     problems = sample_problems(task, n + warmup, seed=seed, split="test")
     dev = model.lm_head_weight.device

@@ -19,7 +19,6 @@ import torch
 
 import nestlm
 from nestlm.arch import SubArch, count_params
-from nestlm.config import budget_name
 from nestlm.data import ByteTokenizer, kjv_text, perplexity, split
 from nestlm.demo import (
     BUDGETS,
@@ -30,6 +29,7 @@ from nestlm.demo import (
     sort_by_importance,
     torch_threads,
 )
+from nestlm.elastic.artifact import budget_name
 from nestlm.elastify import load_elastic
 
 RUNS = {"width": CHOICES, "width+depth": {**CHOICES, "depth": [6, 5, 4]}}

@@ -13,8 +13,8 @@ from __future__ import annotations
 import argparse
 
 from nestlm.arch import SubArch, count_params
-from nestlm.config import budget_name
 from nestlm.data import ByteTokenizer, kjv_text, perplexity, split
+from nestlm.elastic.artifact import budget_name
 from nestlm.elastify import load_elastic
 
 

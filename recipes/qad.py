@@ -18,7 +18,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 import shutil
 import time
 from pathlib import Path
@@ -26,7 +25,8 @@ from pathlib import Path
 import torch
 
 import nestlm
-from nestlm.config import MANIFEST, ROUTER_FILE, ElasticConfig
+from nestlm.config import ElasticConfig
+from nestlm.elastic.artifact import MANIFEST, ROUTER_FILE, read_manifest
 from nestlm.quant import calibrate, export_quantized, fake_quantize_, quantized_bytes
 
 # QAD defaults on top of the checkpoint's own elastic config: a short run at a small learning rate, every
@@ -36,7 +36,7 @@ QAD_DEFAULTS = {"steps": 200, "lr_model": 1e-4, "checkpoint_every": 50, "sort": 
 
 def qad_config(elastic_dir: str | Path, fmt: str, overrides: dict | None = None) -> ElasticConfig:
     """The elastic checkpoint's ElasticConfig (budgets from its manifest) with quant=fmt and the overrides."""
-    manifest = json.loads((Path(elastic_dir) / MANIFEST).read_text())
+    manifest = read_manifest(elastic_dir, required=True)
     d = dict(manifest["elastic"])
     d["budgets"] = sorted((b["fraction"] for b in manifest["budgets"].values()), reverse=True)
     d.update(QAD_DEFAULTS | {"p_full": 1 / len(d["budgets"])} | (overrides or {}) | {"quant": fmt})
@@ -46,7 +46,7 @@ def qad_config(elastic_dir: str | Path, fmt: str, overrides: dict | None = None)
 def train_tokens(elastic_dir: str | Path, vocab_size: int, text: str | None = None, val_frac: float = 0.05):
     """The training stream: the front of the text (default: the KJV Bible), its last val_frac held out."""
     from nestlm.data import kjv_text, load_text, split
-    from nestlm.evaluate import load_tokenizer
+    from nestlm.io.tokenizer import load_tokenizer
 
     tok = load_tokenizer(elastic_dir, vocab_size)
     ids = tok.encode_tensor(load_text(text) if text is not None else kjv_text())
@@ -71,7 +71,7 @@ def qad(elastic_dir: str | Path, out_dir: str | Path, fmt: str = "nvfp4", overri
     seconds = time.perf_counter() - t0
 
     student = load_student(run, fmt)  # 3: latent weights, activations, packed export
-    manifest = json.loads((run / MANIFEST).read_text())
+    manifest = read_manifest(run, required=True)
     subs = [None] + [nestlm.SubArch.from_dict(b["sub"]) for b in manifest["budgets"].values()]
     amax = calibrate(student, _batches(data, calib_batches, ecfg.batch, ecfg.seq_len), subs, progress=progress)
     packed = export_quantized(student, out / fmt, fmt, input_amax=amax, tokenizer_dir=elastic_dir, overwrite=True)

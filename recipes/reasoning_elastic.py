@@ -32,9 +32,9 @@ import torch.nn.functional as F
 import yaml
 
 import nestlm
-from nestlm.config import MANIFEST
 from nestlm.data import ByteTokenizer
-from nestlm.model.config import ConfigError
+from nestlm.elastic.artifact import MANIFEST, read_manifest
+from nestlm.errors import ConfigError
 from nestlm.reasoning import TaskConfig, encode_examples, format_example, sample_problems
 
 DEFAULT_CONFIG = Path(__file__).parent / "configs" / "reasoning_tiny.yaml"
@@ -181,7 +181,7 @@ def run(config: str | Path = DEFAULT_CONFIG, out: str | Path = "runs/reasoning")
     else:
         print(f"stage 2: {elastic} exists, skipped")
     (out / "recipe.json").write_text(json.dumps({"config": str(config), "seconds": times}, indent=2))
-    manifest = json.loads((elastic / MANIFEST).read_text())
+    manifest = read_manifest(elastic, required=True)
     for name, b in manifest["budgets"].items():
         widths = {k: v for k, v in b["sub"].items() if v is not None}
         print(f"{name:>6}: {b['params']:,} params  {json.dumps(widths)}")

@@ -12,7 +12,7 @@ from conftest import randomize_
 from torch.testing import assert_close
 
 import nestlm
-import nestlm.convert.io as nio
+import nestlm.io.safetensors as nio
 from nestlm import ConfigError, ModelConfig
 from nestlm.convert import hf_tensors
 

@@ -5,7 +5,8 @@
 from nestlm.arch import SubArch, count_active_params, count_memory, count_params, sliced_config
 from nestlm.config import ElasticConfig
 from nestlm.elastify import elastify, load_elastic
-from nestlm.model import ConfigError, ModelConfig
+from nestlm.errors import ConfigError
+from nestlm.model import ModelConfig
 from nestlm.model.decoder import Cache, Decoder
 from nestlm.router import Router
 

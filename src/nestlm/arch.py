@@ -21,7 +21,8 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
-from nestlm.model.config import ConfigError, ModelConfig
+from nestlm.errors import ConfigError
+from nestlm.model.config import ModelConfig
 
 
 @dataclass(frozen=True)

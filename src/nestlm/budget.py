@@ -33,9 +33,9 @@ from pathlib import Path
 import torch
 
 from nestlm.arch import SubArch
+from nestlm.errors import ConfigError
 from nestlm.generate import decode, prefill
 from nestlm.model import layout
-from nestlm.model.config import ConfigError
 from nestlm.model.decoder import Cache
 
 __all__ = ["SWITCHES", "Standalone", "TwoPhaseResult", "generate_two_phase", "think_answer", "transplant_cache"]
@@ -260,53 +260,33 @@ def generate_two_phase(model, ids: torch.Tensor, think_sub: SubArch | None, answ
 
 
 # ---------------------------------------------------------------------------------------------- command line
-def _tokenizer(path: Path, vocab_size: int):
-    """(encode(text) -> ids, decode(ids) -> text, bos id, eos id) of the folder's tokenizer: the byte tokenizer
-    when the folder has nestlm_tokenizer.json or the vocabulary is byte-sized, else AutoTokenizer."""
-    from nestlm.data import ByteTokenizer
-
-    if (path / ByteTokenizer.FILE).is_file() or vocab_size in (256, ByteTokenizer().vocab_size):
-        bt = ByteTokenizer()
-        return bt.encode, bt.decode, bt.bos_id, bt.eos_id
-    if not any((path / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")):
-        from nestlm.convert import CheckpointError
-
-        raise CheckpointError(f"{path}: no tokenizer files (tokenizer.json / tokenizer_config.json)")
-    from transformers import AutoTokenizer
-
-    tok = AutoTokenizer.from_pretrained(str(path))
-    return (lambda s: tok.encode(s, add_special_tokens=False),
-            lambda ids: tok.decode(ids, skip_special_tokens=True), tok.bos_token_id, tok.eos_token_id)
-
-
 def think_answer(path: str | Path, prompt: str, think_budget: str | float = "full",
                  answer_budget: str | float = "full", max_think: int = 256, max_answer: int = 64,
                  transplant: bool = False, end_think: str = "</think>", temperature: float = 0.0,
                  seed: int | None = None, bos: bool = True, stream: bool = True) -> TwoPhaseResult:
     """Budget control from an elastic checkpoint folder: think with budget `think_budget` (a manifest name
-    such as '40%' or 'full', or a fraction), answer with `answer_budget`. `bos`: start the prompt with the
+    such as '40%' or 'full', or a fraction: between trained budgets the router interpolates, as
+    `nestlm slice` does), answer with `answer_budget`. `bos`: start the prompt with the
     tokenizer's beginning-of-sequence token (as the reasoning recipe trains). Streams the text to stdout when
     `stream` (the trace, then the answer); returns the TwoPhaseResult. Both submodels run extracted
     (`Standalone`)."""
-    from nestlm.elastify import budget_subarch, load_elastic
+    from nestlm.elastic.artifact import resolve_budget
+    from nestlm.elastify import load_elastic
+    from nestlm.io.tokenizer import load_tokenizer
 
     path = Path(path)
-    model, _, manifest = load_elastic(path)
+    model, router, manifest = load_elastic(path)
     model.eval()
 
-    def sub_of(b):
-        if isinstance(b, str) and b not in manifest["budgets"]:  # '0.4' from a command line
-            try:
-                b = float(b)
-            except ValueError:
-                pass
+    def sub_of(b):  # a name, '60%', '0.6', 0.6: trained, or interpolated between trained budgets
         try:
-            return budget_subarch(manifest, b)
-        except KeyError:
-            raise ConfigError(f"{path}: no budget {b!r} (have {sorted(manifest['budgets'])})") from None
+            return resolve_budget(path, b, cfg=model.cfg, manifest=manifest, router=router)[1]
+        except KeyError as e:
+            raise ConfigError(e.args[0]) from None
 
     s_sub, l_sub = sub_of(think_budget), sub_of(answer_budget)
-    encode, decode_text, bos_id, eos = _tokenizer(path, model.cfg.vocab_size)
+    tok = load_tokenizer(path, model.cfg.vocab_size)
+    encode, decode_text, bos_id, eos = tok.encode, tok.decode, tok.bos_id, tok.eos_id
     ids = torch.tensor([[bos_id] * (bos and bos_id is not None) + encode(prompt)],
                        device=model.embeddings.weight.device)  # [1, t]
     new: list[int] = []

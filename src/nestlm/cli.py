@@ -13,7 +13,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 from pathlib import Path
@@ -21,10 +20,11 @@ from pathlib import Path
 import torch
 
 from nestlm.arch import count_active_params, count_memory, count_params
-from nestlm.config import MANIFEST
-from nestlm.convert import CheckpointError, config_from_hf
-from nestlm.convert.io import read_config
-from nestlm.model.config import ConfigError, ModelConfig
+from nestlm.convert import config_from_hf
+from nestlm.elastic.artifact import MANIFEST, read_provenance
+from nestlm.errors import CheckpointError, ConfigError
+from nestlm.io.safetensors import read_config
+from nestlm.model.config import ModelConfig
 
 
 class UsageError(Exception):
@@ -111,7 +111,7 @@ def slice(elastic_dir: str, budget: str, out: str, overwrite: bool = False) -> P
         dst = run_slice(elastic_dir, budget, out, overwrite=overwrite, stats=stats)
     except KeyError as e:  # an unknown budget: the message lists the checkpoint's budgets
         raise UsageError(e.args[0]) from None
-    meta = json.loads((dst / "nestlm_slice.json").read_text())
+    meta = read_provenance(dst)
     print(f"wrote {dst} (budget {meta['budget']}: {meta['params']:,} parameters, "
           f"{stats['bytes_written'] / 1e6:.2f} MB in {stats['seconds']:.2f} s)")
     return dst
@@ -228,30 +228,27 @@ def generate(path: str, prompt: str, max_new_tokens: int = 64, temperature: floa
         print(f"\n[thought {res.think_len + res.forced_len} tokens on {think_budget} (ended by {res.ended_by}), "
               f"answered {res.answer_len} on {answer_budget} ({res.switch}); {res.total_s:.2f} s]", file=sys.stderr)
         return res
-    from transformers import AutoTokenizer
-
     from nestlm.convert import from_hf
     from nestlm.generate import generate as run_generate
+    from nestlm.io.tokenizer import load_tokenizer
 
-    if not (Path(path) / "tokenizer.json").is_file() and not (Path(path) / "tokenizer_config.json").is_file():
-        raise CheckpointError(f"{path}: no tokenizer files (tokenizer.json / tokenizer_config.json)")
-    tok = AutoTokenizer.from_pretrained(path)
     model = from_hf(path)
-    ids = torch.tensor([tok.encode(prompt)])  # [1, t]
+    tok = load_tokenizer(path, model.cfg.vocab_size)
+    ids = torch.tensor([tok.encode(prompt, add_special_tokens=True)])  # [1, t]
     new: list[int] = []
     shown = [0]  # characters of the continuation already printed
 
     def stream(nxt: torch.Tensor):  # nxt [1]
         new.append(int(nxt[0]))
-        text = tok.decode(new, skip_special_tokens=True)
+        text = tok.decode(new)
         if not text.endswith("\ufffd"):  # wait for the rest of a multi-byte character
             print(text[shown[0]:], end="", flush=True)
             shown[0] = len(text)
 
     print(prompt, end="", flush=True)
     run_generate(model, ids, max_new_tokens, temperature=temperature, seed=seed,
-                 stop_tokens=tok.eos_token_id, callback=stream)
-    text = tok.decode(new, skip_special_tokens=True)
+                 stop_tokens=tok.eos_id, callback=stream)
+    text = tok.decode(new)
     print(text[shown[0]:])
     return text
 
@@ -262,11 +259,10 @@ def _dtype(hf: dict) -> torch.dtype:
 
 
 def _tokens(model_dir: str, vocab_size: int, text: str | None, kjv: bool, need: int | None) -> torch.Tensor:
-    """Token ids [n] of the text file (or the KJV Bible): the folder's tokenizer (AutoTokenizer), or the byte
-    tokenizer when the folder has none and the vocabulary fits it. Only a prefix long enough for `need`."""
+    """Token ids [n] of the text file (or the KJV Bible) by the folder's tokenizer (nestlm.io.tokenizer's
+    rule). Only a prefix long enough for `need`."""
     from nestlm.data import kjv_text, load_text
-    from nestlm.evaluate import _tokens as tokenize
-    from nestlm.evaluate import load_tokenizer
+    from nestlm.io.tokenizer import check_ids, load_tokenizer, text_tokens
 
     if (text is None) == (not kjv):
         raise UsageError("give the training text: --text FILE or --kjv")
@@ -275,9 +271,8 @@ def _tokens(model_dir: str, vocab_size: int, text: str | None, kjv: bool, need: 
         raw = kjv_text() if kjv else load_text(text)
     except ValueError as e:
         raise UsageError(str(e)) from None
-    ids = tokenize(tok, raw, need)
-    if len(ids) and int(ids.max()) >= vocab_size:
-        raise ConfigError(f"the tokenizer produced id {int(ids.max())} >= the model's vocab_size {vocab_size}")
+    ids = text_tokens(tok, raw, need)
+    check_ids(ids, vocab_size, f"{model_dir}'s tokenizer")
     return ids
 
 
@@ -285,10 +280,9 @@ def _copy_tokenizer(src: str, dst: Path) -> None:
     """Tokenizer files of the parent folder into the elastic checkpoint, so that every slice carries them."""
     import shutil
 
-    from nestlm.convert.io import TOKENIZER_FILES
-    from nestlm.data import ByteTokenizer
+    from nestlm.io.tokenizer import TOKENIZER_FILES
 
-    for name in TOKENIZER_FILES + (ByteTokenizer.FILE,):
+    for name in TOKENIZER_FILES:
         if (Path(src) / name).is_file() and not (dst / name).is_file():
             shutil.copy2(Path(src) / name, dst / name)
 

@@ -26,10 +26,9 @@ from pathlib import Path
 import yaml
 
 from nestlm.arch import SubArch, depth_units
-from nestlm.model.config import ConfigError, ModelConfig
-
-MANIFEST = "nestlm_elastic.json"  # an elastic checkpoint's manifest: budgets, their SubArch, the config
-ROUTER_FILE = "router.safetensors"  # its trained router, beside the HF weights
+from nestlm.elastic.artifact import MANIFEST, ROUTER_FILE, budget_name  # noqa: F401 (re-exported names)
+from nestlm.errors import ConfigError
+from nestlm.model.config import ModelConfig
 
 METRICS = ("params", "active", "memory")
 # the SubArch width fields a router may choose, with what each one means for validation
@@ -306,8 +305,3 @@ class ElasticConfig:
         except yaml.YAMLError as e:
             raise ConfigError(f"ElasticConfig: {path} is not valid YAML ({e})") from None
         return cls.from_dict(d or {})
-
-
-def budget_name(frac: float) -> str:
-    """1.0 -> 'full', 0.77 -> '77%', 0.125 -> '12.5%'."""
-    return "full" if frac == 1.0 else f"{frac * 100:.4g}%"

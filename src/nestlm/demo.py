@@ -28,8 +28,9 @@ from tqdm.auto import tqdm
 
 import nestlm
 from nestlm.arch import SubArch, count_active_params, count_params
-from nestlm.config import ElasticConfig, budget_name
+from nestlm.config import ElasticConfig
 from nestlm.data import ByteTokenizer, eval_windows, kjv_text, perplexity, split, token_batches
+from nestlm.elastic.artifact import budget_name
 from nestlm.optim import adamw
 
 BUDGETS = (1.0, 0.75, 0.5)  # fractions of the parent's parameters

@@ -51,14 +51,25 @@ from tqdm.auto import tqdm
 
 from nestlm import parallel
 from nestlm.arch import SubArch, count_active_params, count_params, unit_order
-from nestlm.config import DEPTH, MANIFEST, ROUTER_FILE, ElasticConfig, budget_name
+from nestlm.config import DEPTH, ElasticConfig
 from nestlm.distill import kd_loss, router_loss
-from nestlm.model.config import ConfigError
+from nestlm.elastic.artifact import (
+    MANIFEST,
+    MANIFEST_VERSION,
+    ROUTER_FILE,
+    budget_name,
+    read_manifest,
+    read_router,
+    resolve_budget,
+    router_mismatch,
+)
+from nestlm.errors import CheckpointError, ConfigError
+from nestlm.io.safetensors import read_tensors
+from nestlm.io.tokenizer import check_ids
 from nestlm.optim import adamw
 from nestlm.parallel import setup as setup_parallel
 from nestlm.router import Router
 
-MANIFEST_VERSION = 1
 CKPT_FILE = "checkpoint.pt"  # one process: a torch.save file (read back with weights_only=True)
 CKPT_DIR = "checkpoint"  # N processes: a torch.distributed.checkpoint folder (see nestlm.parallel)
 # config fields that may change when resuming (the others would silently change what the run means)
@@ -115,10 +126,7 @@ def check_data(data, ecfg: ElasticConfig, vocab_size: int, world: int = 1) -> No
     for where, b in tensors.items():
         if b.is_floating_point() or b.is_complex() or b.dtype == torch.bool:
             raise ValueError(f"{where}: expected integer token ids, got {b.dtype}")
-        lo, hi = int(b.min()), int(b.max())
-        if lo < 0 or hi >= vocab_size:
-            raise ConfigError(f"{where}: token id {hi if hi >= vocab_size else lo} is outside the model's "
-                              f"vocabulary (vocab_size {vocab_size}); was it tokenized for another model?")
+        check_ids(b, vocab_size, where)
     if ecfg.sort and ecfg.calib_batches < 1:
         raise ConfigError(f"ElasticConfig: calib_batches must be >= 1 to sort by importance, got {ecfg.calib_batches}")
     if _scores_depth(ecfg) and ecfg.calib_batches < 1:
@@ -460,8 +468,6 @@ def _save_checkpoint(path: Path, state: dict) -> None:
 
 
 def _read_pt(path: Path) -> dict:
-    from nestlm.convert import CheckpointError
-
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # truncated zip, not a checkpoint, or a pickle that isn't plain data
@@ -566,83 +572,26 @@ def export(model, router: Router, ecfg: ElasticConfig, out_dir: str | Path) -> P
 
 def _load_router(router: Router, path: Path) -> None:
     """Start from the router of an elastic checkpoint folder (or a router.safetensors file)."""
-    from safetensors.torch import load_file
-
-    from nestlm.convert import CheckpointError
-
     f = path / ROUTER_FILE if path.is_dir() else path
-    if not f.is_file():
-        raise CheckpointError(f"router_init: {f} not found")
-    state = load_file(str(f))
-    want = {k: tuple(v.shape) for k, v in router.state_dict().items()}
-    got = {k: tuple(v.shape) for k, v in state.items()}
-    if want != got:
-        raise ConfigError(f"router_init: {f} was trained for other budgets or choices (its tensors "
-                          f"{sorted(got.items())[:2]}... vs this config's {sorted(want.items())[:2]}...)")
+    state = read_tensors(f, "router_init: an elastic checkpoint's router")
+    diff = router_mismatch(state, router)
+    if diff:
+        raise ConfigError(f"router_init: {f} was trained for other budgets or choices ({diff})")
     router.load_state_dict(state)
 
 
 def load_elastic(path: str | Path):
     """-> (model, router, manifest) from an elastic checkpoint folder written by `elastify` / `export`.
     Raises CheckpointError naming the file for a missing, unreadable or mismatched manifest or router."""
-    from nestlm.convert import CheckpointError, from_hf
+    from nestlm.convert import from_hf
 
     path = Path(path)
-    mf = path / MANIFEST
-    if not mf.is_file():
-        raise CheckpointError(f"{path}: no {MANIFEST} (not an elastic checkpoint)")
-    try:
-        manifest = json.loads(mf.read_text())
-    except json.JSONDecodeError as e:
-        raise CheckpointError(f"{mf}: not valid JSON ({e})") from None
-    if not isinstance(manifest, dict) or manifest.get("version") != MANIFEST_VERSION:
-        version = manifest.get("version") if isinstance(manifest, dict) else None
-        raise CheckpointError(f"{mf}: manifest version {version} is not {MANIFEST_VERSION}")
-    try:
-        ecfg = ElasticConfig.from_dict(manifest["elastic"])
-    except (KeyError, ConfigError) as e:
-        raise CheckpointError(f"{mf}: bad elastic config ({e})") from None
+    manifest = read_manifest(path, required=True)
     model = from_hf(path)
-    try:
-        router = Router(model.cfg, ecfg)
-    except ConfigError as e:  # e.g. the depth axis without its depth_order
-        raise CheckpointError(f"{mf}: the elastic config doesn't build a router for this model ({e})") from None
-    router.load_state_dict(_read_router(path / ROUTER_FILE, router))
-    return model, router.eval(), manifest
-
-
-def _read_router(f: Path, router: Router) -> dict[str, torch.Tensor]:
-    """The router weights in `f`, checked against the router the manifest describes."""
-    from safetensors import safe_open
-
-    from nestlm.convert import CheckpointError
-    from nestlm.convert.io import SafetensorsDir
-
-    if not f.is_file():
-        raise CheckpointError(f"{f}: missing (the elastic checkpoint's router)")
-    try:
-        with safe_open(str(f), framework="pt") as h:
-            SafetensorsDir._check_size(f, h)
-            sd = {k: h.get_tensor(k) for k in h.keys()}
-    except CheckpointError:
-        raise
-    except Exception as e:  # safetensors' own error types for bad headers and data
-        raise CheckpointError(f"{f}: not a readable safetensors file ({e})") from None
-    want = {k: tuple(v.shape) for k, v in router.state_dict().items()}
-    got = {k: tuple(v.shape) for k, v in sd.items()}
-    if got != want:
-        diff = sorted(k for k in set(want) | set(got) if want.get(k) != got.get(k))[:4]
-        raise CheckpointError(f"{f}: the router weights don't match the manifest's elastic config "
-                              + "; ".join(f"{k}: file {got.get(k)}, config {want.get(k)}" for k in diff))
-    return sd
+    return model, read_router(path, model.cfg, manifest), manifest
 
 
 def budget_subarch(manifest: dict, name_or_frac) -> SubArch:
-    """The SubArch of a manifest budget, by name ('77%', 'full') or fraction (0.77)."""
-    b = manifest["budgets"]
-    if isinstance(name_or_frac, str):
-        return SubArch.from_dict(b[name_or_frac]["sub"])
-    for v in b.values():
-        if math.isclose(v["fraction"], float(name_or_frac)):
-            return SubArch.from_dict(v["sub"])
-    raise KeyError(f"no budget {name_or_frac} in the manifest (have {sorted(b)})")
+    """The SubArch of a manifest budget, by name ('77%', 'full') or fraction (0.77): resolve_budget on the
+    manifest alone (kept for callers that hold only a manifest)."""
+    return resolve_budget(None, name_or_frac, manifest=manifest)[1]

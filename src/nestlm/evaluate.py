@@ -10,8 +10,7 @@ forward, which a test pins to the exported checkpoint), so no checkpoint is writ
 
 Default text: the King James New Testament, from "THE GOSPEL ACCORDING TO ST. MATTHEW" to the end. It is
 held out in the sense that the demo and recipes train on the front of the stream; a model trained on the
-whole Bible has seen it. Tokenizer: the folder's own (AutoTokenizer) when it has one, else the byte-level
-`nestlm.data.ByteTokenizer` when the vocabulary has its size (256 or 259).
+whole Bible has seen it. Tokenizer: the folder's own, by `nestlm.io.tokenizer.load_tokenizer`'s rule.
 
 lm-evaluation-harness (optional, `pip install nestlm[eval]`): `lm_eval_tasks=["my_items.jsonl"]` (local
 multiple-choice items, see `jsonl_task`) or task names whose data is already cached locally add lm-eval's
@@ -26,17 +25,15 @@ import tempfile
 import time
 from pathlib import Path
 
-import torch
-
 from nestlm.arch import SubArch, count_active_params, count_params
-from nestlm.data import ByteTokenizer, kjv_text, load_text, perplexity
-from nestlm.model.config import ConfigError
+from nestlm.data import kjv_text, load_text, perplexity
+from nestlm.errors import ConfigError
+from nestlm.io.tokenizer import check_ids, load_tokenizer, text_tokens
 
 __all__ = ["default_text", "evaluate", "format_table", "has_lm_eval", "jsonl_task", "load_tokenizer",
            "lm_eval_scores"]
 
 NT_START = "THE GOSPEL ACCORDING TO ST. MATTHEW"
-TOKENIZER_MARKERS = ("tokenizer.json", "tokenizer.model", "vocab.json", "tokenizer_config.json")
 
 
 def default_text() -> str:
@@ -46,42 +43,6 @@ def default_text() -> str:
     if i < 0:
         raise RuntimeError(f"{NT_START!r} not found in the KJV text")
     return text[i:]
-
-
-class _HFTokenizer:
-    def __init__(self, tok):
-        self.tok = tok
-        self.vocab_size = len(tok)
-
-    def encode_tensor(self, text: str) -> torch.Tensor:
-        return torch.tensor(self.tok(text, add_special_tokens=False, verbose=False)["input_ids"], dtype=torch.long)
-
-
-def load_tokenizer(path: str | Path, vocab_size: int):
-    """The folder's tokenizer, or ByteTokenizer for a byte-sized vocabulary. Has `encode_tensor(text)`."""
-    path = Path(path)
-    if (path / ByteTokenizer.FILE).is_file():
-        return ByteTokenizer.load(path)
-    if any((path / f).is_file() for f in TOKENIZER_MARKERS):
-        from transformers import AutoTokenizer
-
-        return _HFTokenizer(AutoTokenizer.from_pretrained(str(path)))
-    if vocab_size in (256, ByteTokenizer().vocab_size):
-        return ByteTokenizer()
-    raise ConfigError(f"{path} has no tokenizer files and its vocabulary ({vocab_size}) is not the byte "
-                      f"tokenizer's ({ByteTokenizer().vocab_size}); copy the tokenizer files into the folder")
-
-
-def _tokens(tok, text: str, need: int | None) -> torch.Tensor:
-    """Token ids of `text`, or of a prefix of it long enough for `need` tokens (tokenizing ~1 MB is slow)."""
-    if need is None:
-        return tok.encode_tensor(text)
-    chars = need * 2
-    while True:
-        ids = tok.encode_tensor(text[:chars])
-        if len(ids) >= need + 1 or chars >= len(text):  # +1: the last token may be cut mid-word
-            return ids[:need]
-        chars *= 4
 
 
 def has_lm_eval() -> bool:
@@ -160,7 +121,8 @@ def evaluate(elastic_or_hf_dir: str | Path, text_path: str | Path | None = None,
     takes them. Returns one dict per row: name, fraction, sub, params, active_params, ppl, tokens, seconds
     (and lm_eval when lm_eval_tasks is given)."""
     from nestlm.convert import from_hf
-    from nestlm.slicing import _open, resolve_budget
+    from nestlm.elastic.artifact import resolve_budget
+    from nestlm.slicing import _open
     from nestlm.slicing import slice as slice_
 
     path, cfg, _, manifest = _open(elastic_or_hf_dir)
@@ -169,11 +131,10 @@ def evaluate(elastic_or_hf_dir: str | Path, text_path: str | Path | None = None,
     text = load_text(text_path) if text_path is not None else default_text()
     tok = load_tokenizer(path, cfg.vocab_size)
     need = max_windows * seq_len + 1 if max_windows else None
-    ids = _tokens(tok, text, need)
+    ids = text_tokens(tok, text, need)
     if len(ids) < seq_len + 1:
         raise ValueError(f"the text gives {len(ids)} tokens, too few for one window of {seq_len} + 1")
-    if int(ids.max()) >= cfg.vocab_size:
-        raise ConfigError(f"the tokenizer produced id {int(ids.max())} >= the model's vocab_size {cfg.vocab_size}")
+    check_ids(ids, cfg.vocab_size, f"{path}'s tokenizer")
     model = from_hf(path)
     cfg = model.cfg
 

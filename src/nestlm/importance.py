@@ -28,7 +28,7 @@ from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 from nestlm.arch import SubArch, depth_units
-from nestlm.model.config import ConfigError
+from nestlm.io.tokenizer import check_ids
 
 
 @dataclass
@@ -150,10 +150,7 @@ def _check_batch(ids, i: int, vocab_size: int) -> None:
         got = f"{tuple(ids.shape)} {ids.dtype}" if isinstance(ids, torch.Tensor) else type(ids).__name__
         raise ValueError(f"calibration batch {i}: expected a non-empty [batch, seq_len] tensor of token ids, "
                          f"got {got}")
-    lo, hi = int(ids.min()), int(ids.max())
-    if lo < 0 or hi >= vocab_size:
-        raise ConfigError(f"calibration batch {i}: token id {hi if hi >= vocab_size else lo} is outside the "
-                          f"model's vocabulary (vocab_size {vocab_size}); was it tokenized for another model?")
+    check_ids(ids, vocab_size, f"calibration batch {i}")
 
 
 def _depth_study(model, ids, logits, units) -> torch.Tensor:

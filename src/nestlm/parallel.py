@@ -40,7 +40,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from nestlm.model.config import ConfigError
+from nestlm.errors import ConfigError
 
 MODES = ("ddp", "fsdp2")
 STATE_FILE = "train_state.json"  # a DCP checkpoint's non-tensor state, written last: its completion mark
@@ -253,7 +253,7 @@ def find_checkpoint(path: Path) -> Path | None:
 
 
 def read_state(path: Path) -> dict:
-    from nestlm.convert import CheckpointError
+    from nestlm.errors import CheckpointError
 
     try:
         return json.loads((path / STATE_FILE).read_text())
@@ -309,7 +309,7 @@ def load_checkpoint(path: Path, parts: dict) -> dict:
         set_optimizer_state_dict,
     )
 
-    from nestlm.convert import CheckpointError
+    from nestlm.errors import CheckpointError
 
     state = read_state(path)
     tensors = {}

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 
 import torch
 
-from nestlm.model.config import ConfigError
+from nestlm.errors import ConfigError
 
 THINK_START, THINK_END, ANSWER = "<think>", "</think>", "A:"
 _ANSWER_RE = re.compile(r"A:\s*(\d+)")

@@ -33,7 +33,8 @@ from torch import nn
 
 from nestlm.arch import SubArch, count_active_params, count_memory, count_params, depth_units
 from nestlm.config import DEPTH, ElasticConfig
-from nestlm.model.config import ConfigError, ModelConfig
+from nestlm.errors import ConfigError
+from nestlm.model.config import ModelConfig
 
 # the axes each block kind's cost depends on ("" = embeddings, final norm and lm_head)
 KIND_AXES = {

@@ -31,59 +31,33 @@ from pathlib import Path
 import torch
 
 from nestlm.arch import SubArch, count_active_params, count_params, sliced_config
-from nestlm.config import MANIFEST, ROUTER_FILE
 from nestlm.convert import FAMILIES, config_from_hf, moe, nemotron_h
-from nestlm.convert.io import (
-    TOKENIZER_FILES,
-    CheckpointError,
-    SafetensorsDir,
-    UnsupportedArchitecture,
+from nestlm.elastic.artifact import (
+    check_manifest,
+    provenance,
+    read_manifest,
+    read_provenance,
+    resolve_budget,
+    write_provenance,
+)
+from nestlm.errors import CheckpointError, ConfigError, UnsupportedArchitecture
+from nestlm.io.safetensors import (
+    ST_DTYPE,
+    Source,
     atomic_dir,
     copy_files,
     read_config,
     split_shards,
     write_shards,
 )
-from nestlm.data import ByteTokenizer
-from nestlm.model.config import ConfigError, ModelConfig
+from nestlm.io.tokenizer import TOKENIZER_FILES
+from nestlm.model.config import ModelConfig
 from nestlm.model.layout import Cut, is_stacked, model_cuts
 
 __all__ = ["format_info", "info", "plan", "resolve_budget", "slice"]
 
-SLICE_FILE = "nestlm_slice.json"  # provenance written next to a sliced checkpoint (ignored by transformers)
-EXTRA_FILES = (ByteTokenizer.FILE,)
-
-DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-          "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
-          "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2}
-ST_DTYPE = {v: k for k, v in DTYPES.items()}
-
 
 # ---------------------------------------------------------------------------------------------- source
-class Source(SafetensorsDir):
-    """A checkpoint folder's tensors, memory-mapped: names, shapes and dtypes from the headers, and prefix
-    reads that touch only the requested bytes."""
-
-    def dtype(self, name: str) -> torch.dtype:
-        return DTYPES[self._handles[self._where[name]].get_slice(name).get_dtype()]
-
-    def files(self) -> list[str]:
-        return list(self._handles)
-
-
-def _manifest(path: Path) -> dict | None:
-    f = path / MANIFEST
-    if not f.is_file():
-        return None
-    try:
-        m = json.loads(f.read_text())
-    except json.JSONDecodeError as e:
-        raise CheckpointError(f"{f}: not valid JSON ({e})") from None
-    if not isinstance(m, dict) or not isinstance(m.get("budgets"), dict):
-        raise CheckpointError(f"{f}: no 'budgets' table (not an elastic manifest)")
-    return m
-
-
 def _open(path: str | Path) -> tuple[Path, ModelConfig, Source, dict | None]:
     """(path, config, tensors, manifest or None), with config/weights/manifest checked against each other."""
     path = Path(path)
@@ -95,9 +69,9 @@ def _open(path: str | Path) -> tuple[Path, ModelConfig, Source, dict | None]:
     src = Source(path)
     if "quantization_config" not in hf:  # a packed folder's shapes are checked by nestlm.quant's loader
         cfg = _check_weights(path, cfg, src)
-    manifest = _manifest(path)
+    manifest = read_manifest(path)
     if manifest is not None:
-        _check_manifest(path, cfg, manifest)
+        check_manifest(path, cfg, manifest)
     return path, cfg, src, manifest
 
 
@@ -138,95 +112,6 @@ def _check_weights(path: Path, cfg: ModelConfig, src: Source) -> ModelConfig:
         raise CheckpointError(f"{path}: tensor {k} has shape {got} but config.json implies {exp} "
                               f"({len(bad)} mismatched tensors)")
     return cfg
-
-
-def _check_manifest(path: Path, cfg: ModelConfig, manifest: dict) -> None:
-    fam = manifest.get("family")
-    if fam != cfg.family:
-        raise CheckpointError(f"{path}/{MANIFEST} is for family {fam!r} but the weights are {cfg.family!r}")
-    for name, b in manifest["budgets"].items():
-        try:
-            sub = SubArch.from_dict(b["sub"])
-            sub.resolve(cfg)
-        except (ConfigError, KeyError, TypeError) as e:
-            raise CheckpointError(f"{path}/{MANIFEST}: budget {name!r} doesn't fit the weights' config: {e}") \
-                from None
-        if "params" in b and b["params"] != count_params(cfg, sub):
-            raise CheckpointError(f"{path}/{MANIFEST}: budget {name!r} lists {b['params']} parameters but the "
-                                  f"weights' config gives {count_params(cfg, sub)} (manifest from another model?)")
-
-
-# ---------------------------------------------------------------------------------------------- budgets
-def _budget_names(manifest: dict | None) -> list[str]:
-    return list(manifest["budgets"]) if manifest else []
-
-
-def _parse_fraction(s: str) -> float | None:
-    s = s.strip()
-    try:
-        return float(s[:-1]) / 100 if s.endswith("%") else float(s)
-    except ValueError:
-        return None
-
-
-def resolve_budget(path: str | Path, budget: str | float | SubArch, *, cfg: ModelConfig | None = None,
-                   manifest: dict | None = None) -> tuple[str, SubArch]:
-    """(a display name, the SubArch) of `budget` for the checkpoint at `path`.
-
-    budget: a manifest name ('full', '77%'); a fraction (a trained one -> its manifest entry; between two
-    trained ones -> the router's interpolation; 1.0 -> the full model); or an explicit SubArch.
-    Raises KeyError (listing the manifest's budgets) for a name or fraction the checkpoint doesn't have."""
-    path = Path(path)
-    if cfg is None:
-        _, cfg, _, manifest = _open(path)
-    if isinstance(budget, SubArch):
-        budget.resolve(cfg)  # ConfigError, naming the axis, if it doesn't fit
-        return "custom", budget
-    if isinstance(budget, bool) or not isinstance(budget, (str, int, float)):
-        raise TypeError(f"budget must be a name, a fraction or a SubArch, got {type(budget).__name__}")
-    names = _budget_names(manifest)
-    if isinstance(budget, str):
-        if manifest and budget in manifest["budgets"]:
-            return budget, SubArch.from_dict(manifest["budgets"][budget]["sub"])
-        frac = _parse_fraction(budget)
-        if frac is None:
-            raise KeyError(f"no budget {budget!r} in {path} (budgets: {names or 'none: not an elastic checkpoint'})")
-    else:
-        frac = float(budget)
-    if frac == 1.0:
-        return "full", SubArch()
-    if not manifest:
-        raise KeyError(f"budget {budget!r}: {path} has no {MANIFEST} (not an elastic checkpoint); "
-                       "pass an explicit SubArch")
-    for name, b in manifest["budgets"].items():
-        if math.isclose(b["fraction"], frac, rel_tol=1e-6):
-            return name, SubArch.from_dict(b["sub"])
-    fracs = [b["fraction"] for b in manifest["budgets"].values()]
-    if not min(fracs) < frac < max(fracs):
-        raise KeyError(f"budget {budget!r} is outside the trained range {min(fracs):g}..{max(fracs):g} of "
-                       f"{path} (budgets: {names}); pick one of them or a fraction in between")
-    from nestlm.config import budget_name
-
-    router = _router(path, cfg, manifest)  # within the landing tolerance of frac, like the trained budgets
-    return f"{budget_name(frac)} (interpolated)", router.interpolate(frac, router.ecfg.landing_tolerance)
-
-
-def _router(path: Path, cfg: ModelConfig, manifest: dict):
-    """The trained router alone (the weights are not loaded): for interpolating between budgets."""
-    from safetensors.torch import load_file
-
-    from nestlm.config import ElasticConfig
-    from nestlm.router import Router
-
-    f = path / ROUTER_FILE
-    if not f.is_file():
-        raise CheckpointError(f"{path}: no {ROUTER_FILE}; interpolating between budgets needs the router")
-    router = Router(cfg, ElasticConfig.from_dict(manifest["elastic"]))
-    try:
-        router.load_state_dict(load_file(str(f)))
-    except Exception as e:
-        raise CheckpointError(f"{f}: doesn't match the manifest's elastic config ({e})") from None
-    return router.eval()
 
 
 # ---------------------------------------------------------------------------------------------- the plan
@@ -367,10 +252,8 @@ def slice(elastic_dir: str | Path, budget: str | float | SubArch, out_dir: str |
             write_shards(tmp, shards, lambda fp, shard: _write_shard(fp, src, shard, st),
                          lambda shard: [t.name for t in shard], sum(t.nbytes for t in tensors))
             (tmp / "config.json").write_text(json.dumps(hf, indent=2))
-            copy_files(path, tmp, TOKENIZER_FILES + EXTRA_FILES)
-            (tmp / SLICE_FILE).write_text(json.dumps({
-                "source": str(path.resolve()), "budget": name, "sub": s.to_dict(), "family": cfg.family,
-                "params": count_params(cfg, s), "active_params": count_active_params(cfg, s)}, indent=2))
+            copy_files(path, tmp, TOKENIZER_FILES)
+            write_provenance(tmp, provenance(path, name, s, cfg))
     finally:
         torch.set_num_threads(threads)
     st["seconds"] = time.perf_counter() - t0
@@ -460,8 +343,9 @@ def info(elastic_or_hf_dir: str | Path) -> dict:
                      "how": "elastic_bytes: measured size of the folder's safetensors (weights + router); "
                             f"separate_bytes: computed as sum over budgets of stored params x {how}; "
                             "headers/configs excluded"}}
-    if (path / SLICE_FILE).is_file():
-        d["sliced_from"] = json.loads((path / SLICE_FILE).read_text())
+    sliced_from = read_provenance(path)
+    if sliced_from is not None:
+        d["sliced_from"] = sliced_from
     return d
 
 

@@ -14,14 +14,9 @@ import torch
 
 from nestlm.arch import SubArch, sliced_config
 from nestlm.convert import llama, moe, nemotron_h
-from nestlm.convert.io import (
-    CheckpointError,
-    SafetensorsDir,
-    UnsupportedArchitecture,
-    read_config,
-    write_checkpoint,
-)
-from nestlm.model.config import ConfigError, ModelConfig
+from nestlm.errors import CheckpointError, ConfigError, UnsupportedArchitecture
+from nestlm.io.safetensors import SafetensorsDir, read_config, write_checkpoint
+from nestlm.model.config import ModelConfig
 from nestlm.model.decoder import Decoder
 from nestlm.model.slice import sliced_state_dict
 

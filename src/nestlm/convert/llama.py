@@ -7,7 +7,7 @@ import re
 
 import torch
 
-from nestlm.convert.io import UnsupportedArchitecture
+from nestlm.errors import UnsupportedArchitecture
 from nestlm.model.config import ModelConfig
 
 PASSTHROUGH = ("bos_token_id", "eos_token_id", "pad_token_id", "max_position_embeddings", "initializer_range")

@@ -23,8 +23,9 @@ import re
 import torch
 
 from nestlm.convert import llama
-from nestlm.convert.io import UnsupportedArchitecture, stack_experts
+from nestlm.convert.common import stack_experts
 from nestlm.convert.llama import _rope_theta
+from nestlm.errors import UnsupportedArchitecture
 from nestlm.model.config import ModelConfig
 from nestlm.model.layout import is_stacked
 

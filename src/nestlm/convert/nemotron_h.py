@@ -11,7 +11,8 @@ import re
 
 import torch
 
-from nestlm.convert.io import UnsupportedArchitecture, stack_experts
+from nestlm.convert.common import stack_experts
+from nestlm.errors import UnsupportedArchitecture
 from nestlm.model.config import ModelConfig
 from nestlm.model.layout import is_stacked
 

@@ -18,14 +18,12 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from nestlm.errors import ConfigError
+
 BLOCK_KINDS = {"M": "mamba", "*": "attention", "-": "mlp", "E": "moe"}
 FAMILIES = ("nemotron_h", "llama", "qwen3", "qwen3_moe", "mixtral")
 MOE_ROUTERS = ("sigmoid", "softmax")
 ACTS = ("relu2", "swiglu")
-
-
-class ConfigError(ValueError):
-    """A configuration that cannot describe a valid model (bad pattern, widths that don't divide...)."""
 
 
 @dataclass

@@ -28,20 +28,27 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from nestlm.arch import SubArch, count_active_params, count_params, sliced_config
-from nestlm.config import MANIFEST, ROUTER_FILE
+from nestlm.arch import SubArch, sliced_config
 from nestlm.convert import FAMILIES, config_from_hf, nemotron_h
-from nestlm.convert.io import (
-    TOKENIZER_FILES,
-    CheckpointError,
+from nestlm.elastic.artifact import (
+    MANIFEST,
+    ROUTER_FILE,
+    SLICE_FILE,
+    provenance,
+    read_manifest,
+    resolve_budget,
+)
+from nestlm.errors import CheckpointError, ConfigError
+from nestlm.io.safetensors import (
     SafetensorsDir,
+    Source,
     atomic_dir,
     copy_files,
     read_config,
     split_shards,
     write_shards,
 )
-from nestlm.model.config import ConfigError
+from nestlm.io.tokenizer import TOKENIZER_FILES, check_ids, load_tokenizer, text_tokens
 from nestlm.model.decoder import Decoder
 from nestlm.model.slice import sliced_state_dict
 from nestlm.quant.fake import (
@@ -259,16 +266,10 @@ def _write(out: Path, hf: dict, tensors: dict[str, torch.Tensor], fmt: Format, w
                      lambda sh: [k for k, _ in sh], sum(v.nbytes for _, v in items))
         (tmp / "config.json").write_text(json.dumps(hf, indent=2))
         (tmp / QUANT_CONFIG).write_text(json.dumps(hq, indent=2))
-        copy_files(src_dir, tmp, TOKENIZER_FILES + _extra_tokenizer_files() + copy)
+        copy_files(src_dir, tmp, TOKENIZER_FILES + copy)
         for name, obj in extra.items():
             (tmp / name).write_text(json.dumps(obj, indent=2))
     return Path(out)
-
-
-def _extra_tokenizer_files() -> tuple[str, ...]:
-    from nestlm.data import ByteTokenizer
-
-    return (ByteTokenizer.FILE,)
 
 
 def export_quantized(model, out_dir: str | Path, fmt: str | Format = "nvfp4", sub: SubArch | None = None,
@@ -306,8 +307,6 @@ def slice_quantized(src_dir: str | Path, out_dir: str | Path, budget: str | floa
                     overwrite: bool = False) -> Path:
     """Cut the submodel `budget` (a manifest name, a fraction, or a SubArch) out of the packed checkpoint
     src_dir by index ranges: packed codes and block scales are read as they are, nothing is requantized."""
-    from nestlm.slicing import SLICE_FILE, resolve_budget
-
     path = Path(src_dir)
     out = Path(out_dir)
     if out.exists() and not overwrite:
@@ -315,7 +314,7 @@ def slice_quantized(src_dir: str | Path, out_dir: str | Path, budget: str | floa
     hf = read_config(path)
     fmt, weight_only = _format_of(hf, path)
     cfg = config_from_hf(hf)
-    manifest = json.loads((path / MANIFEST).read_text()) if (path / MANIFEST).is_file() else None
+    manifest = read_manifest(path)
     name, sub = resolve_budget(path, budget, cfg=cfg, manifest=manifest)
     s = sub.resolve(cfg)
     check_subarch(cfg, s, fmt)
@@ -323,8 +322,7 @@ def slice_quantized(src_dir: str | Path, out_dir: str | Path, budget: str | floa
     tensors = _slice_tensors(src, cfg, s, fmt)
     small = FAMILIES[cfg.family].config_to_hf(sliced_config(cfg, s))
     small["dtype"] = hf.get("dtype", "float32")
-    prov = {"source": str(path.resolve()), "budget": name, "sub": s.to_dict(), "family": cfg.family,
-            "params": count_params(cfg, s), "active_params": count_active_params(cfg, s), "quant_format": fmt.name}
+    prov = provenance(path, name, s, cfg, quant_format=fmt.name)
     return _write(out, small, tensors, fmt, weight_only, path, {SLICE_FILE: prov}, (), overwrite)
 
 
@@ -380,8 +378,6 @@ def load_quantized(path: str | Path, dtype: torch.dtype = torch.float32, device:
 def quantized_bytes(path: str | Path) -> dict:
     """Bytes on disk of a packed checkpoint: the quantized weights with their scales, per quantized parameter,
     and the whole safetensors payload."""
-    from nestlm.slicing import Source
-
     src = Source(Path(path))
     hf = read_config(path)
     fmt, _ = _format_of(hf, Path(path))
@@ -409,7 +405,6 @@ def quantize(src: str, out: str, fmt: str = "nvfp4", budget: str | None = None, 
     calib_tokens=0: no calibration (NVFP4 weight-only; FP8 needs calibration, fp8_channel does not).
     The tensors that stay unquantized keep the source's dtype. Tokenizer files are copied."""
     from nestlm.convert import from_hf
-    from nestlm.slicing import SLICE_FILE, resolve_budget
 
     fmt_ = get_format(fmt)
     path = Path(src)
@@ -418,7 +413,7 @@ def quantize(src: str, out: str, fmt: str = "nvfp4", budget: str | None = None, 
         raise CheckpointError(f"{path} is already quantized ({hf['quantization_config'].get('quant_algo')})")
     model = from_hf(path)
     cfg = model.cfg
-    manifest = json.loads((path / MANIFEST).read_text()) if (path / MANIFEST).is_file() else None
+    manifest = read_manifest(path)
     subs = [None] + ([SubArch.from_dict(b["sub"]) for b in manifest["budgets"].values()] if manifest else [])
     for s in subs:
         check_subarch(cfg, s, fmt_)  # before any work
@@ -434,10 +429,7 @@ def quantize(src: str, out: str, fmt: str = "nvfp4", budget: str | None = None, 
     if sub is None and manifest is not None:
         copy = (MANIFEST, ROUTER_FILE)
     elif sub is not None:
-        s = sub.resolve(cfg)
-        extra = {SLICE_FILE: {"source": str(path.resolve()), "budget": name, "sub": s.to_dict(),
-                              "family": cfg.family, "params": count_params(cfg, s),
-                              "active_params": count_active_params(cfg, s), "quant_format": fmt_.name}}
+        extra = {SLICE_FILE: provenance(path, name, sub, cfg, quant_format=fmt_.name)}
     dtype = getattr(torch, str(hf.get("dtype") or hf.get("torch_dtype") or "float32"), torch.float32)
     return export_quantized(model, out, fmt_, sub=sub, input_amax=amax, tokenizer_dir=path, overwrite=overwrite,
                             copy=copy, extra=extra, dtype=dtype)
@@ -446,13 +438,11 @@ def quantize(src: str, out: str, fmt: str = "nvfp4", budget: str | None = None, 
 def _calibration_batches(path: Path, vocab_size: int, text: str | None, n_tokens: int, seq_len: int,
                          batch: int) -> list[torch.Tensor]:
     from nestlm.data import kjv_text, load_text
-    from nestlm.evaluate import _tokens, load_tokenizer
 
     tok = load_tokenizer(path, vocab_size)
-    ids = _tokens(tok, load_text(text) if text is not None else kjv_text(), n_tokens)
+    ids = text_tokens(tok, load_text(text) if text is not None else kjv_text(), n_tokens)
     n = len(ids) // seq_len
     if n == 0:
         raise ConfigError(f"calibration text gives {len(ids)} tokens, fewer than one window of {seq_len}")
-    if int(ids.max()) >= vocab_size:
-        raise ConfigError(f"the tokenizer produced id {int(ids.max())} >= the model's vocab_size {vocab_size}")
+    check_ids(ids, vocab_size, "calibration text")
     return list(ids[: n * seq_len].view(n, seq_len).split(batch))

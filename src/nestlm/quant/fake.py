@@ -30,8 +30,9 @@ from torch.nn.utils import parametrize
 from tqdm.auto import tqdm
 
 from nestlm.arch import SubArch
+from nestlm.errors import ConfigError
 from nestlm.model import layout
-from nestlm.model.config import ConfigError, ModelConfig
+from nestlm.model.config import ModelConfig
 from nestlm.model.layers import MLP, Attention, Mamba2, MoE
 from nestlm.quant.formats import (
     Format,

@@ -1,5 +1,10 @@
-"""Reading and writing Hugging Face checkpoint folders (config.json + safetensors), with clear errors and
-atomic writes. Never unpickles: only safetensors are read."""
+"""Reading and writing safetensors checkpoint folders (config.json + safetensors), with clear errors and
+atomic writes. Never unpickles: only safetensors are read.
+
+    hf = read_config(path)                   # config.json, or CheckpointError naming the file
+    src = Source(path)                       # every tensor, memory-mapped: keys, shape, dtype, prefix reads
+    write_checkpoint(out, hf, tensors, src_dir=path)   # atomic, sharded, tokenizer files copied
+"""
 
 from __future__ import annotations
 
@@ -14,29 +19,17 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
-                   "vocab.json", "merges.txt", "generation_config.json", "chat_template.jinja")
+from nestlm.errors import CheckpointError
+from nestlm.io.tokenizer import TOKENIZER_FILES
 
+__all__ = ["DTYPES", "ST_DTYPE", "SafetensorsDir", "Source", "atomic_dir", "copy_files", "read_config",
+           "split_shards", "write_checkpoint", "write_shards"]
 
-class CheckpointError(RuntimeError):
-    """A checkpoint folder that can't be read: missing, truncated or inconsistent files."""
-
-
-class UnsupportedArchitecture(CheckpointError):
-    """A checkpoint whose model_type / features nestlm does not convert."""
-
-
-def stack_experts(per_expert: dict[str, dict[int, torch.Tensor]], n_experts: int,
-                  family: str) -> dict[str, torch.Tensor]:
-    """{our stacked name: {expert id: tensor}} (one tensor per expert, as files hold them) -> {name: [E, ...]}.
-    Every expert 0..n_experts-1 must be there."""
-    out = {}
-    for name, experts in per_expert.items():
-        if sorted(experts) != list(range(n_experts)):
-            raise UnsupportedArchitecture(f"{family} {name}: experts {sorted(experts)} present, "
-                                          f"expected 0..{n_experts - 1}")
-        out[name] = torch.stack([experts[e] for e in range(n_experts)])
-    return out
+# safetensors' dtype names <-> torch dtypes (the one table: headers are read and written with it)
+DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+          "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+          "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2}
+ST_DTYPE = {v: k for k, v in DTYPES.items()}
 
 
 def read_config(path: str | Path) -> dict:
@@ -127,6 +120,18 @@ class SafetensorsDir:
                    for i in range(0, self.shape(a)[0], rows))
 
 
+
+class Source(SafetensorsDir):
+    """A checkpoint folder's tensors, memory-mapped: names, shapes and dtypes from the headers, and prefix
+    reads that touch only the requested bytes."""
+
+    def dtype(self, name: str) -> torch.dtype:
+        return DTYPES[self._handles[self._where[name]].get_slice(name).get_dtype()]
+
+    def files(self) -> list[str]:
+        return list(self._handles)
+
+
 @contextlib.contextmanager
 def atomic_dir(out: Path, overwrite: bool = False):
     """Yield a temporary sibling folder to fill; on success it becomes `out` (an existing `out` is moved
@@ -207,3 +212,19 @@ def _json_default(o):
     if isinstance(o, (set, tuple)):
         return list(o)
     raise TypeError(f"not JSON serialisable: {type(o)}")
+
+
+def read_tensors(f: str | Path, what: str = "") -> dict[str, torch.Tensor]:
+    """Every tensor of one safetensors file (a router, a scores file), with CheckpointError naming the file
+    for a missing, unreadable or truncated one. `what` says what the file is, for the missing case."""
+    f = Path(f)
+    if not f.is_file():
+        raise CheckpointError(f"{f}: missing{f' ({what})' if what else ''}")
+    try:
+        with safe_open(str(f), framework="pt") as h:
+            SafetensorsDir._check_size(f, h)
+            return {k: h.get_tensor(k) for k in h.keys()}
+    except CheckpointError:
+        raise
+    except Exception as e:  # safetensors' own error types for bad headers and data
+        raise CheckpointError(f"{f}: not a readable safetensors file ({e})") from None

@@ -1,0 +1,216 @@
+"""The elastic checkpoint format, in one place: its file names, the manifest and router readers, budget
+resolution, and the provenance of a sliced folder.
+
+An elastic checkpoint folder is a standard Hugging Face checkpoint of the full sorted model plus
+
+    nestlm_elastic.json   the manifest (MANIFEST_VERSION): {"version", "family", "metric", "budgets": {name:
+                          {"fraction", "sub" (a SubArch dict), "params", "active_params", "cost_ratio", ...}},
+                          "choices", "elastic" (the ElasticConfig the router was built from)}
+    router.safetensors    the trained router's weights (a Router of that config)
+
+and a folder sliced (or quantized at one budget) out of one carries nestlm_slice.json: where it came from.
+
+    manifest = read_manifest(path)                        # None for a plain folder; CheckpointError if broken
+    router = read_router(path, cfg, manifest)             # checked against the Router the manifest describes
+    name, sub = resolve_budget(path, "60%")               # a name, '60%', 0.6, a trained fraction, a SubArch
+
+`manifest_for` and `export` (which write the manifest and the router) live with the training loop in
+nestlm.elastify and take these names from here.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+from nestlm.arch import SubArch, count_active_params, count_params
+from nestlm.errors import CheckpointError, ConfigError
+from nestlm.io.safetensors import read_tensors
+
+__all__ = ["MANIFEST", "MANIFEST_VERSION", "ROUTER_FILE", "SLICE_FILE", "budget_name", "check_manifest",
+           "provenance", "read_manifest", "read_provenance", "read_router", "resolve_budget", "router_mismatch",
+           "write_provenance"]
+
+MANIFEST = "nestlm_elastic.json"  # an elastic checkpoint's manifest: budgets, their SubArch, the config
+MANIFEST_VERSION = 1
+ROUTER_FILE = "router.safetensors"  # its trained router, beside the HF weights
+SLICE_FILE = "nestlm_slice.json"  # provenance written next to a sliced checkpoint (ignored by transformers)
+
+
+def budget_name(frac: float) -> str:
+    """1.0 -> 'full', 0.77 -> '77%', 0.125 -> '12.5%'."""
+    return "full" if frac == 1.0 else f"{frac * 100:.4g}%"
+
+
+# ---------------------------------------------------------------------------------------------- manifest
+def read_manifest(path: str | Path, required: bool = False) -> dict | None:
+    """The manifest of the folder `path`: None when it has none (a plain folder; CheckpointError when
+    `required`), CheckpointError naming the file when it is not JSON, not a manifest or of another version."""
+    f = Path(path) / MANIFEST
+    if not f.is_file():
+        if required:
+            raise CheckpointError(f"{path}: no {MANIFEST} (not an elastic checkpoint)")
+        return None
+    try:
+        m = json.loads(f.read_text())
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{f}: not valid JSON ({e})") from None
+    if not isinstance(m, dict) or m.get("version") != MANIFEST_VERSION:
+        version = m.get("version") if isinstance(m, dict) else None
+        raise CheckpointError(f"{f}: manifest version {version} is not {MANIFEST_VERSION}")
+    if not isinstance(m.get("budgets"), dict) or not all(
+            isinstance(b, dict) and "sub" in b and "fraction" in b for b in m["budgets"].values()):
+        raise CheckpointError(f"{f}: no 'budgets' table of {{name: {{fraction, sub}}}} (not an elastic manifest)")
+    return m
+
+
+def check_manifest(path: str | Path, cfg, manifest: dict) -> None:
+    """CheckpointError when the manifest doesn't describe the weights' config `cfg` (another model's)."""
+    where = f"{path}/{MANIFEST}"
+    fam = manifest.get("family")
+    if fam != cfg.family:
+        raise CheckpointError(f"{where} is for family {fam!r} but the weights are {cfg.family!r}")
+    for name, b in manifest["budgets"].items():
+        try:
+            sub = SubArch.from_dict(b["sub"])
+            sub.resolve(cfg)
+        except (ConfigError, KeyError, TypeError) as e:
+            raise CheckpointError(f"{where}: budget {name!r} doesn't fit the weights' config: {e}") from None
+        if "params" in b and b["params"] != count_params(cfg, sub):
+            raise CheckpointError(f"{where}: budget {name!r} lists {b['params']} parameters but the "
+                                  f"weights' config gives {count_params(cfg, sub)} (manifest from another model?)")
+
+
+def _config_and_manifest(path: Path):
+    """(ModelConfig, manifest or None) of a folder, the manifest checked against the config."""
+    from nestlm.convert import config_from_hf  # the families' config.json readers
+    from nestlm.io.safetensors import read_config
+
+    try:
+        cfg = config_from_hf(read_config(path))
+    except ConfigError as e:
+        raise CheckpointError(f"{path}/config.json: {e}") from None
+    manifest = read_manifest(path)
+    if manifest is not None:
+        check_manifest(path, cfg, manifest)
+    return cfg, manifest
+
+
+# ---------------------------------------------------------------------------------------------- router
+def router_mismatch(state: dict, router) -> str | None:
+    """None when the tensors `state` fit `router`, else which ones differ (file shape vs config shape)."""
+    want = {k: tuple(v.shape) for k, v in router.state_dict().items()}
+    got = {k: tuple(v.shape) for k, v in state.items()}
+    if got == want:
+        return None
+    diff = sorted(k for k in set(want) | set(got) if want.get(k) != got.get(k))[:4]
+    return "; ".join(f"{k}: file {got.get(k)}, config {want.get(k)}" for k in diff)
+
+
+def read_router(path: str | Path, cfg, manifest: dict):
+    """The trained Router of the elastic checkpoint `path` (eval mode), built from the manifest's elastic
+    config for the model config `cfg` and loaded from router.safetensors. CheckpointError naming the file
+    for a bad config, a missing or unreadable file, or weights of another shape."""
+    from nestlm.config import ElasticConfig
+    from nestlm.router import Router
+
+    path = Path(path)
+    mf = path / MANIFEST
+    try:
+        ecfg = ElasticConfig.from_dict(manifest["elastic"])
+    except (KeyError, ConfigError) as e:
+        raise CheckpointError(f"{mf}: bad elastic config ({e})") from None
+    try:
+        router = Router(cfg, ecfg)
+    except ConfigError as e:  # e.g. the depth axis without its depth_order
+        raise CheckpointError(f"{mf}: the elastic config doesn't build a router for this model ({e})") from None
+    f = path / ROUTER_FILE
+    state = read_tensors(f, "the elastic checkpoint's router")
+    diff = router_mismatch(state, router)
+    if diff:
+        raise CheckpointError(f"{f}: the router weights don't match the manifest's elastic config {diff}")
+    router.load_state_dict(state)
+    return router.eval()
+
+
+# ---------------------------------------------------------------------------------------------- budgets
+def _parse_fraction(s: str) -> float | None:
+    s = s.strip()
+    try:
+        return float(s[:-1]) / 100 if s.endswith("%") else float(s)
+    except ValueError:
+        return None
+
+
+def resolve_budget(path: str | Path | None, budget: str | float | SubArch, *, cfg=None,
+                   manifest: dict | None = None, router=None) -> tuple[str, SubArch]:
+    """(a display name, the SubArch) of `budget` for the checkpoint at `path`.
+
+    budget: a manifest name ('full', '77%'); a fraction, as a number (0.6) or a string ('60%', '0.6'): a
+    trained one -> its manifest entry, 1.0 -> the full model, one between two trained ones -> the router's
+    interpolation within the checkpoint's landing_tolerance; or an explicit SubArch (checked against the
+    config). cfg / manifest / router: already read (else read from `path`; path=None: `manifest` alone,
+    which resolves names and trained fractions).
+    Raises KeyError (listing the manifest's budgets) for a name or fraction the checkpoint doesn't have."""
+    if path is not None:
+        path = Path(path)
+        if cfg is None:
+            cfg, manifest = _config_and_manifest(path)
+    if isinstance(budget, SubArch):
+        if cfg is not None:
+            budget.resolve(cfg)  # ConfigError, naming the axis, if it doesn't fit
+        return "custom", budget
+    if isinstance(budget, bool) or not isinstance(budget, (str, int, float)):
+        raise TypeError(f"budget must be a name, a fraction or a SubArch, got {type(budget).__name__}")
+    names = list(manifest["budgets"]) if manifest else []
+    if isinstance(budget, str):
+        if manifest and budget in manifest["budgets"]:
+            return budget, SubArch.from_dict(manifest["budgets"][budget]["sub"])
+        frac = _parse_fraction(budget)
+        if frac is None:
+            raise KeyError(f"no budget {budget!r} in {path} (budgets: {names or 'none: not an elastic checkpoint'})")
+    else:
+        frac = float(budget)
+    if frac == 1.0:
+        return "full", SubArch()
+    if not manifest:
+        raise KeyError(f"budget {budget!r}: {path} has no {MANIFEST} (not an elastic checkpoint); "
+                       "pass an explicit SubArch")
+    for name, b in manifest["budgets"].items():
+        if math.isclose(b["fraction"], frac, rel_tol=1e-6):
+            return name, SubArch.from_dict(b["sub"])
+    fracs = [b["fraction"] for b in manifest["budgets"].values()]
+    if not min(fracs) < frac < max(fracs):
+        raise KeyError(f"no budget {budget!r} in {path}: {frac:g} is outside the trained range "
+                       f"{min(fracs):g}..{max(fracs):g} (budgets: {names}); pick one of them or a fraction in between")
+    if router is None:
+        if path is None:
+            raise KeyError(f"budget {budget!r} lies between trained budgets {names}: interpolating needs the router")
+        router = read_router(path, cfg, manifest)
+    # within the landing tolerance of frac, like the trained budgets
+    return f"{budget_name(frac)} (interpolated)", router.interpolate(frac, router.ecfg.landing_tolerance)
+
+
+# ---------------------------------------------------------------------------------------------- provenance
+def provenance(source: str | Path, budget: str, sub: SubArch, cfg, **extra) -> dict:
+    """nestlm_slice.json's content: the source folder, the budget's name, its resolved SubArch, the family,
+    parameter counts; `extra` (quant_format, ...) is added."""
+    s = sub.resolve(cfg)
+    return {"source": str(Path(source).resolve()), "budget": budget, "sub": s.to_dict(), "family": cfg.family,
+            "params": count_params(cfg, s), "active_params": count_active_params(cfg, s), **extra}
+
+
+def write_provenance(folder: str | Path, prov: dict) -> None:
+    (Path(folder) / SLICE_FILE).write_text(json.dumps(prov, indent=2))
+
+
+def read_provenance(folder: str | Path) -> dict | None:
+    """nestlm_slice.json of a sliced folder, or None."""
+    f = Path(folder) / SLICE_FILE
+    if not f.is_file():
+        return None
+    try:
+        return json.loads(f.read_text())
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{f}: not valid JSON ({e})") from None

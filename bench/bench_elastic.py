@@ -56,10 +56,10 @@ def interleaved_medians(fns: dict, repeats: int) -> dict:
 def main(argv=None) -> str:
     import nestlm
     from nestlm.arch import SubArch, width_subarch
-    from nestlm.distill import kd_loss
-    from nestlm.elastify import budget_loss
-    from nestlm.model.slice import extract
-    from nestlm.optim import adamw
+    from nestlm.elastic.losses import kd_loss
+    from nestlm.elastic.optim import adamw
+    from nestlm.elastic.train import budget_loss
+    from nestlm.model.extract import extract
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true")
@@ -102,7 +102,7 @@ def main(argv=None) -> str:
 
     def elastic_step(bi: int, mode: str):
         """One step as nestlm.elastify takes it: one router evaluation, the model at the chosen widths, KD +
-        the router's budget losses (nestlm.elastify.budget_loss)."""
+        the router's budget losses (nestlm.elastic.train.budget_loss)."""
         lg = None if router.pinned(bi) else router.budget_logits(bi)
         w = weights_for(bi, router.probs(bi, tau, scale, logits=lg))
         if router.pinned(bi):

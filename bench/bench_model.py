@@ -69,7 +69,7 @@ def tiny_nemotron_h(tmp: Path):
 def smollm2_135m(tmp: Path):
     """SmolLM2-135M-Instruct (Llama, 30 layers, hidden 576, vocab 49152), or None when not installed."""
     try:
-        from nestlm.pretrained import has_smollm2, smollm2_135m_dir
+        from nestlm.data.pretrained import has_smollm2, smollm2_135m_dir
     except ImportError:
         return None
     if not has_smollm2():
@@ -101,7 +101,7 @@ def _median_seconds(fns, warmup: int, repeats: int) -> list[float]:
 
 def bench_pair(name: str, ours, hf, args) -> tuple[list[tuple], list[str]]:
     """Rows (model, what, ours tok/s, hf tok/s) and notes (correctness checks) for one model."""
-    from nestlm.generate import generate
+    from nestlm.inference.generate import generate
 
     vocab = ours.cfg.vocab_size
     g = torch.Generator().manual_seed(0)

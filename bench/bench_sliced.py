@@ -40,7 +40,7 @@ def demo_hybrid():
 
 
 def smollm2_135m():
-    from nestlm.pretrained import has_smollm2, smollm2_135m_dir
+    from nestlm.data.pretrained import has_smollm2, smollm2_135m_dir
 
     if not has_smollm2():
         return None
@@ -60,8 +60,8 @@ def matmul_params(cfg, sub) -> int:
 
 def bench_model(name: str, model, args) -> list[dict]:
     from nestlm.arch import count_active_params, width_subarch
-    from nestlm.generate import generate
-    from nestlm.model.slice import extract
+    from nestlm.inference.generate import generate
+    from nestlm.model.extract import extract
 
     cfg = model.cfg
     subs = {1.0: None} | {f: width_subarch(cfg, f) for f in args.budgets}

@@ -9,7 +9,7 @@ from the memory-mapped safetensors) vs copying the same number of bytes with `cp
 
 Source checkpoints: a synthetic random Nemotron-H (Mamba2 + attention + MoE + MLP, float32, written once to
 a temp folder; ~100 MB with --quick, ~300 MB otherwise) and, without --quick, SmolLM2-135M (Llama, 540 MB)
-when `nestlm.pretrained.has_smollm2()`. One warmup run (the source is then in the page cache, as it is
+when `nestlm.data.pretrained.has_smollm2()`. One warmup run (the source is then in the page cache, as it is
 for cp), then `--repeats` runs of slice and cp taking turns; MEDIANS. Each output is deleted after its run.
 
     python bench/bench_slicing.py --quick    # < 1 min
@@ -59,7 +59,7 @@ def synthetic_nemotron_h(root: Path, quick: bool) -> tuple[Path, dict]:
 
 def smollm2() -> tuple[Path, dict] | None:
     from nestlm import SubArch
-    from nestlm.pretrained import has_smollm2, smollm2_135m_dir
+    from nestlm.data.pretrained import has_smollm2, smollm2_135m_dir
 
     if not has_smollm2():
         return None

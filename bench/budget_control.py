@@ -10,13 +10,13 @@ middle one (when there are three or more). Configurations ("think→answer"):
 
     L→L, S→S, M→M          one submodel for both phases (the cache just goes on)
     S→L, M→L, L→S          thinking on one submodel, answering on another, re-prefilling the answerer
-    S→L / M→L transplant   the same with the thinker's caches transplanted into L (nestlm.budget.transplant_cache)
+    S→L / M→L transplant   the same with the thinker's caches transplanted into L (nestlm.inference.two_phase.transplant_cache)
     L trunc@k, S→L trunc@k thinking cut after k tokens, '</think>' appended (standard budget control)
 
 Every configuration answers the same `--n` held-out problems (greedy). The problems are the outer loop and
 the configurations the inner one, so machine-load drift hits every configuration alike; latencies are
 MEDIANS per problem (prefill + thinking + switch + answer, one `--threads` CPU thread by default). Each
-budget runs as its own extracted model (nestlm.budget.Standalone; --sliced: the elastic model sliced at
+budget runs as its own extracted model (nestlm.inference.two_phase.Standalone; --sliced: the elastic model sliced at
 every step, which adds per-step slicing overhead to the smaller budgets). Columns:
 accuracy (95% Wilson interval), trace exact (the thinking matched the worked trace token for token), mean
 thinking tokens, tag% (thinking ended at the model's own '</think>'), median latency, tokens/s (generated
@@ -112,10 +112,10 @@ def weight_reads(res, think_params: int, answer_params: int) -> float:
 
 
 def evaluate(model, manifest, task, configs: list[Setup], n: int, seed: int, max_answer: int, warmup: int):
-    from nestlm.budget import generate_two_phase
     from nestlm.data import ByteTokenizer
+    from nestlm.data.reasoning import THINK_END, format_prompt, format_trace, sample_problems, score
     from nestlm.elastic.artifact import resolve_budget
-    from nestlm.reasoning import THINK_END, format_prompt, format_trace, sample_problems, score
+    from nestlm.inference.two_phase import generate_two_phase
 
     tok = ByteTokenizer()
     tag = tok.encode(THINK_END)
@@ -272,8 +272,8 @@ def main(argv=None) -> str:
     torch.set_num_threads(args.threads)
 
     from nestlm.data import ByteTokenizer
-    from nestlm.elastify import load_elastic
-    from nestlm.reasoning import THINK_END, TaskConfig, format_trace, sample_problems
+    from nestlm.data.reasoning import THINK_END, TaskConfig, format_trace, sample_problems
+    from nestlm.load import load_elastic
 
     elastic = args.run / "elastic"
     recipe = load_recipe()
@@ -297,7 +297,7 @@ def main(argv=None) -> str:
     for name, b in manifest["budgets"].items():
         print(f"  {name}: {b['params']:,} params ({b['active_params']:,} active)")
 
-    from nestlm.budget import Standalone
+    from nestlm.inference.two_phase import Standalone
 
     runner = model if args.sliced else Standalone(model)
     rec = evaluate(runner, manifest, task, configs, args.n, args.seed, args.max_answer, args.warmup)

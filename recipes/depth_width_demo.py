@@ -29,8 +29,8 @@ from nestlm.demo import (
     sort_by_importance,
     torch_threads,
 )
-from nestlm.elastic.artifact import budget_name
-from nestlm.elastify import load_elastic
+from nestlm.elastic.config import budget_name
+from nestlm.load import load_elastic
 
 RUNS = {"width": CHOICES, "width+depth": {**CHOICES, "depth": [6, 5, 4]}}
 

@@ -15,7 +15,7 @@ manifest and this report. A run may stop on N processes and resume on M (torch.d
 On CPU this is a correctness path, not a speedup: the tiny run on a busy 2-core machine took ~27 ms per step
 on 1 process, ~43 ms with DDP and ~100 ms with FSDP2 on 2 (gloo collectives dominate a 21k-parameter model).
 
-The training loop itself is `nestlm.elastify.elastify` (src/nestlm/elastify.py), readable top to bottom:
+The training loop itself is `nestlm.elastic.train.elastify` (src/nestlm/elastify.py), readable top to bottom:
 sort the parent, freeze a copy as the teacher, then per step sample a budget, let the router pick the widths,
 distill the sliced submodel, and keep its cost on budget. This script only gathers the inputs and prints the
 result: each budget's architecture, parameters and held-out KL to the teacher.
@@ -33,7 +33,7 @@ import torch
 
 import nestlm
 from nestlm import ElasticConfig, SubArch
-from nestlm.distill import kd_loss
+from nestlm.elastic.losses import kd_loss
 
 
 def tiny_parent() -> nestlm.Decoder:

@@ -14,8 +14,8 @@ import argparse
 
 from nestlm.arch import SubArch, count_params
 from nestlm.data import ByteTokenizer, kjv_text, perplexity, split
-from nestlm.elastic.artifact import budget_name
-from nestlm.elastify import load_elastic
+from nestlm.elastic.config import budget_name
+from nestlm.load import load_elastic
 
 
 def main(argv=None) -> list[dict]:

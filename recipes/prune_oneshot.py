@@ -24,9 +24,9 @@ import torch
 import nestlm
 from nestlm.arch import SubArch, count_params, depth_subarch, width_subarch
 from nestlm.data import kjv_text, perplexity
-from nestlm.importance import importance
-from nestlm.pretrained import smollm2_135m_dir
-from nestlm.sort import sort_
+from nestlm.data.pretrained import smollm2_135m_dir
+from nestlm.elastic.importance import importance
+from nestlm.elastic.sort import sort_
 
 
 def main(argv=None):

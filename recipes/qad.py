@@ -25,8 +25,8 @@ from pathlib import Path
 import torch
 
 import nestlm
-from nestlm.config import ElasticConfig
 from nestlm.elastic.artifact import MANIFEST, ROUTER_FILE, read_manifest
+from nestlm.elastic.config import ElasticConfig
 from nestlm.quant import calibrate, export_quantized, fake_quantize_, quantized_bytes
 
 # QAD defaults on top of the checkpoint's own elastic config: a short run at a small learning rate, every

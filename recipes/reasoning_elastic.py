@@ -3,7 +3,7 @@
     python recipes/reasoning_elastic.py --out runs/reasoning                       # ~15 min on 1 CPU thread
     python recipes/reasoning_elastic.py --config recipes/configs/reasoning_tiny.yaml --out runs/reasoning
 
-The task (nestlm.reasoning): 'Q:07+58-81=?\\n<think>07+58=65 65-81=84</think>A:84', modular arithmetic with a
+The task (nestlm.data.reasoning): 'Q:07+58-81=?\\n<think>07+58=65 65-81=84</think>A:84', modular arithmetic with a
 worked trace, generated offline and deterministic by seed. Stages, each skipped when its output exists (so the
 same command resumes after an interruption, and re-running a finished recipe does nothing):
 
@@ -14,7 +14,7 @@ same command resumes after an interruption, and re-running a finished recipe doe
                nested submodels from the frozen parent on packed task examples; the elastic checkpoint, plus
                the tokenizer and `reasoning_task.json` (the task, for bench/budget_control.py).
 
-The config YAML has four sections: task (nestlm.reasoning.TaskConfig), model (nestlm.ModelConfig fields),
+The config YAML has four sections: task (nestlm.data.reasoning.TaskConfig), model (nestlm.ModelConfig fields),
 pretrain (steps, batch, lr, warmup, seed, checkpoint_every) and elastic (nestlm.ElasticConfig fields).
 """
 
@@ -33,9 +33,9 @@ import yaml
 
 import nestlm
 from nestlm.data import ByteTokenizer
+from nestlm.data.reasoning import TaskConfig, encode_examples, format_example, sample_problems
 from nestlm.elastic.artifact import MANIFEST, read_manifest
 from nestlm.errors import ConfigError
-from nestlm.reasoning import TaskConfig, encode_examples, format_example, sample_problems
 
 DEFAULT_CONFIG = Path(__file__).parent / "configs" / "reasoning_tiny.yaml"
 TASK_FILE = "reasoning_task.json"  # written into the elastic folder: which task the model was trained on
@@ -107,7 +107,7 @@ def masked_loss(model, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
 def pretrain_parent(cfg: dict, out: Path) -> Path:
     """Stage 1: train the parent from scratch; writes out/parent (HF checkpoint + tokenizer)."""
     from nestlm.demo import lr_at
-    from nestlm.optim import adamw
+    from nestlm.elastic.optim import adamw
 
     pre, task = cfg["pretrain"], cfg["task"]
     work = out / "parent_train"

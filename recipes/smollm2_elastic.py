@@ -32,11 +32,11 @@ import nestlm
 from nestlm import ElasticConfig, SubArch
 from nestlm.arch import count_params, depth_subarch, width_subarch
 from nestlm.data import perplexity
-from nestlm.distill import kd_loss
-from nestlm.elastify import get_batch
-from nestlm.importance import Scores
-from nestlm.model.slice import extract
-from nestlm.optim import adamw
+from nestlm.elastic.importance import Scores
+from nestlm.elastic.losses import kd_loss
+from nestlm.elastic.optim import adamw
+from nestlm.elastic.train import get_batch
+from nestlm.model.extract import extract
 
 HERE = Path(__file__).resolve().parent
 
@@ -57,8 +57,8 @@ def kjv_tokens(model_dir: Path) -> tuple[torch.Tensor, torch.Tensor]:
 
 def sort_parent(parent_dir: Path, out: Path, train: torch.Tensor, n_calib: int, seq_len: int) -> Path:
     """Score importance on training windows, sort, and write the sorted parent as an HF folder."""
-    from nestlm.importance import importance
-    from nestlm.sort import sort_
+    from nestlm.elastic.importance import importance
+    from nestlm.elastic.sort import sort_
 
     if (out / "config.json").exists():
         return out
@@ -101,7 +101,7 @@ def main(argv=None) -> dict:
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    from nestlm.pretrained import smollm2_135m_dir
+    from nestlm.data.pretrained import smollm2_135m_dir
 
     t0 = time.time()
     out = args.out

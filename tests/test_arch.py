@@ -13,7 +13,7 @@ from safetensors.torch import load_file
 
 import nestlm
 from nestlm import ConfigError, ModelConfig, SubArch, count_active_params, count_memory, count_params
-from nestlm.model.slice import extract
+from nestlm.model.extract import extract
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -24,9 +24,9 @@ PROMPT = "Q:1+2=?\n<think>"
 @pytest.fixture(scope="module")
 def elastic(tmp_path_factory):
     """A random hybrid exported as an elastic checkpoint (budgets full, 70%, 50%) with the byte tokenizer."""
-    from nestlm.config import ElasticConfig
-    from nestlm.elastify import export
-    from nestlm.router import Router
+    from nestlm.elastic.artifact import export
+    from nestlm.elastic.config import ElasticConfig
+    from nestlm.elastic.router import Router
 
     path = tmp_path_factory.mktemp("artifact") / "elastic"
     tok = ByteTokenizer()
@@ -72,7 +72,8 @@ def test_resolver_names_and_errors(elastic):
 
 @pytest.mark.parametrize("budget", BUDGETS)
 def test_slice_eval_generate_quantize_resolve_alike(elastic, tmp_path, monkeypatch, budget):
-    import nestlm.budget
+    import nestlm.cli
+    import nestlm.inference.two_phase
     from nestlm.evaluate import evaluate
     from nestlm.quant import quantize
     from nestlm.slicing import slice as slice_
@@ -95,17 +96,17 @@ def test_slice_eval_generate_quantize_resolve_alike(elastic, tmp_path, monkeypat
     assert prov["sub"] == want.to_dict() and prov["quant_format"] == "fp8_channel"
 
     seen = []
-    real = nestlm.budget.generate_two_phase
-    monkeypatch.setattr(nestlm.budget, "generate_two_phase",
+    real = nestlm.inference.two_phase.generate_two_phase
+    monkeypatch.setattr(nestlm.inference.two_phase, "generate_two_phase",
                         lambda m, ids, s, big, *a, **k: seen.append((s, big)) or real(m, ids, s, big, *a, **k))
-    nestlm.budget.think_answer(elastic, PROMPT, think_budget=budget, max_think=2, max_answer=1, stream=False)
+    nestlm.cli.think_answer(elastic, PROMPT, think_budget=budget, max_think=2, max_answer=1, stream=False)
     assert seen[0][0].resolve(cfg) == want and seen[0][1] == SubArch()
 
 
 def test_cli_generate_with_an_interpolated_think_budget(elastic, capsys):
     """`nestlm generate DIR --think-budget 60%`: between the trained 70% and 50%, interpolated as slice does."""
-    from nestlm.budget import Standalone, generate_two_phase
     from nestlm.cli import main
+    from nestlm.inference.two_phase import Standalone, generate_two_phase
 
     tok = ByteTokenizer()
     model, _, _ = nestlm.load_elastic(elastic)

@@ -171,7 +171,7 @@ def test_no_calibration_batches(tmp_path):
 
 
 def test_importance_without_batches():
-    from nestlm.importance import importance
+    from nestlm.elastic.importance import importance
 
     with pytest.raises(ValueError, match="importance needs at least one calibration batch"):
         importance(parent(), [], progress=False)
@@ -184,7 +184,7 @@ def test_importance_without_batches():
     (torch.full((2, 16), 100), ConfigError, r"calibration batch 0: token id 100 is outside the model's vocabulary"),
 ])
 def test_importance_rejects_empty_or_foreign_batches(batch, exc, match):
-    from nestlm.importance import importance
+    from nestlm.elastic.importance import importance
 
     with pytest.raises(exc, match=match):
         importance(parent(), [batch], progress=False)
@@ -288,7 +288,7 @@ def test_the_distributed_checkpoint_loader_never_runs_a_pickle(tmp_path):
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.api import CheckpointException
 
-    from nestlm.parallel import _safe_load_planner
+    from nestlm.elastic.checkpoint import _safe_load_planner
 
     marker = tmp_path / "pwned"
     with warnings.catch_warnings():
@@ -380,7 +380,7 @@ def test_bad_parallel_options(tmp_path, monkeypatch):
 
 
 def test_batches_that_do_not_split_over_the_processes():
-    from nestlm.elastify import check_data
+    from nestlm.elastic.train import check_data
 
     with pytest.raises(ConfigError, match=r"^data\[1\]: 3 rows don't split over 2 processes$"):
         check_data([torch.zeros(2, 16, dtype=torch.long), torch.zeros(3, 16, dtype=torch.long)], run_config(),

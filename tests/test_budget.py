@@ -1,5 +1,5 @@
-"""Budget control (nestlm.budget): two-phase generation against hand-run phases, cache transplant against
-the target submodel's own prefill, and the synthetic reasoning task (nestlm.reasoning) against Python's eval."""
+"""Budget control (nestlm.inference.two_phase): two-phase generation against hand-run phases, cache transplant against
+the target submodel's own prefill, and the synthetic reasoning task (nestlm.data.reasoning) against Python's eval."""
 
 from __future__ import annotations
 
@@ -9,11 +9,9 @@ from conftest import randomize_, tiny_hybrid_config
 
 import nestlm
 from nestlm.arch import SubArch
-from nestlm.budget import Standalone, generate_two_phase, think_answer, transplant_cache
+from nestlm.cli import think_answer
 from nestlm.data import ByteTokenizer
-from nestlm.generate import decode, generate, prefill
-from nestlm.model.config import ConfigError
-from nestlm.reasoning import (
+from nestlm.data.reasoning import (
     Problem,
     TaskConfig,
     encode_examples,
@@ -24,6 +22,9 @@ from nestlm.reasoning import (
     sample_problems,
     score,
 )
+from nestlm.inference.generate import decode, generate, prefill
+from nestlm.inference.two_phase import Standalone, generate_two_phase, transplant_cache
+from nestlm.model.config import ConfigError
 
 VOCAB = 64
 # S: narrower everywhere (hidden, query heads, KV groups, Mamba heads, FFN, experts); same blocks
@@ -250,9 +251,9 @@ def test_standalone_submodels_match_the_sliced_elastic_model(think, answer, swit
 
 def write_elastic(path, seed: int) -> ByteTokenizer:
     """A random hybrid exported as an elastic checkpoint (budgets full and 70%) with the byte tokenizer."""
-    from nestlm.config import ElasticConfig
-    from nestlm.elastify import export
-    from nestlm.router import Router
+    from nestlm.elastic.artifact import export
+    from nestlm.elastic.config import ElasticConfig
+    from nestlm.elastic.router import Router
 
     tok = ByteTokenizer()
     model = hybrid("M*-M", seed=seed, vocab=tok.vocab_size)

@@ -118,7 +118,7 @@ def text_file(tmp_path_factory):
 
 
 def test_importance_writes_scores_and_sort_out_keeps_the_logits(hf_dir, text_file, tmp_path, capsys):
-    from nestlm.importance import Scores
+    from nestlm.elastic.importance import Scores
 
     scores, sorted_dir = tmp_path / "scores.safetensors", tmp_path / "sorted"
     assert main(["importance", str(hf_dir), "--text", str(text_file), "--out", str(scores), "--seq-len", "32",
@@ -188,7 +188,8 @@ def test_elastify_writes_an_elastic_checkpoint(elastic_dir, capsys):
 
 
 def test_slice_writes_a_folder_transformers_loads(elastic_dir, tmp_path, capsys):
-    from nestlm.elastify import budget_subarch, load_elastic
+    from nestlm.elastic.artifact import budget_subarch
+    from nestlm.load import load_elastic
 
     dst = tmp_path / "small"
     assert main(["slice", str(elastic_dir), "--budget", "60%", "-o", str(dst)]) == 0
@@ -295,7 +296,7 @@ def test_quantize_then_slice_eval_and_load_the_packed_elastic_checkpoint(elastic
     """`nestlm quantize` keeps an elastic checkpoint elastic: `nestlm slice` cuts a packed budget out of it,
     `from_hf` dequantizes both, and the cut equals the packed elastic model run at that budget."""
     import nestlm
-    from nestlm.elastify import budget_subarch
+    from nestlm.elastic.artifact import budget_subarch
 
     q = tmp_path / "fp8"
     assert main(["quantize", str(elastic_dir), "-o", str(q), "--fmt", "fp8", "--calib-tokens", "256",

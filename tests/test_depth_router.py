@@ -21,10 +21,11 @@ import nestlm
 from nestlm import ConfigError, ElasticConfig, SubArch
 from nestlm.arch import depth_units, unit_order
 from nestlm.convert import CheckpointError
-from nestlm.distill import kd_loss
-from nestlm.elastify import load_elastic, prepare
-from nestlm.model.slice import extract
-from nestlm.router import Router
+from nestlm.elastic.losses import kd_loss
+from nestlm.elastic.router import Router
+from nestlm.elastic.train import prepare
+from nestlm.load import load_elastic
+from nestlm.model.extract import extract
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -223,7 +224,7 @@ def test_prepare_scores_the_depth_order_deterministically():
     assert ecfg.depth_order is None  # the caller's config is left alone; the router's holds the order
     assert a.depth_order == b.depth_order and sorted(a.depth_order) == list(range(8))
     assert a.ecfg.depth_order == a.depth_order and a.ecfg == b.ecfg
-    from nestlm.importance import importance  # the order is the depth study's, least important first
+    from nestlm.elastic.importance import importance  # the order is the depth study's, least important first
     calib = [stream()[i * 64:(i + 1) * 64].view(4, 16) for i in range(2)]
     scores = importance(parent().float(), calib, layer_batches=2, progress=False)
     assert a.depth_order == scores["layers"].argsort(stable=True).tolist()

@@ -73,8 +73,8 @@ def _worker(rank: int, world: int, root: str, ports: list[int]) -> None:
     """Every 2-process job, in order; each job's outcome goes to root/<job>.<rank>.json ('ok' or the error)."""
     import torch.distributed as dist
 
+    from nestlm.elastic.parallel import DataParallel
     from nestlm.model.config import ConfigError
-    from nestlm.parallel import DataParallel
 
     torch.set_num_threads(1)
     root = Path(root)

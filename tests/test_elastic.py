@@ -17,10 +17,11 @@ from torch.testing import assert_close
 
 import nestlm
 from nestlm import ConfigError, ElasticConfig, SubArch
-from nestlm.distill import kd_loss, router_loss
-from nestlm.elastify import budget_subarch, load_elastic
-from nestlm.model.slice import extract
-from nestlm.router import Router
+from nestlm.elastic.artifact import budget_subarch
+from nestlm.elastic.losses import kd_loss, router_loss
+from nestlm.elastic.router import Router
+from nestlm.load import load_elastic
+from nestlm.model.extract import extract
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -197,7 +198,7 @@ def test_sliced_backward_equals_the_extracted_models_gradients(tied):
     tensor per weight) are the standalone submodel's gradients, in place, and zero everywhere else."""
     import copy
 
-    from nestlm.model.slice import sliced_state_dict
+    from nestlm.model.extract import sliced_state_dict
 
     model = randomize_(nestlm.Decoder(hybrid_cfg(tie_embeddings=tied)), seed=4)
     sub = SubArch(hidden=24, attn_heads_per_group=1, mamba_heads_per_group=3, ffn=32, moe_ffn=8, shared_ffn=16,
@@ -279,7 +280,7 @@ def test_tiny_run_kl_falls_and_costs_land_on_budget(trained):
     model, router, manifest = load_elastic(out)
     assert list(manifest["budgets"]) == ["full", "75%", "64%"]
     # the teacher: the sorted parent (elastify sorts before distilling), rebuilt here the same way
-    from nestlm.elastify import prepare
+    from nestlm.elastic.train import prepare
     _, teacher, _ = prepare(ecfg, parent(), stream())
     held_out = stream(600, seed=9)[:576].view(6, 96)
     with torch.no_grad():
@@ -456,7 +457,7 @@ def test_tensorboard_scalars_equal_the_jsonl_log(tmp_path):
 
 
 def test_manifest_keeps_the_routers_own_choice_when_it_misses_the_budget():
-    from nestlm.elastify import manifest_for
+    from nestlm.elastic.artifact import manifest_for
 
     model = nestlm.Decoder(hybrid_cfg())
     ecfg = ElasticConfig(budgets=[1.0, 0.8, 0.6], choices={"hidden": [32, 24, 16], "ffn": [48, 32, 16]}, align=8)

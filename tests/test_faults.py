@@ -20,11 +20,12 @@ from conftest import randomize_
 from conftest import token_stream as stream
 
 import nestlm
-from nestlm import ElasticConfig, parallel
+from nestlm import ElasticConfig
+from nestlm.elastic import checkpoint
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-E = importlib.import_module("nestlm.elastify")  # the module (nestlm.elastify is the function)
+E = importlib.import_module("nestlm.elastic.train")  # the training loop's module
 TESTS = Path(__file__).parent
 
 
@@ -164,8 +165,8 @@ def test_crash_while_writing_a_distributed_checkpoint(tmp_path, monkeypatch, one
     with pytest.raises(OSError, match="No space left"):
         nestlm.elastify(run_config(), parent(), stream(), out, progress=False)
     monkeypatch.setattr(dcp, "save", real_save)
-    folder = out / "train" / E.CKPT_DIR
-    assert parallel.find_checkpoint(folder) == folder and parallel.read_state(folder)["step"] == 4
+    folder = out / "train" / checkpoint.CKPT_DIR
+    assert checkpoint.find_dcp(folder) == folder and checkpoint.read_dcp_state(folder)["step"] == 4
     assert train_files(out / "train") == ["checkpoint", "elastic.yaml", "log.jsonl"]
     # a second crash window: between the two renames of a save (the previous folder is `checkpoint.old`)
     os.replace(folder, folder.with_name("checkpoint.old"))
@@ -252,7 +253,7 @@ def test_a_fresh_run_drops_an_older_runs_checkpoints(tmp_path, reference):
         nestlm.elastify(run_config(), parent(), stream(), tmp_path / "out", progress=False, max_steps=8)
     finally:
         dist.destroy_process_group()
-    assert parallel.read_state(tmp_path / "out" / "train" / E.CKPT_DIR)["step"] == 8
+    assert checkpoint.read_dcp_state(tmp_path / "out" / "train" / checkpoint.CKPT_DIR)["step"] == 8
     nestlm.elastify(run_config(), parent(), stream(), tmp_path / "out", progress=False, max_steps=4, resume=False)
     assert train_files(tmp_path / "out" / "train") == ["checkpoint.pt", "elastic.yaml", "log.jsonl"]
     nestlm.elastify(run_config(), parent(), stream(), tmp_path / "out", progress=False)

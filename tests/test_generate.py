@@ -8,8 +8,8 @@ from conftest import randomize_, tiny_hybrid_config, tiny_nemotron_h_config
 
 import nestlm
 from nestlm.arch import SubArch
-from nestlm.generate import decode_one_token, generate, prefill, sample
-from nestlm.model.slice import extract
+from nestlm.inference.generate import decode_one_token, generate, prefill, sample
+from nestlm.model.extract import extract
 
 VOCAB = 64
 

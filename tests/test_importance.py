@@ -8,9 +8,9 @@ import torch
 from conftest import randomize_, tiny_hybrid_config, tiny_llama_config, tiny_qwen3_config
 
 import nestlm
-from nestlm.importance import Scores, importance
-from nestlm.model.slice import extract
-from nestlm.sort import is_sorted, permute_scores, sort_
+from nestlm.elastic.importance import Scores, importance
+from nestlm.elastic.sort import is_sorted, permute_scores, sort_
+from nestlm.model.extract import extract
 
 
 def hybrid(**over):

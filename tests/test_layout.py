@@ -15,7 +15,7 @@ from torch.testing import assert_close
 import nestlm
 from nestlm import SubArch
 from nestlm.model import layout
-from nestlm.model.slice import sliced_state_dict
+from nestlm.model.extract import sliced_state_dict
 
 SRC = Path(nestlm.__file__).parent
 

@@ -23,8 +23,8 @@ import nestlm
 import nestlm.slicing
 from nestlm import ConfigError, ModelConfig, SubArch, count_active_params, count_memory, count_params
 from nestlm.convert import hf_tensors
-from nestlm.importance import importance
-from nestlm.sort import sort_
+from nestlm.elastic.importance import importance
+from nestlm.elastic.sort import sort_
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

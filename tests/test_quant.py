@@ -14,10 +14,11 @@ from safetensors.torch import load_file
 
 import nestlm
 from nestlm.arch import SubArch
-from nestlm.config import MANIFEST, ElasticConfig
 from nestlm.convert import FAMILIES
+from nestlm.elastic.artifact import MANIFEST
+from nestlm.elastic.config import ElasticConfig
 from nestlm.model.config import ConfigError
-from nestlm.model.slice import extract, sliced_state_dict
+from nestlm.model.extract import extract, sliced_state_dict
 from nestlm.quant import (
     calibrate,
     check_elastic,

@@ -12,7 +12,7 @@ from torch.testing import assert_close
 
 import nestlm
 from nestlm import SubArch
-from nestlm.model.slice import extract
+from nestlm.model.extract import extract
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -17,14 +17,15 @@ from safetensors import safe_open
 from torch.testing import assert_close
 
 import nestlm
-import nestlm.slicing as slicing
+import nestlm.slicing.write
 from nestlm import ConfigError, ElasticConfig, SubArch
 from nestlm.convert import CheckpointError, UnsupportedArchitecture, hf_tensors
 from nestlm.data import ByteTokenizer
-from nestlm.elastify import MANIFEST, export, manifest_for
+from nestlm.elastic.artifact import MANIFEST, export, manifest_for
+from nestlm.elastic.router import Router
 from nestlm.evaluate import evaluate, format_table
-from nestlm.router import Router
-from nestlm.slicing import format_info, info
+from nestlm.info import format_info, info
+from nestlm.io.safetensors import Source
 from nestlm.slicing import slice as slice_
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -178,7 +179,7 @@ def test_sharded_output_and_bounded_memory(elastic, tmp_path, monkeypatch):
     src, model = elastic("nemotron_h")
     sub = SUBS["nemotron_h"]["width+depth"]
     alive, track = [0], {"peak": 0, "read": 0}
-    orig = slicing.Source.read
+    orig = Source.read
 
     def read(self, name, idx):
         t = orig(self, name, idx)
@@ -189,7 +190,7 @@ def test_sharded_output_and_bounded_memory(elastic, tmp_path, monkeypatch):
         weakref.finalize(t, lambda n=n: alive.__setitem__(0, alive[0] - n))
         return t
 
-    monkeypatch.setattr(slicing.Source, "read", read)
+    monkeypatch.setattr(Source, "read", read)
     stats = {}
     out = slice_(src, sub, tmp_path / "out", max_shard_bytes=4096, stats=stats)
     shards = sorted(out.glob("model-*.safetensors"))
@@ -233,7 +234,7 @@ def test_errors_are_clear_and_leave_nothing(elastic, tmp_path, monkeypatch):
     def boom(*a, **k):
         raise OSError("disk full")
 
-    monkeypatch.setattr(slicing, "_write_shard", boom)
+    monkeypatch.setattr(nestlm.slicing.write, "_write_shard", boom)
     with pytest.raises(OSError, match="disk full"):
         slice_(src, "80%", tmp_path / "a")
     with pytest.raises(OSError, match="disk full"):  # overwrite: the old folder survives a failed rewrite
@@ -368,7 +369,7 @@ def test_evaluate_parent_and_budgets_match_sliced_checkpoints(elastic, tmp_path)
 # ---------------------------------------------------------------------------------------------- SmolLM2
 @pytest.mark.slow
 def test_smollm2_width_and_depth_slice(tmp_path):
-    from nestlm.pretrained import has_smollm2, smollm2_135m_dir
+    from nestlm.data.pretrained import has_smollm2, smollm2_135m_dir
 
     if not has_smollm2():
         pytest.skip("SmolLM2-135M not installed")

@@ -8,7 +8,7 @@ import torch
 from torch.testing import assert_close
 
 import nestlm
-from nestlm.pretrained import INSTALL_HINT, has_smollm2, smollm2_135m_dir
+from nestlm.data.pretrained import INSTALL_HINT, has_smollm2, smollm2_135m_dir
 
 pytestmark = [pytest.mark.slow,
               pytest.mark.skipif(not has_smollm2(), reason=f"SmolLM2-135M not installed: {INSTALL_HINT}")]

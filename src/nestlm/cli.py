@@ -47,9 +47,10 @@ def importance(hf_dir: str, out: str, text: str | None = None, kjv: bool = False
                batches: int = 8, batch_size: int = 4, sort_out: str | None = None) -> Path:
     """Importance scores of an HF checkpoint on `batches` calibration batches of the text, saved with
     Scores.save; with sort_out, also the model sorted by them (same function) as an HF folder."""
-    from nestlm.convert import from_hf, to_hf
-    from nestlm.importance import importance as run_importance
-    from nestlm.sort import sort_
+    from nestlm.convert import to_hf
+    from nestlm.elastic.importance import importance as run_importance
+    from nestlm.elastic.sort import sort_
+    from nestlm.load import from_hf
 
     hf = read_config(hf_dir)
     dtype = _dtype(hf)
@@ -79,9 +80,9 @@ def elastify(config: str, model: str, out: str, text: str | None = None, kjv: bo
     """nestlm.elastify on an HF parent and a tokenized text; prints the resulting budgets. Under torchrun,
     --parallel ddp (default) or fsdp2."""
     import nestlm
-    from nestlm.config import ElasticConfig
-    from nestlm.slicing import format_info as format_elastic
-    from nestlm.slicing import info as elastic_info
+    from nestlm.elastic.config import ElasticConfig
+    from nestlm.info import format_info as format_elastic
+    from nestlm.info import info as elastic_info
 
     ecfg = ElasticConfig.load(config)
     cfg = config_from_hf(read_config(model))
@@ -118,11 +119,11 @@ def slice(elastic_dir: str, budget: str, out: str, overwrite: bool = False) -> P
 
 
 def info(path: str, seq_len: int = 4096) -> dict:
-    """An elastic checkpoint (with nestlm_elastic.json): its budgets and storage (nestlm.slicing.info).
+    """An elastic checkpoint (with nestlm_elastic.json): its budgets and storage (nestlm.info.info).
     A plain HF folder: family, ModelConfig, parameter counts and inference memory."""
     if (Path(path) / MANIFEST).is_file():
-        from nestlm.slicing import format_info as format_elastic
-        from nestlm.slicing import info as elastic_info
+        from nestlm.info import format_info as format_elastic
+        from nestlm.info import info as elastic_info
 
         d = elastic_info(path)
         print(format_elastic(d))
@@ -200,7 +201,8 @@ def quantize(src: str, out: str, fmt: str = "nvfp4", budget: str | None = None, 
 
 def convert(src: str, dst: str, overwrite: bool = False) -> Path:
     """Read an HF checkpoint into nestlm and write it back as one (same dtype, tokenizer files copied)."""
-    from nestlm.convert import from_hf, to_hf
+    from nestlm.convert import to_hf
+    from nestlm.load import from_hf
 
     dtype = _dtype(read_config(src))
     model = from_hf(src, dtype=dtype)
@@ -215,10 +217,8 @@ def generate(path: str, prompt: str, max_new_tokens: int = 64, temperature: floa
     """Stream a continuation of `prompt` from an HF checkpoint folder (with its tokenizer) to stdout.
 
     Budget control (an elastic checkpoint): --think-budget B thinks on budget B until `end_think` or
-    --max-think tokens, then answers (--max-new-tokens) on --answer-budget (nestlm.budget.think_answer)."""
+    --max-think tokens, then answers (--max-new-tokens) on --answer-budget (think_answer)."""
     if think_budget is not None:
-        from nestlm.budget import think_answer
-
         try:
             res = think_answer(path, prompt, think_budget, answer_budget, max_think=max_think,
                                max_answer=max_new_tokens, transplant=transplant, end_think=end_think,
@@ -228,29 +228,80 @@ def generate(path: str, prompt: str, max_new_tokens: int = 64, temperature: floa
         print(f"\n[thought {res.think_len + res.forced_len} tokens on {think_budget} (ended by {res.ended_by}), "
               f"answered {res.answer_len} on {answer_budget} ({res.switch}); {res.total_s:.2f} s]", file=sys.stderr)
         return res
-    from nestlm.convert import from_hf
-    from nestlm.generate import generate as run_generate
+    from nestlm.inference.generate import generate as run_generate
     from nestlm.io.tokenizer import load_tokenizer
+    from nestlm.load import from_hf
 
     model = from_hf(path)
     tok = load_tokenizer(path, model.cfg.vocab_size)
     ids = torch.tensor([tok.encode(prompt, add_special_tokens=True)])  # [1, t]
-    new: list[int] = []
-    shown = [0]  # characters of the continuation already printed
-
-    def stream(nxt: torch.Tensor):  # nxt [1]
-        new.append(int(nxt[0]))
-        text = tok.decode(new)
-        if not text.endswith("\ufffd"):  # wait for the rest of a multi-byte character
-            print(text[shown[0]:], end="", flush=True)
-            shown[0] = len(text)
-
+    stream = _Printer(tok.decode)
     print(prompt, end="", flush=True)
     run_generate(model, ids, max_new_tokens, temperature=temperature, seed=seed,
                  stop_tokens=tok.eos_id, callback=stream)
-    text = tok.decode(new)
-    print(text[shown[0]:])
-    return text
+    return stream.close()
+
+
+class _Printer:
+    """Prints a continuation to stdout token by token (a generate callback), holding back the bytes of a
+    multi-byte character until it is whole."""
+
+    def __init__(self, decode):
+        self.decode, self.ids, self.shown = decode, [], 0
+
+    def __call__(self, tok: torch.Tensor, phase: str | None = None) -> None:  # tok [1]
+        self.ids.append(int(tok[0]))
+        text = self.decode(self.ids)
+        if not text.endswith("\ufffd"):  # wait for the rest of a multi-byte character
+            print(text[self.shown:], end="", flush=True)
+            self.shown = len(text)
+
+    def close(self) -> str:
+        text = self.decode(self.ids)
+        print(text[self.shown:])
+        return text
+
+
+def think_answer(path: str | Path, prompt: str, think_budget: str | float = "full",
+                 answer_budget: str | float = "full", max_think: int = 256, max_answer: int = 64,
+                 transplant: bool = False, end_think: str = "</think>", temperature: float = 0.0,
+                 seed: int | None = None, bos: bool = True, stream: bool = True):
+    """Budget control from an elastic checkpoint folder: think with budget `think_budget` (a manifest name
+    such as '40%' or 'full', or a fraction: between trained budgets the router interpolates, as
+    `nestlm slice` does), answer with `answer_budget`. `bos`: start the prompt with the
+    tokenizer's beginning-of-sequence token (as the reasoning recipe trains). Streams the text to stdout when
+    `stream` (the trace, then the answer); returns the TwoPhaseResult. Both submodels run extracted
+    (`Standalone`)."""
+    from nestlm.elastic.artifact import resolve_budget
+    from nestlm.inference.two_phase import Standalone, generate_two_phase
+    from nestlm.io.tokenizer import load_tokenizer
+    from nestlm.load import load_elastic
+
+    path = Path(path)
+    model, router, manifest = load_elastic(path)
+    model.eval()
+
+    def sub_of(b):  # a name, '60%', '0.6', 0.6: trained, or interpolated between trained budgets
+        try:
+            return resolve_budget(path, b, cfg=model.cfg, manifest=manifest, router=router)[1]
+        except KeyError as e:
+            raise ConfigError(e.args[0]) from None
+
+    s_sub, l_sub = sub_of(think_budget), sub_of(answer_budget)
+    tok = load_tokenizer(path, model.cfg.vocab_size)
+    encode, decode_text, bos_id, eos = tok.encode, tok.decode, tok.bos_id, tok.eos_id
+    ids = torch.tensor([[bos_id] * (bos and bos_id is not None) + encode(prompt)],
+                       device=model.embeddings.weight.device)  # [1, t]
+    show = _Printer(decode_text)
+    if stream:
+        print(prompt, end="", flush=True)
+    res = generate_two_phase(Standalone(model), ids, s_sub, l_sub, max_think, max_answer, encode(end_think),
+                             stop_tokens=eos,
+                             switch="transplant" if transplant else "reprefill", temperature=temperature,
+                             seed=seed, callback=show if stream else None)
+    if stream:
+        show.close()
+    return res
 
 
 # -------------------------------------------------------------------------------------------- helpers

@@ -28,10 +28,9 @@ from tqdm.auto import tqdm
 
 import nestlm
 from nestlm.arch import SubArch, count_active_params, count_params
-from nestlm.config import ElasticConfig
 from nestlm.data import ByteTokenizer, eval_windows, kjv_text, perplexity, split, token_batches
-from nestlm.elastic.artifact import budget_name
-from nestlm.optim import adamw
+from nestlm.elastic.config import ElasticConfig, budget_name
+from nestlm.elastic.optim import adamw
 
 BUDGETS = (1.0, 0.75, 0.5)  # fractions of the parent's parameters
 # the router's width choices per axis, largest first (fractions of the demo widths: hidden 128, 4 Mamba heads
@@ -109,8 +108,8 @@ def read_log(path: Path) -> list[dict]:
 
 def sort_by_importance(model, ids, batch: int, seq_len: int, n_batches: int, gen: torch.Generator) -> dict:
     """Score on random windows of ids and sort in place; check that the full model's logits did not move."""
-    from nestlm.importance import importance
-    from nestlm.sort import sort_
+    from nestlm.elastic.importance import importance
+    from nestlm.elastic.sort import sort_
 
     dev = model.embeddings.weight.device
     batches = [token_batches(ids, batch, seq_len, gen)[0].to(dev) for _ in range(n_batches)]  # [b, t] each
@@ -147,8 +146,8 @@ def check_hf(model, sub: SubArch, folder: Path, x: torch.Tensor) -> float:
 
 def decode_speed(model, sub: SubArch, prompt: torch.Tensor, n_new: int) -> tuple[float, torch.Tensor]:
     """Greedy decoding of the standalone submodel: (new tokens per second, all tokens [1, t + n_new])."""
-    from nestlm.generate import generate
-    from nestlm.model.slice import extract
+    from nestlm.inference.generate import generate
+    from nestlm.model.extract import extract
 
     small = extract(model, sub).eval()
     with torch_threads(1):  # batch-1 decoding of a tiny model: intra-op threads only add sync overhead
@@ -260,7 +259,7 @@ def demo(out_dir: str | Path = "nestlm-demo", steps: int | None = None, seed: in
 
 
 def _demo(out: Path, steps: int | None, seed: int, device: str, quick: bool, elastify_steps: int | None) -> dict:
-    from nestlm.elastify import load_elastic
+    from nestlm.load import load_elastic
     from nestlm.slicing import slice as slice_
 
     t_start = time.perf_counter()

@@ -120,12 +120,12 @@ def evaluate(elastic_or_hf_dir: str | Path, text_path: str | Path | None = None,
     budgets: names, fractions (interpolated between trained ones) or SubArch, as `nestlm.slicing.slice`
     takes them. Returns one dict per row: name, fraction, sub, params, active_params, ppl, tokens, seconds
     (and lm_eval when lm_eval_tasks is given)."""
-    from nestlm.convert import from_hf
     from nestlm.elastic.artifact import resolve_budget
-    from nestlm.slicing import _open
+    from nestlm.load import from_hf
+    from nestlm.slicing import open_source
     from nestlm.slicing import slice as slice_
 
-    path, cfg, _, manifest = _open(elastic_or_hf_dir)
+    path, cfg, _, manifest = open_source(elastic_or_hf_dir)
     if lm_eval_tasks and not has_lm_eval():
         raise ImportError("lm_eval_tasks needs lm-eval: pip install 'nestlm[eval]' (lm-eval==0.4.13)")
     text = load_text(text_path) if text_path is not None else default_text()

@@ -16,11 +16,13 @@ from nestlm.arch import SubArch, sliced_config
 from nestlm.convert import llama, moe, nemotron_h
 from nestlm.errors import CheckpointError, ConfigError, UnsupportedArchitecture
 from nestlm.io.safetensors import SafetensorsDir, read_config, write_checkpoint
+from nestlm.model import config as model_config
 from nestlm.model.config import ModelConfig
 from nestlm.model.decoder import Decoder
-from nestlm.model.slice import sliced_state_dict
+from nestlm.model.extract import sliced_state_dict
 
-FAMILIES = {"nemotron_h": nemotron_h, "llama": llama, "qwen3": llama, "qwen3_moe": moe, "mixtral": moe}
+MODULES = {"nemotron_h": nemotron_h, "llama": llama, "moe": moe}
+FAMILIES = {family: MODULES[module] for family, module in model_config.FAMILIES.items()}  # family -> converter
 
 __all__ = ["CheckpointError", "UnsupportedArchitecture", "config_from_hf", "from_hf", "load_hf_state", "to_hf",
            "hf_tensors"]
@@ -65,14 +67,11 @@ def load_hf_state(path: str | Path) -> tuple[ModelConfig, dict[str, torch.Tensor
 
 
 def from_hf(path: str | Path, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu") -> Decoder:
-    """Load a Hugging Face checkpoint folder (config.json + safetensors) as a nestlm Decoder. A packed FP8 /
-    NVFP4 folder (a `quantization_config` in config.json) is dequantized (nestlm.quant.load_quantized)."""
+    """Load a plain Hugging Face checkpoint folder (config.json + safetensors) as a nestlm Decoder. Packed
+    FP8 / NVFP4 folders: nestlm.from_hf (nestlm.load), which dequantizes them."""
     if "quantization_config" in read_config(path):
-        from nestlm.quant import load_quantized
-
-        model = load_quantized(path, dtype=dtype, device=device)
-        model.source_dir = str(path)
-        return model
+        raise CheckpointError(f"{path} is a packed (quantized) checkpoint: load it with nestlm.from_hf, which "
+                              "dequantizes it")
     cfg, sd = load_hf_state(path)
     with torch.device("meta"):
         model = Decoder(cfg)

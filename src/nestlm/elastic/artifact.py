@@ -14,17 +14,23 @@ and a folder sliced (or quantized at one budget) out of one carries nestlm_slice
     router = read_router(path, cfg, manifest)             # checked against the Router the manifest describes
     name, sub = resolve_budget(path, "60%")               # a name, '60%', 0.6, a trained fraction, a SubArch
 
-`manifest_for` and `export` (which write the manifest and the router) live with the training loop in
-nestlm.elastify and take these names from here.
+    export(model, router, ecfg, out)                      # writes the folder (manifest last), after training
+    model, router, manifest = load_elastic(path)          # reads it back
 """
 
 from __future__ import annotations
 
 import json
 import math
+import os
+import shutil
+import tempfile
+import warnings
 from pathlib import Path
 
 from nestlm.arch import SubArch, count_active_params, count_params
+from nestlm.elastic.config import ElasticConfig, budget_name
+from nestlm.elastic.router import Router
 from nestlm.errors import CheckpointError, ConfigError
 from nestlm.io.safetensors import read_tensors
 
@@ -36,11 +42,6 @@ MANIFEST = "nestlm_elastic.json"  # an elastic checkpoint's manifest: budgets, t
 MANIFEST_VERSION = 1
 ROUTER_FILE = "router.safetensors"  # its trained router, beside the HF weights
 SLICE_FILE = "nestlm_slice.json"  # provenance written next to a sliced checkpoint (ignored by transformers)
-
-
-def budget_name(frac: float) -> str:
-    """1.0 -> 'full', 0.77 -> '77%', 0.125 -> '12.5%'."""
-    return "full" if frac == 1.0 else f"{frac * 100:.4g}%"
 
 
 # ---------------------------------------------------------------------------------------------- manifest
@@ -112,8 +113,6 @@ def read_router(path: str | Path, cfg, manifest: dict):
     """The trained Router of the elastic checkpoint `path` (eval mode), built from the manifest's elastic
     config for the model config `cfg` and loaded from router.safetensors. CheckpointError naming the file
     for a bad config, a missing or unreadable file, or weights of another shape."""
-    from nestlm.config import ElasticConfig
-    from nestlm.router import Router
 
     path = Path(path)
     mf = path / MANIFEST
@@ -214,3 +213,62 @@ def read_provenance(folder: str | Path) -> dict | None:
         return json.loads(f.read_text())
     except json.JSONDecodeError as e:
         raise CheckpointError(f"{f}: not valid JSON ({e})") from None
+
+
+def manifest_for(model, router: Router, ecfg: ElasticConfig) -> dict:
+    """Every budget's architecture: the router's most probable one within ecfg.landing_tolerance of the
+    budget (Router.decode), its parameters and its cost ratio."""
+    budgets = {}
+    for i, frac in enumerate(ecfg.budgets):
+        sub = router.subarch(router.decode(i, ecfg.landing_tolerance)) if not router.pinned(i) else SubArch()
+        ratio = float(router.count(model.cfg, sub)) / router.full_cost
+        budgets[budget_name(frac)] = {
+            "fraction": frac, "sub": sub.to_dict(),
+            "params": count_params(model.cfg, sub), "active_params": count_active_params(model.cfg, sub),
+            "cost_ratio": ratio}
+        argmax = router.subarch(router.greedy(i))
+        if not router.pinned(i) and argmax != sub:  # the router's own choice missed: say so, keep it
+            a_ratio = float(router.count(model.cfg, argmax)) / router.full_cost
+            budgets[budget_name(frac)].update(argmax_sub=argmax.to_dict(), argmax_cost_ratio=a_ratio)
+            warnings.warn(f"budget {budget_name(frac)}: the router's per-axis choice costs {a_ratio:.3f} "
+                          f"(target {frac}); the manifest uses its most probable architecture within "
+                          f"{ecfg.landing_tolerance:.0%} ({ratio:.3f}), which training may have sampled "
+                          "rarely: check its quality, or train longer (the argmax is kept as argmax_sub)",
+                          stacklevel=2)
+    return {"version": MANIFEST_VERSION, "family": model.cfg.family, "metric": ecfg.metric,
+            "budgets": budgets, "choices": router.choices, "elastic": ecfg.to_dict()}
+
+
+def export(model, router: Router, ecfg: ElasticConfig, out_dir: str | Path) -> Path:
+    """Write the elastic checkpoint into `out_dir` (other files there, like train/, are kept). Every file is
+    written to a temporary folder first and moved in with os.replace; the manifest goes last."""
+    from safetensors.torch import save_file
+
+    from nestlm.convert import to_hf
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".export.tmp", dir=out))
+    try:
+        if ecfg.quant:  # QAD: the latent weights (nestlm quantize packs them exactly as the student saw them)
+            from nestlm.quant.fake import fake_quant_disabled
+
+            with fake_quant_disabled(model):
+                to_hf(model, tmp / "hf", overwrite=True)
+        else:
+            to_hf(model, tmp / "hf", overwrite=True)
+        save_file({k: v.detach().contiguous().cpu() for k, v in router.state_dict().items()},
+                  str(tmp / "hf" / ROUTER_FILE))
+        (tmp / MANIFEST).write_text(json.dumps(manifest_for(model, router, ecfg), indent=2))
+        for f in sorted((tmp / "hf").iterdir()):
+            os.replace(f, out / f.name)
+        os.replace(tmp / MANIFEST, out / MANIFEST)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out
+
+
+def budget_subarch(manifest: dict, name_or_frac) -> SubArch:
+    """The SubArch of a manifest budget, by name ('77%', 'full') or fraction (0.77): resolve_budget on the
+    manifest alone (kept for callers that hold only a manifest)."""
+    return resolve_budget(None, name_or_frac, manifest=manifest)[1]

@@ -1,14 +1,9 @@
-"""The hybrid decoder. `nestlm.model.config` has no dependencies, so `nestlm.arch` can import it while the
-decoder (which needs `nestlm.arch`) is loaded on first use."""
+"""The hybrid decoder: config, SubArch (a nested submodel's widths), layout (the one slicing rule), the mixers,
+the SSD scan, the Decoder, and extract (a submodel as a standalone Decoder)."""
 
-from nestlm.model.config import BLOCK_KINDS, ConfigError, ModelConfig
+from nestlm.errors import ConfigError
+from nestlm.model.config import BLOCK_KINDS, ModelConfig
+from nestlm.model.decoder import Block, Cache, Decoder
+from nestlm.model.subarch import SubArch, sliced_config
 
-__all__ = ["BLOCK_KINDS", "Block", "Cache", "ConfigError", "Decoder", "ModelConfig"]
-
-
-def __getattr__(name):
-    if name in ("Block", "Cache", "Decoder"):
-        from nestlm.model import decoder
-
-        return getattr(decoder, name)
-    raise AttributeError(name)
+__all__ = ["BLOCK_KINDS", "Block", "Cache", "ConfigError", "Decoder", "ModelConfig", "SubArch", "sliced_config"]

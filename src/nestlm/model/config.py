@@ -21,7 +21,8 @@ from pathlib import Path
 from nestlm.errors import ConfigError
 
 BLOCK_KINDS = {"M": "mamba", "*": "attention", "-": "mlp", "E": "moe"}
-FAMILIES = ("nemotron_h", "llama", "qwen3", "qwen3_moe", "mixtral")
+# the Hugging Face families a model exports to, and the module of nestlm.convert that converts each
+FAMILIES = {"nemotron_h": "nemotron_h", "llama": "llama", "qwen3": "llama", "qwen3_moe": "moe", "mixtral": "moe"}
 MOE_ROUTERS = ("sigmoid", "softmax")
 ACTS = ("relu2", "swiglu")
 
@@ -99,7 +100,7 @@ class ModelConfig:
         need(len(self.pattern) > 0, "pattern is empty: give one character per block from 'M*-E'")
         bad = sorted(set(self.pattern) - set(BLOCK_KINDS))
         need(not bad, f"pattern {self.pattern!r} has unknown block characters {bad}; use M, *, -, E")
-        need(self.family in FAMILIES, f"unknown family {self.family!r}; one of {FAMILIES}")
+        need(self.family in FAMILIES, f"unknown family {self.family!r}; one of {tuple(FAMILIES)}")
         if "*" in self.pattern:
             need(self.num_heads > 0 and self.num_kv_heads > 0 and self.head_dim > 0,
                  "attention blocks need num_heads, num_kv_heads and head_dim > 0")

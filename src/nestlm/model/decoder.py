@@ -13,7 +13,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from nestlm.arch import SubArch
 from nestlm.model.config import ModelConfig
 from nestlm.model.layers import (
     MLP,
@@ -26,6 +25,7 @@ from nestlm.model.layers import (
     prefix,
     rope_cos_sin,
 )
+from nestlm.model.subarch import SubArch
 
 
 class Block(nn.Module):

@@ -15,11 +15,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from nestlm.arch import SubArch
 from nestlm.model import layout
 from nestlm.model.config import ModelConfig
 from nestlm.model.layout import prefix, take
 from nestlm.model.ssd import ssd_chunked, ssm_step
+from nestlm.model.subarch import SubArch
 
 __all__ = ["MLP", "Attention", "Mamba2", "MoE", "RMSNorm", "masked_rms_norm", "prefix", "rms_norm", "take"]
 

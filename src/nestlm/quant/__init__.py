@@ -10,19 +10,11 @@ distillation (QAD), calibration, and packed checkpoints in the ModelOpt layout t
     q.quantize("elastic_dir", "out", "nvfp4")       # all of the above for a checkpoint folder
 
 Modules: formats (the number formats, pure functions), fake (which weights, parametrization, width checks,
-calibration), export (packing, files, loading, slicing).
+calibration), packed (the ModelOpt layout: packing, packed slicing, configs, unpacking), export (writing
+packed folders, `nestlm quantize`), load (reading them back).
 """
 
-from nestlm.quant.export import (
-    dequantize_state,
-    export_quantized,
-    load_quantized,
-    pack_weights,
-    quant_configs,
-    quantize,
-    quantized_bytes,
-    slice_quantized,
-)
+from nestlm.quant.export import export_quantized, quantize, slice_quantized
 from nestlm.quant.fake import (
     CALIB_INPUTS,
     FUSED,
@@ -39,6 +31,8 @@ from nestlm.quant.fake import (
     weight_scales,
 )
 from nestlm.quant.formats import FORMATS, Format, get_format
+from nestlm.quant.load import load_quantized, quantized_bytes
+from nestlm.quant.packed import dequantize_state, pack_weights, quant_configs
 
 __all__ = [
     "CALIB_INPUTS", "FORMATS", "FUSED", "QUANTIZED", "Format", "calibrate", "check_elastic", "check_subarch",

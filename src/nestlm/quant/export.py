@@ -1,27 +1,15 @@
-"""Packed checkpoints in the NVIDIA ModelOpt unified HF layout that vLLM loads, and back.
+"""Writing packed checkpoints (the ModelOpt layout of nestlm.quant.packed), and `nestlm quantize`.
 
     export_quantized(model, "out/nvfp4", "nvfp4", input_amax=calibrate(model, batches))
     slice_quantized("out/nvfp4", "out/nvfp4_75", "75%")      # a budget of a packed elastic checkpoint
-    model = load_quantized("out/nvfp4")                      # dequantized to fp32, for CPU evaluation
     quantize("elastic_dir", "out/nvfp4", "nvfp4")            # `nestlm quantize`: load, calibrate, export
 
-On disk, per quantized Linear (HF tensor names, as nestlm.convert writes them; one set per MoE expert):
-    NVFP4: weight uint8 [out, in/2] (two E2M1 codes a byte, even index low), weight_scale float8_e4m3fn
-           [out, in/16], weight_scale_2 fp32 [] (amax / (6*448)), input_scale fp32 [] (act amax / (6*448))
-    FP8:   weight float8_e4m3fn [out, in], weight_scale fp32 [] (amax / 448), input_scale fp32 [] (act amax / 448)
-    FP8_PER_CHANNEL_PER_TOKEN (fp8_channel): weight_scale fp32 [out], no input_scale (dynamic per token)
-plus hf_quant_config.json and config.json's quantization_config (quant_method "modelopt"). Every other
-tensor is written as is and listed in exclude_modules.
-
-A packed elastic checkpoint keeps the manifest and the router: a budget is cut out of it by index ranges on
-the packed tensors (nestlm.slicing.plan's ranges, halved for the nibbles, divided by 16 for the block scales),
-which is exactly the budget quantized with the parent's per-tensor scales (blocks are whole).
+A packed elastic checkpoint keeps the manifest and the router, so budgets can still be cut out of it
+(slice_quantized, by index ranges: nothing is requantized). Reading back: nestlm.quant.load.
 """
 
 from __future__ import annotations
 
-import builtins
-import dataclasses
 import json
 from pathlib import Path
 
@@ -29,7 +17,7 @@ import torch
 from safetensors.torch import save_file
 
 from nestlm.arch import SubArch, sliced_config
-from nestlm.convert import FAMILIES, config_from_hf, nemotron_h
+from nestlm.convert import FAMILIES, config_from_hf
 from nestlm.elastic.artifact import (
     MANIFEST,
     ROUTER_FILE,
@@ -41,7 +29,6 @@ from nestlm.elastic.artifact import (
 from nestlm.errors import CheckpointError, ConfigError
 from nestlm.io.safetensors import (
     SafetensorsDir,
-    Source,
     atomic_dir,
     copy_files,
     read_config,
@@ -49,57 +36,29 @@ from nestlm.io.safetensors import (
     write_shards,
 )
 from nestlm.io.tokenizer import TOKENIZER_FILES, check_ids, load_tokenizer, text_tokens
-from nestlm.model.decoder import Decoder
-from nestlm.model.slice import sliced_state_dict
+from nestlm.model.extract import sliced_state_dict
 from nestlm.quant.fake import (
     calibrate,
     check_subarch,
     fake_quant_disabled,
     fake_quantize_,
-    quantized_weights,
-    weight_scales,
 )
 from nestlm.quant.formats import (
-    BLOCK,
-    FORMATS,
     Format,
-    fp8_dequantize,
-    fp8_quantize,
     get_format,
-    nvfp4_dequantize,
-    nvfp4_quantize,
 )
-
-QUANT_CONFIG = "hf_quant_config.json"
-COMPANIONS = ("weight_scale", "weight_scale_2", "input_scale")  # tensors beside a quantized `X.weight`
-ALGO_FORMAT = {f.quant_algo: f.name for f in FORMATS.values()} | {"W4A16_NVFP4": "nvfp4"}
+from nestlm.quant.packed import (
+    COMPANIONS,
+    QUANT_CONFIG,
+    Tensors,
+    format_of,
+    pack_weights,
+    quant_configs,
+    slice_packed,
+)
 
 
 # ---------------------------------------------------------------------------------------------- packing
-def pack_weights(model, fmt: str | Format, input_amax: dict[str, torch.Tensor] | None = None) -> dict:
-    """{weight name: {"weight": packed, "weight_scale": ..., ...}} for every quantized weight of the FULL
-    model, from its latent weights (fake quantization, if any, is bypassed). Stacked experts keep their
-    leading [experts] dim on every tensor (scalars become [experts])."""
-    fmt = get_format(fmt)
-    scales = weight_scales(model, fmt)
-    out = {}
-    with torch.no_grad():
-        for q in quantized_weights(model):
-            w, s = q.latent().detach(), scales[q.name]
-            if fmt.name == "nvfp4":
-                packed, block = nvfp4_quantize(w, s)
-                d = {"weight": packed, "weight_scale": block, "weight_scale_2": s}
-            else:
-                d = {"weight": fp8_quantize(w, s), "weight_scale": s}
-            if fmt.act_max is not None and input_amax is not None:
-                a = input_amax[q.name].to(s.device).float()
-                if (a <= 0).any():
-                    raise ValueError(f"calibration never reached the input of {q.name}: no input_scale")
-                d["input_scale"] = a / fmt.act_max
-            out[q.name] = d
-    return out
-
-
 def _hf_tensors(model, packed: dict, dtype: torch.dtype) -> dict[str, torch.Tensor]:
     """HF-named tensors of the full model with the packed weights and their companions in place; the other
     floating-point tensors in `dtype`."""
@@ -120,135 +79,6 @@ def _hf_tensors(model, packed: dict, dtype: torch.dtype) -> dict[str, torch.Tens
             if k != "lm_head.weight":
                 out[k.removesuffix("weight") + comp] = v
     return {k: v.detach().cpu().contiguous() for k, v in out.items()}
-
-
-def _quantized_names(keys) -> set[str]:
-    return {k.removesuffix("_scale") for k in keys if k.endswith(".weight_scale")}
-
-
-# ---------------------------------------------------------------------------------------------- slicing
-class _Tensors:
-    """A dict of tensors with SafetensorsDir's reading interface."""
-
-    def __init__(self, d: dict[str, torch.Tensor]):
-        self.d = d
-
-    def keys(self):
-        return list(self.d)
-
-    def __contains__(self, k):
-        return k in self.d
-
-    def get(self, k):
-        return self.d[k]
-
-    def shape(self, k):
-        return list(self.d[k].shape)
-
-    def read(self, k, idx):
-        return self.d[k][idx]
-
-
-class _Logical:
-    """A packed checkpoint's tensors seen with their unpacked shapes, for nestlm.slicing.plan."""
-
-    def __init__(self, src, fmt: Format):
-        self.src, self.fmt = src, fmt
-        self.quantized = _quantized_names(src.keys())
-
-    def __contains__(self, k):
-        return k in self.src
-
-    def shape(self, k):
-        s = list(self.src.shape(k))
-        if k in self.quantized and self.fmt.name == "nvfp4":
-            s[-1] *= 2
-        return s
-
-    def dtype(self, k):
-        return torch.float32  # plan records it; the gathered tensors keep their own dtypes
-
-
-def _scaled(idx: tuple, div: int, name: str) -> tuple:
-    """The input-dim (last) slice of idx divided by div (2: nibbles, 16: block scales); whole blocks only."""
-    last = idx[-1]
-    a, b = last.start or 0, last.stop
-    if a % BLOCK or (b is not None and b % BLOCK):
-        raise CheckpointError(f"{name}: input columns {a}:{b} are not whole blocks of {BLOCK}")
-    return idx[:-1] + (builtins.slice(a // div, None if b is None else b // div),)
-
-
-def _gather(src, t, fmt: Format, quantized: set[str]) -> dict[str, torch.Tensor]:
-    """The output tensor `t` of nestlm.slicing.plan (and its companions) read from the packed `src`."""
-    name = t.pieces[0].src
-
-    def cat(tensor_name, div=1):
-        parts = [src.read(tensor_name, _scaled(pc.idx, div, tensor_name) if div > 1 else pc.idx)
-                 for pc in t.pieces]
-        return torch.cat(parts, dim=t.dim) if len(parts) > 1 else parts[0]
-
-    if name not in quantized:
-        return {t.name: cat(name).contiguous()}
-    base, out_base = name.removesuffix("weight"), t.name.removesuffix("weight")
-    out = {t.name: cat(name, 2 if fmt.name == "nvfp4" else 1)}
-    if fmt.name == "nvfp4":
-        out[out_base + "weight_scale"] = cat(base + "weight_scale", BLOCK)
-    elif fmt.name == "fp8_channel":  # [out]: the rows of the weight
-        rows = [src.read(base + "weight_scale", pc.idx[:1]) for pc in t.pieces]
-        out[out_base + "weight_scale"] = torch.cat(rows) if t.dim == 0 else rows[0]
-    for comp in ("weight_scale", "weight_scale_2", "input_scale"):
-        if out_base + comp not in out and base + comp in src:
-            out[out_base + comp] = src.get(base + comp)
-    return {k: v.contiguous() for k, v in out.items()}
-
-
-def _slice_tensors(src, cfg, s: SubArch, fmt: Format) -> dict[str, torch.Tensor]:
-    """Every HF tensor of the submodel s cut out of the packed full tensors `src` (by index ranges)."""
-    from nestlm.slicing import plan
-
-    quantized = _quantized_names(src.keys())
-    out = {}
-    for t in plan(_Logical(src, fmt), cfg, s):
-        out.update(_gather(src, t, fmt, quantized))
-    return out
-
-
-# ---------------------------------------------------------------------------------------------- configs
-def quant_configs(fmt: Format, tensors: dict, weight_only: bool) -> tuple[dict, dict]:
-    """(hf_quant_config.json, config.json's quantization_config), as ModelOpt's HF export writes them."""
-    from nestlm import __version__
-
-    quantized = _quantized_names(tensors)
-    exclude = sorted(k.removesuffix(".weight") for k in tensors if k.endswith(".weight") and k not in quantized)
-    algo = "W4A16_NVFP4" if fmt.name == "nvfp4" and weight_only else fmt.quant_algo
-    producer = {"name": "nestlm", "version": __version__}
-    quantization = {"quant_algo": algo, "kv_cache_quant_algo": None, "exclude_modules": exclude}
-    bits = {"num_bits": 4 if fmt.name == "nvfp4" else 8, "type": "float"}
-    weights = {"dynamic": False, **bits}
-    acts = None if weight_only else {"dynamic": fmt.act_max is None, **bits}
-    if fmt.name == "nvfp4":
-        quantization["group_size"] = BLOCK
-        weights["group_size"] = BLOCK
-        acts = acts and {**acts, "group_size": BLOCK}
-    if fmt.name == "fp8_channel":
-        weights["strategy"], acts["strategy"] = "channel", "token"
-    qc = {"quant_method": "modelopt", "quant_algo": algo, "producer": producer, "ignore": exclude,
-          "kv_cache_scheme": None, "config_groups": {"group_0": {"weights": weights, "input_activations": acts}}}
-    if fmt.name == "nvfp4":
-        qc["group_size"] = BLOCK
-    return {"producer": producer, "quantization": quantization}, qc
-
-
-def _format_of(hf: dict, path: Path) -> tuple[Format, bool]:
-    """(format, weight only) of a packed checkpoint's config.json."""
-    qc = hf.get("quantization_config")
-    if not isinstance(qc, dict) or not str(qc.get("quant_method", "")).startswith("modelopt"):
-        raise CheckpointError(f"{path}: config.json has no ModelOpt quantization_config (not a packed "
-                              "checkpoint; load a plain one with nestlm.from_hf)")
-    algo = str(qc.get("quant_algo", "")).upper()
-    if algo not in ALGO_FORMAT:
-        raise CheckpointError(f"{path}: quant_algo {algo!r} is not one nestlm reads ({sorted(ALGO_FORMAT)})")
-    return FORMATS[ALGO_FORMAT[algo]], algo == "W4A16_NVFP4"
 
 
 # ---------------------------------------------------------------------------------------------- writing
@@ -294,7 +124,7 @@ def export_quantized(model, out_dir: str | Path, fmt: str | Format = "nvfp4", su
     if sub is not None and sub.resolve(cfg) != SubArch.full(cfg):
         s = sub.resolve(cfg)
         check_subarch(cfg, s, fmt)
-        tensors = _slice_tensors(_Tensors(tensors), cfg, s, fmt)
+        tensors = slice_packed(Tensors(tensors), cfg, s, fmt)
         out_cfg = sliced_config(cfg, s)
     hf = FAMILIES[cfg.family].config_to_hf(out_cfg)
     hf["dtype"] = str(dtype).removeprefix("torch.")
@@ -312,83 +142,18 @@ def slice_quantized(src_dir: str | Path, out_dir: str | Path, budget: str | floa
     if out.exists() and not overwrite:
         raise FileExistsError(f"{out} exists; choose a new directory or pass overwrite=True")
     hf = read_config(path)
-    fmt, weight_only = _format_of(hf, path)
+    fmt, weight_only = format_of(hf, path)
     cfg = config_from_hf(hf)
     manifest = read_manifest(path)
     name, sub = resolve_budget(path, budget, cfg=cfg, manifest=manifest)
     s = sub.resolve(cfg)
     check_subarch(cfg, s, fmt)
     src = SafetensorsDir(path)
-    tensors = _slice_tensors(src, cfg, s, fmt)
+    tensors = slice_packed(src, cfg, s, fmt)
     small = FAMILIES[cfg.family].config_to_hf(sliced_config(cfg, s))
     small["dtype"] = hf.get("dtype", "float32")
     prov = provenance(path, name, s, cfg, quant_format=fmt.name)
     return _write(out, small, tensors, fmt, weight_only, path, {SLICE_FILE: prov}, (), overwrite)
-
-
-# ---------------------------------------------------------------------------------------------- loading
-def dequantize_state(tensors: dict[str, torch.Tensor], dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
-    """HF-named packed tensors -> HF-named plain tensors: quantized weights dequantized, their companions
-    dropped, every floating tensor in `dtype`."""
-    quantized = _quantized_names(tensors)
-    out = {}
-    for k, v in tensors.items():
-        if any(k.endswith("." + c) for c in COMPANIONS) and k.rsplit(".", 1)[0] + ".weight" in quantized:
-            continue
-        if k in quantized:
-            base = k.removesuffix("weight")
-            if v.dtype == torch.uint8:
-                v = nvfp4_dequantize(v, tensors[base + "weight_scale"], tensors[base + "weight_scale_2"], dtype)
-            else:
-                v = fp8_dequantize(v, tensors[base + "weight_scale"], dtype)
-        out[k] = v.to(dtype) if v.is_floating_point() else v
-    return out
-
-
-class _Ckpt(_Tensors):
-    """In-memory tensors with what the family converters read from a SafetensorsDir."""
-
-    def same(self, a, b):
-        return torch.equal(self.d[a], self.d[b])
-
-
-def load_quantized(path: str | Path, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu") -> Decoder:
-    """A packed checkpoint (written by export_quantized / slice_quantized / quantize) as a Decoder whose
-    quantized weights are dequantized to `dtype`: exactly the fake-quantized model's weights."""
-    path = Path(path)
-    hf = read_config(path)
-    _format_of(hf, path)
-    cfg = config_from_hf(hf)
-    src = SafetensorsDir(path)
-    ckpt = _Ckpt(dequantize_state({k: src.get(k) for k in src.keys()}, dtype))
-    if cfg.family == "nemotron_h" and cfg.tie_embeddings and nemotron_h.runs_own_lm_head(ckpt):
-        cfg = dataclasses.replace(cfg, tie_embeddings=False)  # as nestlm.convert.load_hf_state
-    sd = FAMILIES[cfg.family].state_from_hf(ckpt, cfg)
-    with torch.device("meta"):
-        model = Decoder(cfg)
-    try:
-        model.load_state_dict(sd, assign=True)
-    except RuntimeError as e:
-        raise CheckpointError(f"{path}: tensors don't match config.json ({str(e).splitlines()[0]} ...)") from None
-    model = model.to(device=device, dtype=dtype)
-    model.source_dir = str(path)
-    return model.eval()
-
-
-def quantized_bytes(path: str | Path) -> dict:
-    """Bytes on disk of a packed checkpoint: the quantized weights with their scales, per quantized parameter,
-    and the whole safetensors payload."""
-    src = Source(Path(path))
-    hf = read_config(path)
-    fmt, _ = _format_of(hf, Path(path))
-    quantized = _quantized_names(src.keys())
-    nbytes = {k: torch.Size(src.shape(k)).numel() * src.dtype(k).itemsize for k in src.keys()}
-    q_bytes = sum(n for k, n in nbytes.items() if k in quantized or (k.rsplit(".", 1)[0] + ".weight") in quantized)
-    q_params = sum(torch.Size(src.shape(k)).numel() * (2 if fmt.name == "nvfp4" else 1) for k in quantized)
-    files = [p for p in Path(path).glob("*.safetensors") if p.name != ROUTER_FILE]
-    return {"quantized_params": q_params, "quantized_bytes": q_bytes,
-            "bytes_per_quantized_param": q_bytes / max(q_params, 1),
-            "other_bytes": sum(nbytes.values()) - q_bytes, "file_bytes": sum(p.stat().st_size for p in files)}
 
 
 # ---------------------------------------------------------------------------------------------- quantize

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from nestlm.importance import Scores
+from nestlm.elastic.importance import Scores
 from nestlm.model import layout
 
 

@@ -16,7 +16,7 @@ The training loop below reads top to bottom (torchtune style; no trainer framewo
     AdamW for the model and AdamW for the router; gradient accumulation; jsonl log; atomic checkpoints that
     resume bit-exactly (CPU, same seeds): weights, both optimizers, torch/python RNG, step, data position.
 
-The same call runs on one process or on N under torchrun (`parallel="ddp" | "fsdp2"`, see nestlm.parallel):
+The same call runs on one process or on N under torchrun (`parallel="ddp" | "fsdp2"`, see nestlm.elastic.parallel):
 every rank draws the same budgets and noise and takes batch / N rows of each global batch, so the loss is the
 one-process loss up to float summation order. Checkpoints are then torch.distributed.checkpoint folders.
 
@@ -33,47 +33,34 @@ Output folder (`out_dir`): the full sorted model as a standard HF checkpoint (co
 
 from __future__ import annotations
 
-import base64
 import copy
 import dataclasses
 import json
 import math
 import os
 import random
-import shutil
-import tempfile
-import warnings
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
 
-from nestlm import parallel
-from nestlm.arch import SubArch, count_active_params, count_params, unit_order
-from nestlm.config import DEPTH, ElasticConfig
-from nestlm.distill import kd_loss, router_loss
+from nestlm.arch import unit_order
+from nestlm.elastic import checkpoint as ckpt
+from nestlm.elastic import parallel
 from nestlm.elastic.artifact import (
-    MANIFEST,
-    MANIFEST_VERSION,
     ROUTER_FILE,
-    budget_name,
-    read_manifest,
-    read_router,
-    resolve_budget,
+    export,
     router_mismatch,
 )
-from nestlm.errors import CheckpointError, ConfigError
+from nestlm.elastic.config import DEPTH, ElasticConfig, budget_name
+from nestlm.elastic.losses import kd_loss, router_loss
+from nestlm.elastic.optim import adamw
+from nestlm.elastic.parallel import setup as setup_parallel
+from nestlm.elastic.router import Router
+from nestlm.errors import ConfigError
 from nestlm.io.safetensors import read_tensors
 from nestlm.io.tokenizer import check_ids
-from nestlm.optim import adamw
-from nestlm.parallel import setup as setup_parallel
-from nestlm.router import Router
-
-CKPT_FILE = "checkpoint.pt"  # one process: a torch.save file (read back with weights_only=True)
-CKPT_DIR = "checkpoint"  # N processes: a torch.distributed.checkpoint folder (see nestlm.parallel)
-# config fields that may change when resuming (the others would silently change what the run means)
-RESUME_MAY_CHANGE = ("steps", "checkpoint_every", "log_every")
 
 
 # ---------------------------------------------------------------------------------------------- data
@@ -164,13 +151,13 @@ def prepare(ecfg: ElasticConfig, model_or_path, data, world: int = 1):
     With the depth axis and no depth_order, the depth study (importance's per-block scores) on the same
     calibration batches orders the units, least important first; the router's config (`router.ecfg`, a copy
     of `ecfg`) holds that order, and so do the checkpoints and the manifest written from it."""
-    from nestlm.importance import importance
-    from nestlm.sort import sort_
+    from nestlm.elastic.importance import importance
+    from nestlm.elastic.sort import sort_
 
     model = _load_parent(model_or_path).float()
     choices = ecfg.resolve_choices(model.cfg)  # fail early, with the axis named, if a choice doesn't fit
     if ecfg.quant:  # QAD: every budget's quantized input widths must stay whole blocks (depth changes none)
-        from nestlm.quant import check_elastic
+        from nestlm.quant.fake import check_elastic
 
         check_elastic(model.cfg, dataclasses.replace(ecfg, axes=[a for a in choices if a != DEPTH]))
     check_data(data, ecfg, model.cfg.vocab_size, world)
@@ -184,7 +171,7 @@ def prepare(ecfg: ElasticConfig, model_or_path, data, world: int = 1):
             sort_(model, scores)
     teacher = copy.deepcopy(model).eval().requires_grad_(False)
     if ecfg.quant:  # QAD: the student sees fake-quantized weights, the teacher stays full precision
-        from nestlm.quant import fake_quantize_
+        from nestlm.quant.fake import fake_quantize_
 
         fake_quantize_(model, ecfg.quant)
     torch.manual_seed(ecfg.seed)
@@ -219,7 +206,7 @@ def elastify(config: ElasticConfig | str | Path, model_or_hf_path, data, out_dir
     max_steps: stop (after checkpointing) once this many steps are done in total; run again to resume.
     resume: continue from the checkpoint in `out_dir/train/` if there is one. on_step: called with each log
     record (on every rank). parallel: None (automatic: DDP under torchrun or an initialised process group,
-    else one process), "ddp" or "fsdp2" (see nestlm.parallel). router_init: an elastic checkpoint folder
+    else one process), "ddp" or "fsdp2" (see nestlm.elastic.parallel). router_init: an elastic checkpoint folder
     whose trained router starts this run (same budgets and choices; QAD keeps the widths it learned).
     Returns out_dir."""
     ecfg = config if isinstance(config, ElasticConfig) else ElasticConfig.load(config)
@@ -263,7 +250,7 @@ def _train(ecfg: ElasticConfig, model_or_hf_path, data, out: Path, dp: parallel.
     parts = {"model": (student, opt_model), "router": (router, opt_router)}
     last_good = None  # (path, step) of the newest complete checkpoint
     if resume:
-        found = _load_checkpoint(train_dir, dp, parts, fingerprint, ecfg, budget_rng)
+        found = ckpt.resume(train_dir, dp, parts, fingerprint, ecfg, budget_rng)
         if found is not None:
             step, pos, last_good = found
 
@@ -272,7 +259,7 @@ def _train(ecfg: ElasticConfig, model_or_hf_path, data, out: Path, dp: parallel.
         train_dir.mkdir(parents=True, exist_ok=True)
         _write_config(ecfg, train_dir / "elastic.yaml")
         _truncate_log(log_path, step)  # drop records of steps after the checkpoint (a crash in between)
-        _drop_stale_checkpoints(train_dir, keep=last_good[0] if last_good else None)
+        ckpt.drop_stale(train_dir, keep=last_good[0] if last_good else None)
     dp.barrier()
 
     def checkpoint():
@@ -280,14 +267,14 @@ def _train(ecfg: ElasticConfig, model_or_hf_path, data, out: Path, dp: parallel.
             raise FloatingPointError(f"weights are non-finite after step {step - 1}; not checkpointing them. "
                                      f"{_last_good_text(last_good)}")
         if dp.distributed:
-            path = train_dir / CKPT_DIR
-            parallel.save_checkpoint(path, parts, _train_state(step, pos, budget_rng, fingerprint, ecfg, as_text=True), dp)
+            path = train_dir / ckpt.CKPT_DIR
+            ckpt.save_dcp(path, parts, ckpt.train_state(step, pos, budget_rng, fingerprint, ecfg, as_text=True), dp)
         else:
-            path = train_dir / CKPT_FILE
-            _save_checkpoint(path, {
+            path = train_dir / ckpt.CKPT_FILE
+            ckpt.save_pt(path, {
                 "model": model.state_dict(), "router": router.state_dict(),
                 "opt_model": opt_model.state_dict(), "opt_router": opt_router.state_dict(),
-                **_train_state(step, pos, budget_rng, fingerprint, ecfg)})
+                **ckpt.train_state(step, pos, budget_rng, fingerprint, ecfg)})
         return path, step
 
     writer = _tensorboard(train_dir) if dp.main else None
@@ -399,16 +386,6 @@ def _truncate_log(path: Path, step: int) -> None:
     path.write_text("".join(ln + "\n" for ln in keep))
 
 
-def _drop_stale_checkpoints(train_dir: Path, keep: Path | None) -> None:
-    """Remove every checkpoint but the one this run resumed from (a fresh run: all of them), so that a later
-    resume can't pick up an older run's state (e.g. the DCP folder of an earlier N-process run)."""
-    for p in (train_dir / CKPT_FILE, train_dir / CKPT_DIR, *(train_dir.glob(f"{CKPT_DIR}*.*"))):
-        if p.is_dir() and p != keep:
-            shutil.rmtree(p)
-        elif p.exists() and p != keep:
-            p.unlink()
-
-
 def _write_config(ecfg: ElasticConfig, path: Path) -> None:
     tmp = path.with_name(path.name + ".tmp")
     ecfg.save(tmp)
@@ -423,153 +400,7 @@ def _tensorboard(train_dir: Path):
     return SummaryWriter(str(train_dir / "tb"))
 
 
-# ---------------------------------------------------------------------------------------------- checkpoints
-def _train_state(step: int, pos: int, budget_rng: random.Random, fingerprint: float, ecfg: ElasticConfig,
-                 as_text: bool = False) -> dict:
-    """Everything but the weights and optimizer states that the next step depends on. as_text: RNG tensors as
-    base64 text (the DCP checkpoint's train_state.json), else as tensors (the torch.save checkpoint)."""
-    st = {"step": step, "data_pos": pos, "rng_torch": torch.get_rng_state(), "rng_python": random.getstate(),
-          "rng_budget": budget_rng.getstate(), "teacher_fingerprint": fingerprint, "config": ecfg.to_dict()}
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        st["rng_cuda"] = torch.cuda.get_rng_state()
-    if as_text:
-        for k in ("rng_torch", "rng_cuda"):
-            if k in st:
-                st[k] = base64.b64encode(st[k].numpy().tobytes()).decode()
-    return st
-
-
-def _set_rng(st: dict, budget_rng: random.Random) -> None:
-    def tensor(v):  # a tensor (torch.save) or base64 text (JSON)
-        return v if isinstance(v, torch.Tensor) else torch.frombuffer(bytearray(base64.b64decode(v)), dtype=torch.uint8)
-
-    def py_state(s):  # random.getstate() is (version, tuple of ints, gauss); JSON turned the tuples to lists
-        return (s[0], tuple(s[1]), s[2])
-
-    torch.set_rng_state(tensor(st["rng_torch"]))
-    if "rng_cuda" in st and torch.cuda.is_available():
-        torch.cuda.set_rng_state(tensor(st["rng_cuda"]))
-    random.setstate(py_state(st["rng_python"]))
-    budget_rng.setstate(py_state(st["rng_budget"]))
-
-
-def _save_checkpoint(path: Path, state: dict) -> None:
-    """torch.save to a temporary file, fsync, then rename: a crash at any point leaves the previous file."""
-    tmp = path.with_name(path.name + ".tmp")
-    try:
-        with open(tmp, "wb") as f:
-            torch.save(state, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-
-
-def _read_pt(path: Path) -> dict:
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # truncated zip, not a checkpoint, or a pickle that isn't plain data
-        raise CheckpointError(f"{path}: unreadable training checkpoint ({parallel.load_error_text(e)}); "
-                              "delete it or pass resume=False to start over") from None
-
-
-def _check_resumable(st: dict, path: Path, fingerprint: float, ecfg: ElasticConfig) -> None:
-    if st["teacher_fingerprint"] != fingerprint:
-        raise ConfigError(f"{path} was trained from another parent model (or other calibration "
-                          "data); pass the same model and data, or resume=False")
-    saved, now = (json.loads(json.dumps(d)) for d in (st["config"], ecfg.to_dict()))  # tuples -> lists
-    changed = sorted(k for k in set(saved) | set(now) if k not in RESUME_MAY_CHANGE and saved.get(k) != now.get(k))
-    if changed:
-        raise ConfigError(f"{path} was written with another ElasticConfig (it differs in {changed}); resume "
-                          "with the same config, or pass resume=False to start over")
-
-
-def _load_checkpoint(train_dir: Path, dp, parts: dict, fingerprint: float, ecfg: ElasticConfig,
-                     budget_rng: random.Random):
-    """Restore the newest checkpoint in `train_dir` into `parts` and the RNGs -> (step, data_pos, (path, step)),
-    or None when there is none. One process reads checkpoint.pt, or a DCP folder from an N-process run;
-    N processes read the DCP folder (whatever N wrote it)."""
-    pt = train_dir / CKPT_FILE
-    folder = parallel.find_checkpoint(train_dir / CKPT_DIR)
-    st = _read_pt(pt) if pt.is_file() and not dp.distributed else None
-    if folder is not None and (st is None or parallel.read_state(folder)["step"] > st["step"]):
-        st = parallel.read_state(folder)
-        _check_resumable(st, folder, fingerprint, ecfg)
-        parallel.load_checkpoint(folder, parts)
-        path = folder
-    elif st is not None:
-        _check_resumable(st, pt, fingerprint, ecfg)
-        (model, opt_model), (router, opt_router) = parts["model"], parts["router"]
-        model.load_state_dict(st["model"])
-        router.load_state_dict(st["router"])
-        opt_model.load_state_dict(st["opt_model"])
-        opt_router.load_state_dict(st["opt_router"])
-        path = pt
-    elif pt.is_file():  # N processes and only a one-process checkpoint
-        raise ConfigError(f"{pt} was written by a one-process run; resume it with one process, or pass "
-                          "resume=False to start over")
-    else:
-        return None
-    _set_rng(st, budget_rng)
-    return st["step"], st["data_pos"], (path, st["step"])
-
-
 # ---------------------------------------------------------------------------------------------- export / load
-def manifest_for(model, router: Router, ecfg: ElasticConfig) -> dict:
-    """Every budget's architecture: the router's most probable one within ecfg.landing_tolerance of the
-    budget (Router.decode), its parameters and its cost ratio."""
-    budgets = {}
-    for i, frac in enumerate(ecfg.budgets):
-        sub = router.subarch(router.decode(i, ecfg.landing_tolerance)) if not router.pinned(i) else SubArch()
-        ratio = float(router.count(model.cfg, sub)) / router.full_cost
-        budgets[budget_name(frac)] = {
-            "fraction": frac, "sub": sub.to_dict(),
-            "params": count_params(model.cfg, sub), "active_params": count_active_params(model.cfg, sub),
-            "cost_ratio": ratio}
-        argmax = router.subarch(router.greedy(i))
-        if not router.pinned(i) and argmax != sub:  # the router's own choice missed: say so, keep it
-            a_ratio = float(router.count(model.cfg, argmax)) / router.full_cost
-            budgets[budget_name(frac)].update(argmax_sub=argmax.to_dict(), argmax_cost_ratio=a_ratio)
-            warnings.warn(f"budget {budget_name(frac)}: the router's per-axis choice costs {a_ratio:.3f} "
-                          f"(target {frac}); the manifest uses its most probable architecture within "
-                          f"{ecfg.landing_tolerance:.0%} ({ratio:.3f}), which training may have sampled "
-                          "rarely: check its quality, or train longer (the argmax is kept as argmax_sub)",
-                          stacklevel=2)
-    return {"version": MANIFEST_VERSION, "family": model.cfg.family, "metric": ecfg.metric,
-            "budgets": budgets, "choices": router.choices, "elastic": ecfg.to_dict()}
-
-
-def export(model, router: Router, ecfg: ElasticConfig, out_dir: str | Path) -> Path:
-    """Write the elastic checkpoint into `out_dir` (other files there, like train/, are kept). Every file is
-    written to a temporary folder first and moved in with os.replace; the manifest goes last."""
-    from safetensors.torch import save_file
-
-    from nestlm.convert import to_hf
-
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".export.tmp", dir=out))
-    try:
-        if ecfg.quant:  # QAD: the latent weights (nestlm quantize packs them exactly as the student saw them)
-            from nestlm.quant import fake_quant_disabled
-
-            with fake_quant_disabled(model):
-                to_hf(model, tmp / "hf", overwrite=True)
-        else:
-            to_hf(model, tmp / "hf", overwrite=True)
-        save_file({k: v.detach().contiguous().cpu() for k, v in router.state_dict().items()},
-                  str(tmp / "hf" / ROUTER_FILE))
-        (tmp / MANIFEST).write_text(json.dumps(manifest_for(model, router, ecfg), indent=2))
-        for f in sorted((tmp / "hf").iterdir()):
-            os.replace(f, out / f.name)
-        os.replace(tmp / MANIFEST, out / MANIFEST)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return out
-
-
 def _load_router(router: Router, path: Path) -> None:
     """Start from the router of an elastic checkpoint folder (or a router.safetensors file)."""
     f = path / ROUTER_FILE if path.is_dir() else path
@@ -578,20 +409,3 @@ def _load_router(router: Router, path: Path) -> None:
     if diff:
         raise ConfigError(f"router_init: {f} was trained for other budgets or choices ({diff})")
     router.load_state_dict(state)
-
-
-def load_elastic(path: str | Path):
-    """-> (model, router, manifest) from an elastic checkpoint folder written by `elastify` / `export`.
-    Raises CheckpointError naming the file for a missing, unreadable or mismatched manifest or router."""
-    from nestlm.convert import from_hf
-
-    path = Path(path)
-    manifest = read_manifest(path, required=True)
-    model = from_hf(path)
-    return model, read_router(path, model.cfg, manifest), manifest
-
-
-def budget_subarch(manifest: dict, name_or_frac) -> SubArch:
-    """The SubArch of a manifest budget, by name ('77%', 'full') or fraction (0.77): resolve_budget on the
-    manifest alone (kept for callers that hold only a manifest)."""
-    return resolve_budget(None, name_or_frac, manifest=manifest)[1]

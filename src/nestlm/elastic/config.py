@@ -26,7 +26,6 @@ from pathlib import Path
 import yaml
 
 from nestlm.arch import SubArch, depth_units
-from nestlm.elastic.artifact import MANIFEST, ROUTER_FILE, budget_name  # noqa: F401 (re-exported names)
 from nestlm.errors import ConfigError
 from nestlm.model.config import ModelConfig
 
@@ -305,3 +304,8 @@ class ElasticConfig:
         except yaml.YAMLError as e:
             raise ConfigError(f"ElasticConfig: {path} is not valid YAML ({e})") from None
         return cls.from_dict(d or {})
+
+
+def budget_name(frac: float) -> str:
+    """1.0 -> 'full', 0.77 -> '77%', 0.125 -> '12.5%'."""
+    return "full" if frac == 1.0 else f"{frac * 100:.4g}%"

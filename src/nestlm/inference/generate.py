@@ -4,7 +4,7 @@
     out = generate(model, ids, 64, sub=SubArch(hidden=256), temperature=0.8, top_k=50, seed=0)
     new = decode(model, logits, cache, 64, stop_sequences=[end_ids])    # go on from a filled cache
 
-Two-phase generation (think on one nested submodel, answer on another) builds on these: nestlm.budget.
+Two-phase generation (think on one nested submodel, answer on another) builds on these: nestlm.inference.two_phase.
 
 Device-agnostic: every tensor follows `ids`. The model contract is
 

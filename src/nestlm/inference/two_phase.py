@@ -28,17 +28,16 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 
 from nestlm.arch import SubArch
 from nestlm.errors import ConfigError
-from nestlm.generate import decode, prefill
+from nestlm.inference.generate import decode, prefill
 from nestlm.model import layout
 from nestlm.model.decoder import Cache
 
-__all__ = ["SWITCHES", "Standalone", "TwoPhaseResult", "generate_two_phase", "think_answer", "transplant_cache"]
+__all__ = ["SWITCHES", "Standalone", "TwoPhaseResult", "generate_two_phase", "transplant_cache"]
 
 SWITCHES = ("reprefill", "transplant")
 
@@ -107,7 +106,7 @@ def transplant_cache(model, cache: Cache, sub: SubArch | None) -> Cache:
 # ---------------------------------------------------------------------------------------------- standalone
 class Standalone:
     """The elastic model with every submodel it is asked for extracted once as a standalone Decoder
-    (nestlm.model.slice.extract) and run as such: the same function, without the per-step slicing of the
+    (nestlm.model.extract.extract) and run as such: the same function, without the per-step slicing of the
     weights (for a small model on CPU that overhead is a good part of a decoding step). Use it in place of
     the model: `generate_two_phase(Standalone(model), ...)`.
 
@@ -134,7 +133,7 @@ class Standalone:
         return self.model.lm_head_weight
 
     def submodel(self, sub: SubArch | None):
-        from nestlm.model.slice import extract
+        from nestlm.model.extract import extract
 
         s = self.resolve(sub)
         if s not in self._small:
@@ -260,51 +259,3 @@ def generate_two_phase(model, ids: torch.Tensor, think_sub: SubArch | None, answ
 
 
 # ---------------------------------------------------------------------------------------------- command line
-def think_answer(path: str | Path, prompt: str, think_budget: str | float = "full",
-                 answer_budget: str | float = "full", max_think: int = 256, max_answer: int = 64,
-                 transplant: bool = False, end_think: str = "</think>", temperature: float = 0.0,
-                 seed: int | None = None, bos: bool = True, stream: bool = True) -> TwoPhaseResult:
-    """Budget control from an elastic checkpoint folder: think with budget `think_budget` (a manifest name
-    such as '40%' or 'full', or a fraction: between trained budgets the router interpolates, as
-    `nestlm slice` does), answer with `answer_budget`. `bos`: start the prompt with the
-    tokenizer's beginning-of-sequence token (as the reasoning recipe trains). Streams the text to stdout when
-    `stream` (the trace, then the answer); returns the TwoPhaseResult. Both submodels run extracted
-    (`Standalone`)."""
-    from nestlm.elastic.artifact import resolve_budget
-    from nestlm.elastify import load_elastic
-    from nestlm.io.tokenizer import load_tokenizer
-
-    path = Path(path)
-    model, router, manifest = load_elastic(path)
-    model.eval()
-
-    def sub_of(b):  # a name, '60%', '0.6', 0.6: trained, or interpolated between trained budgets
-        try:
-            return resolve_budget(path, b, cfg=model.cfg, manifest=manifest, router=router)[1]
-        except KeyError as e:
-            raise ConfigError(e.args[0]) from None
-
-    s_sub, l_sub = sub_of(think_budget), sub_of(answer_budget)
-    tok = load_tokenizer(path, model.cfg.vocab_size)
-    encode, decode_text, bos_id, eos = tok.encode, tok.decode, tok.bos_id, tok.eos_id
-    ids = torch.tensor([[bos_id] * (bos and bos_id is not None) + encode(prompt)],
-                       device=model.embeddings.weight.device)  # [1, t]
-    new: list[int] = []
-    shown = [0]
-
-    def show(tok: torch.Tensor, phase: str):  # tok [1]
-        new.append(int(tok[0]))
-        text = decode_text(new)
-        if not text.endswith("\ufffd"):  # wait for the rest of a multi-byte character
-            print(text[shown[0]:], end="", flush=True)
-            shown[0] = len(text)
-
-    if stream:
-        print(prompt, end="", flush=True)
-    res = generate_two_phase(Standalone(model), ids, s_sub, l_sub, max_think, max_answer, encode(end_think),
-                             stop_tokens=eos,
-                             switch="transplant" if transplant else "reprefill", temperature=temperature,
-                             seed=seed, callback=show if stream else None)
-    if stream:
-        print(decode_text(new)[shown[0]:])
-    return res

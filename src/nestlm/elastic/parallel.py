@@ -18,23 +18,17 @@ What N processes change, and what they don't:
   SubArch, so DDP's buckets see the same parameters each step (find_unused_parameters is not needed);
 - the router is tiny and replicated: `average_grads_` all-reduces its gradients in one flat tensor. (It has
   no forward(): a step uses sample, probs and expected_loss, and DDP only syncs what goes through forward.);
-- checkpoints are torch.distributed.checkpoint (DCP) folders, each rank writing its own shards, plus
-  `train_state.json` (step, data position, RNG states), written into `<name>.tmp` and renamed over the old
-  one only once complete; DCP reshards on load, so a run may resume on another number of processes;
+- checkpoints are torch.distributed.checkpoint (DCP) folders (nestlm.elastic.checkpoint), each rank
+  writing its own shards; DCP reshards on load, so a run may resume on another number of processes;
 - only rank 0 writes the log, the progress bar and the exported checkpoint.
 """
 
 from __future__ import annotations
 
 import contextlib
-import json
 import os
-import pickle
-import shutil
-import warnings
 import zlib
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -43,9 +37,6 @@ from torch import nn
 from nestlm.errors import ConfigError
 
 MODES = ("ddp", "fsdp2")
-STATE_FILE = "train_state.json"  # a DCP checkpoint's non-tensor state, written last: its completion mark
-
-
 # ---------------------------------------------------------------------------------------------- process group
 @dataclass
 class DataParallel:
@@ -217,132 +208,3 @@ def full_weights(model: nn.Module, dp: DataParallel):
     finally:
         for m in mods:
             m.reshard()
-
-
-# ---------------------------------------------------------------------------------------------- checkpoints
-def _safe_load_planner():
-    from torch.distributed.checkpoint import DefaultLoadPlanner
-
-    class SafeLoadPlanner(DefaultLoadPlanner):
-        """DCP stores non-tensor values (optimizer hyperparameters) as pickles and reads them back with
-        weights_only=False. Unpickle each with weights_only=True first: anything but plain data raises."""
-
-        def load_bytes(self, read_item, value):
-            torch.load(value, weights_only=True)
-            value.seek(0)
-            super().load_bytes(read_item, value)
-
-    return SafeLoadPlanner()
-
-
-def _tmp(path: Path) -> Path:
-    return path.with_name(path.name + ".tmp")
-
-
-def _old(path: Path) -> Path:
-    return path.with_name(path.name + ".old")
-
-
-def find_checkpoint(path: Path) -> Path | None:
-    """The complete DCP checkpoint folder at `path`, or its previous version `path.old` when a crash came
-    between the two renames of `save_checkpoint`; None if there is none. (`path.tmp` is never trusted.)"""
-    for p in (path, _old(path)):
-        if (p / STATE_FILE).is_file():
-            return p
-    return None
-
-
-def read_state(path: Path) -> dict:
-    from nestlm.errors import CheckpointError
-
-    try:
-        return json.loads((path / STATE_FILE).read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise CheckpointError(f"{path / STATE_FILE}: unreadable ({e})") from None
-
-
-def save_checkpoint(path: Path, parts: dict, state: dict, dp: DataParallel) -> None:
-    """Save `parts` {name: (module, optimizer)} with DCP (each rank its shards) and the JSON-able `state` into
-    the folder `path`, atomically: everything goes to `path.tmp`, train_state.json last, then the folder
-    replaces `path` (kept as `path.old` until the new one is in place). A collective: every rank calls it."""
-    from torch.distributed.checkpoint import save
-    from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
-
-    tmp, old = _tmp(path), _old(path)
-    if dp.main:
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-    dp.barrier()
-    tensors, optimizers = {}, []
-    for name, (module, opt) in parts.items():
-        tensors[name] = get_model_state_dict(module)
-        if opt.state:  # an empty state stays empty: get_optimizer_state_dict would fill it with a dummy step
-            tensors[f"opt_{name}"] = get_optimizer_state_dict(module, opt)
-            optimizers.append(name)
-    try:
-        save(tensors, checkpoint_id=str(tmp))
-        dp.barrier()
-        if dp.main:
-            _write_json(tmp / STATE_FILE, {**state, "optimizers": optimizers, "world_size": dp.world,
-                                            "parallel": dp.mode})
-            if path.exists():
-                shutil.rmtree(old, ignore_errors=True)  # `path` is complete, so an older `path.old` is stale
-                os.replace(path, old)
-            os.replace(tmp, path)
-            shutil.rmtree(old, ignore_errors=True)
-    except BaseException:
-        if dp.main:
-            shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    dp.barrier()
-
-
-def load_checkpoint(path: Path, parts: dict) -> dict:
-    """Load a folder written by `save_checkpoint` into `parts` {name: (module, optimizer)} (any number of
-    processes, one included: DCP reshards); returns its JSON state. Never unpickles anything but plain data."""
-    from torch.distributed.checkpoint import load
-    from torch.distributed.checkpoint.api import CheckpointException
-    from torch.distributed.checkpoint.state_dict import (
-        get_model_state_dict,
-        get_optimizer_state_dict,
-        set_model_state_dict,
-        set_optimizer_state_dict,
-    )
-
-    from nestlm.errors import CheckpointError
-
-    state = read_state(path)
-    tensors = {}
-    for name, (module, opt) in parts.items():
-        tensors[name] = get_model_state_dict(module)
-        if name in state["optimizers"]:
-            tensors[f"opt_{name}"] = get_optimizer_state_dict(module, opt)
-    try:
-        with warnings.catch_warnings():  # one process: DCP says it assumes so; that is the point here
-            warnings.filterwarnings("ignore", message=".*assuming the intent is to load in a single process")
-            load(tensors, checkpoint_id=str(path), planner=_safe_load_planner())
-    except (Exception, CheckpointException) as e:  # (a BaseException) the failing ranks' errors, wrapped
-        raise CheckpointError(f"{path}: unreadable distributed checkpoint ({load_error_text(e)})") from None
-    for name, (module, opt) in parts.items():
-        set_model_state_dict(module, tensors[name])
-        if name in state["optimizers"]:
-            set_optimizer_state_dict(module, opt, tensors[f"opt_{name}"])
-    return state
-
-
-def load_error_text(e: BaseException) -> str:
-    """One line about why a checkpoint didn't load (DCP: per failing rank), without the tracebacks."""
-    failures = getattr(e, "failures", None)
-    if failures:
-        return "; ".join(f"rank {r}: {load_error_text(exc)}" for r, (exc, _) in sorted(failures.items()))
-    if isinstance(e, pickle.UnpicklingError):
-        return "it holds a pickled object that is not plain data (refused: loaded with weights_only=True)"
-    lines = str(e).strip().splitlines()
-    return type(e).__name__ + (f": {lines[0][:200]}" if lines else "")
-
-
-def _write_json(path: Path, obj: dict) -> None:
-    with open(path, "w") as f:
-        json.dump(obj, f)
-        f.flush()
-        os.fsync(f.fileno())

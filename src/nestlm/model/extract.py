@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import torch
 
-from nestlm.arch import SubArch, sliced_config
 from nestlm.model.layout import model_cuts, take
+from nestlm.model.subarch import SubArch, sliced_config
 
 
 def sliced_state_dict(model, sub: SubArch | None) -> dict[str, torch.Tensor]:

@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from nestlm.arch import SubArch, count_active_params, count_memory, count_params, depth_units
-from nestlm.config import DEPTH, ElasticConfig
+from nestlm.elastic.config import DEPTH, ElasticConfig
 from nestlm.errors import ConfigError
 from nestlm.model.config import ModelConfig
 

@@ -1,0 +1,147 @@
+"""`nestlm info`: family, budgets (SubArch, parameters, active parameters, bytes) and storage of an elastic
+or plain HF folder, packed ones included, and its table.
+
+    print(nestlm.info.format_info(nestlm.info.info("out/elastic")))
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from nestlm.arch import SubArch, count_active_params, count_params, sliced_config
+from nestlm.convert import FAMILIES
+from nestlm.elastic.artifact import (
+    read_provenance,
+)
+from nestlm.io.safetensors import (
+    read_config,
+)
+from nestlm.model.config import ModelConfig
+from nestlm.slicing.plan import open_source
+
+__all__ = ["format_info", "info"]
+
+
+def _stored_params(cfg: ModelConfig, sub: SubArch | None) -> int:
+    """Parameters a sliced checkpoint stores: count_params, plus the lm_head Nemotron-H always writes."""
+    n = count_params(cfg, sub)
+    if cfg.family == "nemotron_h" and cfg.tie_embeddings:
+        n += cfg.vocab_size * (sub or SubArch()).resolve(cfg).hidden
+    return n
+
+
+def _packed_bytes(path: Path, cfg: ModelConfig, nb: int):
+    """(SubArch -> bytes of its packed weights, how they are computed) for a packed FP8 / NVFP4 folder:
+    quantized parameters at the folder's measured bytes per quantized parameter (scales included), the
+    others at `nb` bytes."""
+    from nestlm.model.decoder import Decoder
+    from nestlm.quant import quantized_bytes, quantized_weights
+
+    bpq = quantized_bytes(path)["bytes_per_quantized_param"]
+
+    def weight_bytes(sub: SubArch) -> float:
+        with torch.device("meta"):
+            n_q = sum(w.latent().numel() for w in quantized_weights(Decoder(sliced_config(cfg, sub))))
+        return n_q * bpq + (_stored_params(cfg, sub) - n_q) * nb
+
+    return weight_bytes, f"{bpq:.4f} B per quantized param (measured) and {nb} B per other param"
+
+
+def _folder_bytes(path: Path) -> dict[str, int]:
+    """Bytes on disk of the top-level files (train/ and other subfolders are training state, not shipped)."""
+    files = {p.name: p.stat().st_size for p in path.iterdir() if p.is_file() and not p.name.startswith(".")}
+    weights = sum(v for k, v in files.items() if k.endswith(".safetensors") or k == "model.safetensors.index.json")
+    return {"weights": weights, "total": sum(files.values())}
+
+
+def info(elastic_or_hf_dir: str | Path) -> dict:
+    """Family, budgets (SubArch, params, active params) and storage of an elastic or plain HF folder.
+
+    storage.elastic_bytes is measured (the folder's safetensors: weights + router); separate_bytes is
+    computed, not measured: sum over budgets of stored parameters x dtype bytes (the weights that one
+    standalone checkpoint per budget would hold; their small safetensors headers and configs excluded)."""
+    path, cfg, src, manifest = open_source(elastic_or_hf_dir)
+    dtype = src.dtype(FAMILIES[cfg.family].hf_name("embeddings.weight", cfg))
+    nb = dtype.itemsize
+    weight_bytes = lambda r: _stored_params(cfg, r) * nb
+    how = f"{nb} B ({str(dtype).removeprefix('torch.')})"
+    packed = read_config(path).get("quantization_config")
+    if packed:  # FP8 / NVFP4: quantized params at the folder's measured bytes each, the rest at the dtype's
+        weight_bytes, how = _packed_bytes(path, cfg, nb)
+        dtype_name = f"{packed.get('quant_algo', 'quantized')} (+ {str(dtype).removeprefix('torch.')})"
+    full = SubArch.full(cfg)
+    rows = []
+    budgets = manifest["budgets"].items() if manifest else [("full", {"fraction": 1.0, "sub": {}})]
+    for name, b in budgets:
+        sub = SubArch.from_dict(b["sub"])
+        r = sub.resolve(cfg)
+        rows.append({"name": name, "fraction": b.get("fraction"),
+                     "sub": {k: v for k, v in r.to_dict().items() if k != "layers" and v != getattr(full, k)}
+                     | ({"layers": list(r.layers)} if r.layers != full.layers else {}),
+                     "params": count_params(cfg, r), "active_params": count_active_params(cfg, r),
+                     "bytes": weight_bytes(r)})
+    on_disk = _folder_bytes(path)
+    d = {"path": str(path), "family": cfg.family, "elastic": manifest is not None,
+         "dtype": dtype_name if packed else str(dtype).removeprefix("torch."),
+         "pattern": cfg.pattern, "hidden_size": cfg.hidden_size, "vocab_size": cfg.vocab_size,
+         "params": count_params(cfg), "active_params": count_active_params(cfg), "budgets": rows,
+         "storage": {"elastic_bytes": on_disk["weights"], "folder_bytes": on_disk["total"],
+                     "separate_bytes": sum(r["bytes"] for r in rows), "n_budgets": len(rows),
+                     "how": "elastic_bytes: measured size of the folder's safetensors (weights + router); "
+                            f"separate_bytes: computed as sum over budgets of stored params x {how}; "
+                            "headers/configs excluded"}}
+    sliced_from = read_provenance(path)
+    if sliced_from is not None:
+        d["sliced_from"] = sliced_from
+    return d
+
+
+def _human(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if abs(n) < 1000 or unit == "TB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
+        n /= 1000
+    return str(n)
+
+
+def _count(n: int) -> str:
+    return f"{n / 1e9:.2f}B" if n >= 1e9 else f"{n / 1e6:.2f}M" if n >= 1e6 else f"{n / 1e3:.1f}K"
+
+
+def format_info(d: dict) -> str:
+    lines = [f"{d['path']}: {d['family']}{' elastic checkpoint' if d['elastic'] else ''}, {d['dtype']}, "
+             f"{len(d['pattern'])} blocks {d['pattern']!r}, hidden {d['hidden_size']}, vocab {d['vocab_size']}"]
+    if "sliced_from" in d:
+        sf = d["sliced_from"]
+        lines.append(f"sliced from {sf['source']} at budget {sf['budget']}")
+    lines.append("")
+    lines.append(f"| {'budget':<20} | {'params':>9} | {'active':>9} | {'weights':>10} | SubArch (axes not at full width) |")
+    lines.append(f"|{'-' * 22}|{'-' * 11}|{'-' * 11}|{'-' * 12}|{'-' * 34}|")
+    for r in d["budgets"]:
+        sub = ", ".join(f"{k}={v}" if k != "layers" else f"layers={len(v)}: {_ranges_str(v)}"
+                        for k, v in r["sub"].items()) or "(full)"
+        lines.append(f"| {r['name']:<20} | {_count(r['params']):>9} | {_count(r['active_params']):>9} | "
+                     f"{_human(r['bytes']):>10} | {sub} |")
+    st = d["storage"]
+    lines.append("")
+    if d["elastic"]:
+        ratio = st["separate_bytes"] / max(st["elastic_bytes"], 1)
+        lines.append(f"storage: {_human(st['elastic_bytes'])} on disk for all {st['n_budgets']} budgets "
+                     f"(measured) vs {_human(st['separate_bytes'])} as {st['n_budgets']} separate checkpoints "
+                     f"(computed: {st['how'].split('computed as ')[-1].split(';')[0]}) -> {ratio:.2f}x")
+    else:
+        lines.append(f"storage: {_human(st['elastic_bytes'])} of safetensors on disk "
+                     f"(folder {_human(st['folder_bytes'])})")
+    return "\n".join(lines)
+
+
+def _ranges_str(v: list[int]) -> str:
+    out, i = [], 0
+    while i < len(v):
+        j = i
+        while j + 1 < len(v) and v[j + 1] == v[j] + 1:
+            j += 1
+        out.append(str(v[i]) if i == j else f"{v[i]}-{v[j]}")
+        i = j + 1
+    return ",".join(out)

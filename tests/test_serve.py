@@ -5,12 +5,8 @@ in-process generate_two_phase / generate tokens of the same checkpoint, seed and
 from __future__ import annotations
 
 import json
-import os
 import socket
-import subprocess
-import sys
 import threading
-import time
 import urllib.error
 import urllib.request
 import warnings
@@ -25,6 +21,7 @@ from nestlm.arch import SubArch
 from nestlm.budget import generate_two_phase
 from nestlm.data import ByteTokenizer
 from nestlm.generate import generate, sample
+from nestlm.inference.serve import launch, stop, wait_ready
 
 openai = pytest.importorskip("openai")
 
@@ -62,35 +59,17 @@ def free_port() -> int:
 
 
 class Server:
-    """`python -m nestlm.cli serve` in a subprocess on a free port of 127.0.0.1."""
+    """`nestlm serve` in a subprocess on a free port of 127.0.0.1 (nestlm.inference.serve.launch)."""
 
     def __init__(self, path: Path, *args: str):
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}/v1"
-        self.proc = subprocess.Popen([sys.executable, "-m", "nestlm.cli", "serve", str(path), "--port",
-                                      str(self.port), "--threads", "1", *args],
-                                     stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=os.environ.copy())
+        self.proc, self.url = launch(path, "--threads", "1", *args)
 
-    def wait(self, timeout: float = 90.0) -> Server:
-        t0 = time.monotonic()
-        while time.monotonic() - t0 < timeout:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"the server exited: {self.proc.stdout.read().decode()}")
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/health", timeout=2):
-                    return self
-            except OSError:
-                time.sleep(0.2)
-        raise TimeoutError(f"no server on port {self.port} after {timeout} s")
+    def wait(self) -> Server:
+        wait_ready(self.proc, self.url, timeout=90)
+        return self
 
     def stop(self) -> None:
-        self.proc.terminate()
-        try:
-            self.proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait(timeout=10)
-        self.proc.stdout.close()
+        stop(self.proc)
 
     def client(self):
         return openai.OpenAI(base_url=self.url, api_key="unused", max_retries=0, timeout=60)

@@ -46,7 +46,7 @@ from nestlm.budget import Standalone, _tokenizer, generate_two_phase
 from nestlm.generate import generate
 from nestlm.model.config import ConfigError
 
-__all__ = ["ChatRequest", "CompletionRequest", "Engine", "create_app", "serve"]
+__all__ = ["ChatRequest", "CompletionRequest", "Engine", "create_app", "launch", "serve", "stop", "wait_ready"]
 
 DEFAULT_MAX_THINK = 256  # thinking budget when a request asks for thinking without giving one
 DEFAULT_CONTEXT = 4096  # max_model_len when the checkpoint's config.json has no max_position_embeddings
@@ -632,3 +632,54 @@ def serve(path: str | Path, host: str = "127.0.0.1", port: int = 8000, end_think
     print(f"nestlm serve: {path} on http://{host}:{port}/v1 (models: {', '.join(app.state.engine.budgets)})",
           flush=True)
     uvicorn.run(app, host=host, port=port, log_level=log_level)
+
+
+# ---------------------------------------------------------------------------------------------- a server process
+def launch(path: str | Path, *args: str, port: int | None = None):
+    """Start `python -m nestlm.cli serve PATH --port PORT *args` on 127.0.0.1 (a free port by default) in a
+    subprocess, without waiting: -> (Popen, "http://127.0.0.1:PORT/v1"). For tests and benchmarks; pair with
+    wait_ready and stop."""
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    if port is None:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+    proc = subprocess.Popen([sys.executable, "-m", "nestlm.cli", "serve", str(path), "--host", "127.0.0.1",
+                             "--port", str(port), *args], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            env=os.environ.copy())
+    return proc, f"http://127.0.0.1:{port}/v1"
+
+
+def wait_ready(proc, url: str, timeout: float = 90.0) -> None:
+    """Poll url's /health until the server answers; RuntimeError (with its output) if it exits first."""
+    import urllib.request
+
+    base = url.removesuffix("/v1")
+    t0 = time.monotonic()
+    while time.monotonic() - t0 < timeout:
+        if proc.poll() is not None:
+            raise RuntimeError(f"the server exited: {proc.stdout.read().decode(errors='replace')}")
+        try:
+            with urllib.request.urlopen(base + "/health", timeout=2):
+                return
+        except OSError:
+            time.sleep(0.2)
+    raise TimeoutError(f"no server at {base} after {timeout} s")
+
+
+def stop(proc) -> None:
+    """Terminate a launched server (kill it if it does not exit within 10 s)."""
+    import subprocess
+
+    proc.terminate()
+    try:
+        proc.wait(timeout=10)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait(timeout=10)
+    if proc.stdout is not None:
+        proc.stdout.close()

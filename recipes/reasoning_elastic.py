@@ -24,6 +24,7 @@ import argparse
 import dataclasses
 import json
 import os
+import random
 import time
 from pathlib import Path
 
@@ -33,13 +34,13 @@ import yaml
 
 import nestlm
 from nestlm.data import ByteTokenizer
-from nestlm.data.reasoning import TaskConfig, encode_examples, format_example, sample_problems
+from nestlm.data.reasoning import TaskConfig, cut_points, encode_examples, format_example, sample_problems
 from nestlm.elastic.artifact import MANIFEST, read_manifest
 from nestlm.errors import ConfigError
 
 DEFAULT_CONFIG = Path(__file__).parent / "configs" / "reasoning_tiny.yaml"
 TASK_FILE = "reasoning_task.json"  # written into the elastic folder: which task the model was trained on
-PRETRAIN_KEYS = {"steps", "batch", "lr", "warmup", "seed", "checkpoint_every"}
+PRETRAIN_KEYS = {"steps", "batch", "lr", "warmup", "seed", "checkpoint_every", "cut_share"}
 ELASTIFY_DATA_SEED = 1_000_000  # elastify's batches use seeds from here on: other problems than pretraining's
 
 
@@ -56,7 +57,8 @@ def load_config(path: str | Path) -> dict:
     pre = dict(raw.get("pretrain") or {})
     if set(pre) - PRETRAIN_KEYS:
         raise ConfigError(f"{path}: unknown pretrain keys {sorted(set(pre) - PRETRAIN_KEYS)}")
-    pre = {"steps": 1500, "batch": 32, "lr": 3e-3, "warmup": 50, "seed": 0, "checkpoint_every": 250} | pre
+    pre = {"steps": 1500, "batch": 32, "lr": 3e-3, "warmup": 50, "seed": 0, "checkpoint_every": 250,
+           "cut_share": 0.0} | pre  # cut_share: examples with thinking cut early (pretraining and elastify)
     tok = ByteTokenizer()
     model = {"family": "nemotron_h", "vocab_size": tok.vocab_size, "tie_embeddings": True,
              "hf_extra": {"bos_token_id": tok.bos_id, "eos_token_id": tok.eos_id, "pad_token_id": tok.pad_id}}
@@ -71,23 +73,29 @@ def load_config(path: str | Path) -> dict:
 
 
 # ---------------------------------------------------------------------------------------------- data
-def train_batch(task: TaskConfig, step: int, batch: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """The `step`-th pretraining batch: ids [b, T] and the loss mask [b, T] (deterministic in step)."""
-    return encode_examples(sample_problems(task, batch, seed=seed * 1_000_003 + step), ByteTokenizer())
+def train_batch(task: TaskConfig, step: int, batch: int, seed: int,
+                cut_share: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """The `step`-th pretraining batch: ids [b, T] and the loss mask [b, T] (deterministic in step). A share
+    `cut_share` of the examples has its trace cut at a random point, then '</think>A:<right answer>'."""
+    probs = sample_problems(task, batch, seed=seed * 1_000_003 + step)
+    keep = cut_points(probs, cut_share, random.Random(f"cut:{seed}:{step}")) if cut_share else None
+    return encode_examples(probs, ByteTokenizer(), keep=keep)
 
 
-def packed_batches(task: TaskConfig):
+def packed_batches(task: TaskConfig, cut_share: float = 0.0):
     """elastify's data: (pos, batch, seq_len) -> [batch, seq_len] rows of whole examples back to back
-    (<bos> example <eos> <bos> example ...), cut at seq_len. Deterministic in pos."""
+    (<bos> example <eos> <bos> example ...), cut at seq_len. Deterministic in pos. A share `cut_share` of
+    the examples has its thinking cut early (as in pretraining)."""
     tok = ByteTokenizer()
 
     def get(pos: int, batch: int, seq_len: int) -> torch.Tensor:
         rows, k = [], 0
         probs = sample_problems(task, batch * (seq_len // 16 + 1), seed=ELASTIFY_DATA_SEED + pos)
+        keep = cut_points(probs, cut_share, random.Random(f"cut:elastify:{pos}"))
         for _ in range(batch):
             row: list[int] = []
             while len(row) < seq_len:
-                row += tok.encode(format_example(probs[k]), bos=True, eos=True)
+                row += tok.encode(format_example(probs[k], keep[k]), bos=True, eos=True)
                 k += 1
             rows.append(row[:seq_len])
         return torch.tensor(rows)
@@ -128,7 +136,7 @@ def pretrain_parent(cfg: dict, out: Path) -> Path:
     while step < pre["steps"]:
         for group in opt.param_groups:
             group["lr"] = lr_at(step, pre["steps"], pre["lr"], pre["warmup"])
-        ids, mask = train_batch(task, step, pre["batch"], pre["seed"])
+        ids, mask = train_batch(task, step, pre["batch"], pre["seed"], pre["cut_share"])
         loss = masked_loss(model, ids, mask)
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -154,7 +162,7 @@ def pretrain_parent(cfg: dict, out: Path) -> Path:
 def elastify_parent(cfg: dict, parent: Path, out: Path) -> Path:
     """Stage 2: nestlm.elastify on packed task examples; writes out/elastic."""
     elastic = out / "elastic"
-    nestlm.elastify(cfg["elastic"], parent, packed_batches(cfg["task"]), elastic)
+    nestlm.elastify(cfg["elastic"], parent, packed_batches(cfg["task"], cfg["pretrain"]["cut_share"]), elastic)
     ByteTokenizer().save(elastic)
     (elastic / TASK_FILE).write_text(json.dumps(dataclasses.asdict(cfg["task"])))
     return elastic

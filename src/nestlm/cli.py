@@ -8,6 +8,8 @@
     nestlm eval PATH [--text FILE] [--seq-len N] [--max-windows N] [--budget B ...]
     nestlm convert SRC DST                            # HF -> nestlm -> HF round trip
     nestlm generate PATH --prompt TEXT [--max-new-tokens N]
+    nestlm serve ELASTIC_DIR [--host 127.0.0.1] [--port 8000]      # OpenAI-compatible API, every budget a model
+    nestlm think --think-url URL --think-model S --answer-url URL --answer-model L --prompt TEXT
 """
 
 from __future__ import annotations
@@ -304,6 +306,40 @@ def think_answer(path: str | Path, prompt: str, think_budget: str | float = "ful
     return res
 
 
+# -------------------------------------------------------------------------------------------- serving
+def serve(path: str, host: str = "127.0.0.1", port: int = 8000, end_think: str = "</think>",
+          max_model_len: int | None = None, extract: bool = False, max_queue: int = 256,
+          threads: int | None = None) -> None:
+    """nestlm.inference.serve.serve: the elastic checkpoint behind an OpenAI-compatible API."""
+    from nestlm.inference.serve import serve as run_serve
+
+    if not 0 <= port < 65536:
+        raise UsageError(f"--port must be in 0..65535, got {port}")
+    run_serve(path, host=host, port=port, end_think=end_think, max_model_len=max_model_len, extract=extract,
+              max_queue=max_queue, threads=threads)
+
+
+def think(prompt: str, think_url: str, think_model: str, answer_url: str, answer_model: str,
+          max_think: int = 256, max_answer: int = 64, temperature: float = 0.0, seed: int | None = None,
+          end_think: str = "</think>", api_key: str | None = None, timeout: float = 120.0):
+    """nestlm.inference.client.think_answer: think on one OpenAI-compatible endpoint, answer on another;
+    streams the trace and the answer to stdout."""
+    from nestlm.inference.client import Endpoint, EndpointError
+    from nestlm.inference.client import think_answer as run_think
+
+    try:
+        res = run_think(Endpoint(think_url, think_model, api_key), Endpoint(answer_url, answer_model, api_key),
+                        prompt, max_think=max_think, max_answer=max_answer, temperature=temperature, seed=seed,
+                        end_think=end_think, timeout=timeout,
+                        on_text=lambda text, phase: print(text, end="", flush=True))
+    except (EndpointError, ValueError) as e:
+        raise UsageError(str(e)) from None
+    print()
+    print(f"[thought {res.think_tokens} tokens on {think_model} (ended by {res.ended_by}), answered "
+          f"{res.answer_tokens} on {answer_model}; {res.total_s:.2f} s]", file=sys.stderr)
+    return res
+
+
 # -------------------------------------------------------------------------------------------- helpers
 def _dtype(hf: dict) -> torch.dtype:
     return getattr(torch, str(hf.get("dtype") or hf.get("torch_dtype") or "float32"), torch.float32)
@@ -421,11 +457,37 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--max-think", type=int, default=256, help="thinking-token budget (then </think> is forced)")
     c.add_argument("--transplant", action="store_true", help="answer from the thinking model's caches (no re-prefill)")
     c.add_argument("--end-think", default="</think>", help="the tag that ends the thinking phase")
+
+    c = sub.add_parser("serve", help="serve an elastic checkpoint: OpenAI-compatible API, every budget a model")
+    c.add_argument("path", help="an elastic checkpoint folder")
+    c.add_argument("--host", default="127.0.0.1")
+    c.add_argument("--port", type=int, default=8000)
+    c.add_argument("--end-think", default="</think>", help="the tag that ends the thinking phase")
+    c.add_argument("--max-model-len", type=int, default=None, help="context limit (default: the config's)")
+    c.add_argument("--extract", action="store_true",
+                   help="run each budget extracted (faster steps, a copy of the weights per budget used)")
+    c.add_argument("--max-queue", type=int, default=256, help="requests waiting beyond this get 503")
+    c.add_argument("--threads", type=int, default=None, help="torch threads of the generation worker")
+
+    c = sub.add_parser("think", help="think on one OpenAI-compatible endpoint, answer on another")
+    c.add_argument("--prompt", required=True)
+    c.add_argument("--think-url", required=True, help="e.g. http://127.0.0.1:8000/v1")
+    c.add_argument("--think-model", required=True)
+    c.add_argument("--answer-url", required=True)
+    c.add_argument("--answer-model", required=True)
+    c.add_argument("--max-think", type=int, default=256, help="thinking-token budget (then </think> is appended)")
+    c.add_argument("--max-answer", type=int, default=64)
+    c.add_argument("--temperature", type=float, default=0.0)
+    c.add_argument("--seed", type=int, default=None)
+    c.add_argument("--end-think", default="</think>")
+    c.add_argument("--api-key", default=None, help="sent as a Bearer token to both endpoints")
+    c.add_argument("--timeout", type=float, default=120.0, help="seconds per HTTP request")
     return p
 
 
 COMMANDS = {"demo": demo, "importance": importance, "elastify": elastify, "slice": slice, "info": info,
-            "eval": evaluate, "quantize": quantize, "convert": convert, "generate": generate}
+            "eval": evaluate, "quantize": quantize, "convert": convert, "generate": generate, "serve": serve,
+            "think": think}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -31,7 +31,7 @@ from nestlm.errors import ConfigError
 THINK_START, THINK_END, ANSWER = "<think>", "</think>", "A:"
 _ANSWER_RE = re.compile(r"A:\s*(\d+)")
 
-__all__ = ["ANSWER", "THINK_END", "THINK_START", "Problem", "TaskConfig", "encode_examples", "format_answer", "format_example",
+__all__ = ["ANSWER", "THINK_END", "THINK_START", "Problem", "TaskConfig", "cut_points", "encode_examples", "format_answer", "format_example",
            "format_prompt", "format_trace", "parse_answer", "sample_problems", "score"]
 
 
@@ -131,9 +131,16 @@ def format_answer(p: Problem) -> str:
     return f"{THINK_END}{ANSWER}{p.num(p.answer)}"
 
 
-def format_example(p: Problem) -> str:
-    """prompt + trace + '</think>A:<answer>' (the end-of-sequence token is added by `encode_examples`)."""
-    return format_prompt(p) + format_trace(p) + format_answer(p)
+def format_example(p: Problem, keep: int | None = None) -> str:
+    """prompt + trace + '</think>A:<answer>' (the end-of-sequence token is added by `encode_examples`);
+    with `keep`, only the trace's first `keep` characters (thinking cut early, the answer still right)."""
+    return format_prompt(p) + format_trace(p)[:keep] + format_answer(p)
+
+
+def cut_points(problems: list[Problem], share: float, rng: random.Random) -> list[int | None]:
+    """For training on early-cut thinking: per problem, None (the whole trace) or, with probability
+    `share`, a cut position drawn uniformly in [0, len(trace))."""
+    return [rng.randrange(len(format_trace(p))) if rng.random() < share else None for p in problems]
 
 
 def parse_answer(text: str) -> int | None:
@@ -150,16 +157,19 @@ def score(p: Problem, generated: str) -> bool:
 
 
 # ---------------------------------------------------------------------------------------------- tokens
-def encode_examples(problems: list[Problem], tok, seq_len: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def encode_examples(problems: list[Problem], tok, seq_len: int | None = None,
+                    keep: list[int | None] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Training rows for a byte-level (or any `encode`-able) tokenizer: ids [n, T] and a loss mask [n, T]
     that is 1 on the tokens to predict (trace, tags, answer, <eos>), 0 on the question and the padding.
 
     Row i is `<bos> prompt trace </think>A:n <eos>` padded with <pad> to T = seq_len (or the longest row).
-    The mask marks targets: mask[i, j] = 1 means ids[i, j] is predicted from ids[i, :j]."""
+    The mask marks targets: mask[i, j] = 1 means ids[i, j] is predicted from ids[i, :j].
+    `keep[i]` (when given and not None): only the first keep[i] characters of problem i's trace, then
+    '</think>A:n' with the right answer: thinking cut early, as budget control cuts it."""
     rows, masks = [], []
-    for p in problems:
+    for i, p in enumerate(problems):
         prompt = tok.encode(format_prompt(p), bos=True)
-        rest = tok.encode(format_trace(p) + format_answer(p), eos=True)
+        rest = tok.encode(format_trace(p)[: None if keep is None else keep[i]] + format_answer(p), eos=True)
         rows.append(prompt + rest)
         masks.append([0] * len(prompt) + [1] * len(rest))
     width = max(len(r) for r in rows) if seq_len is None else seq_len

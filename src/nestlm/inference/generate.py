@@ -47,15 +47,22 @@ def decode_one_token(model, tok: torch.Tensor, cache, sub=None) -> torch.Tensor:
 
 
 def sample(logits: torch.Tensor, temperature: float = 0.0, top_k: int | None = None,
-           generator: torch.Generator | None = None) -> torch.Tensor:
+           generator: torch.Generator | None = None, top_p: float | None = None) -> torch.Tensor:
     """logits [b, v] -> next tokens [b, 1]. temperature 0 (or below): greedy argmax; otherwise softmax
-    sampling of logits / temperature, restricted to the `top_k` most likely tokens when given."""
+    sampling of logits / temperature, restricted to the `top_k` most likely tokens when given, and to the
+    smallest set of most likely tokens whose probability reaches `top_p` (nucleus) when given (< 1)."""
     if temperature is None or temperature <= 0:
         return logits.argmax(dim=-1, keepdim=True)  # [b, 1]
     logits = logits.float() / temperature
     if top_k is not None and top_k < logits.shape[-1]:
         kth = torch.topk(logits, max(int(top_k), 1), dim=-1).values[:, -1:]  # [b, 1]
         logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p is not None and top_p < 1:
+        sorted_logits, order = torch.sort(logits, dim=-1, descending=True)  # [b, v]
+        p_sorted = torch.softmax(sorted_logits, dim=-1)
+        before = p_sorted.cumsum(dim=-1) - p_sorted  # probability of the more likely tokens
+        drop = torch.zeros_like(before, dtype=torch.bool).scatter(-1, order, before >= top_p)  # mass before >= p
+        logits = logits.masked_fill(drop, float("-inf"))  # the most likely token always stays
     probs = torch.softmax(logits, dim=-1)  # [b, v]
     return torch.multinomial(probs, 1, generator=generator)  # [b, 1]
 
@@ -80,7 +87,8 @@ def _ends_with(new: torch.Tensor, n: int, seq: torch.Tensor) -> torch.Tensor:
 def decode(model, logits: torch.Tensor, cache, max_new_tokens: int, sub=None, temperature: float = 0.0,
            top_k: int | None = None, stop_tokens: Iterable[int] | int | None = None,
            stop_sequences: Iterable[Iterable[int]] | None = None, generator: torch.Generator | None = None,
-           callback: Callable[[torch.Tensor], None] | None = None, dtype: torch.dtype = torch.long) -> torch.Tensor:
+           callback: Callable[[torch.Tensor], None] | None = None, dtype: torch.dtype = torch.long,
+           top_p: float | None = None) -> torch.Tensor:
     """Continue from `logits` [b, v] (the prediction after the tokens already in `cache`): sample up to
     `max_new_tokens` tokens, feeding each one into the cache except the last. Returns the new tokens [b, n].
 
@@ -99,7 +107,7 @@ def decode(model, logits: torch.Tensor, cache, max_new_tokens: int, sub=None, te
     can_stop = stop is not None or bool(seqs)
     with torch.inference_mode():
         for i in range(max_new_tokens):
-            nxt = sample(logits, temperature, top_k, generator)[:, 0].to(dtype)  # [b]
+            nxt = sample(logits, temperature, top_k, generator, top_p)[:, 0].to(dtype)  # [b]
             if can_stop:
                 nxt = torch.where(done, pad, nxt)
             new[:, i] = nxt
@@ -122,7 +130,7 @@ def decode(model, logits: torch.Tensor, cache, max_new_tokens: int, sub=None, te
 def generate(model, ids: torch.Tensor, max_new_tokens: int, sub=None, temperature: float = 0.0,
              top_k: int | None = None, stop_tokens: Iterable[int] | int | None = None, seed: int | None = None,
              callback: Callable[[torch.Tensor], None] | None = None,
-             stop_sequences: Iterable[Iterable[int]] | None = None) -> torch.Tensor:
+             stop_sequences: Iterable[Iterable[int]] | None = None, top_p: float | None = None) -> torch.Tensor:
     """ids [b, t] -> [b, t + new] with new <= max_new_tokens.
 
     A row that produced one of `stop_tokens` (or whose new tokens end with one of `stop_sequences`) keeps
@@ -139,5 +147,5 @@ def generate(model, ids: torch.Tensor, max_new_tokens: int, sub=None, temperatur
         cache = model.new_cache()
         logits = prefill(model, ids, cache, sub)  # [b, v]
         new = decode(model, logits, cache, max_new_tokens, sub, temperature, top_k, stop_tokens, stop_sequences,
-                     generator, callback, ids.dtype)  # [b, n]
+                     generator, callback, ids.dtype, top_p)  # [b, n]
         return torch.cat([ids, new], dim=1)

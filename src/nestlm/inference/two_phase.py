@@ -179,14 +179,16 @@ def generate_two_phase(model, ids: torch.Tensor, think_sub: SubArch | None, answ
                        max_think_tokens: int, max_answer_tokens: int, end_think: Sequence[int] | Sequence[Sequence[int]],
                        stop_tokens: Iterable[int] | int | None = None, switch: str = "reprefill",
                        temperature: float = 0.0, top_k: int | None = None, seed: int | None = None,
-                       callback: Callable[[torch.Tensor, str], None] | None = None) -> TwoPhaseResult:
+                       callback: Callable[[torch.Tensor, str], None] | None = None,
+                       top_p: float | None = None) -> TwoPhaseResult:
     """Think with `think_sub`, answer with `answer_sub` (None: the full model). ids: [1, t] or [t].
 
     Thinking ends at the first occurrence of an `end_think` sequence in the generated tokens ("tag"), after
     `max_think_tokens` tokens ("budget": the canonical tag is appended, not counted in the budget), or at a
     stop token ("stop": generation ends there, no answer). The answer phase writes at most
     `max_answer_tokens` tokens and ends at a stop token. `callback(token [1], phase)` streams every token,
-    phase "think" | "forced" | "answer". Sampling (temperature > 0) uses one private generator from `seed`.
+    phase "think" | "forced" | "answer". Sampling (temperature > 0, optionally top_k / top_p) uses one private
+    generator from `seed`.
     """
     if switch not in SWITCHES:
         raise ConfigError(f"switch must be one of {SWITCHES}, got {switch!r}")
@@ -215,7 +217,7 @@ def generate_two_phase(model, ids: torch.Tensor, think_sub: SubArch | None, answ
             cache = model.new_cache()
             logits = prefill(model, ids, cache, think_sub)  # [1, v]
             think = decode(model, logits, cache, max_think_tokens, think_sub, temperature, top_k, stops, tags,
-                           gen, emit("think"), ids.dtype)  # [1, n]; the cache holds all but the last
+                           gen, emit("think"), ids.dtype, top_p)  # [1, n]; the cache holds all but the last
         n = think.shape[1]
         tail = think[0].tolist()
         if any(len(tail) >= len(s) and tail[-len(s):] == s for s in tags):
@@ -251,7 +253,7 @@ def generate_two_phase(model, ids: torch.Tensor, think_sub: SubArch | None, answ
 
         # ---- phase 2: L answers
         answer = decode(model, logits, cache, max_answer_tokens, answer_sub, temperature, top_k, stops, None,
-                        gen, emit("answer"), ids.dtype)  # [1, a]
+                        gen, emit("answer"), ids.dtype, top_p)  # [1, a]
         _sync(dev)
         t3 = time.perf_counter()
     return TwoPhaseResult(torch.cat([seq, answer], dim=1), t, n, forced.shape[1], answer.shape[1], ended_by,

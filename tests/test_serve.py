@@ -1,0 +1,328 @@
+"""Serving (nestlm.inference.serve) and the two-endpoint client (nestlm.inference.client), live: two
+`nestlm serve` processes on 127.0.0.1, queried with the official `openai` client, checked against the
+in-process generate_two_phase / generate tokens of the same checkpoint, seed and sampling fields."""
+
+from __future__ import annotations
+
+import json
+import socket
+import threading
+import urllib.error
+import urllib.request
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+from test_budget import hybrid
+
+import nestlm
+from nestlm.arch import SubArch
+from nestlm.data import ByteTokenizer
+from nestlm.inference.generate import generate, sample
+from nestlm.inference.serve import launch, stop, wait_ready
+from nestlm.inference.two_phase import generate_two_phase
+
+openai = pytest.importorskip("openai")
+
+PROMPT = "Q:1+2=?\n<think>"
+TOK = ByteTokenizer()
+
+
+def write_ascii_elastic(path: Path) -> None:
+    """A random hybrid as an elastic checkpoint (budgets full and 70%) whose head only favours printable
+    ASCII (other rows zero, printable rows scaled up): greedy text round-trips through UTF-8, as the
+    two-endpoint client's text prompts need."""
+    from nestlm.elastic.artifact import export
+    from nestlm.elastic.config import ElasticConfig
+    from nestlm.elastic.router import Router
+
+    model = hybrid("M*-M", seed=3, vocab=TOK.vocab_size)
+    with torch.no_grad():
+        w = model.lm_head.weight  # [v, d]
+        keep = torch.zeros(w.shape[0], dtype=torch.bool)
+        keep[32:127] = True
+        w[~keep] = 0
+        w[keep] *= 10
+    ecfg = ElasticConfig(budgets=[1.0, 0.7], align=4, router_hidden=4, steps=1, sort=False,
+                         choices={"hidden": [1.0, 0.75], "mamba_heads_per_group": [1.0, 0.5]})
+    with warnings.catch_warnings():  # the untrained router's own choice may miss 70%: the manifest says so
+        warnings.simplefilter("ignore")
+        export(model, Router(model.cfg, ecfg), ecfg, path)
+    TOK.save(path)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Server:
+    """`nestlm serve` in a subprocess on a free port of 127.0.0.1 (nestlm.inference.serve.launch)."""
+
+    def __init__(self, path: Path, *args: str):
+        self.proc, self.url = launch(path, "--threads", "1", *args)
+
+    def wait(self) -> Server:
+        wait_ready(self.proc, self.url, timeout=90)
+        return self
+
+    def stop(self) -> None:
+        stop(self.proc)
+
+    def client(self):
+        return openai.OpenAI(base_url=self.url, api_key="unused", max_retries=0, timeout=60)
+
+
+@pytest.fixture(scope="module")
+def live(tmp_path_factory):
+    """(checkpoint path, in-process model, {budget: SubArch}, end tag, server A, server B). The end tag is
+    a 2-character string the 70% budget writes greedily after PROMPT, at position >= 4 of its output, so
+    both ways thinking ends (tag and budget) are reachable."""
+    path = tmp_path_factory.mktemp("ascii_elastic")
+    write_ascii_elastic(path)
+    model, _, manifest = nestlm.load_elastic(path)
+    subs = {k: SubArch.from_dict(v["sub"]) for k, v in manifest["budgets"].items()}
+    ids = torch.tensor([TOK.encode(PROMPT, bos=True)])
+    free = TOK.decode(generate(model, ids, 16, sub=subs["70%"])[0, ids.shape[1]:])
+    tag = next(free[i:i + 2] for i in range(4, 14) if free.find(free[i:i + 2]) == i)
+    servers = [Server(path, "--end-think", tag), Server(path, "--end-think", tag)]
+    try:
+        for s in servers:
+            s.wait()
+        yield path, model, subs, tag, servers[0], servers[1]
+    finally:
+        for s in servers:
+            s.stop()
+
+
+def reference(live, prompt: str, think: str | None, answer: str, budget: int, max_tokens: int, **kw):
+    """The in-process tokens: generate_two_phase (think given) or generate, as the server should run them."""
+    _, model, subs, tag, _, _ = live
+    ids = torch.tensor([TOK.encode(prompt, bos=True)])  # [1, t]
+    if think is None:
+        out = generate(model, ids, max_tokens, subs[answer], stop_tokens=TOK.eos_id, **kw)
+        return out[0, ids.shape[1]:].tolist(), None
+    res = generate_two_phase(model, ids, subs[think], subs[answer], budget, max_tokens, TOK.encode(tag),
+                             stop_tokens=TOK.eos_id, **kw)
+    return res.tokens[0, ids.shape[1]:].tolist(), res
+
+
+def stream_completion(client, **kw):
+    """(text, token_ids, finish_reason, usage) from the streamed chunks."""
+    text, ids, finish, usage = [], [], None, None
+    for ch in client.completions.create(stream=True, stream_options={"include_usage": True}, **kw):
+        if ch.usage is not None:
+            usage = ch.usage
+        for c in ch.choices:
+            text.append(c.text)
+            ids += getattr(c, "token_ids", None) or []
+            finish = c.finish_reason or finish
+    return "".join(text), ids, finish, usage
+
+
+# ---------------------------------------------------------------------------------------------- completions
+def test_models_lists_every_budget(live):
+    models = live[4].client().models.list()
+    assert [m.id for m in models.data] == ["full", "70%"]  # largest first
+    assert models.data[1].fraction == 0.7
+
+
+@pytest.mark.parametrize("think, budget, switch, sampling", [
+    ("70%", 3, "reprefill", {"temperature": 0.0}),  # S->L, thinking cut at the budget: the tag appended
+    ("70%", 14, "transplant", {"temperature": 0.0}),  # S->L, S writes the tag itself
+    ("full", 3, "reprefill", {"temperature": 0.9, "top_p": 0.8, "seed": 11}),  # L with a cap, sampled
+    ("70%", 6, "reprefill", {"temperature": 1.0, "seed": 5}),
+])
+def test_completion_equals_generate_two_phase(live, think, budget, switch, sampling):
+    client = live[4].client()
+    want, res = reference(live, PROMPT, think, "full", budget, 7, switch=switch, **sampling)
+    extra = {"thinking_token_budget": budget, "think_model": think, "switch": switch, "return_token_ids": True}
+    r = client.completions.create(model="full", prompt=PROMPT, max_tokens=7, extra_body=extra, **sampling)
+    c = r.choices[0]
+    assert c.token_ids == want
+    assert c.text == TOK.decode(want)  # trace + tag + answer
+    assert r.usage.thinking_tokens == res.think_len and r.usage.forced_tokens == res.forced_len
+    assert r.usage.answer_tokens == res.answer_len and r.usage.completion_tokens == len(want)
+    assert r.usage.completion_tokens_details.reasoning_tokens == res.think_len + res.forced_len
+    assert r.usage.prompt_tokens == len(TOK.encode(PROMPT)) + 1  # + BOS
+    assert r.nestlm["ended_by"] == res.ended_by and r.nestlm["switch"] == res.switch
+    assert c.finish_reason == "length"
+    # streamed: the same text, tokens, finish reason and usage
+    text, ids, finish, usage = stream_completion(client, model="full", prompt=PROMPT, max_tokens=7,
+                                                 extra_body=extra, **sampling)
+    assert (text, ids, finish) == (c.text, c.token_ids, c.finish_reason)
+    assert usage.model_dump() == r.usage.model_dump()
+
+
+def test_both_endings_of_thinking_are_covered(live):
+    _, cut = reference(live, PROMPT, "70%", "full", 3, 2)
+    _, tag = reference(live, PROMPT, "70%", "full", 14, 2)
+    assert cut.ended_by == "budget" and tag.ended_by == "tag"
+
+
+def test_plain_completion_and_stop_strings(live):
+    client = live[4].client()
+    want, _ = reference(live, PROMPT, None, "70%", 0, 12)
+    r = client.completions.create(model="70%", prompt=PROMPT, max_tokens=12, temperature=0,
+                                  extra_body={"return_token_ids": True})
+    assert r.choices[0].token_ids == want and r.choices[0].text == TOK.decode(want)
+    assert r.usage.completion_tokens_details.reasoning_tokens == 0 and r.nestlm["think_model"] is None
+    full = TOK.decode(want)
+    stop = full[6:8]
+    cut = full.index(stop)  # the first occurrence ends the answer, the stop string left out
+    r = client.completions.create(model="70%", prompt=PROMPT, max_tokens=12, temperature=0, stop=[stop, "@@@"],
+                                  extra_body={"return_token_ids": True})
+    c = r.choices[0]
+    assert (c.text, c.finish_reason, c.stop_reason) == (full[:cut], "stop", stop)
+    assert c.token_ids == want[: cut + len(stop)]  # generation ended at the token that completed it
+    text, _, finish, _ = stream_completion(client, model="70%", prompt=PROMPT, max_tokens=12, temperature=0,
+                                           stop=[stop, "@@@"])
+    assert (text, finish) == (c.text, "stop")  # the held-back start of the stop string never leaks
+    # token ids as the prompt: the same continuation
+    ids = TOK.encode(PROMPT, bos=True)
+    r2 = client.completions.create(model="70%", prompt=ids, max_tokens=12, temperature=0)
+    assert r2.choices[0].text == full
+
+
+def test_chat_with_reasoning_streams_like_it_answers(live):
+    client = live[4].client()
+    msgs = [{"role": "system", "content": "Q:1+2=?"}, {"role": "user", "content": "<think>"}]
+    # no chat template in this folder: BOS + the contents joined by newlines, i.e. PROMPT
+    want, res = reference(live, PROMPT, "70%", "full", 14, 5, switch="transplant")
+    extra = {"thinking_token_budget": 14, "think_model": "70%", "switch": "transplant"}
+    r = client.chat.completions.create(model="full", messages=msgs, max_tokens=5, temperature=0, extra_body=extra)
+    m = r.choices[0].message
+    tag = live[3]
+    assert m.reasoning_content + tag == TOK.decode(res.think_ids) and res.ended_by == "tag"
+    assert m.content == TOK.decode(res.answer_ids) and r.usage.answer_tokens == res.answer_len
+    reasoning, content, finish = "", "", None
+    for ch in client.chat.completions.create(model="full", messages=msgs, max_tokens=5, temperature=0,
+                                             extra_body=extra, stream=True):
+        for c in ch.choices:
+            reasoning += getattr(c.delta, "reasoning_content", None) or ""
+            content += c.delta.content or ""
+            finish = c.finish_reason or finish
+    assert (reasoning, content, finish) == (m.reasoning_content, m.content, r.choices[0].finish_reason)
+
+
+def test_concurrent_requests_are_queued_and_each_gets_its_own_answer(live):
+    client = live[4].client()
+    prompts = [f"Q:{i}+{i}=?\n<think>" for i in range(4)]
+    got: dict[int, list[int]] = {}
+
+    def ask(i):
+        r = client.completions.create(model="full", prompt=prompts[i], max_tokens=4, temperature=0,
+                                      extra_body={"thinking_token_budget": 3, "think_model": "70%",
+                                                  "return_token_ids": True})
+        got[i] = r.choices[0].token_ids
+
+    threads = [threading.Thread(target=ask, args=(i,)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=60)
+    for i, p in enumerate(prompts):
+        assert got[i] == reference(live, p, "70%", "full", 3, 4)[0]
+
+
+# ---------------------------------------------------------------------------------------------- errors
+def post(url: str, data: bytes) -> tuple[int, dict]:
+    req = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json"}, method="POST")
+    try:
+        with urllib.request.urlopen(req, timeout=30) as r:
+            return r.status, json.loads(r.read())
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read())
+
+
+def test_bad_requests_get_openai_errors_and_the_server_goes_on(live):
+    server = live[4]
+    client = server.client()
+    with pytest.raises(openai.NotFoundError) as e:
+        client.completions.create(model="33%", prompt="x", max_tokens=2)
+    assert e.value.status_code == 404 and e.value.code == "model_not_found"
+    with pytest.raises(openai.NotFoundError):
+        client.completions.create(model="full", prompt="x", max_tokens=2, extra_body={"think_model": "10%"})
+    with pytest.raises(openai.BadRequestError) as e:
+        client.completions.create(model="full", prompt="x", max_tokens=2, extra_body={"thinking_token_budget": -1})
+    assert e.value.body["param"] == "thinking_token_budget"
+    with pytest.raises(openai.BadRequestError):
+        client.completions.create(model="full", prompt="x", max_tokens=-3)
+    with pytest.raises(openai.BadRequestError) as e:  # 5,000 prompt tokens > the 4,096 default context
+        client.completions.create(model="full", prompt="x" * 5000, max_tokens=2)
+    assert e.value.code == "context_length_exceeded"
+    with pytest.raises(openai.BadRequestError) as e:  # the thinking budget counts toward the context
+        client.completions.create(model="full", prompt="x", max_tokens=2, extra_body={"thinking_token_budget": 5000})
+    assert e.value.code == "context_length_exceeded"
+    with pytest.raises(openai.BadRequestError):
+        client.chat.completions.create(model="full", messages=[], max_tokens=2)
+    status, body = post(server.url + "/completions", b'{"model": "full", "prompt": ')
+    assert status == 400 and body["error"]["type"] == "invalid_request_error" and "JSON" in body["error"]["message"]
+    status, body = post(server.url + "/completions", b'{"model": "full", "prompt": "x", "switch": "magic"}')
+    assert status == 400 and body["error"]["param"] == "switch"
+    status, body = post(server.url + "/nowhere", b"{}")
+    assert status == 404 and "error" in body
+    # still serving, and still exact
+    r = client.completions.create(model="70%", prompt=PROMPT, max_tokens=3, temperature=0,
+                                  extra_body={"return_token_ids": True})
+    assert r.choices[0].token_ids == reference(live, PROMPT, None, "70%", 0, 3)[0]
+
+
+# ---------------------------------------------------------------------------------------------- the client
+@pytest.mark.parametrize("budget", [3, 14])
+def test_client_thinks_on_one_server_and_answers_on_another(live, budget):
+    from nestlm.inference.client import Endpoint, think_answer
+
+    _, _, _, tag, a, b = live
+    want, res = reference(live, PROMPT, "70%", "full", budget, 6)
+    seen = []
+    got = think_answer(Endpoint(a.url, "70%"), Endpoint(b.url, "full"), PROMPT, max_think=budget, max_answer=6,
+                       end_think=tag, on_text=lambda d, phase: seen.append((d, phase)))
+    assert got.ended_by == res.ended_by
+    assert got.text == PROMPT + TOK.decode(want)  # the same tokens as one in-process generate_two_phase
+    assert got.answer == TOK.decode(res.answer_ids)
+    assert got.answer_tokens == res.answer_len
+    assert "".join(d for d, _ in seen) == got.text[len(PROMPT):]
+    assert [p for _, p in seen if p != "think"][0] == "end"
+
+
+def test_cli_think_and_its_errors(live, capsys):
+    from nestlm.cli import main
+
+    _, _, _, tag, a, b = live
+    want, _ = reference(live, PROMPT, "70%", "full", 3, 4)
+    assert main(["think", "--prompt", PROMPT, "--think-url", a.url, "--think-model", "70%", "--answer-url",
+                 b.url, "--answer-model", "full", "--max-think", "3", "--max-answer", "4", "--end-think", tag]) == 0
+    out, err = capsys.readouterr()
+    assert out.rstrip("\n") == TOK.decode(want) and "ended by budget" in err
+    with pytest.raises(SystemExit) as e:  # unknown model on a live server: its error message, exit 2
+        main(["think", "--prompt", "x", "--think-url", a.url, "--think-model", "9%", "--answer-url", b.url,
+              "--answer-model", "full", "--max-think", "2"])
+    assert e.value.code == 2 and "9%" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as e:  # nothing listens there
+        main(["think", "--prompt", "x", "--think-url", f"http://127.0.0.1:{free_port()}/v1", "--think-model", "s",
+              "--answer-url", b.url, "--answer-model", "full", "--timeout", "5"])
+    assert e.value.code == 2 and "refused" in capsys.readouterr().err.lower()
+
+
+def test_cli_serve_refuses_a_folder_that_is_not_elastic(tmp_path, capsys):
+    from nestlm.cli import main
+
+    with pytest.raises(SystemExit) as e:
+        main(["serve", str(tmp_path), "--port", str(free_port())])
+    assert e.value.code == 2 and "not an elastic checkpoint" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------------------------------- top_p
+def test_top_p_samples_only_the_nucleus():
+    probs = torch.tensor([[0.05, 0.5, 0.15, 0.3]])
+    logits = probs.log()
+    gen = torch.Generator().manual_seed(0)
+    got = {int(sample(logits, 1.0, generator=gen, top_p=0.7)) for _ in range(200)}
+    assert got == {1, 3}  # 0.5 + 0.3 reaches 0.7; 0.5 alone does not
+    assert {int(sample(logits, 1.0, generator=gen, top_p=0.5)) for _ in range(50)} == {1}
+    a = sample(logits.repeat(64, 1), 1.0, generator=torch.Generator().manual_seed(1))
+    b = sample(logits.repeat(64, 1), 1.0, generator=torch.Generator().manual_seed(1), top_p=1.0)
+    assert torch.equal(a, b)  # top_p 1: no change

@@ -50,6 +50,8 @@ def read_manifest(path: str | Path, required: bool = False) -> dict | None:
     `required`), CheckpointError naming the file when it is not JSON, not a manifest or of another version."""
     f = Path(path) / MANIFEST
     if not f.is_file():
+        if required and not Path(path).exists():
+            raise CheckpointError(f"{path}: no such folder")
         if required:
             raise CheckpointError(f"{path}: no {MANIFEST} (not an elastic checkpoint)")
         return None

@@ -75,6 +75,8 @@ class SafetensorsDir:
             try:
                 h = safe_open(str(fp), framework="pt")
             except Exception as e:  # safetensors raises its own error types for bad headers
+                with contextlib.suppress(ValueError, OSError):  # a readable header: say when the data is cut
+                    self._check_size(fp, None)
                 raise CheckpointError(f"{fp}: not a readable safetensors file ({e})") from None
             self._check_size(fp, h)
             self._handles[name] = h

@@ -142,6 +142,9 @@ def check_output(out: str | Path, *inputs: str | Path | None, overwrite: bool = 
     `overwrite`. Raises ConfigError / FileExistsError naming both paths; returns `out` as a Path."""
     out = Path(out)
     o = out.resolve()
+    blocked = next((p for p in o.parents if p.exists() and not p.is_dir()), None)
+    if blocked is not None:
+        raise FileExistsError(f"{out} can't be written: {blocked} is a file")
     for inp in inputs:
         if inp is None:
             continue

@@ -369,3 +369,19 @@ def test_generate_repetition_penalty_matches_transformers(world):
         plain = hf.generate(ids, max_new_tokens=12, do_sample=False, eos_token_id=tok.eos_id)
     assert not torch.equal(ref, plain)  # the penalty changed something
     assert out == prompt + tok.decode(ref[0, ids.shape[1]:]).replace("\ufffd", "") + "\n"
+
+
+# ------------------------------------------------------------------------------------ 11. the docs
+def test_the_guides_python_block_runs_as_written(tmp_path, monkeypatch):
+    text = (Path(__file__).parents[1] / "docs" / "guide.md").read_text()
+    block = text.split("## Python API\n\n```python\n", 1)[1].split("```", 1)[0]
+    monkeypatch.chdir(tmp_path)
+    exec(compile(block, "docs/guide.md", "exec"), {"__name__": "guide"})
+    assert (tmp_path / "out" / "75" / "config.json").is_file() and (tmp_path / "small" / "config.json").is_file()
+
+
+def test_the_demo_yaml_is_the_config_the_demo_builds():
+    from nestlm.demo import elastic_config
+
+    yaml = nestlm.ElasticConfig.load(Path(__file__).parents[1] / "recipes" / "configs" / "demo_elastic.yaml")
+    assert yaml == elastic_config(200, 16, 128, 0)  # the demo's defaults: 200 steps of 16 x 128 tokens

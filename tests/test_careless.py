@@ -385,3 +385,13 @@ def test_the_demo_yaml_is_the_config_the_demo_builds():
 
     yaml = nestlm.ElasticConfig.load(Path(__file__).parents[1] / "recipes" / "configs" / "demo_elastic.yaml")
     assert yaml == elastic_config(200, 16, 128, 0)  # the demo's defaults: 200 steps of 16 x 128 tokens
+
+
+def test_a_fresh_elastify_clears_old_tensorboard_files(own):
+    tb = own["elastic"] / "train" / "tb"
+    tb.mkdir(parents=True, exist_ok=True)
+    (tb / "events.out.tfevents.old").write_text("an earlier run's")
+    code, _, err = run(["elastify", own["yaml"], "--model", own["hf"], "--text", own["text"], "--out", own["elastic"],
+                        "--fresh", "--max-steps", "1"])
+    assert code == 0, err
+    assert not (tb / "events.out.tfevents.old").exists()

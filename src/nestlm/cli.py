@@ -541,7 +541,8 @@ def main(argv: list[str] | None = None) -> int:
     argv, given = [], list(sys.argv[1:] if argv is None else argv)
     while given:  # '--budget -5%' would read as a flag: hand it to the budget rule as '--budget=-5%'
         a = given.pop(0)
-        argv.append(f"{a}={given.pop(0)}" if a in BUDGET_FLAGS and given and given[0].startswith("-") else a)
+        negative = given and given[0][:1] == "-" and (given[0][1:2].isdigit() or given[0][1:2] == ".")
+        argv.append(f"{a}={given.pop(0)}" if a in BUDGET_FLAGS and negative else a)
     args = vars(build_parser().parse_args(argv))
     command = args.pop("command")
     fn = COMMANDS[command]

@@ -172,7 +172,7 @@ def quantize(src: str, out: str, fmt: str = "nvfp4", budget: str | None = None, 
 
     fmt_ = get_format(fmt)
     path = Path(src)
-    check_output(out, path, overwrite=overwrite)  # before calibrating
+    check_output(out, path, text, overwrite=overwrite)  # before calibrating
     hf = read_config(path)
     if "quantization_config" in hf:
         raise CheckpointError(f"{path} is already quantized ({hf['quantization_config'].get('quant_algo')})")

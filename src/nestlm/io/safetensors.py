@@ -73,11 +73,12 @@ class SafetensorsDir:
             if not fp.is_file():
                 raise CheckpointError(f"{fp}: listed in the index but missing")
             try:
-                h = safe_open(str(fp), framework="pt")
+                h, err = safe_open(str(fp), framework="pt"), None
             except Exception as e:  # safetensors raises its own error types for bad headers
-                with contextlib.suppress(ValueError, OSError):  # a readable header: say when the data is cut
-                    self._check_size(fp, None)
-                raise CheckpointError(f"{fp}: not a readable safetensors file ({e})") from None
+                h, err = None, f"{fp}: not a readable safetensors file ({e})"
+            if err is not None:
+                err = self._truncated(fp) or err
+                raise CheckpointError(err)
             self._check_size(fp, h)
             self._handles[name] = h
             for k in h.keys():
@@ -97,6 +98,22 @@ class SafetensorsDir:
         end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
         if fp.stat().st_size < 8 + n + end:
             raise CheckpointError(f"{fp}: truncated ({fp.stat().st_size} bytes, header promises {8 + n + end})")
+
+    @classmethod
+    def _truncated(cls, fp: Path) -> str | None:
+        """For a file safetensors can't open: the "truncated" message when its header is whole but the data
+        is cut, else None."""
+        with open(fp, "rb") as f:
+            n = int.from_bytes(f.read(8), "little")
+        if 8 + n > fp.stat().st_size:
+            return None
+        try:
+            cls._check_size(fp, None)
+        except CheckpointError as e:
+            return str(e)
+        except (ValueError, OSError, AttributeError, TypeError):  # not JSON, not a header table
+            return None
+        return None
 
     def keys(self) -> list[str]:
         return list(self._where)

@@ -163,7 +163,7 @@ def test_fused_in_memory_layout_is_read(pair, tmp_path):
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     # the streamed slicer reads only the on-disk layout, and says so
     with pytest.raises(nestlm.UnsupportedArchitecture, match="fused"):
-        nestlm.slicing.slice(tmp_path, SubArch(experts=4), tmp_path / "out")
+        nestlm.slicing.slice(tmp_path, SubArch(experts=4), tmp_path.with_name(tmp_path.name + "_out"))  # not inside
 
 
 def test_sub_export_runs_in_transformers_and_counts(pair, tmp_path):
@@ -277,11 +277,12 @@ def test_sliding_window_is_refused(make, over, tmp_path):
 
 def test_window_that_never_bites_is_accepted(tmp_path):
     hf = random_hf_model(tiny_mixtral_config, {"sliding_window": 128})
-    hf.save_pretrained(tmp_path)
-    ours = nestlm.from_hf(tmp_path)
+    hf.save_pretrained(tmp_path / "hf")
+    ours = nestlm.from_hf(tmp_path / "hf")
     with torch.no_grad():
         assert_close(ours(ids_()), hf(ids_()).logits, **TOL)
-    assert json.loads((nestlm.to_hf(ours, tmp_path / "rt") / "config.json").read_text())["sliding_window"] == 128
+    rt = nestlm.to_hf(ours, tmp_path / "rt")  # beside its source: an output never lies inside an input
+    assert json.loads((rt / "config.json").read_text())["sliding_window"] == 128
 
 
 # ------------------------------------------------------------------------------------------ importance

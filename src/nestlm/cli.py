@@ -15,8 +15,10 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
+import warnings
 from pathlib import Path
 
 import torch
@@ -25,7 +27,7 @@ from nestlm.arch import count_active_params, count_memory, count_params
 from nestlm.convert import config_from_hf
 from nestlm.elastic.artifact import MANIFEST, read_provenance
 from nestlm.errors import CheckpointError, ConfigError
-from nestlm.io.safetensors import read_config
+from nestlm.io.safetensors import SafetensorsDir, check_output, read_config
 from nestlm.model.config import ModelConfig
 
 
@@ -46,14 +48,18 @@ def demo(out: str = "nestlm-demo", steps: int | None = None, quick: bool = False
 
 
 def importance(hf_dir: str, out: str, text: str | None = None, kjv: bool = False, seq_len: int = 256,
-               batches: int = 8, batch_size: int = 4, sort_out: str | None = None) -> Path:
+               batches: int = 8, batch_size: int = 4, sort_out: str | None = None, overwrite: bool = False) -> Path:
     """Importance scores of an HF checkpoint on `batches` calibration batches of the text, saved with
-    Scores.save; with sort_out, also the model sorted by them (same function) as an HF folder."""
+    Scores.save; with sort_out, also the model sorted by them (same function) as an HF folder. Both outputs
+    are checked (new, or overwrite; never an input) before the model is read."""
     from nestlm.convert import to_hf
     from nestlm.elastic.importance import importance as run_importance
     from nestlm.elastic.sort import sort_
     from nestlm.load import from_hf
 
+    check_output(out, hf_dir, text, sort_out, overwrite=overwrite)
+    if sort_out is not None:
+        check_output(sort_out, hf_dir, text, out, overwrite=overwrite)
     hf = read_config(hf_dir)
     dtype = _dtype(hf)
     model = from_hf(hf_dir)  # fp32 for scoring and sorting
@@ -72,7 +78,7 @@ def importance(hf_dir: str, out: str, text: str | None = None, kjv: bool = False
           f"{len(scores.tensors)} score tensors)")
     if sort_out is not None:
         sort_(model, scores)
-        dst = to_hf(model.to(dtype), sort_out)
+        dst = to_hf(model.to(dtype), sort_out, overwrite=overwrite)
         print(f"wrote {dst} (sorted by importance: the same function, every budget a prefix)")
     return out_path
 
@@ -83,10 +89,12 @@ def elastify(config: str, model: str, out: str, text: str | None = None, kjv: bo
     --parallel ddp (default) or fsdp2."""
     import nestlm
     from nestlm.elastic.config import ElasticConfig
+    from nestlm.elastic.train import check_out_dir
     from nestlm.info import format_info as format_elastic
     from nestlm.info import info as elastic_info
 
     ecfg = ElasticConfig.load(config)
+    check_out_dir(Path(out), model)  # before the text is read (nestlm.elastify checks it again)
     cfg = config_from_hf(read_config(model))
     longest = max(ecfg.seq_len, ecfg.stage2_seq_len or 0)
     need = (ecfg.steps * ecfg.grad_accum + ecfg.calib_batches) * ecfg.batch * longest + 1  # what training reads
@@ -132,10 +140,16 @@ def info(path: str, seq_len: int = 4096) -> dict:
         return d
     hf = read_config(path)
     cfg = config_from_hf(hf)
+    SafetensorsDir(path)  # the weights' headers and sizes (cheap): missing or truncated files fail here
     mem = count_memory(cfg, seq_len=seq_len)
     out = {"path": str(path), "family": cfg.family, "architectures": hf.get("architectures"),
            "config": cfg.to_dict(), "params": count_params(cfg), "active_params": count_active_params(cfg),
            "memory": mem, "seq_len": seq_len}
+    qc = hf.get("quantization_config")
+    if qc:  # packed FP8 / NVFP4: the weights as stored, measured
+        stored = sum(f.stat().st_size for f in Path(path).glob("*.safetensors"))
+        mem.update(total=mem["total"] - mem["weights"] + stored, weights=stored)
+        out["quantization"] = {"quant_algo": qc.get("quant_algo", "quantized"), "bytes": stored}
     print(format_info(out, cfg))
     return out
 
@@ -150,8 +164,13 @@ def format_info(d: dict, cfg: ModelConfig) -> str:
     rows += [(k, str(v)) for k, v in d["config"].items()
              if k not in ("pattern", "family") and (v != defaults.get(k) or k in always)]
     rows += [("parameters", f"{d['params']:,}"), ("active parameters", f"{d['active_params']:,}")]
+    q = d.get("quantization")
+    if q:
+        rows += [("quantization", f"{q['quant_algo']} packed (ModelOpt layout): nestlm and vLLM load it, plain "
+                                  "transformers does not")]
     mem = d["memory"]
-    memory = (f"{_gib(mem['total'])} = weights {_gib(mem['weights'])} (bf16) + kv cache "
+    memory = (f"{_gib(mem['total'])} = weights {_gib(mem['weights'])} "
+              f"({q['quant_algo'] + ', as stored' if q else 'bf16'}) + kv cache "
               f"{_gib(mem['kv_cache'])} + ssm state {_gib(mem['ssm_state'])}")
     rows += [(f"memory @ {d['seq_len']} tokens", memory)]
     w = max(len(k) for k, _ in rows)
@@ -172,8 +191,9 @@ def evaluate(path: str, text: str | None = None, seq_len: int = 256, max_windows
     from nestlm.evaluate import format_table
 
     try:
-        rows = run_evaluate(path, text, seq_len=seq_len, max_windows=max_windows, budgets=budget,
-                            lm_eval_tasks=lm_eval, lm_eval_limit=lm_eval_limit)
+        with _exit_at_once_on_ctrl_c("eval writes nothing"):
+            rows = run_evaluate(path, text, seq_len=seq_len, max_windows=max_windows, budgets=budget,
+                                lm_eval_tasks=lm_eval, lm_eval_limit=lm_eval_limit)
     except KeyError as e:
         raise UsageError(e.args[0]) from None
     except (ValueError, ImportError, FileNotFoundError) as e:  # too little text, a malformed .jsonl, no lm-eval
@@ -206,25 +226,36 @@ def convert(src: str, dst: str, overwrite: bool = False) -> Path:
     from nestlm.convert import to_hf
     from nestlm.load import from_hf
 
-    dtype = _dtype(read_config(src))
+    check_output(dst, src, overwrite=overwrite)  # before reading
+    hf = read_config(src)
+    dtype = _dtype(hf)
     model = from_hf(src, dtype=dtype)
     out = to_hf(model, dst, overwrite=overwrite)
-    print(f"wrote {out} ({count_params(model.cfg):,} parameters, {str(dtype).removeprefix('torch.')})")
+    qc = hf.get("quantization_config")
+    note = f": a dequantized copy of the {qc.get('quant_algo', 'quantized')} packed checkpoint " \
+        "(nestlm quantize packs it again)" if qc else ""
+    print(f"wrote {out} ({count_params(model.cfg):,} parameters, {str(dtype).removeprefix('torch.')}){note}")
     return out
 
 
 def generate(path: str, prompt: str, max_new_tokens: int = 64, temperature: float = 0.0,
              seed: int | None = None, think_budget: str | None = None, answer_budget: str = "full",
-             max_think: int = 256, transplant: bool = False, end_think: str = "</think>"):
+             max_think: int = 256, transplant: bool = False, end_think: str = "</think>",
+             top_k: int | None = None, top_p: float | None = None, repetition_penalty: float | None = None):
     """Stream a continuation of `prompt` from an HF checkpoint folder (with its tokenizer) to stdout.
 
     Budget control (an elastic checkpoint): --think-budget B thinks on budget B until `end_think` or
-    --max-think tokens, then answers (--max-new-tokens) on --answer-budget (think_answer)."""
+    --max-think tokens, then answers (--max-new-tokens) on --answer-budget (think_answer).
+    --top-k, --top-p, --repetition-penalty: transformers' sampling rules (nestlm.inference.generate.sample)."""
+    if not prompt:
+        raise UsageError("--prompt is empty: give the text to continue")
     if think_budget is not None:
+        if top_p is not None or repetition_penalty is not None:
+            raise UsageError("--top-p and --repetition-penalty apply to plain generation, not with --think-budget")
         try:
             res = think_answer(path, prompt, think_budget, answer_budget, max_think=max_think,
                                max_answer=max_new_tokens, transplant=transplant, end_think=end_think,
-                               temperature=temperature, seed=seed)
+                               temperature=temperature, seed=seed, top_k=top_k)
         except KeyError as e:
             raise UsageError(e.args[0]) from None
         print(f"\n[thought {res.think_len + res.forced_len} tokens on {think_budget} (ended by {res.ended_by}), "
@@ -237,29 +268,34 @@ def generate(path: str, prompt: str, max_new_tokens: int = 64, temperature: floa
     model = from_hf(path)
     tok = load_tokenizer(path, model.cfg.vocab_size)
     ids = torch.tensor([tok.encode(prompt, add_special_tokens=True)])  # [1, t]
+    if ids.numel() == 0:
+        raise UsageError(f"--prompt {prompt!r} gives no tokens")
     stream = _Printer(tok.decode)
     print(prompt, end="", flush=True)
-    run_generate(model, ids, max_new_tokens, temperature=temperature, seed=seed,
-                 stop_tokens=tok.eos_id, callback=stream)
+    run_generate(model, ids, max_new_tokens, temperature=temperature, seed=seed, top_k=top_k, top_p=top_p,
+                 repetition_penalty=repetition_penalty, stop_tokens=tok.eos_id, callback=stream)
     return stream.close()
 
 
 class _Printer:
-    """Prints a continuation to stdout token by token (a generate callback), holding back the bytes of a
-    multi-byte character until it is whole."""
+    """Prints a continuation to stdout token by token (a generate callback, plain and think mode alike): the
+    bytes of a multi-byte character wait until it is whole, and bytes that never make one (a character cut
+    by the end of the thinking phase, a stray continuation byte) are left out instead of printing U+FFFD."""
 
     def __init__(self, decode):
         self.decode, self.ids, self.shown = decode, [], 0
 
+    def text(self) -> str:
+        return self.decode(self.ids).replace("\ufffd", "")
+
     def __call__(self, tok: torch.Tensor, phase: str | None = None) -> None:  # tok [1]
         self.ids.append(int(tok[0]))
-        text = self.decode(self.ids)
-        if not text.endswith("\ufffd"):  # wait for the rest of a multi-byte character
-            print(text[self.shown:], end="", flush=True)
-            self.shown = len(text)
+        text = self.text()
+        print(text[self.shown:], end="", flush=True)
+        self.shown = max(self.shown, len(text))
 
     def close(self) -> str:
-        text = self.decode(self.ids)
+        text = self.text()
         print(text[self.shown:])
         return text
 
@@ -267,7 +303,7 @@ class _Printer:
 def think_answer(path: str | Path, prompt: str, think_budget: str | float = "full",
                  answer_budget: str | float = "full", max_think: int = 256, max_answer: int = 64,
                  transplant: bool = False, end_think: str = "</think>", temperature: float = 0.0,
-                 seed: int | None = None, bos: bool = True, stream: bool = True):
+                 seed: int | None = None, bos: bool = True, stream: bool = True, top_k: int | None = None):
     """Budget control from an elastic checkpoint folder: think with budget `think_budget` (a manifest name
     such as '40%' or 'full', or a fraction: between trained budgets the router interpolates, as
     `nestlm slice` does), answer with `answer_budget`. `bos`: start the prompt with the
@@ -300,7 +336,7 @@ def think_answer(path: str | Path, prompt: str, think_budget: str | float = "ful
     res = generate_two_phase(Standalone(model), ids, s_sub, l_sub, max_think, max_answer, encode(end_think),
                              stop_tokens=eos,
                              switch="transplant" if transplant else "reprefill", temperature=temperature,
-                             seed=seed, callback=show if stream else None)
+                             top_k=top_k, seed=seed, callback=show if stream else None)
     if stream:
         show.close()
     return res
@@ -363,6 +399,40 @@ def _tokens(model_dir: str, vocab_size: int, text: str | None, kjv: bool, need: 
     return ids
 
 
+@contextlib.contextmanager
+def _exit_at_once_on_ctrl_c(what: str):
+    """For a command that writes nothing (eval): Ctrl-C ends the process within moments, even in the middle
+    of a long torch operation (Python runs its signal handlers only between operations): the C-level
+    handler writes the signal number to a pipe, and a watcher thread prints one line and exits."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    r, w = os.pipe()
+    os.set_blocking(w, False)
+    old_fd = signal.set_wakeup_fd(w, warn_on_full_buffer=False)
+    old = signal.signal(signal.SIGINT, lambda *a: None)  # a Python handler, so that the wakeup fd is written
+
+    def watch():
+        while data := os.read(r, 1):
+            if data[0] == signal.SIGINT:
+                print(f"\nnestlm: interrupted ({what})", file=sys.stderr, flush=True)
+                os._exit(130)
+
+    t = threading.Thread(target=watch, daemon=True)
+    t.start()
+    try:
+        yield
+    finally:
+        signal.set_wakeup_fd(old_fd)
+        signal.signal(signal.SIGINT, old)
+        os.close(w)
+        t.join(1)
+        os.close(r)
+
+
 def _copy_tokenizer(src: str, dst: Path) -> None:
     """Tokenizer files of the parent folder into the elastic checkpoint, so that every slice carries them."""
     import shutil
@@ -375,8 +445,16 @@ def _copy_tokenizer(src: str, dst: Path) -> None:
 
 
 # -------------------------------------------------------------------------------------------- argparse
+class _Parser(argparse.ArgumentParser):
+    """argparse, with its errors on one line (no usage block) like every other nestlm error."""
+
+    def error(self, message: str):
+        print(f"{self.prog}: error: {message} (see {self.prog} --help)", file=sys.stderr)
+        raise SystemExit(2)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="nestlm", description="Many-in-one elastic language models.")
+    p = _Parser(prog="nestlm", description="Many-in-one elastic language models.")
     sub = p.add_subparsers(dest="command", required=True)
 
     c = sub.add_parser("demo", help="train a small hybrid model on the KJV Bible, slice 3 nested budgets")
@@ -400,6 +478,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--batches", type=int, default=8, help="calibration batches (default 8)")
     c.add_argument("--batch-size", type=int, default=4, help="windows per batch (default 4)")
     c.add_argument("--sort-out", metavar="DIR", help="also write the model sorted by the scores (same logits)")
+    c.add_argument("--overwrite", action="store_true", help="replace existing --out / --sort-out")
 
     c = sub.add_parser("elastify", help="train nested budgets with a router (elastic distillation)")
     c.add_argument("config", metavar="CONFIG.yaml", help="an ElasticConfig YAML file")
@@ -457,6 +536,11 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--max-think", type=int, default=256, help="thinking-token budget (then </think> is forced)")
     c.add_argument("--transplant", action="store_true", help="answer from the thinking model's caches (no re-prefill)")
     c.add_argument("--end-think", default="</think>", help="the tag that ends the thinking phase")
+    c.add_argument("--top-k", type=int, default=None, help="sample from the k most likely tokens (with --temperature)")
+    c.add_argument("--top-p", type=float, default=None, help="nucleus sampling: the most likely tokens up to this "
+                   "probability (with --temperature)")
+    c.add_argument("--repetition-penalty", type=float, default=None,
+                   help="transformers' repetition penalty (> 1 discourages repeats; 1.2 is common)")
 
     c = sub.add_parser("serve", help="serve an elastic checkpoint: OpenAI-compatible API, every budget a model")
     c.add_argument("path", help="an elastic checkpoint folder")
@@ -490,18 +574,56 @@ COMMANDS = {"demo": demo, "importance": importance, "elastify": elastify, "slice
             "think": think}
 
 
+# flag -> its smallest value (the flag's dest, as argparse names it); checked before a command runs
+MINIMUM = {"steps": 1, "threads": 1, "seq_len": 1, "batches": 1, "batch_size": 1, "max_steps": 1, "max_windows": 0,
+           "lm_eval_limit": 1, "calib_tokens": 0, "max_new_tokens": 0, "temperature": 0, "max_think": 0, "top_k": 1,
+           "top_p": 1e-9, "repetition_penalty": 1e-9}
+MAXIMUM = {"top_p": 1.0}
+BUDGET_FLAGS = ("--budget", "--think-budget", "--answer-budget")
+# library messages name Python arguments; on the command line they are flags
+FLAG_WORDS = (("pass overwrite=True", "pass --overwrite"), ("resume=False", "--fresh"))
+
+
+def _check_ranges(args: dict) -> None:
+    for k, lo in MINIMUM.items():
+        v = args.get(k)
+        if v is not None and not lo <= v <= MAXIMUM.get(k, float("inf")):
+            bound = f"in ({lo if lo > 0 else 0}, {MAXIMUM[k]}]" if k in MAXIMUM else \
+                "> 0" if 0 < lo < 1 else f">= {lo}"
+            raise UsageError(f"--{k.replace('_', '-')} must be {bound}, got {v}")
+
+
+def _plain_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    print(f"nestlm: warning: {message}", file=sys.stderr)
+
+
 def main(argv: list[str] | None = None) -> int:
-    """Run one command. A user error prints one line and exits with status 2, like argparse's own errors."""
+    """Run one command. A user error prints one line and exits with status 2, like argparse's own errors;
+    warnings print as one plain line each; Ctrl-C prints one line (what was kept) and exits with 130."""
+    argv, given = [], list(sys.argv[1:] if argv is None else argv)
+    while given:  # '--budget -5%' would read as a flag: hand it to the budget rule as '--budget=-5%'
+        a = given.pop(0)
+        negative = given and given[0][:1] == "-" and (given[0][1:2].isdigit() or given[0][1:2] == ".")
+        argv.append(f"{a}={given.pop(0)}" if a in BUDGET_FLAGS and negative else a)
     args = vars(build_parser().parse_args(argv))
     command = args.pop("command")
     fn = COMMANDS[command]
-    if command == "eval" and args["max_windows"] == 0:
-        args["max_windows"] = None
     try:
-        fn(**args)
+        with warnings.catch_warnings():
+            warnings.showwarning = _plain_warning
+            _check_ranges(args)
+            if command == "eval" and args["max_windows"] == 0:
+                args["max_windows"] = None
+            fn(**args)
     except USER_ERRORS as e:
-        print(f"nestlm: error: {e}", file=sys.stderr)
+        msg = " ".join(str(e).split()) or type(e).__name__  # one line
+        for py, flag in FLAG_WORDS:
+            msg = msg.replace(py, flag)
+        print(f"nestlm: error: {msg}", file=sys.stderr)
         raise SystemExit(2) from None
+    except KeyboardInterrupt as e:
+        print(f"\nnestlm: interrupted{f': {e}' if str(e) else ''}", file=sys.stderr)
+        raise SystemExit(130) from None
     return 0
 
 

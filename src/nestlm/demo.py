@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import shutil
 import time
 import warnings
 from pathlib import Path
@@ -31,6 +32,7 @@ from nestlm.arch import SubArch, count_active_params, count_params
 from nestlm.data import ByteTokenizer, eval_windows, kjv_text, perplexity, split, token_batches
 from nestlm.elastic.config import ElasticConfig, budget_name
 from nestlm.elastic.optim import adamw
+from nestlm.errors import Interrupted
 
 BUDGETS = (1.0, 0.75, 0.5)  # fractions of the parent's parameters
 # the router's width choices per axis, largest first (fractions of the demo widths: hidden 128, 4 Mamba heads
@@ -254,8 +256,30 @@ def demo(out_dir: str | Path = "nestlm-demo", steps: int | None = None, seed: in
 
     threads: torch intra-op threads meanwhile. One by default: measured on 2 idle cores a second thread
     makes the steps of this small model only 1.5x faster, but ~20x slower when the cores are busy."""
-    with torch_threads(threads):
-        return _demo(Path(out_dir), steps, seed, device, quick, elastify_steps)
+    out = Path(out_dir)
+    clear_demo_dir(out)
+    try:
+        with torch_threads(threads):
+            return _demo(out, steps, seed, device, quick, elastify_steps)
+    except KeyboardInterrupt:
+        raise Interrupted(f"stopped; {out} keeps what was finished, and running the demo again starts it "
+                          "over") from None
+
+
+OWNED = ("results.json", "tokenizer", "elastic", "loss.png", "budgets.png")  # (and loss_*.png, budget_*/)
+
+
+def clear_demo_dir(out: Path) -> None:
+    """The demo writes only into a new or empty folder or its own earlier output, and clears that output's
+    elastic/ folder first (the run starts over: old training state and TensorBoard files would pile up)."""
+    if out.exists() and not out.is_dir():
+        raise FileExistsError(f"{out} is a file; the demo writes a folder")
+    if out.is_dir() and any(out.iterdir()) and not any((out / n).exists() for n in OWNED):
+        held = sorted(p.name for p in out.iterdir())
+        raise FileExistsError(f"{out} is not empty and is not a demo output (it holds {', '.join(held[:6])}"
+                              f"{', ...' if len(held) > 6 else ''}); choose a new or empty folder")
+    if (out / "elastic").is_dir():
+        shutil.rmtree(out / "elastic")
 
 
 def _demo(out: Path, steps: int | None, seed: int, device: str, quick: bool, elastify_steps: int | None) -> dict:

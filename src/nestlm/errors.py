@@ -16,3 +16,7 @@ class CheckpointError(RuntimeError):
 
 class UnsupportedArchitecture(CheckpointError):
     """A checkpoint whose model_type / features nestlm does not convert."""
+
+
+class Interrupted(KeyboardInterrupt):
+    """Ctrl-C during a long run; the message says what was kept (the last checkpoint) and how to go on."""

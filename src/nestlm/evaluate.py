@@ -25,6 +25,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from tqdm.auto import tqdm
+
 from nestlm.arch import SubArch, count_active_params, count_params
 from nestlm.data import kjv_text, load_text, perplexity
 from nestlm.errors import ConfigError
@@ -114,7 +116,8 @@ def lm_eval_scores(hf_dir: str | Path, tasks: list, limit: int | None = None, ba
 
 def evaluate(elastic_or_hf_dir: str | Path, text_path: str | Path | None = None, seq_len: int = 256,
              max_windows: int | None = 32, budgets: list | None = None, batch: int = 8,
-             lm_eval_tasks: list[str] | None = None, lm_eval_limit: int | None = None) -> list[dict]:
+             lm_eval_tasks: list[str] | None = None, lm_eval_limit: int | None = None,
+             progress: bool = True) -> list[dict]:
     """Perplexity of the parent and of each budget (default: every budget of the manifest) on local text.
 
     budgets: names, fractions (interpolated between trained ones) or SubArch, as `nestlm.slicing.slice`
@@ -125,7 +128,16 @@ def evaluate(elastic_or_hf_dir: str | Path, text_path: str | Path | None = None,
     from nestlm.slicing import open_source
     from nestlm.slicing import slice as slice_
 
+    if not isinstance(seq_len, int) or seq_len < 1:
+        raise ConfigError(f"seq_len (--seq-len) must be a whole number of tokens >= 1, got {seq_len!r}")
+    if max_windows is not None and (not isinstance(max_windows, int) or max_windows < 1):
+        raise ConfigError(f"max_windows (--max-windows) must be >= 1 (or None / 0 on the command line: all), "
+                          f"got {max_windows!r}")
     path, cfg, _, manifest = open_source(elastic_or_hf_dir)
+    max_pos = cfg.hf_extra.get("max_position_embeddings")
+    if isinstance(max_pos, int) and seq_len > max_pos:
+        raise ConfigError(f"seq_len {seq_len} (--seq-len) is longer than the model's positions "
+                          f"(max_position_embeddings {max_pos} in {path}/config.json)")
     if lm_eval_tasks and not has_lm_eval():
         raise ImportError("lm_eval_tasks needs lm-eval: pip install 'nestlm[eval]' (lm-eval==0.4.13)")
     text = load_text(text_path) if text_path is not None else default_text()
@@ -133,12 +145,13 @@ def evaluate(elastic_or_hf_dir: str | Path, text_path: str | Path | None = None,
     need = max_windows * seq_len + 1 if max_windows else None
     ids = text_tokens(tok, text, need)
     if len(ids) < seq_len + 1:
-        raise ValueError(f"the text gives {len(ids)} tokens, too few for one window of {seq_len} + 1")
+        raise ConfigError(f"the text gives {len(ids)} tokens, too few for one window of {seq_len} + 1 "
+                          "(--seq-len)")
     check_ids(ids, cfg.vocab_size, f"{path}'s tokenizer")
     model = from_hf(path)
     cfg = model.cfg
 
-    todo: list[tuple[str, float | None, SubArch]] = [("parent", 1.0, SubArch())]
+    todo: list[tuple[str, float | None, SubArch]] = [(_first_row_name(path, manifest), 1.0, SubArch())]
     if budgets is None:
         budgets = list(manifest["budgets"]) if manifest else []
     full = SubArch.full(cfg)
@@ -150,24 +163,39 @@ def evaluate(elastic_or_hf_dir: str | Path, text_path: str | Path | None = None,
             (float(b) if isinstance(b, (int, float)) else None)
         todo.append((name, frac, sub))
 
+    batch = max(1, min(batch, 16384 // seq_len))  # long windows: fewer per forward (memory; Ctrl-C between them)
     rows = []
-    for name, frac, sub in todo:
+    n_win = min((len(ids) - 1) // seq_len, max_windows or 1 << 62)
+    bar = tqdm(total=n_win * len(todo), desc="eval", unit="window", disable=not progress)
+    for i, (name, frac, sub) in enumerate(todo):
         t0 = time.perf_counter()
+        bar.set_postfix_str(name, refresh=False)
         ppl = perplexity(model, ids, seq_len, batch=batch, sub=None if sub.resolve(cfg) == full else sub,
-                         max_windows=max_windows)
-        n_win = min((len(ids) - 1) // seq_len, max_windows or 1 << 62)
+                         max_windows=max_windows, on_batch=bar.update)
         row = {"name": name, "fraction": frac, "sub": sub.to_dict(), "params": count_params(cfg, sub),
                "active_params": count_active_params(cfg, sub), "ppl": ppl, "tokens": n_win * seq_len,
                "seconds": time.perf_counter() - t0}
         if lm_eval_tasks:
-            if name == "parent":
+            if i == 0:  # the folder itself
                 row["lm_eval"] = lm_eval_scores(path, lm_eval_tasks, lm_eval_limit)
             else:
                 with tempfile.TemporaryDirectory() as tmp:
                     row["lm_eval"] = lm_eval_scores(slice_(path, sub, Path(tmp) / "hf"), lm_eval_tasks,
                                                     lm_eval_limit)
         rows.append(row)
+    bar.close()
     return rows
+
+
+def _first_row_name(path: Path, manifest: dict | None) -> str:
+    """The full model's row: 'parent' for an elastic checkpoint (its budgets follow), else what the folder
+    is: a slice at its budget (nestlm_slice.json), or the model."""
+    from nestlm.elastic.artifact import read_provenance
+
+    if manifest is not None:
+        return "parent"
+    prov = read_provenance(path)
+    return f"slice {prov.get('budget')}" if prov else "model"
 
 
 def format_table(rows: list[dict]) -> str:

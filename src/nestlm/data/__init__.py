@@ -18,6 +18,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from nestlm.errors import ConfigError
+
 __all__ = ["ByteTokenizer", "eval_windows", "kjv_text", "load_text", "perplexity", "split", "token_batches"]
 
 
@@ -62,19 +64,34 @@ def load_text(path: str | Path) -> str:
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"no such text file: {path}")
+    if not path.is_file():
+        raise ConfigError(f"{path}: not a file")
+    try:
+        text = _read_text(path)
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{path}: not UTF-8 text (byte {e.start}: {e.reason}); give a .txt or .jsonl file") from None
+    if not text.strip():
+        raise ConfigError(f"{path}: the text is empty")
+    return text
+
+
+def _read_text(path: Path) -> str:
     if path.suffix == ".jsonl":
         docs = []
         for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
             if not line.strip():
                 continue
-            row = json.loads(line)
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ConfigError(f"{path}:{n}: not JSON ({e.msg})") from None
             if not isinstance(row, dict) or not isinstance(row.get("text"), str):
-                raise ValueError(f"{path}:{n}: each jsonl line needs a string field \"text\"")
+                raise ConfigError(f"{path}:{n}: each jsonl line needs a string field \"text\"")
             docs.append(row["text"])
         return "\n\n".join(docs)
     if path.suffix in (".txt", ".md", ""):
         return path.read_text(encoding="utf-8")
-    raise ValueError(f"{path}: expected a .txt or .jsonl file")
+    raise ConfigError(f"{path}: expected a .txt or .jsonl file")
 
 
 # -------------------------------------------------------------------------------------------- tokenizer
@@ -194,8 +211,9 @@ def eval_windows(ids: torch.Tensor, seq_len: int) -> torch.Tensor:
 
 @torch.no_grad()
 def perplexity(model, ids: torch.Tensor, seq_len: int, batch: int = 8, sub=None,
-               max_windows: int | None = None) -> float:
-    """exp(mean next-token NLL) over the eval windows of ids [n]; `model(x, sub=sub)` -> logits [b, t, V]."""
+               max_windows: int | None = None, on_batch=None) -> float:
+    """exp(mean next-token NLL) over the eval windows of ids [n]; `model(x, sub=sub)` -> logits [b, t, V].
+    on_batch(n): called after each batch with its number of windows (a progress bar)."""
     windows = eval_windows(ids, seq_len)[:max_windows]  # [n, seq_len + 1]
     was_training = getattr(model, "training", False)
     if hasattr(model, "eval"):
@@ -207,6 +225,8 @@ def perplexity(model, ids: torch.Tensor, seq_len: int, batch: int = 8, sub=None,
         logits = model(w[:, :-1], sub=sub)  # [b, t, V]
         nll += F.cross_entropy(logits.flatten(0, 1).float(), w[:, 1:].flatten(), reduction="sum").item()
         count += w[:, 1:].numel()
+        if on_batch is not None:
+            on_batch(len(w))
     if was_training:
         model.train()
     return math.exp(nll / count)

@@ -29,10 +29,10 @@ import warnings
 from pathlib import Path
 
 from nestlm.arch import SubArch, count_active_params, count_params
-from nestlm.elastic.config import ElasticConfig, budget_name
+from nestlm.elastic.config import ElasticConfig, budget_name, parse_fraction
 from nestlm.elastic.router import Router
 from nestlm.errors import CheckpointError, ConfigError
-from nestlm.io.safetensors import read_tensors
+from nestlm.io.safetensors import normal_permissions, read_tensors
 
 __all__ = ["MANIFEST", "MANIFEST_VERSION", "ROUTER_FILE", "SLICE_FILE", "budget_name", "check_manifest",
            "provenance", "read_manifest", "read_provenance", "read_router", "resolve_budget", "router_mismatch",
@@ -50,6 +50,8 @@ def read_manifest(path: str | Path, required: bool = False) -> dict | None:
     `required`), CheckpointError naming the file when it is not JSON, not a manifest or of another version."""
     f = Path(path) / MANIFEST
     if not f.is_file():
+        if required and not Path(path).exists():
+            raise CheckpointError(f"{path}: no such folder")
         if required:
             raise CheckpointError(f"{path}: no {MANIFEST} (not an elastic checkpoint)")
         return None
@@ -134,14 +136,6 @@ def read_router(path: str | Path, cfg, manifest: dict):
 
 
 # ---------------------------------------------------------------------------------------------- budgets
-def _parse_fraction(s: str) -> float | None:
-    s = s.strip()
-    try:
-        return float(s[:-1]) / 100 if s.endswith("%") else float(s)
-    except ValueError:
-        return None
-
-
 def resolve_budget(path: str | Path | None, budget: str | float | SubArch, *, cfg=None,
                    manifest: dict | None = None, router=None) -> tuple[str, SubArch]:
     """(a display name, the SubArch) of `budget` for the checkpoint at `path`.
@@ -166,16 +160,26 @@ def resolve_budget(path: str | Path | None, budget: str | float | SubArch, *, cf
     if isinstance(budget, str):
         if manifest and budget in manifest["budgets"]:
             return budget, SubArch.from_dict(manifest["budgets"][budget]["sub"])
-        frac = _parse_fraction(budget)
+        same_case = [n for n in names if n.lower() == budget.strip().lower()]  # 'FULL', ' 75% '
+        if same_case:
+            return same_case[0], SubArch.from_dict(manifest["budgets"][same_case[0]]["sub"])
+        if budget.strip().lower() == "full":
+            return "full", SubArch()
+        frac = parse_fraction(budget)
         if frac is None:
             raise KeyError(f"no budget {budget!r} in {path} (budgets: {names or 'none: not an elastic checkpoint'})")
     else:
         frac = float(budget)
+    if not 0 < frac <= 1:
+        hint = f"; did you mean '{budget}%'?" if isinstance(budget, str) and 1 < frac <= 100 and \
+            not budget.strip().endswith("%") else ""
+        raise KeyError(f"budget {budget!r}: a budget is a name ({', '.join(names) or 'full'}), a fraction in (0, 1] "
+                       f"or a percentage in (0%, 100%]{hint}")
     if frac == 1.0:
         return "full", SubArch()
     if not manifest:
-        raise KeyError(f"budget {budget!r}: {path} has no {MANIFEST} (not an elastic checkpoint); "
-                       "pass an explicit SubArch")
+        raise KeyError(f"budget {budget!r}: {path} has no {MANIFEST} (not an elastic checkpoint): its only "
+                       "budget is 'full'")
     for name, b in manifest["budgets"].items():
         if math.isclose(b["fraction"], frac, rel_tol=1e-6):
             return name, SubArch.from_dict(b["sub"])
@@ -188,7 +192,10 @@ def resolve_budget(path: str | Path | None, budget: str | float | SubArch, *, cf
             raise KeyError(f"budget {budget!r} lies between trained budgets {names}: interpolating needs the router")
         router = read_router(path, cfg, manifest)
     # within the landing tolerance of frac, like the trained budgets
-    return f"{budget_name(frac)} (interpolated)", router.interpolate(frac, router.ecfg.landing_tolerance)
+    sub = router.interpolate(frac, router.ecfg.landing_tolerance)
+    if cfg is not None and sub.resolve(cfg) == SubArch.full(cfg):  # say so: no smaller architecture was found
+        return f"{budget_name(frac)} (interpolated: the full model)", sub
+    return f"{budget_name(frac)} (interpolated)", sub
 
 
 # ---------------------------------------------------------------------------------------------- provenance
@@ -259,6 +266,7 @@ def export(model, router: Router, ecfg: ElasticConfig, out_dir: str | Path) -> P
             to_hf(model, tmp / "hf", overwrite=True)
         save_file({k: v.detach().contiguous().cpu() for k, v in router.state_dict().items()},
                   str(tmp / "hf" / ROUTER_FILE))
+        normal_permissions(tmp / "hf")  # save_file writes 0600: a serving container must read the folder
         (tmp / MANIFEST).write_text(json.dumps(manifest_for(model, router, ecfg), indent=2))
         for f in sorted((tmp / "hf").iterdir()):
             os.replace(f, out / f.name)

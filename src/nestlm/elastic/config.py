@@ -105,9 +105,20 @@ class ElasticConfig:
             if not cond:
                 raise ConfigError(f"ElasticConfig: {msg}")
 
+        for f in dataclasses.fields(self):  # numbers: show what was read (YAML reads `steps: 2OO` as text)
+            v = getattr(self, f.name)
+            if f.type in ("float", "float | None") and isinstance(v, str) and parse_fraction(v) is not None \
+                    and not v.strip().endswith("%"):
+                setattr(self, f.name, float(v))  # YAML 1.1 reads 1e-3 (no dot) as text
+            elif f.type in ("int", "float", "int | None", "float | None") and v is not None and (
+                    isinstance(v, bool) or not isinstance(v, (int, float)) or (f.type.startswith("int")
+                                                                              and isinstance(v, float))):
+                need(False, f"{f.name} must be {'an int' if f.type.startswith('int') else 'a number'}, got {v!r}")
         b = self.budgets
-        need(isinstance(b, (list, tuple)) and len(b) > 0, "budgets must be a non-empty list of fractions")
-        need(all(isinstance(x, (int, float)) and 0 < x <= 1 for x in b), f"budgets must be in (0, 1], got {b}")
+        need(isinstance(b, (list, tuple)) and len(b) > 0, f"budgets must be a non-empty list of fractions, got {b!r}")
+        b = [parse_fraction(x) if isinstance(x, str) and parse_fraction(x) is not None else x for x in b]  # '75%'
+        need(all(isinstance(x, (int, float)) and not isinstance(x, bool) and 0 < x <= 1 for x in b),
+             f"budgets must be in (0, 1], got {self.budgets} (fractions, or percentages such as '75%')")
         need(all(b[i] > b[i + 1] for i in range(len(b) - 1)), f"budgets must be strictly decreasing, got {b}")
         self.budgets = [float(x) for x in b]
         need(self.metric in METRICS, f"metric must be one of {METRICS}, got {self.metric!r}")
@@ -148,7 +159,8 @@ class ElasticConfig:
             need(len(w) == len(b), f"stage2_weights has {len(w)} entries for {len(b)} budgets")
             need(all(x >= 0 for x in w) and sum(w) > 0, "stage2_weights must be >= 0 with a positive sum")
         for name in ("steps", "batch", "seq_len", "grad_accum", "checkpoint_every", "log_every", "memory_seq_len"):
-            need(isinstance(getattr(self, name), int) and getattr(self, name) >= 1, f"{name} must be an int >= 1")
+            v = getattr(self, name)
+            need(isinstance(v, int) and not isinstance(v, bool) and v >= 1, f"{name} must be an int >= 1, got {v!r}")
         need(self.stage2_seq_len is None or self.stage2_seq_len >= 1, "stage2_seq_len must be >= 1")
         need(self.lr_model >= 0 and self.lr_router >= 0, "learning rates must be >= 0")
 
@@ -303,7 +315,20 @@ class ElasticConfig:
             d = yaml.safe_load(path.read_text())
         except yaml.YAMLError as e:
             raise ConfigError(f"ElasticConfig: {path} is not valid YAML ({e})") from None
-        return cls.from_dict(d or {})
+        try:
+            return cls.from_dict(d or {})
+        except ConfigError as e:  # say which file
+            raise ConfigError(f"{path}: {e}") from None
+
+
+def parse_fraction(s: str) -> float | None:
+    """'60%' -> 0.6, '0.6' -> 0.6, anything else -> None: how budgets are written on the command line and
+    in the YAML (nestlm.elastic.artifact.resolve_budget reads them with it)."""
+    s = s.strip()
+    try:
+        return float(s[:-1]) / 100 if s.endswith("%") else float(s)
+    except ValueError:
+        return None
 
 
 def budget_name(frac: float) -> str:

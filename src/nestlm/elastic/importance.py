@@ -28,6 +28,7 @@ from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 from nestlm.arch import SubArch, depth_units
+from nestlm.io.safetensors import normal_permissions
 from nestlm.io.tokenizer import check_ids
 
 
@@ -47,6 +48,7 @@ class Scores:
         tmp = path.with_name(path.name + ".tmp")
         save_file({k: v.contiguous().float().cpu() for k, v in self.tensors.items()}, str(tmp),
                   metadata={"nestlm_scores": json.dumps(self.meta)})
+        normal_permissions(tmp)  # save_file writes 0600
         tmp.replace(path)
 
     @classmethod

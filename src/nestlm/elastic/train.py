@@ -39,6 +39,7 @@ import json
 import math
 import os
 import random
+import shutil
 from collections.abc import Callable
 from pathlib import Path
 
@@ -58,8 +59,8 @@ from nestlm.elastic.losses import kd_loss, router_loss
 from nestlm.elastic.optim import adamw
 from nestlm.elastic.parallel import setup as setup_parallel
 from nestlm.elastic.router import Router
-from nestlm.errors import ConfigError
-from nestlm.io.safetensors import read_tensors
+from nestlm.errors import ConfigError, Interrupted
+from nestlm.io.safetensors import check_output, read_tensors
 from nestlm.io.tokenizer import check_ids
 
 
@@ -210,18 +211,38 @@ def elastify(config: ElasticConfig | str | Path, model_or_hf_path, data, out_dir
     whose trained router starts this run (same budgets and choices; QAD keeps the widths it learned).
     Returns out_dir."""
     ecfg = config if isinstance(config, ElasticConfig) else ElasticConfig.load(config)
+    check_out_dir(Path(out_dir), model_or_hf_path, router_init)  # before anything is read or written
     dp = setup_parallel(parallel)  # one process, or this rank of torchrun's N
+    kept: dict = {}  # _train notes its last complete checkpoint here, for the Ctrl-C message
     try:
         return _train(ecfg, model_or_hf_path, data, Path(out_dir), dp, max_steps, resume, progress, on_step,
-                      router_init)
+                      router_init, kept)
+    except KeyboardInterrupt:
+        last = kept.get("last_good")
+        raise Interrupted(f"stopped; the last checkpoint is {last[0]} (step {last[1]}): run the same command "
+                          "again to resume from it" if last else "stopped before the first checkpoint "
+                          f"(every {ecfg.checkpoint_every} steps): nothing to resume from") from None
     finally:
         dp.close()
 
 
-def _train(ecfg: ElasticConfig, model_or_hf_path, data, out: Path, dp: parallel.DataParallel,
-           max_steps: int | None, resume: bool, progress: bool, on_step, router_init=None) -> Path:
+def check_out_dir(out: Path, model_or_path=None, router_init=None) -> None:
+    """elastify's output folder must be new, empty, or an elastify run's own resumable output (train/ with
+    its elastic.yaml), and must not overlap the parent's folder: never write into someone else's files."""
+    check_output(out, *(p for p in (model_or_path, router_init) if isinstance(p, (str, Path))), overwrite=True)
     if out.exists() and not out.is_dir():
         raise FileExistsError(f"{out} is a file; elastify writes a folder")
+    if out.is_dir() and any(out.iterdir()) and not (out / "train" / "elastic.yaml").is_file():
+        held = sorted(p.name + "/" * p.is_dir() for p in out.iterdir())
+        raise FileExistsError(f"{out} is not empty and is not an elastify output to resume (it holds "
+                              f"{', '.join(held[:6])}{', ...' if len(held) > 6 else ''}); choose a new or empty "
+                              "folder")
+
+
+def _train(ecfg: ElasticConfig, model_or_hf_path, data, out: Path, dp: parallel.DataParallel,
+           max_steps: int | None, resume: bool, progress: bool, on_step, router_init=None,
+           kept: dict | None = None) -> Path:
+    kept = {} if kept is None else kept
     if ecfg.batch % dp.world:
         raise ConfigError(f"ElasticConfig: batch {ecfg.batch} doesn't split over {dp.world} processes (each "
                           "takes batch / world rows of every global batch)")
@@ -253,12 +274,17 @@ def _train(ecfg: ElasticConfig, model_or_hf_path, data, out: Path, dp: parallel.
         found = ckpt.resume(train_dir, dp, parts, fingerprint, ecfg, budget_rng)
         if found is not None:
             step, pos, last_good = found
+            kept["last_good"] = last_good
+            if dp.main:
+                print(f"resuming from step {step} ({last_good[0]})", flush=True)
 
     # ---- from here on we write: only rank 0, except for the checkpoint shards
     if dp.main:
         train_dir.mkdir(parents=True, exist_ok=True)
         _write_config(ecfg, train_dir / "elastic.yaml")
         _truncate_log(log_path, step)  # drop records of steps after the checkpoint (a crash in between)
+        if step == 0:  # a fresh start: an earlier run's TensorBoard events would pile up beside this run's
+            shutil.rmtree(train_dir / "tb", ignore_errors=True)
         ckpt.drop_stale(train_dir, keep=last_good[0] if last_good else None)
     dp.barrier()
 
@@ -275,6 +301,7 @@ def _train(ecfg: ElasticConfig, model_or_hf_path, data, out: Path, dp: parallel.
                 "model": model.state_dict(), "router": router.state_dict(),
                 "opt_model": opt_model.state_dict(), "opt_router": opt_router.state_dict(),
                 **ckpt.train_state(step, pos, budget_rng, fingerprint, ecfg)})
+        kept["last_good"] = (path, step)
         return path, step
 
     writer = _tensorboard(train_dir) if dp.main else None

@@ -2,6 +2,7 @@
 
     out = generate(model, ids, max_new_tokens=64)                       # greedy, the full model
     out = generate(model, ids, 64, sub=SubArch(hidden=256), temperature=0.8, top_k=50, seed=0)
+    out = generate(model, ids, 64, temperature=0.7, top_p=0.9, repetition_penalty=1.2)  # transformers' rules
     new = decode(model, logits, cache, 64, stop_sequences=[end_ids])    # go on from a filled cache
 
 Two-phase generation (think on one nested submodel, answer on another) builds on these: nestlm.inference.two_phase.
@@ -47,22 +48,30 @@ def decode_one_token(model, tok: torch.Tensor, cache, sub=None) -> torch.Tensor:
 
 
 def sample(logits: torch.Tensor, temperature: float = 0.0, top_k: int | None = None,
-           generator: torch.Generator | None = None, top_p: float | None = None) -> torch.Tensor:
-    """logits [b, v] -> next tokens [b, 1]. temperature 0 (or below): greedy argmax; otherwise softmax
-    sampling of logits / temperature, restricted to the `top_k` most likely tokens when given, and to the
-    smallest set of most likely tokens whose probability reaches `top_p` (nucleus) when given (< 1)."""
+           generator: torch.Generator | None = None, top_p: float | None = None,
+           repetition_penalty: float | None = None, seen: torch.Tensor | None = None) -> torch.Tensor:
+    """logits [b, v] -> next tokens [b, 1], with transformers' rules and order:
+
+    repetition_penalty (> 0; 1.0: off): the logit of every token in `seen` [b, s] (the prompt and what was
+    generated) is divided by it when positive and multiplied by it when negative; it applies to greedy
+    decoding too. temperature 0 (or below): greedy argmax; otherwise softmax sampling of logits / temperature,
+    restricted to the `top_k` most likely tokens, then to the smallest set of most likely tokens whose
+    probability reaches `top_p` (nucleus sampling; 1.0: off)."""
+    if repetition_penalty is not None and repetition_penalty != 1.0 and seen is not None and seen.numel():
+        logits = logits.float()
+        old = logits.gather(1, seen)  # [b, s]
+        logits = logits.scatter(1, seen, torch.where(old < 0, old * repetition_penalty, old / repetition_penalty))
     if temperature is None or temperature <= 0:
         return logits.argmax(dim=-1, keepdim=True)  # [b, 1]
     logits = logits.float() / temperature
     if top_k is not None and top_k < logits.shape[-1]:
         kth = torch.topk(logits, max(int(top_k), 1), dim=-1).values[:, -1:]  # [b, 1]
         logits = logits.masked_fill(logits < kth, float("-inf"))
-    if top_p is not None and top_p < 1:
-        sorted_logits, order = torch.sort(logits, dim=-1, descending=True)  # [b, v]
-        p_sorted = torch.softmax(sorted_logits, dim=-1)
-        before = p_sorted.cumsum(dim=-1) - p_sorted  # probability of the more likely tokens
-        drop = torch.zeros_like(before, dtype=torch.bool).scatter(-1, order, before >= top_p)  # mass before >= p
-        logits = logits.masked_fill(drop, float("-inf"))  # the most likely token always stays
+    if top_p is not None and top_p < 1.0:
+        low, order = torch.sort(logits, dim=-1)  # ascending [b, v]
+        drop = low.softmax(dim=-1).cumsum(dim=-1) <= 1 - top_p  # the unlikely tail, below 1 - top_p in total
+        drop[:, -1] = False  # keep at least the most likely token
+        logits = logits.masked_fill(drop.scatter(1, order, drop), float("-inf"))
     probs = torch.softmax(logits, dim=-1)  # [b, v]
     return torch.multinomial(probs, 1, generator=generator)  # [b, 1]
 
@@ -88,14 +97,17 @@ def decode(model, logits: torch.Tensor, cache, max_new_tokens: int, sub=None, te
            top_k: int | None = None, stop_tokens: Iterable[int] | int | None = None,
            stop_sequences: Iterable[Iterable[int]] | None = None, generator: torch.Generator | None = None,
            callback: Callable[[torch.Tensor], None] | None = None, dtype: torch.dtype = torch.long,
-           top_p: float | None = None) -> torch.Tensor:
+           top_p: float | None = None, repetition_penalty: float | None = None,
+           history: torch.Tensor | None = None) -> torch.Tensor:
     """Continue from `logits` [b, v] (the prediction after the tokens already in `cache`): sample up to
     `max_new_tokens` tokens, feeding each one into the cache except the last. Returns the new tokens [b, n].
 
     A row ends when it samples one of `stop_tokens` or its new tokens end with one of `stop_sequences`
     (multi-token markers such as a byte-level '</think>'); a finished row repeats its last token as padding
     while the other rows go on, and decoding stops once every row has ended. So after the call the cache
-    holds every token but the last one returned: cache.pos == tokens before + n - 1 (for n >= 1)."""
+    holds every token but the last one returned: cache.pos == tokens before + n - 1 (for n >= 1).
+    top_p, repetition_penalty: see `sample`; history [b, t]: the tokens before (the prompt), which the
+    repetition penalty counts as seen besides the new ones."""
     b, dev = logits.shape[0], logits.device
     stop = _stop_tensor(stop_tokens, dtype, dev)
     seqs = [torch.as_tensor(list(q), dtype=dtype, device=dev) for q in (stop_sequences or ())]
@@ -107,7 +119,10 @@ def decode(model, logits: torch.Tensor, cache, max_new_tokens: int, sub=None, te
     can_stop = stop is not None or bool(seqs)
     with torch.inference_mode():
         for i in range(max_new_tokens):
-            nxt = sample(logits, temperature, top_k, generator, top_p)[:, 0].to(dtype)  # [b]
+            seen = None
+            if repetition_penalty is not None and repetition_penalty != 1.0:
+                seen = new[:, :i] if history is None else torch.cat([history.to(dtype), new[:, :i]], dim=1)
+            nxt = sample(logits, temperature, top_k, generator, top_p, repetition_penalty, seen)[:, 0].to(dtype)
             if can_stop:
                 nxt = torch.where(done, pad, nxt)
             new[:, i] = nxt
@@ -130,8 +145,10 @@ def decode(model, logits: torch.Tensor, cache, max_new_tokens: int, sub=None, te
 def generate(model, ids: torch.Tensor, max_new_tokens: int, sub=None, temperature: float = 0.0,
              top_k: int | None = None, stop_tokens: Iterable[int] | int | None = None, seed: int | None = None,
              callback: Callable[[torch.Tensor], None] | None = None,
-             stop_sequences: Iterable[Iterable[int]] | None = None, top_p: float | None = None) -> torch.Tensor:
-    """ids [b, t] -> [b, t + new] with new <= max_new_tokens.
+             stop_sequences: Iterable[Iterable[int]] | None = None, top_p: float | None = None,
+             repetition_penalty: float | None = None) -> torch.Tensor:
+    """ids [b, t] -> [b, t + new] with new <= max_new_tokens. Sampling (temperature, top_k, top_p) and the
+    repetition penalty follow transformers' rules (see `sample`).
 
     A row that produced one of `stop_tokens` (or whose new tokens end with one of `stop_sequences`) keeps
     emitting that last token (as padding) while the other rows go on; generation ends early once every row
@@ -147,5 +164,5 @@ def generate(model, ids: torch.Tensor, max_new_tokens: int, sub=None, temperatur
         cache = model.new_cache()
         logits = prefill(model, ids, cache, sub)  # [b, v]
         new = decode(model, logits, cache, max_new_tokens, sub, temperature, top_k, stop_tokens, stop_sequences,
-                     generator, callback, ids.dtype, top_p)  # [b, n]
+                     generator, callback, ids.dtype, top_p, repetition_penalty, ids)  # [b, n]
         return torch.cat([ids, new], dim=1)

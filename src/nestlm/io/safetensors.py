@@ -19,11 +19,11 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from nestlm.errors import CheckpointError
+from nestlm.errors import CheckpointError, ConfigError
 from nestlm.io.tokenizer import TOKENIZER_FILES
 
-__all__ = ["DTYPES", "ST_DTYPE", "SafetensorsDir", "Source", "atomic_dir", "copy_files", "read_config",
-           "split_shards", "write_checkpoint", "write_shards"]
+__all__ = ["DTYPES", "ST_DTYPE", "SafetensorsDir", "Source", "atomic_dir", "check_output", "copy_files",
+           "normal_permissions", "read_config", "split_shards", "write_checkpoint", "write_shards"]
 
 # safetensors' dtype names <-> torch dtypes (the one table: headers are read and written with it)
 DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
@@ -35,6 +35,8 @@ ST_DTYPE = {v: k for k, v in DTYPES.items()}
 def read_config(path: str | Path) -> dict:
     path = Path(path)
     f = path / "config.json"
+    if not path.exists():
+        raise CheckpointError(f"{path}: no such folder")
     if not path.is_dir():
         raise CheckpointError(f"{path}: not a directory (expected a Hugging Face checkpoint folder)")
     if not f.is_file():
@@ -71,9 +73,12 @@ class SafetensorsDir:
             if not fp.is_file():
                 raise CheckpointError(f"{fp}: listed in the index but missing")
             try:
-                h = safe_open(str(fp), framework="pt")
+                h, err = safe_open(str(fp), framework="pt"), None
             except Exception as e:  # safetensors raises its own error types for bad headers
-                raise CheckpointError(f"{fp}: not a readable safetensors file ({e})") from None
+                h, err = None, f"{fp}: not a readable safetensors file ({e})"
+            if err is not None:
+                err = self._truncated(fp) or err
+                raise CheckpointError(err)
             self._check_size(fp, h)
             self._handles[name] = h
             for k in h.keys():
@@ -93,6 +98,22 @@ class SafetensorsDir:
         end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
         if fp.stat().st_size < 8 + n + end:
             raise CheckpointError(f"{fp}: truncated ({fp.stat().st_size} bytes, header promises {8 + n + end})")
+
+    @classmethod
+    def _truncated(cls, fp: Path) -> str | None:
+        """For a file safetensors can't open: the "truncated" message when its header is whole but the data
+        is cut, else None."""
+        with open(fp, "rb") as f:
+            n = int.from_bytes(f.read(8), "little")
+        if 8 + n > fp.stat().st_size:
+            return None
+        try:
+            cls._check_size(fp, None)
+        except CheckpointError as e:
+            return str(e)
+        except (ValueError, OSError, AttributeError, TypeError):  # not JSON, not a header table
+            return None
+        return None
 
     def keys(self) -> list[str]:
         return list(self._where)
@@ -132,16 +153,51 @@ class Source(SafetensorsDir):
         return list(self._handles)
 
 
-@contextlib.contextmanager
-def atomic_dir(out: Path, overwrite: bool = False):
-    """Yield a temporary sibling folder to fill; on success it becomes `out` (an existing `out` is moved
-    aside first and removed last, so a failure can't lose both), on any error it is removed."""
+def check_output(out: str | Path, *inputs: str | Path | None, overwrite: bool = False) -> Path:
+    """Refuse an output path before anything is read or written: one that equals, contains or lies inside
+    one of `inputs` (whatever `overwrite` says: an input is never replaced), or that exists when not
+    `overwrite`. Raises ConfigError / FileExistsError naming both paths; returns `out` as a Path."""
+    out = Path(out)
+    o = out.resolve()
+    blocked = next((p for p in o.parents if p.exists() and not p.is_dir()), None)
+    if blocked is not None:
+        raise FileExistsError(f"{out} can't be written: {blocked} is a file")
+    for inp in inputs:
+        if inp is None:
+            continue
+        i = Path(inp).resolve()
+        how = "is" if o == i else "lies inside" if i in o.parents else "contains" if o in i.parents else None
+        if how:
+            raise ConfigError(f"the output {out} {how} the input {inp}; write to a folder outside it (overwrite "
+                              "never replaces an input)")
     if out.exists() and not overwrite:
-        raise FileExistsError(f"{out} exists; choose a new directory or pass overwrite=True")
+        raise FileExistsError(f"{out} exists; choose a new path or pass overwrite=True")
+    return out
+
+
+def normal_permissions(path: Path) -> None:
+    """Give a finished output (a file, or a folder and everything in it) the permissions the umask gives a
+    new file or folder: mkdtemp makes folders 0700 and safetensors' save_file files 0600, which a serving
+    container or a colleague could not read."""
+    mask = os.umask(0)
+    os.umask(mask)
+    todo = [path, *sorted(path.rglob("*"))] if path.is_dir() else [path]
+    for p in todo:
+        if not p.is_symlink():
+            os.chmod(p, (0o777 if p.is_dir() else 0o666) & ~mask)
+
+
+@contextlib.contextmanager
+def atomic_dir(out: Path, overwrite: bool = False, inputs: tuple = ()):
+    """Yield a temporary sibling folder to fill; on success it becomes `out` (an existing `out` is moved
+    aside first and removed last, so a failure can't lose both), on any error it is removed. `out` must not
+    overlap any of `inputs` (check_output); the result gets the umask's normal permissions."""
+    check_output(out, *inputs, overwrite=overwrite)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp", dir=out.parent))
     try:
         yield tmp
+        normal_permissions(tmp)
         if out.exists():
             old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old", dir=out.parent))
             os.replace(out, old / "x")
@@ -195,7 +251,7 @@ def write_checkpoint(out_dir: str | Path, config: dict, tensors: dict[str, torch
     """Write config.json + safetensors shards (+ tokenizer files copied from `src_dir`) atomically:
     everything goes to a temporary sibling folder that is renamed into place at the end."""
     out = Path(out_dir)
-    with atomic_dir(out, overwrite) as tmp:
+    with atomic_dir(out, overwrite, inputs=(src_dir,)) as tmp:
         items = [(k, v.detach().contiguous()) for k, v in tensors.items()]
         shards = split_shards(items, lambda kv: kv[1].numel() * kv[1].element_size(), max_shard_bytes)
         total = sum(v.numel() * v.element_size() for _, v in items)

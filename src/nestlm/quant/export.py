@@ -30,6 +30,7 @@ from nestlm.errors import CheckpointError, ConfigError
 from nestlm.io.safetensors import (
     SafetensorsDir,
     atomic_dir,
+    check_output,
     copy_files,
     read_config,
     split_shards,
@@ -89,7 +90,7 @@ def _write(out: Path, hf: dict, tensors: dict[str, torch.Tensor], fmt: Format, w
     `copy` copied from src_dir, and the JSON files `extra`, written atomically."""
     hq, qc = quant_configs(fmt, tensors, weight_only)
     hf = dict(hf, quantization_config=qc)
-    with atomic_dir(Path(out), overwrite) as tmp:
+    with atomic_dir(Path(out), overwrite, inputs=(src_dir,)) as tmp:
         items = list(tensors.items())
         shards = split_shards(items, lambda kv: kv[1].nbytes, max_shard_bytes)
         write_shards(tmp, shards, lambda fp, sh: save_file(dict(sh), str(fp), metadata={"format": "pt"}),
@@ -138,9 +139,7 @@ def slice_quantized(src_dir: str | Path, out_dir: str | Path, budget: str | floa
     """Cut the submodel `budget` (a manifest name, a fraction, or a SubArch) out of the packed checkpoint
     src_dir by index ranges: packed codes and block scales are read as they are, nothing is requantized."""
     path = Path(src_dir)
-    out = Path(out_dir)
-    if out.exists() and not overwrite:
-        raise FileExistsError(f"{out} exists; choose a new directory or pass overwrite=True")
+    out = check_output(out_dir, path, overwrite=overwrite)  # before reading anything
     hf = read_config(path)
     fmt, weight_only = format_of(hf, path)
     cfg = config_from_hf(hf)
@@ -173,6 +172,7 @@ def quantize(src: str, out: str, fmt: str = "nvfp4", budget: str | None = None, 
 
     fmt_ = get_format(fmt)
     path = Path(src)
+    check_output(out, path, text, overwrite=overwrite)  # before calibrating
     hf = read_config(path)
     if "quantization_config" in hf:
         raise CheckpointError(f"{path} is already quantized ({hf['quantization_config'].get('quant_algo')})")

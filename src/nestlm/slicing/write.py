@@ -30,6 +30,7 @@ from nestlm.io.safetensors import (
     ST_DTYPE,
     Source,
     atomic_dir,
+    check_output,
     copy_files,
     read_config,
     split_shards,
@@ -93,8 +94,7 @@ def slice_checkpoint(elastic_dir: str | Path, budget: str | float | SubArch, out
     (missing / truncated / inconsistent files), ConfigError (a SubArch that doesn't fit)."""
     t0 = time.perf_counter()
     out = Path(out_dir)
-    if out.exists() and not overwrite:  # before reading anything
-        raise FileExistsError(f"{out} exists; choose a new directory or pass overwrite=True")
+    check_output(out, elastic_dir, overwrite=overwrite)  # before reading anything
     if "quantization_config" in read_config(elastic_dir):  # packed FP8 / NVFP4: cut codes and scales as-is
         from nestlm.quant import slice_quantized
 
@@ -118,7 +118,7 @@ def slice_checkpoint(elastic_dir: str | Path, budget: str | float | SubArch, out
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # memory-bound copies: on a busy machine the thread pool's spinning costs ~5x
     try:
-        with atomic_dir(out, overwrite) as tmp:
+        with atomic_dir(out, overwrite, inputs=(path,)) as tmp:
             write_shards(tmp, shards, lambda fp, shard: _write_shard(fp, src, shard, st),
                          lambda shard: [t.name for t in shard], sum(t.nbytes for t in tensors))
             (tmp / "config.json").write_text(json.dumps(hf, indent=2))

@@ -16,6 +16,11 @@ The training loop below reads top to bottom (torchtune style; no trainer framewo
     AdamW for the model and AdamW for the router; gradient accumulation; jsonl log; atomic checkpoints that
     resume bit-exactly (CPU, same seeds): weights, both optimizers, torch/python RNG, step, data position.
 
+Device and precision (`device=`, `dtype=`; nestlm.device's rule: cuda and bf16 when available, else cpu and
+fp32): bf16 runs the student's forward under autocast over fp32 weights and AdamW state, holds the frozen
+teacher in bf16, and takes the logits' KL in fp32; `activation_checkpointing` recomputes each block in the
+backward. `nestlm plan` (nestlm.plan) says beforehand how much memory a GPU needs.
+
 The same call runs on one process or on N under torchrun (`parallel="ddp" | "fsdp2"`, see nestlm.elastic.parallel):
 every rank draws the same budgets and noise and takes batch / N rows of each global batch, so the loss is the
 one-process loss up to float summation order. Checkpoints are then torch.distributed.checkpoint folders.

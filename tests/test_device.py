@@ -193,3 +193,18 @@ def test_activation_checkpointing_is_a_resumable_config_change(tmp_path):
     assert [r["step"] for r in log(tmp_path)] == list(range(6))
     with pytest.raises(ConfigError, match="activation_checkpointing must be true or false"):
         run_config(activation_checkpointing="yes")
+
+
+def test_qad_trains_in_bf16_too(tmp_path):
+    """QAD (a fake-quantized NVFP4 student) under bf16 autocast: the same budgets and widths as in fp32, the
+    KD losses close (the fake quantization itself runs on the fp32 latent weights)."""
+    cfg = tiny_hybrid_config(mamba_head_dim=8, shared_intermediate_size=32)
+    e = run_config(quant="nvfp4", align=16, budgets=[1.0, 0.8, 0.6], choices={
+        "hidden": [1.0, 0.5], "ffn": [48, 32, 16], "mamba_heads_per_group": [1.0, 0.5]})
+    parent = randomize_(nestlm.Decoder(cfg), seed=0)
+    a, b = (log(nestlm.elastify(e, parent, token_stream(), tmp_path / dt, progress=False, device="cpu", dtype=dt))
+            for dt in ("fp32", "bf16"))
+    assert [r["sub"] for r in a] == [r["sub"] for r in b]
+    kd_a, kd_b = (torch.tensor([r["kd"] for r in x], dtype=torch.float64) for x in (a, b))
+    assert not torch.equal(kd_a, kd_b)
+    assert_close(kd_b, kd_a, rtol=0.05, atol=5e-3)

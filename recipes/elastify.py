@@ -33,6 +33,7 @@ import torch
 
 import nestlm
 from nestlm import ElasticConfig, SubArch
+from nestlm.cli import device_args
 from nestlm.elastic.losses import kd_loss
 
 
@@ -76,6 +77,7 @@ def main(argv=None):
     ap.add_argument("--fresh", action="store_true", help="ignore an existing checkpoint in --out")
     ap.add_argument("--parallel", choices=["ddp", "fsdp2"], default=None,
                     help="under torchrun: wrap the student in DDP (default) or shard it with FSDP2")
+    device_args(ap)  # --device, --dtype (under torchrun each rank computes on its own device)
     args = ap.parse_args(argv)
 
     # ---- inputs: the parent, the data, the elastic config
@@ -92,7 +94,8 @@ def main(argv=None):
     # ---- train (resumes from args.out/train/ unless --fresh)
     times = []
     out = nestlm.elastify(ecfg, parent, train, args.out, max_steps=args.max_steps, resume=not args.fresh,
-                          parallel=args.parallel, on_step=lambda rec: times.append(time.perf_counter()))
+                          parallel=args.parallel, on_step=lambda rec: times.append(time.perf_counter()),
+                          device=args.device, dtype=args.dtype)
     if int(os.environ.get("RANK", "0")) != 0:  # under torchrun, rank 0 reports
         return
     if len(times) > 1:

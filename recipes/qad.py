@@ -25,6 +25,7 @@ from pathlib import Path
 import torch
 
 import nestlm
+from nestlm.cli import device_args
 from nestlm.elastic.artifact import MANIFEST, ROUTER_FILE, read_manifest
 from nestlm.elastic.config import ElasticConfig
 from nestlm.quant import calibrate, export_quantized, fake_quantize_, quantized_bytes
@@ -59,15 +60,18 @@ def load_student(elastify_dir: str | Path, fmt: str) -> nestlm.Decoder:
 
 
 def qad(elastic_dir: str | Path, out_dir: str | Path, fmt: str = "nvfp4", overrides: dict | None = None,
-        data: torch.Tensor | None = None, calib_batches: int = 8, progress: bool = True) -> dict:
-    """Steps 1-3 of the module doc. Returns {"elastify": dir, "packed": dir, "student": Decoder, ...}."""
+        data: torch.Tensor | None = None, calib_batches: int = 8, progress: bool = True,
+        device: str | None = None, dtype: str | None = None) -> dict:
+    """Steps 1-3 of the module doc. Returns {"elastify": dir, "packed": dir, "student": Decoder, ...}.
+    device, dtype: where and in which precision the QAD run trains (nestlm.elastify's)."""
     elastic_dir, out = Path(elastic_dir), Path(out_dir)
     ecfg = qad_config(elastic_dir, fmt, overrides)
     parent = nestlm.from_hf(elastic_dir)
     data = train_tokens(elastic_dir, parent.cfg.vocab_size) if data is None else data
 
     t0 = time.perf_counter()
-    run = nestlm.elastify(ecfg, parent, data, out / "elastify", progress=progress, router_init=elastic_dir)
+    run = nestlm.elastify(ecfg, parent, data, out / "elastify", progress=progress, router_init=elastic_dir,
+                          device=device, dtype=dtype)
     seconds = time.perf_counter() - t0
 
     student = load_student(run, fmt)  # 3: latent weights, activations, packed export
@@ -94,6 +98,7 @@ def main(argv=None):
     ap.add_argument("--config", type=Path, help="YAML of ElasticConfig overrides for the QAD run")
     ap.add_argument("--steps", type=int, help="QAD steps (default 200)")
     ap.add_argument("--text", help="training text file (default: the KJV Bible)")
+    device_args(ap)
     args = ap.parse_args(argv)
 
     import yaml
@@ -105,7 +110,7 @@ def main(argv=None):
     if args.text:
         vocab = nestlm.from_hf(args.elastic).cfg.vocab_size
         data = train_tokens(args.elastic, vocab, args.text)
-    res = qad(args.elastic, args.out, args.fmt, overrides, data)
+    res = qad(args.elastic, args.out, args.fmt, overrides, data, device=args.device, dtype=args.dtype)
     b = quantized_bytes(res["packed"])
     print(f"QAD: {res['config'].steps} steps in {res['seconds']:.0f} s -> {res['elastify']}")
     print(f"packed {args.fmt}: {res['packed']} ({b['bytes_per_quantized_param']:.4f} bytes per quantized "

@@ -12,13 +12,13 @@ SRC = Path(nestlm.__file__).parent
 
 # lowest first; a module may import its own layer or any below it (a module's layer: its longest prefix here)
 LAYERS = [
-    ["errors"],
+    ["errors", "device"],
     ["model.config", "io", "data"],
     ["model", "arch"],
     ["convert", "quant.formats", "quant.fake"],
     ["elastic", "inference"],
     ["slicing", "quant"],
-    ["load", "info", "evaluate", "inference.serve"],  # the server loads a checkpoint: an entry point
+    ["load", "info", "evaluate", "plan", "inference.serve"],  # the server loads a checkpoint: an entry point
     ["cli", "demo", "__init__"],
 ]
 RANK = {name: i for i, names in enumerate(LAYERS) for name in names}

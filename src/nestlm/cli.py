@@ -3,6 +3,7 @@
     nestlm demo [--out DIR] [--steps N] [--quick] [--seed S] [--device cpu] [--threads 1]
     nestlm importance HF_DIR --text FILE|--kjv --out scores.safetensors [--sort-out DIR]
     nestlm elastify CONFIG.yaml --model HF_DIR --text FILE|--kjv --out DIR [--max-steps N] [--fresh]
+    nestlm plan CONFIG.yaml --model HF_DIR [--gpus N --parallel fsdp2 --gpu-memory 80GB]   # memory per GPU
     nestlm slice ELASTIC_DIR --budget NAME|FRACTION -o DIR      # streamed: a plain HF checkpoint
     nestlm info PATH                                  # elastic checkpoint: budgets, storage; HF folder: config
     nestlm eval PATH [--text FILE] [--seq-len N] [--max-windows N] [--budget B ...]
@@ -25,6 +26,7 @@ import torch
 
 from nestlm.arch import count_active_params, count_memory, count_params
 from nestlm.convert import config_from_hf
+from nestlm.device import DTYPES, autocast, resolve
 from nestlm.elastic.artifact import MANIFEST, read_provenance
 from nestlm.errors import CheckpointError, ConfigError
 from nestlm.io.safetensors import SafetensorsDir, check_output, read_config
@@ -41,17 +43,19 @@ USER_ERRORS = (ConfigError, CheckpointError, FileExistsError, FileNotFoundError,
 
 # -------------------------------------------------------------------------------------------- commands
 def demo(out: str = "nestlm-demo", steps: int | None = None, quick: bool = False, seed: int = 0,
-         device: str = "cpu", threads: int = 1) -> dict:
+         device: str | None = None, threads: int = 1, dtype: str | None = None) -> dict:
     from nestlm.demo import demo as run_demo
 
-    return run_demo(out_dir=out, steps=steps, seed=seed, device=device, quick=quick, threads=threads)
+    return run_demo(out_dir=out, steps=steps, seed=seed, device=device, quick=quick, threads=threads, dtype=dtype)
 
 
 def importance(hf_dir: str, out: str, text: str | None = None, kjv: bool = False, seq_len: int = 256,
-               batches: int = 8, batch_size: int = 4, sort_out: str | None = None, overwrite: bool = False) -> Path:
+               batches: int = 8, batch_size: int = 4, sort_out: str | None = None, overwrite: bool = False,
+               device: str | None = None, dtype: str | None = None) -> Path:
     """Importance scores of an HF checkpoint on `batches` calibration batches of the text, saved with
     Scores.save; with sort_out, also the model sorted by them (same function) as an HF folder. Both outputs
-    are checked (new, or overwrite; never an input) before the model is read."""
+    are checked (new, or overwrite; never an input) before the model is read. The weights stay fp32 on
+    `device` (sorting is exact); dtype bf16 runs the scoring forwards under bf16 autocast."""
     from nestlm.convert import to_hf
     from nestlm.elastic.importance import importance as run_importance
     from nestlm.elastic.sort import sort_
@@ -60,16 +64,18 @@ def importance(hf_dir: str, out: str, text: str | None = None, kjv: bool = False
     check_output(out, hf_dir, text, sort_out, overwrite=overwrite)
     if sort_out is not None:
         check_output(sort_out, hf_dir, text, out, overwrite=overwrite)
+    dev, compute = resolve(device, dtype)
     hf = read_config(hf_dir)
     dtype = _dtype(hf)
-    model = from_hf(hf_dir)  # fp32 for scoring and sorting
+    model = from_hf(hf_dir, device=dev)  # fp32 for scoring and sorting
     ids = _tokens(hf_dir, model.cfg.vocab_size, text, kjv, need=batches * batch_size * seq_len + 1)
     n_win = (len(ids) - 1) // seq_len
     if n_win < 1:
         raise UsageError(f"the text gives {len(ids)} tokens, too few for one window of --seq-len {seq_len}")
     wins = ids[: n_win * seq_len].view(n_win, seq_len)  # [n_win, seq_len], contiguous windows
     calib = [w for w in wins.split(batch_size)][:batches]  # [batch_size, seq_len] each
-    scores = run_importance(model, calib)
+    with autocast(compute, dev):
+        scores = run_importance(model, calib)
     scores.meta.update({"source": str(Path(hf_dir).resolve()), "seq_len": seq_len})
     out_path = Path(out)
     out_path.parent.mkdir(parents=True, exist_ok=True)
@@ -78,21 +84,23 @@ def importance(hf_dir: str, out: str, text: str | None = None, kjv: bool = False
           f"{len(scores.tensors)} score tensors)")
     if sort_out is not None:
         sort_(model, scores)
-        dst = to_hf(model.to(dtype), sort_out, overwrite=overwrite)
+        dst = to_hf(model.to(device="cpu", dtype=dtype), sort_out, overwrite=overwrite)
         print(f"wrote {dst} (sorted by importance: the same function, every budget a prefix)")
     return out_path
 
 
 def elastify(config: str, model: str, out: str, text: str | None = None, kjv: bool = False,
-             max_steps: int | None = None, fresh: bool = False, parallel: str | None = None) -> Path:
+             max_steps: int | None = None, fresh: bool = False, parallel: str | None = None,
+             device: str | None = None, dtype: str | None = None) -> Path:
     """nestlm.elastify on an HF parent and a tokenized text; prints the resulting budgets. Under torchrun,
-    --parallel ddp (default) or fsdp2."""
+    --parallel ddp (default) or fsdp2. device, dtype: see nestlm.elastify (checked before any work)."""
     import nestlm
     from nestlm.elastic.config import ElasticConfig
     from nestlm.elastic.train import check_out_dir
     from nestlm.info import format_info as format_elastic
     from nestlm.info import info as elastic_info
 
+    resolve(device, dtype)  # an unavailable device or precision: one line before anything is read
     ecfg = ElasticConfig.load(config)
     check_out_dir(Path(out), model)  # before the text is read (nestlm.elastify checks it again)
     cfg = config_from_hf(read_config(model))
@@ -101,7 +109,8 @@ def elastify(config: str, model: str, out: str, text: str | None = None, kjv: bo
     ids = _tokens(model, cfg.vocab_size, text, kjv, need=need)
     if len(ids) < longest + 1:
         raise UsageError(f"the text gives {len(ids)} tokens, too few for one window of seq_len {longest}")
-    dst = nestlm.elastify(ecfg, model, ids, out, max_steps=max_steps, resume=not fresh, parallel=parallel)
+    dst = nestlm.elastify(ecfg, model, ids, out, max_steps=max_steps, resume=not fresh, parallel=parallel,
+                          device=device, dtype=dtype)
     if int(os.environ.get("RANK", "0")) != 0:  # under torchrun, rank 0 reports and copies the tokenizer
         return dst
     if not (dst / MANIFEST).is_file():
@@ -110,6 +119,41 @@ def elastify(config: str, model: str, out: str, text: str | None = None, kjv: bo
     _copy_tokenizer(model, dst)
     print(format_elastic(elastic_info(dst)))
     return dst
+
+
+def plan(config: str, model: str, gpus: int = 1, parallel: str | None = None, gpu_memory: str | None = None,
+         dtype: str | None = None) -> dict:
+    """nestlm.plan.plan: the memory per GPU of elastifying `model` (only its config.json is read) with the
+    ElasticConfig `config`; printed as a table. gpu_memory: bytes (80e9, 80GB, 80GiB); a plan that doesn't
+    fit is a one-line error (exit status 2). dtype: the compute dtype (default: bf16, the GPU default)."""
+    from nestlm.elastic.config import ElasticConfig
+    from nestlm.plan import format_plan
+    from nestlm.plan import plan as run_plan
+
+    p = run_plan(ElasticConfig.load(config), model, gpus=gpus, parallel=parallel,
+                 gpu_memory=_bytes(gpu_memory) if gpu_memory is not None else None, dtype=dtype or "bf16")
+    print(format_plan(p))
+    if p.fits is False:
+        need = "; turn on activation_checkpointing" if not p.checkpointing and p.total_with(True) <= p.gpu_memory \
+            else "; use more GPUs with --parallel fsdp2, or a smaller batch or seq_len"
+        raise UsageError(f"the plan needs {p.total / 2**30:.2f} GiB per GPU, more than --gpu-memory "
+                         f"{p.gpu_memory / 2**30:.2f} GiB{need}")
+    return {"parts": p.parts, "total": p.total, "fits": p.fits}
+
+
+def _bytes(text: str) -> int:
+    """'80e9', '80GB', '80GiB', '81920MiB' -> bytes."""
+    units = {"kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40, "kb": 10**3, "mb": 10**6, "gb": 10**9,
+             "tb": 10**12, "b": 1, "": 1}
+    t = str(text).strip().lower()
+    num = t.rstrip("kmgtib")
+    try:
+        n = float(num) * units[t[len(num):]]
+    except (ValueError, KeyError):
+        raise UsageError(f"--gpu-memory {text!r}: give bytes, e.g. 80e9, 80GB or 80GiB") from None
+    if n <= 0:
+        raise UsageError(f"--gpu-memory {text!r}: must be positive")
+    return int(n)
 
 
 def slice(elastic_dir: str, budget: str, out: str, overwrite: bool = False) -> Path:
@@ -183,7 +227,7 @@ def _gib(n: int) -> str:
 
 def evaluate(path: str, text: str | None = None, seq_len: int = 256, max_windows: int | None = 32,
              budget: list[str] | None = None, lm_eval: list[str] | None = None,
-             lm_eval_limit: int | None = None) -> list[dict]:
+             lm_eval_limit: int | None = None, device: str | None = None, dtype: str | None = None) -> list[dict]:
     """Perplexity of the parent and of every budget (or the given ones) on local text (default: the held-out
     KJV New Testament): nestlm.evaluate.evaluate, printed with format_table. --lm-eval ITEMS.jsonl (or a
     locally cached lm-eval task name) adds lm-eval scores per budget (the [eval] extra)."""
@@ -193,7 +237,7 @@ def evaluate(path: str, text: str | None = None, seq_len: int = 256, max_windows
     try:
         with _exit_at_once_on_ctrl_c("eval writes nothing"):
             rows = run_evaluate(path, text, seq_len=seq_len, max_windows=max_windows, budgets=budget,
-                                lm_eval_tasks=lm_eval, lm_eval_limit=lm_eval_limit)
+                                lm_eval_tasks=lm_eval, lm_eval_limit=lm_eval_limit, device=device, dtype=dtype)
     except KeyError as e:
         raise UsageError(e.args[0]) from None
     except (ValueError, ImportError, FileNotFoundError) as e:  # too little text, a malformed .jsonl, no lm-eval
@@ -241,7 +285,8 @@ def convert(src: str, dst: str, overwrite: bool = False) -> Path:
 def generate(path: str, prompt: str, max_new_tokens: int = 64, temperature: float = 0.0,
              seed: int | None = None, think_budget: str | None = None, answer_budget: str = "full",
              max_think: int = 256, transplant: bool = False, end_think: str = "</think>",
-             top_k: int | None = None, top_p: float | None = None, repetition_penalty: float | None = None):
+             top_k: int | None = None, top_p: float | None = None, repetition_penalty: float | None = None,
+             device: str | None = None, dtype: str | None = None):
     """Stream a continuation of `prompt` from an HF checkpoint folder (with its tokenizer) to stdout.
 
     Budget control (an elastic checkpoint): --think-budget B thinks on budget B until `end_think` or
@@ -255,7 +300,7 @@ def generate(path: str, prompt: str, max_new_tokens: int = 64, temperature: floa
         try:
             res = think_answer(path, prompt, think_budget, answer_budget, max_think=max_think,
                                max_answer=max_new_tokens, transplant=transplant, end_think=end_think,
-                               temperature=temperature, seed=seed, top_k=top_k)
+                               temperature=temperature, seed=seed, top_k=top_k, device=device, dtype=dtype)
         except KeyError as e:
             raise UsageError(e.args[0]) from None
         print(f"\n[thought {res.think_len + res.forced_len} tokens on {think_budget} (ended by {res.ended_by}), "
@@ -265,9 +310,10 @@ def generate(path: str, prompt: str, max_new_tokens: int = 64, temperature: floa
     from nestlm.io.tokenizer import load_tokenizer
     from nestlm.load import from_hf
 
-    model = from_hf(path)
+    dev, dt = resolve(device, dtype)
+    model = from_hf(path, dtype=dt, device=dev)
     tok = load_tokenizer(path, model.cfg.vocab_size)
-    ids = torch.tensor([tok.encode(prompt, add_special_tokens=True)])  # [1, t]
+    ids = torch.tensor([tok.encode(prompt, add_special_tokens=True)], device=dev)  # [1, t]
     if ids.numel() == 0:
         raise UsageError(f"--prompt {prompt!r} gives no tokens")
     stream = _Printer(tok.decode)
@@ -303,7 +349,8 @@ class _Printer:
 def think_answer(path: str | Path, prompt: str, think_budget: str | float = "full",
                  answer_budget: str | float = "full", max_think: int = 256, max_answer: int = 64,
                  transplant: bool = False, end_think: str = "</think>", temperature: float = 0.0,
-                 seed: int | None = None, bos: bool = True, stream: bool = True, top_k: int | None = None):
+                 seed: int | None = None, bos: bool = True, stream: bool = True, top_k: int | None = None,
+                 device: str | None = None, dtype: str | None = None):
     """Budget control from an elastic checkpoint folder: think with budget `think_budget` (a manifest name
     such as '40%' or 'full', or a fraction: between trained budgets the router interpolates, as
     `nestlm slice` does), answer with `answer_budget`. `bos`: start the prompt with the
@@ -316,8 +363,9 @@ def think_answer(path: str | Path, prompt: str, think_budget: str | float = "ful
     from nestlm.load import load_elastic
 
     path = Path(path)
+    dev, dt = resolve(device, dtype)
     model, router, manifest = load_elastic(path)
-    model.eval()
+    model = model.to(device=dev, dtype=dt).eval()
 
     def sub_of(b):  # a name, '60%', '0.6', 0.6: trained, or interpolated between trained budgets
         try:
@@ -453,6 +501,13 @@ class _Parser(argparse.ArgumentParser):
         raise SystemExit(2)
 
 
+def device_args(c: argparse.ArgumentParser) -> None:
+    """--device and --dtype (nestlm.device's rule), the same on every command that computes."""
+    c.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda when available, else cpu)")
+    c.add_argument("--dtype", default=None, choices=sorted(DTYPES),
+                   help="compute precision (default: bf16 on CUDA, fp32 on CPU; bf16 also runs on CPU, slowly)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="nestlm", description="Many-in-one elastic language models.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -462,7 +517,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--steps", type=int, default=None, help="pretraining steps (default: 600, quick: 40)")
     c.add_argument("--quick", action="store_true", help="a < 1 minute smoke run")
     c.add_argument("--seed", type=int, default=0)
-    c.add_argument("--device", default="cpu")
+    device_args(c)
     c.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1: robust on busy cores)")
 
     def text_args(c):
@@ -479,6 +534,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--batch-size", type=int, default=4, help="windows per batch (default 4)")
     c.add_argument("--sort-out", metavar="DIR", help="also write the model sorted by the scores (same logits)")
     c.add_argument("--overwrite", action="store_true", help="replace existing --out / --sort-out")
+    device_args(c)
 
     c = sub.add_parser("elastify", help="train nested budgets with a router (elastic distillation)")
     c.add_argument("config", metavar="CONFIG.yaml", help="an ElasticConfig YAML file")
@@ -488,6 +544,15 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--max-steps", type=int, default=None, help="stop after this many steps (run again to resume)")
     c.add_argument("--parallel", choices=["ddp", "fsdp2"], default=None, help="under torchrun: DDP (default) or FSDP2")
     c.add_argument("--fresh", action="store_true", help="ignore a training checkpoint in --out")
+    device_args(c)
+
+    c = sub.add_parser("plan", help="memory per GPU of elastify (teacher, student, optimizer, activations)")
+    c.add_argument("config", metavar="CONFIG.yaml", help="an ElasticConfig YAML file")
+    c.add_argument("--model", required=True, metavar="HF_DIR", help="the parent (only config.json is read)")
+    c.add_argument("--gpus", type=int, default=1)
+    c.add_argument("--parallel", choices=["ddp", "fsdp2"], default=None, help="default: ddp when --gpus > 1")
+    c.add_argument("--gpu-memory", default=None, metavar="BYTES", help="e.g. 80GB or 80GiB: say whether it fits")
+    c.add_argument("--dtype", default=None, choices=sorted(DTYPES), help="compute dtype (default bf16)")
 
     c = sub.add_parser("slice", help="one budget of an elastic checkpoint as a plain HF checkpoint (streamed)")
     c.add_argument("elastic_dir", metavar="ELASTIC_DIR")
@@ -509,6 +574,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--lm-eval", action="append", default=None, metavar="ITEMS.jsonl",
                    help="lm-eval multiple-choice items (local jsonl) or a locally cached task; repeatable")
     c.add_argument("--lm-eval-limit", type=int, default=None, help="at most this many items per task")
+    device_args(c)
 
     c = sub.add_parser("quantize", help="FP8 / NVFP4 packed checkpoint (ModelOpt layout) of an HF or elastic folder")
     c.add_argument("src")
@@ -541,6 +607,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "probability (with --temperature)")
     c.add_argument("--repetition-penalty", type=float, default=None,
                    help="transformers' repetition penalty (> 1 discourages repeats; 1.2 is common)")
+    device_args(c)
 
     c = sub.add_parser("serve", help="serve an elastic checkpoint: OpenAI-compatible API, every budget a model")
     c.add_argument("path", help="an elastic checkpoint folder")
@@ -569,7 +636,7 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-COMMANDS = {"demo": demo, "importance": importance, "elastify": elastify, "slice": slice, "info": info,
+COMMANDS = {"demo": demo, "importance": importance, "elastify": elastify, "plan": plan, "slice": slice, "info": info,
             "eval": evaluate, "quantize": quantize, "convert": convert, "generate": generate, "serve": serve,
             "think": think}
 

@@ -30,6 +30,7 @@ from tqdm.auto import tqdm
 import nestlm
 from nestlm.arch import SubArch, count_active_params, count_params
 from nestlm.data import ByteTokenizer, eval_windows, kjv_text, perplexity, split, token_batches
+from nestlm.device import autocast, resolve
 from nestlm.elastic.config import ElasticConfig, budget_name
 from nestlm.elastic.optim import adamw
 from nestlm.errors import Interrupted
@@ -70,8 +71,9 @@ def lr_at(step: int, steps: int, lr: float, warmup: int) -> float:
 
 
 def pretrain(model, ids, steps: int, batch: int, seq_len: int, lr: float,
-             gen: torch.Generator) -> list[float]:
-    """Next-token cross-entropy on random windows of ids [n]. Returns the loss of every step."""
+             gen: torch.Generator, dtype: torch.dtype = torch.float32) -> list[float]:
+    """Next-token cross-entropy on random windows of ids [n]. Returns the loss of every step.
+    dtype bf16: the forward under bf16 autocast (weights and AdamW state stay fp32)."""
     opt = adamw(model.parameters(), lr=lr, betas=(0.9, 0.95), weight_decay=0.1)
     dev = model.embeddings.weight.device
     model.train()
@@ -80,7 +82,8 @@ def pretrain(model, ids, steps: int, batch: int, seq_len: int, lr: float,
         for group in opt.param_groups:
             group["lr"] = lr_at(step, steps, lr, warmup=max(1, steps // 10))
         x, y = (t.to(dev) for t in token_batches(ids, batch, seq_len, gen))  # [b, t], [b, t]
-        logits = model(x)  # [b, t, V]
+        with autocast(dtype, dev):
+            logits = model(x)  # [b, t, V] fp32
         loss = F.cross_entropy(logits.flatten(0, 1), y.flatten())
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -250,17 +253,20 @@ def plot(out: Path, pre: list[float], log: list[dict], rows: list[dict]) -> None
 
 
 # -------------------------------------------------------------------------------------------- the demo
-def demo(out_dir: str | Path = "nestlm-demo", steps: int | None = None, seed: int = 0, device: str = "cpu",
-         quick: bool = False, elastify_steps: int | None = None, threads: int = 1) -> dict:
+def demo(out_dir: str | Path = "nestlm-demo", steps: int | None = None, seed: int = 0, device: str | None = None,
+         quick: bool = False, elastify_steps: int | None = None, threads: int = 1, dtype: str | None = None) -> dict:
     """Run the whole pipeline (see the module docstring); returns what it writes to out_dir/results.json.
+    device, dtype: nestlm.device's rule (cuda and bf16 when available, else cpu and fp32); pretraining and
+    elastify train in that precision, perplexity and the transformers check run on the fp32 weights.
 
     threads: torch intra-op threads meanwhile. One by default: measured on 2 idle cores a second thread
     makes the steps of this small model only 1.5x faster, but ~20x slower when the cores are busy."""
+    dev, dt = resolve(device, dtype)  # an unavailable device or precision: one line before any work
     out = Path(out_dir)
     clear_demo_dir(out)
     try:
         with torch_threads(threads):
-            return _demo(out, steps, seed, device, quick, elastify_steps)
+            return _demo(out, steps, seed, dev, quick, elastify_steps, dt)
     except KeyboardInterrupt:
         raise Interrupted(f"stopped; {out} keeps what was finished, and running the demo again starts it "
                           "over") from None
@@ -282,7 +288,8 @@ def clear_demo_dir(out: Path) -> None:
         shutil.rmtree(out / "elastic")
 
 
-def _demo(out: Path, steps: int | None, seed: int, device: str, quick: bool, elastify_steps: int | None) -> dict:
+def _demo(out: Path, steps: int | None, seed: int, device: torch.device, quick: bool, elastify_steps: int | None,
+          dtype: torch.dtype = torch.float32) -> dict:
     from nestlm.load import load_elastic
     from nestlm.slicing import slice as slice_
 
@@ -307,7 +314,7 @@ def _demo(out: Path, steps: int | None, seed: int, device: str, quick: bool, ela
     untrained = ppl(model)
     print(f"KJV: {len(train_ids):,} train / {len(val_ids):,} val bytes; parent {count_params(cfg):,} params "
           f"({count_active_params(cfg):,} active); untrained ppl {untrained:.1f}")
-    pre_losses = pretrain(model, train_ids, steps, batch, seq_len, lr=3e-3, gen=gen)
+    pre_losses = pretrain(model, train_ids, steps, batch, seq_len, lr=3e-3, gen=gen, dtype=dtype)
 
     # 2. importance sorting
     sorting = sort_by_importance(model, train_ids, batch, seq_len, n_batches=2 if quick else 8, gen=gen)
@@ -318,7 +325,7 @@ def _demo(out: Path, steps: int | None, seed: int, device: str, quick: bool, ela
     t0 = time.perf_counter()
     # windows from a random offset of the training stream (get_batch reads it front to back)
     start = int(torch.randint(0, len(train_ids) // 2, (1,), generator=gen))
-    nestlm.elastify(ecfg, model, train_ids[start:].to(device), elastic_dir, resume=False)
+    nestlm.elastify(ecfg, model, train_ids[start:].to(device), elastic_dir, resume=False, device=device, dtype=dtype)
     elastify_s = time.perf_counter() - t0
     tok.save(elastic_dir)  # tokenizer files travel with every slice
     elastic, _, manifest = load_elastic(elastic_dir)
@@ -345,7 +352,8 @@ def _demo(out: Path, steps: int | None, seed: int, device: str, quick: bool, ela
         })
 
     results = {
-        "config": cfg.to_dict(), "seed": seed, "quick": quick, "device": device, "threads": torch.get_num_threads(),
+        "config": cfg.to_dict(), "seed": seed, "quick": quick, "device": str(device),
+        "dtype": str(dtype).removeprefix("torch."), "threads": torch.get_num_threads(),
         "data": {"train_tokens": len(train_ids), "val_tokens": len(val_ids), "eval_tokens": n_eval * seq_len},
         "untrained_ppl": untrained,
         "pretrain": {"steps": steps, "batch": batch, "seq_len": seq_len, "first_loss": pre_losses[0],

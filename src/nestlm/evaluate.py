@@ -25,10 +25,12 @@ import tempfile
 import time
 from pathlib import Path
 
+import torch
 from tqdm.auto import tqdm
 
 from nestlm.arch import SubArch, count_active_params, count_params
 from nestlm.data import kjv_text, load_text, perplexity
+from nestlm.device import resolve
 from nestlm.errors import ConfigError
 from nestlm.io.tokenizer import check_ids, load_tokenizer, text_tokens
 
@@ -89,7 +91,8 @@ def jsonl_task(path: str | Path, name: str | None = None) -> dict:
 
 
 def lm_eval_scores(hf_dir: str | Path, tasks: list, limit: int | None = None, batch_size: int = 8,
-                   samples: bool = False) -> dict:
+                   samples: bool = False, device: torch.device | str = "cpu",
+                   dtype: torch.dtype = torch.float32) -> dict:
     """lm-evaluation-harness scores of a plain HF folder, run through transformers: {task: {metric: value}}.
 
     tasks: lm-eval task names (their data must already be in the local datasets cache: nothing is
@@ -104,8 +107,9 @@ def lm_eval_scores(hf_dir: str | Path, tasks: list, limit: int | None = None, ba
     import lm_eval
 
     specs = [jsonl_task(t) if isinstance(t, (str, Path)) and str(t).endswith(".jsonl") else t for t in tasks]
-    res = lm_eval.simple_evaluate(model="hf", model_args={"pretrained": str(hf_dir), "dtype": "float32"},
-                                  tasks=specs, limit=limit, batch_size=batch_size, device="cpu",
+    model_args = {"pretrained": str(hf_dir), "dtype": str(dtype).removeprefix("torch.")}
+    res = lm_eval.simple_evaluate(model="hf", model_args=model_args,
+                                  tasks=specs, limit=limit, batch_size=batch_size, device=str(device),
                                   log_samples=samples)
     out = {t: {k: v for k, v in m.items() if isinstance(v, (int, float))} for t, m in res["results"].items()}
     if samples:
@@ -117,8 +121,10 @@ def lm_eval_scores(hf_dir: str | Path, tasks: list, limit: int | None = None, ba
 def evaluate(elastic_or_hf_dir: str | Path, text_path: str | Path | None = None, seq_len: int = 256,
              max_windows: int | None = 32, budgets: list | None = None, batch: int = 8,
              lm_eval_tasks: list[str] | None = None, lm_eval_limit: int | None = None,
-             progress: bool = True) -> list[dict]:
+             progress: bool = True, device: str | None = None, dtype: str | None = None) -> list[dict]:
     """Perplexity of the parent and of each budget (default: every budget of the manifest) on local text.
+    device, dtype: where and in which precision the weights are held (nestlm.device: cuda and bf16 when
+    available, else cpu and fp32); the NLL is summed in fp32 either way.
 
     budgets: names, fractions (interpolated between trained ones) or SubArch, as `nestlm.slicing.slice`
     takes them. Returns one dict per row: name, fraction, sub, params, active_params, ppl, tokens, seconds
@@ -133,6 +139,7 @@ def evaluate(elastic_or_hf_dir: str | Path, text_path: str | Path | None = None,
     if max_windows is not None and (not isinstance(max_windows, int) or max_windows < 1):
         raise ConfigError(f"max_windows (--max-windows) must be >= 1 (or None / 0 on the command line: all), "
                           f"got {max_windows!r}")
+    dev, dt = resolve(device, dtype)  # an unavailable device or precision: one line before any work
     path, cfg, _, manifest = open_source(elastic_or_hf_dir)
     max_pos = cfg.hf_extra.get("max_position_embeddings")
     if isinstance(max_pos, int) and seq_len > max_pos:
@@ -148,7 +155,7 @@ def evaluate(elastic_or_hf_dir: str | Path, text_path: str | Path | None = None,
         raise ConfigError(f"the text gives {len(ids)} tokens, too few for one window of {seq_len} + 1 "
                           "(--seq-len)")
     check_ids(ids, cfg.vocab_size, f"{path}'s tokenizer")
-    model = from_hf(path)
+    model = from_hf(path, dtype=dt, device=dev)
     cfg = model.cfg
 
     todo: list[tuple[str, float | None, SubArch]] = [(_first_row_name(path, manifest), 1.0, SubArch())]
@@ -177,11 +184,11 @@ def evaluate(elastic_or_hf_dir: str | Path, text_path: str | Path | None = None,
                "seconds": time.perf_counter() - t0}
         if lm_eval_tasks:
             if i == 0:  # the folder itself
-                row["lm_eval"] = lm_eval_scores(path, lm_eval_tasks, lm_eval_limit)
+                row["lm_eval"] = lm_eval_scores(path, lm_eval_tasks, lm_eval_limit, device=dev, dtype=dt)
             else:
                 with tempfile.TemporaryDirectory() as tmp:
                     row["lm_eval"] = lm_eval_scores(slice_(path, sub, Path(tmp) / "hf"), lm_eval_tasks,
-                                                    lm_eval_limit)
+                                                    lm_eval_limit, device=dev, dtype=dt)
         rows.append(row)
     bar.close()
     return rows

@@ -29,7 +29,7 @@ from nestlm.errors import CheckpointError, ConfigError
 CKPT_FILE = "checkpoint.pt"  # one process: a torch.save file (read back with weights_only=True)
 CKPT_DIR = "checkpoint"  # N processes: a torch.distributed.checkpoint folder (see save_dcp)
 # config fields that may change when resuming (the others would silently change what the run means)
-RESUME_MAY_CHANGE = ("steps", "checkpoint_every", "log_every")
+RESUME_MAY_CHANGE = ("steps", "checkpoint_every", "log_every", "activation_checkpointing")  # last: same math
 
 
 def drop_stale(train_dir: Path, keep: Path | None) -> None:

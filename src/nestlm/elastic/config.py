@@ -95,6 +95,7 @@ class ElasticConfig:
     seed: int = 0
     checkpoint_every: int = 100
     log_every: int = 1
+    activation_checkpointing: bool = False  # recompute each block in the backward (memory for compute)
 
     def __post_init__(self):
         self.validate()
@@ -163,6 +164,7 @@ class ElasticConfig:
             need(isinstance(v, int) and not isinstance(v, bool) and v >= 1, f"{name} must be an int >= 1, got {v!r}")
         need(self.stage2_seq_len is None or self.stage2_seq_len >= 1, "stage2_seq_len must be >= 1")
         need(self.lr_model >= 0 and self.lr_router >= 0, "learning rates must be >= 0")
+        need(isinstance(self.activation_checkpointing, bool), "activation_checkpointing must be true or false")
 
     @property
     def depth_axis(self) -> bool:

@@ -12,7 +12,8 @@ What N processes change, and what they don't:
   KD loss is a mean over tokens, so the mean over ranks of the rank losses (and of their gradients) is the
   one-process loss (gradient), up to float summation order;
 - the student is wrapped in DDP (replicated weights, averaged gradients) or FSDP2 (`fully_shard` on every
-  block and on the root: parameters, gradients and optimizer state sharded; the teacher is sharded too).
+  block and on the root: parameters, gradients and optimizer state sharded; the teacher, in the compute
+  dtype, is sharded too; bf16: all-gathers in bf16, gradients reduced in fp32 into the fp32 shards).
   A sliced forward (`w[:k]`) works on both: FSDP2 all-gathers a module's full parameters before its forward,
   and the slice's gradient is a full-size gradient with zeros outside the prefix. Every rank runs the same
   SubArch, so DDP's buckets see the same parameters each step (find_unused_parameters is not needed);
@@ -128,22 +129,27 @@ def rng_checksum() -> int:
 
 
 # ---------------------------------------------------------------------------------------------- wrapping
-def wrap(model: nn.Module, teacher: nn.Module, dp: DataParallel) -> tuple[nn.Module, nn.Module]:
+def wrap(model: nn.Module, teacher: nn.Module, dp: DataParallel,
+         dtype: torch.dtype = torch.float32) -> tuple[nn.Module, nn.Module]:
     """(student to call, teacher to call). DDP: the student in DistributedDataParallel, the teacher as is.
     FSDP2: both sharded in place (every block, then the root), so `model` itself becomes the FSDP module;
-    build the optimizer after this call, on `model.parameters()` (DTensor shards)."""
+    build the optimizer after this call, on `model.parameters()` (DTensor shards). dtype bf16 (FSDP2): the
+    student's fp32 shards are all-gathered in bf16 and its gradients reduce-scattered in fp32
+    (MixedPrecisionPolicy); the teacher is sharded in the dtype it holds. Activation checkpointing
+    (Decoder.checkpoint_blocks) recomputes a sharded block in the backward, FSDP2 all-gathering it again."""
     if dp.mode == "ddp":
         from torch.nn.parallel import DistributedDataParallel
 
         ids = [dp.device.index] if dp.device is not None and dp.device.type == "cuda" else None
         return DistributedDataParallel(model, device_ids=ids), teacher
     if dp.mode == "fsdp2":
-        from torch.distributed.fsdp import fully_shard
+        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
-        for m in (model, teacher):
+        mp = MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32)
+        for m, kw in ((model, {"mp_policy": mp}), (teacher, {})):
             for block in m.layers:
-                fully_shard(block)
-            fully_shard(m)
+                fully_shard(block, **kw)
+            fully_shard(m, **kw)
     return model, teacher
 
 

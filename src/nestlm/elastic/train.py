@@ -16,6 +16,11 @@ The training loop below reads top to bottom (torchtune style; no trainer framewo
     AdamW for the model and AdamW for the router; gradient accumulation; jsonl log; atomic checkpoints that
     resume bit-exactly (CPU, same seeds): weights, both optimizers, torch/python RNG, step, data position.
 
+Device and precision (`device=`, `dtype=`; nestlm.device's rule: cuda and bf16 when available, else cpu and
+fp32): bf16 runs the student's forward under autocast over fp32 weights and AdamW state, holds the frozen
+teacher in bf16, and takes the logits' KL in fp32; `activation_checkpointing` recomputes each block in the
+backward. `nestlm plan` (nestlm.plan) says beforehand how much memory a GPU needs.
+
 The same call runs on one process or on N under torchrun (`parallel="ddp" | "fsdp2"`, see nestlm.elastic.parallel):
 every rank draws the same budgets and noise and takes batch / N rows of each global batch, so the loss is the
 one-process loss up to float summation order. Checkpoints are then torch.distributed.checkpoint folders.
@@ -47,6 +52,7 @@ import torch
 from tqdm.auto import tqdm
 
 from nestlm.arch import unit_order
+from nestlm.device import autocast, resolve_device, resolve_dtype
 from nestlm.elastic import checkpoint as ckpt
 from nestlm.elastic import parallel
 from nestlm.elastic.artifact import (
@@ -145,7 +151,7 @@ def _scores_depth(ecfg: ElasticConfig) -> bool:
     return ecfg.depth_axis and ecfg.depth_order is None
 
 
-def prepare(ecfg: ElasticConfig, model_or_path, data, world: int = 1):
+def prepare(ecfg: ElasticConfig, model_or_path, data, world: int = 1, device: torch.device | None = None):
     """(student, teacher, router): the sorted parent, its frozen copy, and a fresh router. Every input is
     checked (config against the model, data against its vocabulary) before the slow part starts.
 
@@ -156,6 +162,8 @@ def prepare(ecfg: ElasticConfig, model_or_path, data, world: int = 1):
     from nestlm.elastic.sort import sort_
 
     model = _load_parent(model_or_path).float()
+    if device is not None:  # score and sort where training runs
+        model = model.to(device)
     choices = ecfg.resolve_choices(model.cfg)  # fail early, with the axis named, if a choice doesn't fit
     if ecfg.quant:  # QAD: every budget's quantized input widths must stay whole blocks (depth changes none)
         from nestlm.quant.fake import check_elastic
@@ -201,7 +209,8 @@ def budget_loss(router: Router, ecfg: ElasticConfig, bi: int, logits, tau: float
 def elastify(config: ElasticConfig | str | Path, model_or_hf_path, data, out_dir: str | Path, *,
              max_steps: int | None = None, resume: bool = True, progress: bool = True,
              on_step: Callable[[dict], None] | None = None, parallel: str | None = None,
-             router_init: str | Path | None = None) -> Path:
+             router_init: str | Path | None = None, device: str | torch.device | None = None,
+             dtype: str | torch.dtype | None = None) -> Path:
     """Train the elastic model and write the elastic checkpoint folder `out_dir` (see the module doc).
 
     max_steps: stop (after checkpointing) once this many steps are done in total; run again to resume.
@@ -209,14 +218,21 @@ def elastify(config: ElasticConfig | str | Path, model_or_hf_path, data, out_dir
     record (on every rank). parallel: None (automatic: DDP under torchrun or an initialised process group,
     else one process), "ddp" or "fsdp2" (see nestlm.elastic.parallel). router_init: an elastic checkpoint folder
     whose trained router starts this run (same budgets and choices; QAD keeps the widths it learned).
+    device: None (cuda when available, else cpu; under torchrun each rank's own) or e.g. "cpu", "cuda:1".
+    dtype: None (bf16 on CUDA, fp32 elsewhere), "bf16" or "fp32". bf16 trains the current way: fp32 weights
+    and AdamW state (the master copy), the student's forward under bf16 autocast (FSDP2: bf16 all-gathers,
+    fp32 gradient reduction), the frozen teacher held in bf16, logits and KL in fp32; the SSD scan and the
+    MoE router stay fp32. `ecfg.activation_checkpointing` recomputes each block in the backward.
     Returns out_dir."""
     ecfg = config if isinstance(config, ElasticConfig) else ElasticConfig.load(config)
     check_out_dir(Path(out_dir), model_or_hf_path, router_init)  # before anything is read or written
+    dev = resolve_device(device)  # fail on an unavailable device or precision before any work
+    dt = resolve_dtype(dtype, dev)
     dp = setup_parallel(parallel)  # one process, or this rank of torchrun's N
     kept: dict = {}  # _train notes its last complete checkpoint here, for the Ctrl-C message
     try:
         return _train(ecfg, model_or_hf_path, data, Path(out_dir), dp, max_steps, resume, progress, on_step,
-                      router_init, kept)
+                      router_init, kept, dp.device if dp.device is not None else dev, dt)
     except KeyboardInterrupt:
         last = kept.get("last_good")
         raise Interrupted(f"stopped; the last checkpoint is {last[0]} (step {last[1]}): run the same command "
@@ -241,7 +257,7 @@ def check_out_dir(out: Path, model_or_path=None, router_init=None) -> None:
 
 def _train(ecfg: ElasticConfig, model_or_hf_path, data, out: Path, dp: parallel.DataParallel,
            max_steps: int | None, resume: bool, progress: bool, on_step, router_init=None,
-           kept: dict | None = None) -> Path:
+           kept: dict | None = None, device: torch.device | None = None, dtype: torch.dtype = torch.float32) -> Path:
     kept = {} if kept is None else kept
     if ecfg.batch % dp.world:
         raise ConfigError(f"ElasticConfig: batch {ecfg.batch} doesn't split over {dp.world} processes (each "
@@ -250,16 +266,18 @@ def _train(ecfg: ElasticConfig, model_or_hf_path, data, out: Path, dp: parallel.
     log_path = train_dir / "log.jsonl"
 
     # ---- models: student (trained), teacher (frozen sorted parent), router; on N ranks: DDP / FSDP2
-    model, teacher, router = prepare(ecfg, model_or_hf_path, data, dp.world)
+    model, teacher, router = prepare(ecfg, model_or_hf_path, data, dp.world, device)
     ecfg = router.ecfg  # the config the router was built from (with the depth axis: its depth_order filled in)
     if router_init is not None:
         _load_router(router, Path(router_init))
     fingerprint = _fingerprint(teacher)
     dp.check_same("parent models (sum of |weights|)", [_bits(fingerprint)])  # every rank must start alike
-    if dp.device is not None:
-        model, teacher, router = model.to(dp.device), teacher.to(dp.device), router.to(dp.device)
+    if device is not None:
+        model, teacher, router = model.to(device), teacher.to(device), router.to(device)
     device = next(model.parameters()).device
-    student, teacher = parallel.wrap(model, teacher, dp)  # what we call; `model` stays the bare module
+    teacher = teacher.to(dtype)  # frozen, no grad: held in the compute precision (the student stays fp32)
+    model.checkpoint_blocks = ecfg.activation_checkpointing
+    student, teacher = parallel.wrap(model, teacher, dp, dtype)  # what we call; `model` stays the bare module
     opt_model = adamw(model.parameters(), lr=ecfg.lr_model, weight_decay=ecfg.weight_decay)
     opt_router = adamw(router.parameters(), lr=ecfg.lr_router, weight_decay=0.0)
     budget_rng = random.Random(ecfg.seed)  # budget sampling; Gumbel noise uses torch's global RNG
@@ -327,14 +345,14 @@ def _train(ecfg: ElasticConfig, model_or_hf_path, data, out: Path, dp: parallel.
             lg = None if router.pinned(bi) else router.budget_logits(bi)  # one router forward per micro-step
             w = router.sample(bi, tau, scale, hard=hard, logits=lg)
             sub = router.subarch(w)
+            extra = {} if router.pinned(bi) else {"sub": sub, "gate": router.gate(w)} if hard else \
+                {"masks": router.masks(w)}
             with parallel.grad_sync(student, dp, sync=micro == ecfg.grad_accum - 1):
-                if router.pinned(bi):  # the full model: no router in the loop
-                    s_logits = student(ids)
-                elif hard:  # compute follows the budget; the gate (== 1.0) passes the KD gradient to the router
-                    s_logits = student(ids, sub=sub, gate=router.gate(w))
-                else:  # soft: expected widths as channel masks at full width
-                    s_logits = student(ids, masks=router.masks(w))
-                kd = kd_loss(s_logits, t_logits, ecfg.kd_temperature)
+                # pinned: the full model, no router in the loop; hard: compute follows the budget, the gate
+                # (== 1.0) passes the KD gradient to the router; soft: expected widths as channel masks
+                with autocast(dtype, device):  # bf16: matmuls in bf16 over the fp32 weights; logits fp32
+                    s_logits = student(ids, **extra)
+                kd = kd_loss(s_logits, t_logits, ecfg.kd_temperature)  # in fp32
                 rl, expected = budget_loss(router, ecfg, bi, lg, tau, scale)
                 loss = (kd + rl) / ecfg.grad_accum
                 loss.backward()

@@ -12,6 +12,7 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from nestlm.model.config import ModelConfig
 from nestlm.model.layers import (
@@ -100,6 +101,7 @@ class Decoder(nn.Module):
         self.norm_f = RMSNorm(cfg.hidden_size, cfg.norm_eps)
         self.lm_head = None if cfg.tie_embeddings else nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         self._full = SubArch.full(cfg)
+        self.checkpoint_blocks = False  # training: recompute each block in the backward (activation checkpointing)
 
     @property
     def lm_head_weight(self) -> torch.Tensor:
@@ -142,6 +144,9 @@ class Decoder(nn.Module):
             positions = torch.arange(pos, pos + ids.shape[1], device=ids.device)
             rope = rope_cos_sin(positions, self.cfg.head_dim, self.cfg.rope_theta, ids.device, x.dtype)
         for i in s.layers:
+            if self.checkpoint_blocks and cache is None and torch.is_grad_enabled():
+                x = checkpoint(self.layers[i], x, s, None, rope, masks, use_reentrant=False)
+                continue
             x = self.layers[i](x, s, cache.layer(i) if cache is not None else None, rope, masks)
         x = self.norm_f(x) if mh is None else masked_rms_norm(x, self.norm_f.weight, self.norm_f.eps, mh)
         if cache is not None:

@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from nestlm.device import own_precision
 from nestlm.model import layout
 from nestlm.model.config import ModelConfig
 from nestlm.model.layout import prefix, take
@@ -231,6 +232,7 @@ class MoE(_Sliced):
     def _cut(self, n_exp: int, f: int, k: int) -> dict:
         return self.cuts((n_exp, f, k), {"experts": n_exp, "moe_ffn": f, "hidden": k})
 
+    @own_precision  # router logits in fp32 also under bf16 autocast (the expert choice)
     def route(self, x: torch.Tensor, n_exp: int, mask: torch.Tensor | None = None):
         """x: [n, k] -> weights [n, top_k] (fp32), expert ids [n, top_k].
         mask [n_exp] (soft experts): experts with mask 0 are never chosen, the others' weights are scaled."""

@@ -13,6 +13,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from nestlm.device import own_precision
+
 
 def segsum(a: torch.Tensor) -> torch.Tensor:
     """a: [..., L] -> [..., L, L] with out[l, s] = sum(a[s+1 .. l]) for l >= s, -inf above the diagonal.
@@ -27,6 +29,7 @@ def segsum(a: torch.Tensor) -> torch.Tensor:
     return out.masked_fill(~keep, float("-inf"))
 
 
+@own_precision  # fp32 also under bf16 autocast (exp of cumulative sums)
 def ssd_chunked(x, dt, A, B, C, D, chunk_size: int, initial_state=None):
     """Chunked SSD scan (prefill).
 

@@ -463,10 +463,11 @@ def slice(elastic_dir: str | Path, budget: str | float | SubArch, out_dir: str |
     if "quantization_config" in read_config(elastic_dir):  # packed FP8 / NVFP4: cut codes and scales as-is
         from nestlm.quant import slice_quantized
 
-        dst = slice_quantized(elastic_dir, out, budget, overwrite=overwrite)
+        st: dict = {}
+        dst = slice_quantized(elastic_dir, out, budget, overwrite=overwrite, max_shard_bytes=max_shard_bytes,
+                              stats=st)
         if stats is not None:
-            stats.update(bytes_written=sum(f.stat().st_size for f in dst.glob("*.safetensors")),
-                         seconds=time.perf_counter() - t0)
+            stats.update(st, seconds=time.perf_counter() - t0)
         return dst
     path, cfg, src, manifest = _open(elastic_dir)
     name, sub = resolve_budget(path, budget, cfg=cfg, manifest=manifest)

@@ -20,7 +20,6 @@ which is exactly the budget quantized with the parent's per-tensor scales (block
 
 from __future__ import annotations
 
-import builtins
 import dataclasses
 import json
 from pathlib import Path
@@ -62,9 +61,10 @@ from nestlm.quant.formats import (
     nvfp4_dequantize,
     nvfp4_quantize,
 )
+from nestlm.quant.packed import COMPANIONS, KV_SCALES, cut_quant_configs, materialize, packed_plan
+from nestlm.quant.packed import quantized_names as _quantized_names
 
 QUANT_CONFIG = "hf_quant_config.json"
-COMPANIONS = ("weight_scale", "weight_scale_2", "input_scale")  # tensors beside a quantized `X.weight`
 ALGO_FORMAT = {f.quant_algo: f.name for f in FORMATS.values()} | {"W4A16_NVFP4": "nvfp4"}
 
 
@@ -115,10 +115,6 @@ def _hf_tensors(model, packed: dict, dtype: torch.dtype) -> dict[str, torch.Tens
     return {k: v.detach().cpu().contiguous() for k, v in out.items()}
 
 
-def _quantized_names(keys) -> set[str]:
-    return {k.removesuffix("_scale") for k in keys if k.endswith(".weight_scale")}
-
-
 # ---------------------------------------------------------------------------------------------- slicing
 class _Tensors:
     """A dict of tensors with SafetensorsDir's reading interface."""
@@ -141,69 +137,13 @@ class _Tensors:
     def read(self, k, idx):
         return self.d[k][idx]
 
-
-class _Logical:
-    """A packed checkpoint's tensors seen with their unpacked shapes, for nestlm.slicing.plan."""
-
-    def __init__(self, src, fmt: Format):
-        self.src, self.fmt = src, fmt
-        self.quantized = _quantized_names(src.keys())
-
-    def __contains__(self, k):
-        return k in self.src
-
-    def shape(self, k):
-        s = list(self.src.shape(k))
-        if k in self.quantized and self.fmt.name == "nvfp4":
-            s[-1] *= 2
-        return s
-
     def dtype(self, k):
-        return torch.float32  # plan records it; the gathered tensors keep their own dtypes
-
-
-def _scaled(idx: tuple, div: int, name: str) -> tuple:
-    """The input-dim (last) slice of idx divided by div (2: nibbles, 16: block scales); whole blocks only."""
-    last = idx[-1]
-    a, b = last.start or 0, last.stop
-    if a % BLOCK or (b is not None and b % BLOCK):
-        raise CheckpointError(f"{name}: input columns {a}:{b} are not whole blocks of {BLOCK}")
-    return idx[:-1] + (builtins.slice(a // div, None if b is None else b // div),)
-
-
-def _gather(src, t, fmt: Format, quantized: set[str]) -> dict[str, torch.Tensor]:
-    """The output tensor `t` of nestlm.slicing.plan (and its companions) read from the packed `src`."""
-    name = t.pieces[0].src
-
-    def cat(tensor_name, div=1):
-        parts = [src.read(tensor_name, _scaled(pc.idx, div, tensor_name) if div > 1 else pc.idx)
-                 for pc in t.pieces]
-        return torch.cat(parts, dim=t.dim) if len(parts) > 1 else parts[0]
-
-    if name not in quantized:
-        return {t.name: cat(name).contiguous()}
-    base, out_base = name.removesuffix("weight"), t.name.removesuffix("weight")
-    out = {t.name: cat(name, 2 if fmt.name == "nvfp4" else 1)}
-    if fmt.name == "nvfp4":
-        out[out_base + "weight_scale"] = cat(base + "weight_scale", BLOCK)
-    elif fmt.name == "fp8_channel":  # [out]: the rows of the weight
-        rows = [src.read(base + "weight_scale", pc.idx[:1]) for pc in t.pieces]
-        out[out_base + "weight_scale"] = torch.cat(rows) if t.dim == 0 else rows[0]
-    for comp in ("weight_scale", "weight_scale_2", "input_scale"):
-        if out_base + comp not in out and base + comp in src:
-            out[out_base + comp] = src.get(base + comp)
-    return {k: v.contiguous() for k, v in out.items()}
+        return self.d[k].dtype
 
 
 def _slice_tensors(src, cfg, s: SubArch, fmt: Format) -> dict[str, torch.Tensor]:
-    """Every HF tensor of the submodel s cut out of the packed full tensors `src` (by index ranges)."""
-    from nestlm.slicing import plan
-
-    quantized = _quantized_names(src.keys())
-    out = {}
-    for t in plan(_Logical(src, fmt), cfg, s):
-        out.update(_gather(src, t, fmt, quantized))
-    return out
+    """Every HF tensor of the submodel s cut out of the packed full tensors `src` (in memory)."""
+    return {t.name: materialize(src, t) for t in packed_plan(src, cfg, s, fmt)}
 
 
 # ---------------------------------------------------------------------------------------------- configs
@@ -303,10 +243,13 @@ def export_quantized(model, out_dir: str | Path, fmt: str | Format = "nvfp4", su
 
 
 def slice_quantized(src_dir: str | Path, out_dir: str | Path, budget: str | float | SubArch,
-                    overwrite: bool = False) -> Path:
+                    overwrite: bool = False, max_shard_bytes: int = 4 << 30, stats: dict | None = None) -> Path:
     """Cut the submodel `budget` (a manifest name, a fraction, or a SubArch) out of the packed checkpoint
-    src_dir by index ranges: packed codes and block scales are read as they are, nothing is requantized."""
-    from nestlm.slicing import SLICE_FILE, resolve_budget
+    src_dir by index ranges: packed codes and block scales are read as they are, nothing is requantized.
+    Streamed like nestlm.slicing.slice (one output tensor in memory). The source's quantization settings
+    (hf_quant_config.json, config.json's quantization_config) are kept, with the exclude list renumbered
+    for the kept layers. stats: as nestlm.slicing.slice's."""
+    from nestlm.slicing import SLICE_FILE, Source, _write_shard, resolve_budget
 
     path = Path(src_dir)
     out = Path(out_dir)
@@ -319,13 +262,34 @@ def slice_quantized(src_dir: str | Path, out_dir: str | Path, budget: str | floa
     name, sub = resolve_budget(path, budget, cfg=cfg, manifest=manifest)
     s = sub.resolve(cfg)
     check_subarch(cfg, s, fmt)
-    src = SafetensorsDir(path)
-    tensors = _slice_tensors(src, cfg, s, fmt)
+    src = Source(path)
+    tensors = packed_plan(src, cfg, s, fmt)  # every read planned (and checked) before anything is written
     small = FAMILIES[cfg.family].config_to_hf(sliced_config(cfg, s))
-    small["dtype"] = hf.get("dtype", "float32")
+    small["dtype"] = hf.get("dtype") or hf.get("torch_dtype") or "float32"
+    if (path / QUANT_CONFIG).is_file():  # the source's settings (NVIDIA's: kv cache FP8, its exclude list)
+        hq, qc = cut_quant_configs(json.loads((path / QUANT_CONFIG).read_text()), hf["quantization_config"], cfg, s)
+    else:
+        hq, qc = quant_configs(fmt, {t.name: None for t in tensors}, weight_only)
+    small["quantization_config"] = qc
     prov = {"source": str(path.resolve()), "budget": name, "sub": s.to_dict(), "family": cfg.family,
             "params": count_params(cfg, s), "active_params": count_active_params(cfg, s), "quant_format": fmt.name}
-    return _write(out, small, tensors, fmt, weight_only, path, {SLICE_FILE: prov}, (), overwrite)
+    st = {"bytes_written": 0, "peak_bytes": 0, "tensors": len(tensors)}
+    shards = split_shards(tensors, lambda t: t.nbytes, max_shard_bytes)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # memory-bound copies (see nestlm.slicing.slice)
+    try:
+        with atomic_dir(out, overwrite) as tmp:
+            write_shards(tmp, shards, lambda fp, shard: _write_shard(fp, src, shard, st),
+                         lambda shard: [t.name for t in shard], sum(t.nbytes for t in tensors))
+            (tmp / "config.json").write_text(json.dumps(small, indent=2))
+            (tmp / QUANT_CONFIG).write_text(json.dumps(hq, indent=2))
+            copy_files(path, tmp, TOKENIZER_FILES + _extra_tokenizer_files())
+            (tmp / SLICE_FILE).write_text(json.dumps(prov, indent=2))
+    finally:
+        torch.set_num_threads(threads)
+    if stats is not None:
+        stats.update(st)
+    return out
 
 
 # ---------------------------------------------------------------------------------------------- loading
@@ -336,6 +300,8 @@ def dequantize_state(tensors: dict[str, torch.Tensor], dtype: torch.dtype = torc
     out = {}
     for k, v in tensors.items():
         if any(k.endswith("." + c) for c in COMPANIONS) and k.rsplit(".", 1)[0] + ".weight" in quantized:
+            continue
+        if k.endswith(tuple("." + c for c in KV_SCALES)):  # the FP8 KV cache's scales: not used here
             continue
         if k in quantized:
             base = k.removesuffix("weight")

@@ -417,33 +417,96 @@ def _header(tensors: list[OutTensor]) -> bytes:
     return len(raw).to_bytes(8, "little") + raw
 
 
-def _pieces(src: Source, t: OutTensor):
-    """The output tensor's bytes in file order, as contiguous tensors: along dim 0 the pieces themselves
-    (concatenating rows is writing them one after another: no torch.cat, and a piece that is a whole
-    row range is written straight from the memory map); along another dim, one torch.cat."""
-    if t.dim == 0 or len(t.pieces) == 1:
+CHUNK_BYTES = 16 << 20  # rows of an output tensor are read and written in chunks of about this size
+IN_FLIGHT_BYTES = 2 * CHUNK_BYTES  # read-ahead: chunks read but not yet written (one thread reads, one writes)
+
+
+def _chunks(t: OutTensor) -> list[tuple[int, int]]:
+    """(start, stop) row ranges (dim 0) of the output tensor t, about CHUNK_BYTES each, in file order, as
+    offsets into the concatenated pieces along dim 0 (t.dim == 0) or into every piece's rows (t.dim > 0)."""
+    if not t.shape:
+        return [(0, 1)]
+    row = max(t.nbytes // max(t.shape[0], 1), 1)
+    step = max(CHUNK_BYTES // row, 1)
+    return [(a, min(a + step, t.shape[0])) for a in range(0, t.shape[0], step)]
+
+
+def _read_chunk(src: Source, t: OutTensor, a: int, b: int) -> torch.Tensor:
+    """Rows a:b of the output tensor t as one contiguous tensor: the pieces' rows (t.dim == 0: the pieces
+    follow each other along dim 0) or the pieces' rows a:b concatenated along t.dim."""
+    if not t.shape:
+        return src.read(t.pieces[0].src, t.pieces[0].idx).contiguous()
+    if t.dim == 0:
+        parts, off = [], 0
         for pc in t.pieces:
-            yield src.read(pc.src, pc.idx).contiguous()
+            r0, r1 = pc.idx[0].start or 0, pc.idx[0].stop
+            n = r1 - r0
+            lo, hi = max(a, off), min(b, off + n)
+            if lo < hi:
+                parts.append(src.read(pc.src, (builtins.slice(r0 + lo - off, r0 + hi - off),) + pc.idx[1:]))
+            off += n
     else:
-        yield torch.cat([src.read(pc.src, pc.idx) for pc in t.pieces], dim=t.dim).contiguous()
+        parts = [src.read(pc.src, (builtins.slice((pc.idx[0].start or 0) + a, (pc.idx[0].start or 0) + b),)
+                          + pc.idx[1:]) for pc in t.pieces]
+    return (torch.cat(parts, dim=t.dim) if len(parts) > 1 else parts[0]).contiguous()
 
 
 def _write_shard(fp: Path, src: Source, tensors: list[OutTensor], stats: dict) -> None:
-    with open(fp, "wb") as f:
-        f.write(_header(tensors))
-        for t in tensors:
-            n = 0
-            for x in _pieces(src, t):
+    """Header, then every tensor's bytes. A reader thread reads chunks of rows (the copy out of the memory
+    map) while this thread writes the previous ones (the copy into the file): both copies release the GIL,
+    so they overlap. At most IN_FLIGHT_BYTES (or the largest output tensor, if smaller) are read ahead."""
+    import queue
+    import threading
+
+    budget = min(IN_FLIGHT_BYTES, max((t.nbytes for t in tensors), default=1))
+    jobs = [(t, a, b) for t in tensors for a, b in _chunks(t)]
+    done: queue.Queue = queue.Queue()
+    cond, state = threading.Condition(), {"in_flight": 0, "stop": False}
+
+    def reader():
+        try:
+            for t, a, b in jobs:
+                n = t.nbytes * (b - a) // max(t.shape[0], 1) if t.shape else t.nbytes
+                with cond:  # wait for room (a chunk larger than the budget goes alone)
+                    cond.wait_for(lambda n=n: state["stop"] or state["in_flight"] == 0
+                                  or state["in_flight"] + n <= budget)
+                    if state["stop"]:
+                        return
+                    state["in_flight"] += n
+                    held = state["in_flight"] + (n if t.dim != 0 and len(t.pieces) > 1 else 0)  # cat: pieces too
+                    stats["peak_bytes"] = max(stats["peak_bytes"], held)
+                done.put((t, n, _read_chunk(src, t, a, b)))
+        except BaseException as e:  # handed to the writer, which raises it
+            done.put((None, 0, e))
+
+    th = threading.Thread(target=reader, name="nestlm-slice-reader", daemon=True)
+    th.start()
+    try:
+        with open(fp, "wb") as f:
+            f.write(_header(tensors))
+            written: dict[str, int] = {}
+            for _ in jobs:
+                t, n, x = done.get()
+                if t is None:
+                    raise x
                 if x.dtype != t.dtype:  # a header that lied about its data
                     raise CheckpointError(f"reading {t.pieces[0].src}: got {x.dtype}, expected {t.dtype}")
-                held = x.nbytes * (2 if t.dim != 0 and len(t.pieces) > 1 else 1)  # cat: pieces + result
-                stats["peak_bytes"] = max(stats["peak_bytes"], held)
                 f.write(memoryview(x.reshape(-1).view(torch.uint8).numpy()))
-                n += x.nbytes
+                written[t.name] = written.get(t.name, 0) + x.nbytes
+                stats["bytes_written"] += x.nbytes
                 del x
-            if n != t.nbytes:
-                raise CheckpointError(f"reading {t.pieces[0].src}: got {n} bytes, expected {t.nbytes}")
-            stats["bytes_written"] += n
+                with cond:
+                    state["in_flight"] -= n
+                    cond.notify()
+            for t in tensors:
+                if written.get(t.name, 0) != t.nbytes:
+                    raise CheckpointError(f"reading {t.pieces[0].src}: got {written.get(t.name, 0)} bytes, "
+                                          f"expected {t.nbytes}")
+    finally:
+        with cond:
+            state["stop"] = True
+            cond.notify()
+        th.join()
 
 
 def slice(elastic_dir: str | Path, budget: str | float | SubArch, out_dir: str | Path, overwrite: bool = False,

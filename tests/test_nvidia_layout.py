@@ -371,3 +371,159 @@ def test_group_breaking_and_unknown_keys_are_refused(nano):
         SubArch.from_dict({"hiden": 96})
     with pytest.raises(ConfigError, match=r"hidden=160 is outside"):
         parse_sub("hidden=160", cfg)
+
+
+# ---------------------------------------------------------------------------------------------- command line
+def payload(folder: Path) -> tuple[int, int]:
+    """(parameters, bytes) stored in a folder's safetensors, read from the headers: parameters count the
+    elements of unpacked tensors (two per NVFP4 byte, none for scales)."""
+    params = nbytes = 0
+    for f in folder.glob("model*.safetensors"):
+        with safe_open(str(f), framework="pt") as h:
+            for k in h.keys():
+                x = h.get_slice(k)
+                n, dt = math.prod(x.get_shape()), x.get_dtype()
+                nbytes += n * {"BF16": 2, "F32": 4, "U8": 1, "F8_E4M3": 1}[dt]
+                if not k.endswith(("_scale", "_scale_2")):
+                    params += 2 * n if dt == "U8" else n
+    return params, nbytes
+
+
+def test_cli_slice_sub_matches_the_python_api(nano, tmp_path, capsys):
+    from nestlm.cli import main
+
+    for fmt in ("bf16", "nvfp4"):
+        assert main(["slice", str(nano[fmt]), "--sub", "hidden=96,moe_ffn=48", "-o", str(tmp_path / f"cli_{fmt}")]) == 0
+        api = read_all(slice_(nano[fmt], SUB_23, tmp_path / f"api_{fmt}"))
+        cli = read_all(tmp_path / f"cli_{fmt}")
+        assert cli.keys() == api.keys() and all(torch.equal(raw(cli[k]), raw(api[k])) for k in api)
+    assert "wrote" in capsys.readouterr().out
+    spec = tmp_path / "cut.yaml"  # a file: layers as a list, head totals as HF configs count them
+    spec.write_text("hidden: 96\nmoe_ffn: 48\nshared_ffn: 96\nexperts: 6\nlayers: [0, 1, 2, 3, 5, 6, 7, 8, 11]\n")
+    assert main(["slice", str(nano["fp8"]), "--sub", str(spec), "-o", str(tmp_path / "file")]) == 0
+    a, b = read_all(tmp_path / "file"), read_all(slice_(nano["fp8"], SUB_DEPTH, tmp_path / "api_depth"))
+    assert a.keys() == b.keys() and all(torch.equal(raw(a[k]), raw(b[k])) for k in a)
+
+
+@pytest.mark.parametrize("fmt", ["bf16", "nvfp4"])
+def test_cli_search_ranks_cuts_whose_figures_match_the_written_folders(nano, fmt, tmp_path, capsys):
+    from nestlm.cli import main
+
+    full_params, full_bytes = payload(nano[fmt])
+    target = 0.7 * full_params
+    assert main(["search", str(nano[fmt]), "--params", f"{target:.6g}", "--tol", "0.03", "--top", "5"]) == 0
+    out = capsys.readouterr().out
+    assert "grid SubArchs within 3%" in out and "| 1 " in out
+    from nestlm.cli import search
+
+    d = search(str(nano[fmt]), params=target, tol=0.03, top=5)["rows"]
+    assert 1 <= len(d) <= 5
+    devs = [abs(r["deviation"]) for r in d]
+    assert devs == sorted(devs) and devs[-1] <= 0.03
+    for i, r in enumerate(d[:2]):  # the listed figures are those of the folder `nestlm slice` writes
+        sub = SubArch(**{k: tuple(v) if k == "layers" else v for k, v in r["sub"].items()})
+        got_params, got_bytes = payload(slice_(nano[fmt], sub, tmp_path / f"r{i}"))
+        assert got_params == r["params"] and got_bytes == r["bytes"]
+        assert abs(got_params / target - 1) <= 0.03
+    # NVFP4 keeps only widths that are whole blocks of 16; plain bf16 takes any
+    grid = tmp_path / "grid.yaml"
+    grid.write_text("choices:\n  hidden: [128, 120, 104]\n  moe_ffn: [64, 56, 48]\n")
+    r = search(str(nano[fmt]), params=full_params, tol=0.5, top=20, choices=str(grid))
+    widths = {(x["sub"].get("hidden", 128), x["sub"].get("moe_ffn", 64)) for x in r["rows"]}
+    assert widths == ({(h, f) for h in (128, 120, 104) for f in (64, 56, 48)} if fmt == "bf16"
+                      else {(128, 64), (128, 48)})
+    # active parameters and memory targets
+    act = search(str(nano[fmt]), active=0.8 * d[0]["active_params"], tol=0.05)
+    assert act["rows"] and all(abs(x["active_params"] / act["target"] - 1) <= 0.05 for x in act["rows"])
+    mem = search(str(nano[fmt]), memory=0.8 * r["rows"][0]["memory"], seq_len=256, tol=0.05)
+    assert mem["rows"] and all(abs(x["memory"] / mem["target"] - 1) <= 0.05 for x in mem["rows"])
+
+
+def test_cli_info_sub_gives_the_cut_figures(nano, tmp_path, capsys):
+    from nestlm.cli import info, main
+
+    assert main(["info", str(nano["nvfp4"]), "--sub", "hidden=80,moe_ffn=32"]) == 0
+    out = capsys.readouterr().out
+    assert "| source " in out and "| cut " in out and "hidden=80, moe_ffn=32" in out and "NVFP4" in out
+    d = info(str(nano["nvfp4"]), sub="hidden=80,moe_ffn=32", seq_len=512)
+    src, cut = d["rows"]
+    assert (src["params"], src["bytes"]) == payload(nano["nvfp4"])
+    assert (cut["params"], cut["bytes"]) == payload(slice_(nano["nvfp4"], SUB_12, tmp_path / "c"))
+    assert cut["memory"] > cut["bytes"] and cut["memory"] < src["memory"]
+
+
+@pytest.mark.parametrize("fmt, args, match", [
+    ("nvfp4", ["--sub", "hidden=88"], r"hidden=88 makes .* not a multiple of 16"),
+    ("bf16", ["--sub", "attn_heads=5"], r"attn_heads=5 breaks the model's 2 KV groups"),
+    ("fp8", ["--sub", "mamba_heads=20"], r"mamba_heads=20 breaks the model's 8 Mamba groups"),
+    ("bf16", ["--sub", "hidden=160"], r"hidden=160 is outside 1\.\.128"),
+    ("nvfp4", ["--sub", "hidden_size=96"], r"unknown key 'hidden_size'"),
+    ("bf16", ["--sub", "hidden"], r"'hidden' is not key=value"),
+    ("bf16", ["--sub", "hidden=9.5"], r"hidden='9.5': not a whole number"),
+    ("bf16", ["--sub", "missing.yaml"], r"missing.yaml: no such file"),
+])
+def test_cli_refuses_bad_cuts_in_one_line_before_writing(nano, fmt, args, match, tmp_path, capsys):
+    from nestlm.cli import main
+
+    with pytest.raises(SystemExit) as e:
+        main(["slice", str(nano[fmt]), *args, "-o", str(tmp_path / "out")])
+    err = capsys.readouterr().err.strip()
+    assert e.value.code == 2 and len(err.splitlines()) == 1 and err.startswith("nestlm: error:")
+    assert re.search(match, err), err
+    assert list(tmp_path.iterdir()) == []
+    with pytest.raises(SystemExit) as e:  # the same refusal from info --sub
+        main(["info", str(nano[fmt]), *args])
+    assert e.value.code == 2 and re.search(match, capsys.readouterr().err)
+
+
+def test_cli_usage_errors(nano, tmp_path, capsys):
+    from nestlm.cli import main
+
+    for argv in (["slice", str(nano["bf16"]), "--sub", "hidden=96", "--budget", "full", "-o", str(tmp_path / "o")],
+                 ["slice", str(nano["bf16"]), "-o", str(tmp_path / "o")],
+                 ["search", str(nano["bf16"])],
+                 ["search", str(nano["bf16"]), "--params", "1e6", "--active", "1e6"],
+                 ["search", str(nano["bf16"]), "--params", "1e6", "--choices", str(tmp_path / "none.yaml")],
+                 ["search", str(nano["bf16"]), "--params", "1e6", "--choices", "hidden=96"],
+                 ["search", str(nano["nvfp4"]), "--params", "-5"]):
+        with pytest.raises(SystemExit) as e:
+            main(argv)
+        assert e.value.code == 2, argv
+    err = capsys.readouterr().err
+    assert "no such file" in err and "give a .yaml / .json file" in err and "target must be > 0" in err
+    assert not (tmp_path / "o").exists()
+
+
+def test_unmapping_while_streaming_keeps_the_bytes(nano, tmp_path, monkeypatch):
+    """The writer unmaps the source every RELEASE_BYTES (bounded resident memory). Reads are views of the
+    maps, so an unmap while one is alive (a contiguous read waiting to be written) would write freed memory:
+    with tiny chunks and an unmap after every chunk, no read is alive at any unmap, and the cut is
+    byte-identical to the default run."""
+    import weakref
+
+    import nestlm.slicing as slicing
+
+    for fmt, sub in (("bf16", SUB_DEPTH), ("nvfp4", SUB_12)):
+        ref = read_all(slice_(nano[fmt], sub, tmp_path / f"ref_{fmt}"))
+        alive, at_release = [0], []
+        read, release = slicing.Source.read, slicing.Source.release
+
+        def tracked_read(self, name, idx, read=read, alive=alive):
+            t = read(self, name, idx)
+            alive[0] += 1
+            weakref.finalize(t, lambda: alive.__setitem__(0, alive[0] - 1))
+            return t
+
+        def tracked_release(self, release=release, alive=alive, at_release=at_release):
+            at_release.append(alive[0])
+            release(self)
+
+        monkeypatch.setattr(slicing, "CHUNK_BYTES", 512)
+        monkeypatch.setattr(slicing, "IN_FLIGHT_BYTES", 2048)
+        monkeypatch.setattr(slicing, "RELEASE_BYTES", 1)
+        monkeypatch.setattr(slicing.Source, "read", tracked_read)
+        monkeypatch.setattr(slicing.Source, "release", tracked_release)
+        got = read_all(slice_(nano[fmt], sub, tmp_path / f"small_{fmt}"))
+        monkeypatch.undo()
+        assert len(at_release) > 100 and max(at_release) == 0
+        assert got.keys() == ref.keys() and all(torch.equal(raw(got[k]), raw(ref[k])) for k in ref)

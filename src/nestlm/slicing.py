@@ -24,11 +24,13 @@ import builtins
 import dataclasses
 import json
 import math
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
 
 from nestlm.arch import SubArch, count_active_params, count_params, sliced_config
 from nestlm.config import MANIFEST, ROUTER_FILE
@@ -61,7 +63,36 @@ ST_DTYPE = {v: k for k, v in DTYPES.items()}
 # ---------------------------------------------------------------------------------------------- source
 class Source(SafetensorsDir):
     """A checkpoint folder's tensors, memory-mapped: names, shapes and dtypes from the headers, and prefix
-    reads that touch only the requested bytes."""
+    reads that touch only the requested bytes. `prefetch` asks the kernel to read rows ahead (cold caches);
+    `release` unmaps what was read so far (the mapped pages stop counting in the process's memory)."""
+
+    def __init__(self, path: str | Path):
+        super().__init__(path)
+        self._dir = Path(path)
+        self._extent: dict[str, tuple[Path, int, int]] = {}  # name -> (file, first byte, end byte)
+        for fname in self._handles:
+            with open(self._dir / fname, "rb") as f:
+                n = int.from_bytes(f.read(8), "little")
+                header = json.loads(f.read(n))
+            for k, v in header.items():
+                if k != "__metadata__":
+                    self._extent[k] = (self._dir / fname, 8 + n + v["data_offsets"][0], 8 + n + v["data_offsets"][1])
+
+    def prefetch(self, name: str, start: int, stop: int) -> None:
+        """Start reading rows start:stop (dim 0) of tensor `name` into the page cache (POSIX_FADV_WILLNEED)."""
+        fp, a, b = self._extent[name]
+        rows = self.shape(name)[0] if self.shape(name) else 1
+        row = (b - a) // max(rows, 1)
+        fd = os.open(fp, os.O_RDONLY)
+        try:
+            os.posix_fadvise(fd, a + start * row, (stop - start) * row, os.POSIX_FADV_WILLNEED)
+        finally:
+            os.close(fd)
+
+    def release(self) -> None:
+        """Re-open the files, unmapping the old maps: every tensor read before must be dead (they are views)."""
+        for fname in self._handles:
+            self._handles[fname] = safe_open(str(self._dir / fname), framework="pt")
 
     def dtype(self, name: str) -> torch.dtype:
         return DTYPES[self._handles[self._where[name]].get_slice(name).get_dtype()]
@@ -431,23 +462,31 @@ def _chunks(t: OutTensor) -> list[tuple[int, int]]:
     return [(a, min(a + step, t.shape[0])) for a in range(0, t.shape[0], step)]
 
 
+RELEASE_BYTES = 256 << 20  # unmap the source after about this much was read (bounds the mapped pages)
+
+
+def _chunk_rows(t: OutTensor, a: int, b: int) -> list[tuple[Piece, int, int]]:
+    """The source rows behind rows a:b of the output tensor t: (piece, first row, end row) in the piece's
+    source tensor. Along dim 0 the pieces follow each other; along another dim each piece gives rows a:b."""
+    out, off = [], 0
+    for pc in t.pieces:
+        r0 = pc.idx[0].start or 0
+        if t.dim != 0:
+            out.append((pc, r0 + a, r0 + b))
+            continue
+        n = pc.idx[0].stop - r0
+        lo, hi = max(a, off), min(b, off + n)
+        if lo < hi:
+            out.append((pc, r0 + lo - off, r0 + hi - off))
+        off += n
+    return out
+
+
 def _read_chunk(src: Source, t: OutTensor, a: int, b: int) -> torch.Tensor:
-    """Rows a:b of the output tensor t as one contiguous tensor: the pieces' rows (t.dim == 0: the pieces
-    follow each other along dim 0) or the pieces' rows a:b concatenated along t.dim."""
+    """Rows a:b of the output tensor t as one contiguous tensor (pieces concatenated along t.dim)."""
     if not t.shape:
         return src.read(t.pieces[0].src, t.pieces[0].idx).contiguous()
-    if t.dim == 0:
-        parts, off = [], 0
-        for pc in t.pieces:
-            r0, r1 = pc.idx[0].start or 0, pc.idx[0].stop
-            n = r1 - r0
-            lo, hi = max(a, off), min(b, off + n)
-            if lo < hi:
-                parts.append(src.read(pc.src, (builtins.slice(r0 + lo - off, r0 + hi - off),) + pc.idx[1:]))
-            off += n
-    else:
-        parts = [src.read(pc.src, (builtins.slice((pc.idx[0].start or 0) + a, (pc.idx[0].start or 0) + b),)
-                          + pc.idx[1:]) for pc in t.pieces]
+    parts = [src.read(pc.src, (builtins.slice(r0, r1),) + pc.idx[1:]) for pc, r0, r1 in _chunk_rows(t, a, b)]
     return (torch.cat(parts, dim=t.dim) if len(parts) > 1 else parts[0]).contiguous()
 
 
@@ -464,9 +503,19 @@ def _write_shard(fp: Path, src: Source, tensors: list[OutTensor], stats: dict) -
     cond, state = threading.Condition(), {"in_flight": 0, "stop": False}
 
     def reader():
+        since_release = 0
         try:
-            for t, a, b in jobs:
+            for i, (t, a, b) in enumerate(jobs):
+                if i + 1 < len(jobs) and hasattr(src, "prefetch") and jobs[i + 1][0].shape:
+                    for pc, r0, r1 in _chunk_rows(*jobs[i + 1]):  # the next chunk's rows, read ahead by the kernel
+                        src.prefetch(pc.src, r0, r1)
                 n = t.nbytes * (b - a) // max(t.shape[0], 1) if t.shape else t.nbytes
+                since_release += n
+                if since_release > RELEASE_BYTES and hasattr(src, "release"):
+                    with cond:  # tensors read from the maps die with them: wait until every chunk is written
+                        cond.wait_for(lambda: state["stop"] or state["in_flight"] == 0)
+                    src.release()
+                    since_release = 0
                 with cond:  # wait for room (a chunk larger than the budget goes alone)
                     cond.wait_for(lambda n=n: state["stop"] or state["in_flight"] == 0
                                   or state["in_flight"] + n <= budget)

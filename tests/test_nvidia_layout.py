@@ -518,8 +518,8 @@ def test_unmapping_while_streaming_keeps_the_bytes(nano, tmp_path, monkeypatch):
             at_release.append(alive[0])
             release(self)
 
-        monkeypatch.setattr(slicing, "CHUNK_BYTES", 512)
-        monkeypatch.setattr(slicing, "IN_FLIGHT_BYTES", 2048)
+        monkeypatch.setattr(slicing, "CHUNK_BYTES", 4096)
+        monkeypatch.setattr(slicing, "IN_FLIGHT_BYTES", 16384)
         monkeypatch.setattr(slicing, "RELEASE_BYTES", 1)
         monkeypatch.setattr(slicing.Source, "read", tracked_read)
         monkeypatch.setattr(slicing.Source, "release", tracked_release)

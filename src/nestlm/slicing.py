@@ -14,7 +14,9 @@ KV group / Mamba group are one read per group, then `torch.cat`). The index rule
 bit for bit.
 
 Output: shapes are known before any data is read, so every safetensors shard is written header first and
-then tensor by tensor: at most one output tensor (and its pieces) is in memory at a time. The folder is
+then tensor by tensor, in chunks of rows: a reader thread copies ~16 MB chunks out of the memory map while
+the main thread writes the previous ones, at most IN_FLIGHT_BYTES ahead, and the source is unmapped every
+RELEASE_BYTES, so resident memory stays bounded whatever the checkpoint's size. The folder is
 built under a temporary sibling name and moved into place with os.replace; on any error nothing is left.
 """
 
@@ -450,6 +452,7 @@ def _header(tensors: list[OutTensor]) -> bytes:
 
 CHUNK_BYTES = 16 << 20  # rows of an output tensor are read and written in chunks of about this size
 IN_FLIGHT_BYTES = 2 * CHUNK_BYTES  # read-ahead: chunks read but not yet written (one thread reads, one writes)
+RELEASE_BYTES = 256 << 20  # unmap the source after about this much was read (bounds the mapped pages)
 
 
 def _chunks(t: OutTensor) -> list[tuple[int, int]]:
@@ -461,8 +464,6 @@ def _chunks(t: OutTensor) -> list[tuple[int, int]]:
     step = max(CHUNK_BYTES // row, 1)
     return [(a, min(a + step, t.shape[0])) for a in range(0, t.shape[0], step)]
 
-
-RELEASE_BYTES = 256 << 20  # unmap the source after about this much was read (bounds the mapped pages)
 
 
 def _chunk_rows(t: OutTensor, a: int, b: int) -> list[tuple[Piece, int, int]]:
@@ -564,8 +565,9 @@ def slice(elastic_dir: str | Path, budget: str | float | SubArch, out_dir: str |
     (config.json, safetensors shards, tokenizer files, and nestlm_slice.json recording where it came from).
 
     budget: a manifest name ('77%'), a fraction (trained, or between trained ones: the router interpolates),
-    or an explicit SubArch (any checkpoint folder, elastic or not). Streams: memory holds one output tensor.
-    stats: if a dict is given, it receives bytes_written, peak_bytes (largest tensor held), tensors, seconds.
+    or an explicit SubArch (any checkpoint folder, elastic or not). Streams: memory holds a few chunks.
+    stats: if a dict is given, it receives bytes_written, peak_bytes (most bytes read but not yet written),
+    tensors, seconds.
     Raises FileExistsError (out_dir exists, overwrite=False), KeyError (unknown budget), CheckpointError
     (missing / truncated / inconsistent files), ConfigError (a SubArch that doesn't fit)."""
     t0 = time.perf_counter()

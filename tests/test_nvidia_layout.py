@@ -337,6 +337,27 @@ def test_dequantized_cut_is_the_nested_forward_of_the_dequantized_parent(nano, f
         assert torch.equal(parent.layers[5].mixer.q_proj.weight, bf["backbone.layers.5.mixer.q_proj.weight"].float())
 
 
+def test_folder_described_only_by_hf_quant_config(nano, tmp_path):
+    """Older ModelOpt exports put no quantization_config in config.json: hf_quant_config.json alone marks
+    the folder as packed. The cut and the dequantized model are those of the folder that has both."""
+    import shutil
+
+    bare = tmp_path / "bare"
+    shutil.copytree(nano["nvfp4"], bare)
+    cfg = json.loads((bare / "config.json").read_text())
+    del cfg["quantization_config"]
+    (bare / "config.json").write_text(json.dumps(cfg))
+    a = read_all(slice_(bare, SUB_DEPTH, tmp_path / "a"))
+    b = read_all(slice_(nano["nvfp4"], SUB_DEPTH, tmp_path / "b"))
+    assert a.keys() == b.keys() and all(torch.equal(raw(a[k]), raw(b[k])) for k in a)
+    assert (json.loads((tmp_path / "a" / "hf_quant_config.json").read_text())
+            == json.loads((tmp_path / "b" / "hf_quant_config.json").read_text()))
+    qc = json.loads((tmp_path / "a" / "config.json").read_text())["quantization_config"]
+    assert qc["quant_method"] == "modelopt" and qc["quant_algo"] == "NVFP4" and qc["kv_cache_quant_algo"] == "FP8"
+    with torch.no_grad():
+        assert torch.equal(nestlm.from_hf(bare)(ids_()), load_quantized(nano["nvfp4"])(ids_()))
+
+
 # ---------------------------------------------------------------------------------------------- refusals
 @pytest.mark.parametrize("fmt, sub, match", [
     ("nvfp4", SubArch(hidden=88), r"hidden=88 .*multiple of 16"),  # an NVFP4 block of 16 broken

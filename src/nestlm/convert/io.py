@@ -14,6 +14,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+QUANT_CONFIG = "hf_quant_config.json"  # a ModelOpt packed checkpoint's quantization settings
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
                    "vocab.json", "merges.txt", "generation_config.json", "chat_template.jinja")
 
@@ -47,9 +48,19 @@ def read_config(path: str | Path) -> dict:
     if not f.is_file():
         raise CheckpointError(f"{path}: no config.json")
     try:
-        return json.loads(f.read_text())
+        hf = json.loads(f.read_text())
     except json.JSONDecodeError as e:
         raise CheckpointError(f"{f}: not valid JSON ({e})") from None
+    q = path / QUANT_CONFIG
+    if isinstance(hf, dict) and "quantization_config" not in hf and q.is_file():
+        # older ModelOpt exports describe the packing only in hf_quant_config.json: read it as config.json's
+        try:
+            quant = json.loads(q.read_text()).get("quantization")
+        except (json.JSONDecodeError, AttributeError) as e:
+            raise CheckpointError(f"{q}: not a ModelOpt quantization config ({e})") from None
+        if isinstance(quant, dict) and quant.get("quant_algo"):
+            hf["quantization_config"] = {"quant_method": "modelopt", **quant}
+    return hf
 
 
 class SafetensorsDir:

@@ -31,6 +31,7 @@ from nestlm.arch import SubArch, count_active_params, count_params, sliced_confi
 from nestlm.config import MANIFEST, ROUTER_FILE
 from nestlm.convert import FAMILIES, config_from_hf, nemotron_h
 from nestlm.convert.io import (
+    QUANT_CONFIG,
     TOKENIZER_FILES,
     CheckpointError,
     SafetensorsDir,
@@ -64,7 +65,6 @@ from nestlm.quant.formats import (
 from nestlm.quant.packed import COMPANIONS, KV_SCALES, cut_quant_configs, materialize, packed_plan
 from nestlm.quant.packed import quantized_names as _quantized_names
 
-QUANT_CONFIG = "hf_quant_config.json"
 ALGO_FORMAT = {f.quant_algo: f.name for f in FORMATS.values()} | {"W4A16_NVFP4": "nvfp4"}
 
 

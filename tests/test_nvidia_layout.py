@@ -473,6 +473,28 @@ def test_cli_info_sub_gives_the_cut_figures(nano, tmp_path, capsys):
     assert cut["memory"] > cut["bytes"] and cut["memory"] < src["memory"]
 
 
+def test_cli_slice_sub_on_another_family(tmp_path, capsys):
+    """--sub and search work on every converted family: a Llama folder cut by head totals runs in plain
+    transformers with the logits of nestlm's nested forward."""
+    from conftest import saved_hf_pair, tiny_llama_config
+    from transformers import AutoModelForCausalLM
+
+    from nestlm.cli import main, search
+
+    _, src, ours = saved_hf_pair(tiny_llama_config, {}, tmp_path / "llama")
+    assert main(["slice", str(src), "--sub", "hidden=24,attn_heads=2,ffn=20", "-o", str(tmp_path / "cut")]) == 0
+    sub = SubArch(hidden=24, attn_heads_per_group=1, ffn=20)
+    hf = AutoModelForCausalLM.from_pretrained(tmp_path / "cut", dtype=torch.float32).eval()
+    ids = torch.randint(0, 96, (2, 10), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert_close(hf(ids).logits, ours(ids, sub=sub), **TOL)
+    with pytest.raises(SystemExit):
+        main(["slice", str(src), "--sub", "mamba_heads=4", "-o", str(tmp_path / "x")])
+    assert "the model has no Mamba heads" in capsys.readouterr().err
+    rows = search(str(src), params=0.6 * payload(src)[0], tol=0.1)["rows"]
+    assert rows and all(abs(r["deviation"]) <= 0.1 for r in rows)
+
+
 @pytest.mark.parametrize("fmt, args, match", [
     ("nvfp4", ["--sub", "hidden=88"], r"hidden=88 makes .* not a multiple of 16"),
     ("bf16", ["--sub", "attn_heads=5"], r"attn_heads=5 breaks the model's 2 KV groups"),

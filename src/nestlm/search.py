@@ -85,6 +85,9 @@ def parse_sub(spec: str | Path | dict, cfg: ModelConfig) -> SubArch:
         if alias not in d:
             continue
         n = _int(alias, d[alias])
+        if not getattr(SubArch.full(cfg), field):
+            raise ConfigError(f"--sub {alias}={n}: the model has no {'attention' if alias == 'attn_heads' else 'Mamba'}"
+                              " heads")
         if field in kw:
             raise ConfigError(f"--sub: give {alias} or {field}, not both")
         if not groups or n % groups:
@@ -180,9 +183,15 @@ def cut_info(path: str | Path, sub: str | dict | SubArch | None = None, seq_len:
 def _grid(cfg: ModelConfig, choices: str | Path | dict | None) -> dict[str, list[int]]:
     """{axis: widths} of the width grid: `choices` (a mapping axis -> list, or a YAML/JSON file holding one,
     or an ElasticConfig YAML with a `choices` key) resolved as ElasticConfig resolves them; default:
-    ElasticConfig's default choices."""
-    if choices is None:
-        ecfg = ElasticConfig()
+    ElasticConfig's default choices (fractions of each full width, rounded to whole widths)."""
+    if choices is None:  # the default fractions, rounded to whole widths (experts: at least top_k)
+        full, d = SubArch.full(cfg), {}
+        for ax, fracs in ElasticConfig().choices.items():
+            f = getattr(full, ax)
+            if f:
+                ws = sorted({max(1, round(x * f)) for x in fracs}, reverse=True)
+                d[ax] = [w for w in ws if ax != "experts" or w >= cfg.top_k]
+        ecfg = ElasticConfig(choices=d, align=1)
     else:
         if not isinstance(choices, dict) and not str(choices).endswith((".yaml", ".yml", ".json")):
             raise ConfigError(f"--choices {choices}: give a .yaml / .json file")

@@ -5,7 +5,9 @@
     nestlm elastify CONFIG.yaml --model HF_DIR --text FILE|--kjv --out DIR [--max-steps N] [--fresh]
     nestlm plan CONFIG.yaml --model HF_DIR [--gpus N --parallel fsdp2 --gpu-memory 80GB]   # memory per GPU
     nestlm slice ELASTIC_DIR --budget NAME|FRACTION -o DIR      # streamed: a plain HF checkpoint
-    nestlm info PATH                                  # elastic checkpoint: budgets, storage; HF folder: config
+    nestlm slice SRC --sub hidden=1792,moe_ffn=1024 -o DIR      # any plain / packed folder, explicit widths
+    nestlm search SRC --params 12e9 | --active 2e9 | --memory BYTES [--seq-len N] [--choices FILE.yaml]
+    nestlm info PATH [--sub SPEC]                     # elastic checkpoint: budgets, storage; HF folder: config
     nestlm eval PATH [--text FILE] [--seq-len N] [--max-windows N] [--budget B ...]
     nestlm convert SRC DST                            # HF -> nestlm -> HF round trip
     nestlm generate PATH --prompt TEXT [--max-new-tokens N]
@@ -156,11 +158,19 @@ def _bytes(text: str) -> int:
     return int(n)
 
 
-def slice(elastic_dir: str, budget: str, out: str, overwrite: bool = False) -> Path:
-    """nestlm.slicing.slice: one budget (a manifest name, or a fraction) of an elastic checkpoint, streamed
-    into a plain HF checkpoint folder."""
+def slice(elastic_dir: str, out: str, budget: str | None = None, sub: str | None = None,
+          overwrite: bool = False) -> Path:
+    """nestlm.slicing.slice: one budget (a manifest name, or a fraction) of an elastic checkpoint, or the
+    explicit cut `sub` (SubArch fields: "hidden=1792,moe_ffn=1024" or a .yaml / .json file; see
+    nestlm.search.parse_sub) of any plain or packed folder, streamed into a checkpoint folder."""
     from nestlm.slicing import slice as run_slice
 
+    if (budget is None) == (sub is None):
+        raise UsageError("give one of --budget NAME|FRACTION or --sub hidden=...,moe_ffn=... (or FILE.yaml)")
+    if sub is not None:
+        from nestlm.search import parse_sub
+
+        budget = parse_sub(sub, config_from_hf(read_config(elastic_dir)))
     stats: dict = {}
     try:
         dst = run_slice(elastic_dir, budget, out, overwrite=overwrite, stats=stats)
@@ -172,9 +182,17 @@ def slice(elastic_dir: str, budget: str, out: str, overwrite: bool = False) -> P
     return dst
 
 
-def info(path: str, seq_len: int = 4096) -> dict:
+def info(path: str, seq_len: int = 4096, sub: str | None = None) -> dict:
     """An elastic checkpoint (with nestlm_elastic.json): its budgets and storage (nestlm.info.info).
-    A plain HF folder: family, ModelConfig, parameter counts and inference memory."""
+    A plain HF folder: family, ModelConfig, parameter counts and inference memory. With `sub`: parameters,
+    active parameters, bytes (in the folder's own formats) and memory of the folder and of that cut
+    (nestlm.search.cut_info)."""
+    if sub is not None:
+        from nestlm.search import cut_info, format_rows
+
+        d = cut_info(path, sub, seq_len=seq_len)
+        print(format_rows(d, "name"))
+        return d
     if (Path(path) / MANIFEST).is_file():
         from nestlm.info import format_info as format_elastic
         from nestlm.info import info as elastic_info
@@ -196,6 +214,21 @@ def info(path: str, seq_len: int = 4096) -> dict:
         out["quantization"] = {"quant_algo": qc.get("quant_algo", "quantized"), "bytes": stored}
     print(format_info(out, cfg))
     return out
+
+
+def search(path: str, params: float | None = None, active: float | None = None, memory: float | None = None,
+           seq_len: int = 4096, choices: str | None = None, tol: float = 0.05, top: int = 10) -> dict:
+    """nestlm.search.search: SubArchs on a width grid near a parameter, active-parameter or memory target,
+    ranked, with their figures in the folder's own formats."""
+    from nestlm.search import format_rows
+    from nestlm.search import search as run_search
+
+    d = run_search(path, params=params, active=active, memory=memory, seq_len=seq_len, choices=choices, tol=tol,
+                   top=top)
+    print(format_rows(d, "rank"))
+    if not d["rows"]:
+        print(f"no SubArch of the grid lies within {tol:.0%}: widen --tol or give a finer --choices grid")
+    return d
 
 
 def format_info(d: dict, cfg: ModelConfig) -> str:
@@ -554,15 +587,32 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--gpu-memory", default=None, metavar="BYTES", help="e.g. 80GB or 80GiB: say whether it fits")
     c.add_argument("--dtype", default=None, choices=sorted(DTYPES), help="compute dtype (default bf16)")
 
-    c = sub.add_parser("slice", help="one budget of an elastic checkpoint as a plain HF checkpoint (streamed)")
-    c.add_argument("elastic_dir", metavar="ELASTIC_DIR")
-    c.add_argument("--budget", required=True, help="a manifest name (full, 75%%) or a fraction (0.6: interpolated)")
+    c = sub.add_parser("slice", help="a budget or an explicit cut of a checkpoint folder, streamed")
+    c.add_argument("elastic_dir", metavar="SRC", help="an elastic checkpoint, or any plain / packed HF folder")
+    g = c.add_mutually_exclusive_group(required=True)
+    g.add_argument("--budget", help="a manifest name (full, 75%%) or a fraction (0.6: interpolated)")
+    g.add_argument("--sub", help="SubArch widths: hidden=1792,moe_ffn=1024 (attn_heads / mamba_heads: totals), "
+                                 "or a .yaml / .json file")
     c.add_argument("-o", "--out", required=True, metavar="DIR")
     c.add_argument("--overwrite", action="store_true")
+
+    c = sub.add_parser("search", help="SubArchs on a width grid near a parameter / active / memory target")
+    c.add_argument("path", metavar="SRC")
+    g = c.add_mutually_exclusive_group(required=True)
+    g.add_argument("--params", type=float, help="target parameters (12e9)")
+    g.add_argument("--active", type=float, help="target active parameters per token (2e9)")
+    g.add_argument("--memory", type=float, metavar="BYTES", help="target inference memory in bytes (weights + "
+                                                                  "KV cache + SSM state at --seq-len, batch 1)")
+    c.add_argument("--seq-len", type=int, default=4096)
+    c.add_argument("--choices", metavar="FILE.yaml", help="width grid {axis: [widths or fractions]} "
+                                                          "(default: ElasticConfig's choices)")
+    c.add_argument("--tol", type=float, default=0.05, help="relative tolerance (default 0.05)")
+    c.add_argument("--top", type=int, default=10, help="list at most this many (default 10)")
 
     c = sub.add_parser("info", help="an elastic checkpoint's budgets and storage, or an HF folder's config")
     c.add_argument("path")
     c.add_argument("--seq-len", type=int, default=4096, help="context length for the memory estimate (HF folder)")
+    c.add_argument("--sub", default=None, help="also the figures of this cut (as nestlm slice --sub)")
 
     c = sub.add_parser("eval", help="perplexity of the parent and every budget on local text")
     c.add_argument("path")
@@ -636,9 +686,9 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-COMMANDS = {"demo": demo, "importance": importance, "elastify": elastify, "plan": plan, "slice": slice, "info": info,
-            "eval": evaluate, "quantize": quantize, "convert": convert, "generate": generate, "serve": serve,
-            "think": think}
+COMMANDS = {"demo": demo, "importance": importance, "elastify": elastify, "plan": plan, "slice": slice,
+            "search": search, "info": info, "eval": evaluate, "quantize": quantize, "convert": convert,
+            "generate": generate, "serve": serve, "think": think}
 
 
 # flag -> its smallest value (the flag's dest, as argparse names it); checked before a command runs

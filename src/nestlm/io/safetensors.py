@@ -22,6 +22,8 @@ from safetensors.torch import save_file
 from nestlm.errors import CheckpointError, ConfigError
 from nestlm.io.tokenizer import TOKENIZER_FILES
 
+QUANT_CONFIG = "hf_quant_config.json"  # a ModelOpt packed checkpoint's quantization settings
+
 __all__ = ["DTYPES", "ST_DTYPE", "SafetensorsDir", "Source", "atomic_dir", "check_output", "copy_files",
            "normal_permissions", "read_config", "split_shards", "write_checkpoint", "write_shards"]
 
@@ -42,9 +44,19 @@ def read_config(path: str | Path) -> dict:
     if not f.is_file():
         raise CheckpointError(f"{path}: no config.json")
     try:
-        return json.loads(f.read_text())
+        hf = json.loads(f.read_text())
     except json.JSONDecodeError as e:
         raise CheckpointError(f"{f}: not valid JSON ({e})") from None
+    q = path / QUANT_CONFIG
+    if isinstance(hf, dict) and "quantization_config" not in hf and q.is_file():
+        # older ModelOpt exports describe the packing only in hf_quant_config.json: read it as config.json's
+        try:
+            quant = json.loads(q.read_text()).get("quantization")
+        except (json.JSONDecodeError, AttributeError) as e:
+            raise CheckpointError(f"{q}: not a ModelOpt quantization config ({e})") from None
+        if isinstance(quant, dict) and quant.get("quant_algo"):
+            hf["quantization_config"] = {"quant_method": "modelopt", **quant}
+    return hf
 
 
 class SafetensorsDir:
@@ -144,7 +156,36 @@ class SafetensorsDir:
 
 class Source(SafetensorsDir):
     """A checkpoint folder's tensors, memory-mapped: names, shapes and dtypes from the headers, and prefix
-    reads that touch only the requested bytes."""
+    reads that touch only the requested bytes. `prefetch` asks the kernel to read rows ahead (cold caches);
+    `release` unmaps what was read so far (the mapped pages stop counting in the process's memory)."""
+
+    def __init__(self, path: str | Path):
+        super().__init__(path)
+        self._dir = Path(path)
+        self._extent: dict[str, tuple[Path, int, int]] = {}  # name -> (file, first byte, end byte)
+        for fname in self._handles:
+            with open(self._dir / fname, "rb") as f:
+                n = int.from_bytes(f.read(8), "little")
+                header = json.loads(f.read(n))
+            for k, v in header.items():
+                if k != "__metadata__":
+                    self._extent[k] = (self._dir / fname, 8 + n + v["data_offsets"][0], 8 + n + v["data_offsets"][1])
+
+    def prefetch(self, name: str, start: int, stop: int) -> None:
+        """Start reading rows start:stop (dim 0) of tensor `name` into the page cache (POSIX_FADV_WILLNEED)."""
+        fp, a, b = self._extent[name]
+        rows = self.shape(name)[0] if self.shape(name) else 1
+        row = (b - a) // max(rows, 1)
+        fd = os.open(fp, os.O_RDONLY)
+        try:
+            os.posix_fadvise(fd, a + start * row, (stop - start) * row, os.POSIX_FADV_WILLNEED)
+        finally:
+            os.close(fd)
+
+    def release(self) -> None:
+        """Re-open the files, unmapping the old maps: every tensor read before must be dead (they are views)."""
+        for fname in self._handles:
+            self._handles[fname] = safe_open(str(self._dir / fname), framework="pt")
 
     def dtype(self, name: str) -> torch.dtype:
         return DTYPES[self._handles[self._where[name]].get_slice(name).get_dtype()]

@@ -17,7 +17,7 @@ import torch
 from safetensors.torch import save_file
 
 from nestlm.arch import SubArch, sliced_config
-from nestlm.convert import FAMILIES, config_from_hf
+from nestlm.convert import FAMILIES
 from nestlm.elastic.artifact import (
     MANIFEST,
     ROUTER_FILE,
@@ -28,7 +28,7 @@ from nestlm.elastic.artifact import (
 )
 from nestlm.errors import CheckpointError, ConfigError
 from nestlm.io.safetensors import (
-    SafetensorsDir,
+    QUANT_CONFIG,
     atomic_dir,
     check_output,
     copy_files,
@@ -50,13 +50,11 @@ from nestlm.quant.formats import (
 )
 from nestlm.quant.packed import (
     COMPANIONS,
-    QUANT_CONFIG,
     Tensors,
-    format_of,
     pack_weights,
     quant_configs,
-    slice_packed,
 )
+from nestlm.slicing.packed import slice_packed
 
 
 # ---------------------------------------------------------------------------------------------- packing
@@ -135,24 +133,17 @@ def export_quantized(model, out_dir: str | Path, fmt: str | Format = "nvfp4", su
 
 
 def slice_quantized(src_dir: str | Path, out_dir: str | Path, budget: str | float | SubArch,
-                    overwrite: bool = False) -> Path:
+                    overwrite: bool = False, max_shard_bytes: int = 4 << 30, stats: dict | None = None) -> Path:
     """Cut the submodel `budget` (a manifest name, a fraction, or a SubArch) out of the packed checkpoint
-    src_dir by index ranges: packed codes and block scales are read as they are, nothing is requantized."""
-    path = Path(src_dir)
-    out = check_output(out_dir, path, overwrite=overwrite)  # before reading anything
-    hf = read_config(path)
-    fmt, weight_only = format_of(hf, path)
-    cfg = config_from_hf(hf)
-    manifest = read_manifest(path)
-    name, sub = resolve_budget(path, budget, cfg=cfg, manifest=manifest)
-    s = sub.resolve(cfg)
-    check_subarch(cfg, s, fmt)
-    src = SafetensorsDir(path)
-    tensors = slice_packed(src, cfg, s, fmt)
-    small = FAMILIES[cfg.family].config_to_hf(sliced_config(cfg, s))
-    small["dtype"] = hf.get("dtype", "float32")
-    prov = provenance(path, name, s, cfg, quant_format=fmt.name)
-    return _write(out, small, tensors, fmt, weight_only, path, {SLICE_FILE: prov}, (), overwrite)
+    src_dir by index ranges: packed codes and block scales are read as they are, nothing is requantized.
+    The streamed writer of nestlm.slicing (`slice_checkpoint`) does it; this name refuses a plain folder."""
+    from nestlm.slicing.write import slice_checkpoint  # (the writer imports nestlm.quant: load it on use)
+
+    if "quantization_config" not in read_config(src_dir):
+        raise CheckpointError(f"{src_dir}: config.json has no quantization_config (not a packed checkpoint; "
+                              "cut it with nestlm.slicing.slice)")
+    return slice_checkpoint(src_dir, budget, out_dir, overwrite=overwrite, max_shard_bytes=max_shard_bytes,
+                            stats=stats)
 
 
 # ---------------------------------------------------------------------------------------------- quantize

@@ -15,12 +15,14 @@ scales (blocks are whole).
 """
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import torch
 
-from nestlm.arch import SubArch
+from nestlm.arch import PAIRED_FAMILIES, SubArch
 from nestlm.errors import CheckpointError
+from nestlm.model.config import ModelConfig
 from nestlm.quant.fake import (
     quantized_weights,
     weight_scales,
@@ -36,8 +38,8 @@ from nestlm.quant.formats import (
     nvfp4_quantize,
 )
 
-QUANT_CONFIG = "hf_quant_config.json"
 COMPANIONS = ("weight_scale", "weight_scale_2", "input_scale")  # tensors beside a quantized `X.weight`
+KV_SCALES = ("k_scale", "v_scale")  # FP8 KV cache (kv_cache_quant_algo FP8): beside k_proj / v_proj
 ALGO_FORMAT = {f.quant_algo: f.name for f in FORMATS.values()} | {"W4A16_NVFP4": "nvfp4"}
 
 
@@ -90,69 +92,47 @@ class Tensors:
     def read(self, k, idx):
         return self.d[k][idx]
 
-
-class _Logical:
-    """A packed checkpoint's tensors seen with their unpacked shapes, for nestlm.slicing.plan."""
-
-    def __init__(self, src, fmt: Format):
-        self.src, self.fmt = src, fmt
-        self.quantized = quantized_names(src.keys())
-
-    def __contains__(self, k):
-        return k in self.src
-
-    def shape(self, k):
-        s = list(self.src.shape(k))
-        if k in self.quantized and self.fmt.name == "nvfp4":
-            s[-1] *= 2
-        return s
-
     def dtype(self, k):
-        return torch.float32  # plan records it; the gathered tensors keep their own dtypes
+        return self.d[k].dtype
 
 
-def _scaled(idx: tuple, div: int, name: str) -> tuple:
-    """The input-dim (last) slice of idx divided by div (2: nibbles, 16: block scales); whole blocks only."""
-    last = idx[-1]
-    a, b = last.start or 0, last.stop
-    if a % BLOCK or (b is not None and b % BLOCK):
-        raise CheckpointError(f"{name}: input columns {a}:{b} are not whole blocks of {BLOCK}")
-    return idx[:-1] + (slice(a // div, None if b is None else b // div),)
+def _layer_map(cfg: ModelConfig, s: SubArch) -> dict[int, int]:
+    """{source HF layer index: its index in the cut} for the kept layers (paired families: layer = 2 blocks)."""
+    if cfg.family in PAIRED_FAMILIES:
+        kept = sorted({i // 2 for i in s.layers})
+    else:
+        kept = list(s.layers)
+    return {old: new for new, old in enumerate(kept)}
 
 
-def _gather(src, t, fmt: Format, quantized: set[str]) -> dict[str, torch.Tensor]:
-    """The output tensor `t` of nestlm.slicing.plan (and its companions) read from the packed `src`."""
-    name = t.pieces[0].src
-
-    def cat(tensor_name, div=1):
-        parts = [src.read(tensor_name, _scaled(pc.idx, div, tensor_name) if div > 1 else pc.idx)
-                 for pc in t.pieces]
-        return torch.cat(parts, dim=t.dim) if len(parts) > 1 else parts[0]
-
-    if name not in quantized:
-        return {t.name: cat(name).contiguous()}
-    base, out_base = name.removesuffix("weight"), t.name.removesuffix("weight")
-    out = {t.name: cat(name, 2 if fmt.name == "nvfp4" else 1)}
-    if fmt.name == "nvfp4":
-        out[out_base + "weight_scale"] = cat(base + "weight_scale", BLOCK)
-    elif fmt.name == "fp8_channel":  # [out]: the rows of the weight
-        rows = [src.read(base + "weight_scale", pc.idx[:1]) for pc in t.pieces]
-        out[out_base + "weight_scale"] = torch.cat(rows) if t.dim == 0 else rows[0]
-    for comp in ("weight_scale", "weight_scale_2", "input_scale"):
-        if out_base + comp not in out and base + comp in src:
-            out[out_base + comp] = src.get(base + comp)
-    return {k: v.contiguous() for k, v in out.items()}
-
-
-def slice_packed(src, cfg, s: SubArch, fmt: Format) -> dict[str, torch.Tensor]:
-    """Every HF tensor of the submodel s cut out of the packed full tensors `src` (by index ranges)."""
-    from nestlm.slicing import plan
-
-    quantized = quantized_names(src.keys())
-    out = {}
-    for t in plan(_Logical(src, fmt), cfg, s):
-        out.update(_gather(src, t, fmt, quantized))
+def renumber_modules(modules: list[str], cfg: ModelConfig, s: SubArch) -> list[str]:
+    """Module names (an exclude list) for the cut `s`: names inside a dropped layer go, names inside a kept
+    layer get its new index; any other entry (lm_head, a wildcard) stays as it is."""
+    new = _layer_map(cfg, s)
+    out = []
+    for mod in modules:
+        m = re.match(r"^((?:backbone|model)\.layers\.)(\d+)(\..*)?$", mod)
+        if not m:
+            out.append(mod)
+        elif int(m[2]) in new:
+            out.append(f"{m[1]}{new[int(m[2])]}{m[3] or ''}")
     return out
+
+
+def cut_quant_configs(hq: dict, qc: dict, cfg: ModelConfig, s: SubArch) -> tuple[dict, dict]:
+    """The source's hf_quant_config.json and config.json quantization_config for the cut `s`: every setting
+    kept (producer, quant_algo, kv_cache_quant_algo, group_size, ...), the module lists renumbered."""
+    hq = dict(hq)
+    if isinstance(hq.get("quantization"), dict):
+        q = dict(hq["quantization"])
+        if isinstance(q.get("exclude_modules"), list):
+            q["exclude_modules"] = renumber_modules(q["exclude_modules"], cfg, s)
+        hq["quantization"] = q
+    qc = dict(qc)
+    for key in ("exclude_modules", "ignore"):
+        if isinstance(qc.get(key), list):
+            qc[key] = renumber_modules(qc[key], cfg, s)
+    return hq, qc
 
 
 def quant_configs(fmt: Format, tensors: dict, weight_only: bool) -> tuple[dict, dict]:
@@ -199,6 +179,8 @@ def dequantize_state(tensors: dict[str, torch.Tensor], dtype: torch.dtype = torc
     out = {}
     for k, v in tensors.items():
         if any(k.endswith("." + c) for c in COMPANIONS) and k.rsplit(".", 1)[0] + ".weight" in quantized:
+            continue
+        if k.endswith(tuple("." + c for c in KV_SCALES)):  # the FP8 KV cache's scales: not used here
             continue
         if k in quantized:
             base = k.removesuffix("weight")

@@ -4,7 +4,8 @@
     nestlm.slicing.slice("out/elastic", 0.6, "out/60")           # a fraction: trained, or interpolated
     nestlm.slicing.slice("path/hf", SubArch(hidden=448), "out")  # any folder, any explicit SubArch
 
-Modules: plan (which bytes of which source tensor make each output tensor), write (the streamed writer).
+Modules: plan (which bytes of which source tensor make each output tensor), packed (the same for a packed
+FP8 / NVFP4 folder), write (the streamed writer, plain and packed).
 """
 
 from nestlm.elastic.artifact import resolve_budget

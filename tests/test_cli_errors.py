@@ -111,7 +111,7 @@ def bad_cases() -> list[tuple[str, list[str]]]:
             if d in OUTPUTS and "--overwrite" in {o for x in _actions(command) for o in x.option_strings}:
                 src = next(x for x in start[1:] if x.startswith("{") and not x.startswith("{scratch"))
                 add(_replace(start, a, src) + ["--overwrite"])  # overwrite never replaces an input
-    return cases
+    return [c for i, c in enumerate(cases) if c not in cases[:i]]  # once each
 
 
 CASES = bad_cases()

@@ -193,3 +193,12 @@ def assert_round_trip_exact(hf, src_dir, ours, out_dir, ids):
     with torch.no_grad():
         assert torch.equal(back(ids).logits, hf(ids).logits)
     assert nestlm.from_hf(out).cfg == ours.cfg
+
+
+@pytest.fixture(scope="session")
+def cli_world(tmp_path_factory):
+    """The folders of tests/cli_world.py (parent, text, elastic, slice, packed), built once per session for the
+    careless-user tests (test_careless.py, test_cli_errors.py); tests that damage them work on a copy."""
+    from cli_world import make_world
+
+    return make_world(tmp_path_factory.mktemp("cli_world"))

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from cli_world import make_world, run, snapshot
+from cli_world import run, snapshot
 
 import nestlm
 from nestlm.data import ByteTokenizer
@@ -27,8 +27,8 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
-def world(tmp_path_factory):
-    return make_world(tmp_path_factory.mktemp("world"))
+def world(cli_world):
+    return cli_world
 
 
 @pytest.fixture

@@ -15,7 +15,7 @@ import argparse
 import json
 
 import pytest
-from cli_world import make_world, run, snapshot
+from cli_world import run, snapshot
 
 from nestlm.cli import MAXIMUM, MINIMUM, build_parser
 
@@ -111,15 +111,15 @@ def bad_cases() -> list[tuple[str, list[str]]]:
             if d in OUTPUTS and "--overwrite" in {o for x in _actions(command) for o in x.option_strings}:
                 src = next(x for x in start[1:] if x.startswith("{") and not x.startswith("{scratch"))
                 add(_replace(start, a, src) + ["--overwrite"])  # overwrite never replaces an input
-    return cases
+    return [c for i, c in enumerate(cases) if c not in cases[:i]]  # once each
 
 
 CASES = bad_cases()
 
 
 @pytest.fixture(scope="module")
-def world(tmp_path_factory):
-    w = make_world(tmp_path_factory.mktemp("world"))
+def world(cli_world):
+    w = cli_world  # shared with test_careless.py: the bad folders below are added beside the world's
     root = w["root"]
     bad = {"scratch": root / "scratch", "empty_dir": root / "empty_dir", "foreign_dir": root / "foreign_dir",
            "broken_config": root / "broken_config", "foreign_config": root / "foreign_config",
@@ -127,7 +127,7 @@ def world(tmp_path_factory):
            "bad_steps_yaml": root / "steps.yaml", "unknown_key_yaml": root / "key.yaml",
            "negative_budget_yaml": root / "budget.yaml"}
     for k in ("scratch", "empty_dir", "foreign_dir", "broken_config", "foreign_config"):
-        bad[k].mkdir()
+        bad[k].mkdir(exist_ok=True)
     (bad["foreign_dir"] / "notes.txt").write_text("not the demo's")
     (bad["broken_config"] / "config.json").write_text("{not json")
     (bad["foreign_config"] / "config.json").write_text(json.dumps({"model_type": "gpt2"}))

@@ -26,13 +26,12 @@ from pathlib import Path
 
 import torch
 
-from nestlm.arch import count_active_params, count_memory, count_params
+from nestlm.arch import count_params
 from nestlm.convert import config_from_hf
 from nestlm.device import DTYPES, autocast, resolve
 from nestlm.elastic.artifact import MANIFEST, read_provenance
 from nestlm.errors import CheckpointError, ConfigError
-from nestlm.io.safetensors import SafetensorsDir, check_output, read_config
-from nestlm.model.config import ModelConfig
+from nestlm.io.safetensors import check_output, read_config
 
 
 class UsageError(Exception):
@@ -200,20 +199,11 @@ def info(path: str, seq_len: int = 4096, sub: str | None = None) -> dict:
         d = elastic_info(path)
         print(format_elastic(d))
         return d
-    hf = read_config(path)
-    cfg = config_from_hf(hf)
-    SafetensorsDir(path)  # the weights' headers and sizes (cheap): missing or truncated files fail here
-    mem = count_memory(cfg, seq_len=seq_len)
-    out = {"path": str(path), "family": cfg.family, "architectures": hf.get("architectures"),
-           "config": cfg.to_dict(), "params": count_params(cfg), "active_params": count_active_params(cfg),
-           "memory": mem, "seq_len": seq_len}
-    qc = hf.get("quantization_config")
-    if qc:  # packed FP8 / NVFP4: the weights as stored, measured
-        stored = sum(f.stat().st_size for f in Path(path).glob("*.safetensors"))
-        mem.update(total=mem["total"] - mem["weights"] + stored, weights=stored)
-        out["quantization"] = {"quant_algo": qc.get("quant_algo", "quantized"), "bytes": stored}
-    print(format_info(out, cfg))
-    return out
+    from nestlm.info import config_info, format_config_info
+
+    d = config_info(path, seq_len)
+    print(format_config_info(d))
+    return d
 
 
 def search(path: str, params: float | None = None, active: float | None = None, memory: float | None = None,
@@ -229,33 +219,6 @@ def search(path: str, params: float | None = None, active: float | None = None, 
     if not d["rows"]:
         print(f"no SubArch of the grid lies within {tol:.0%}: widen --tol or give a finer --choices grid")
     return d
-
-
-def format_info(d: dict, cfg: ModelConfig) -> str:
-    kinds = ", ".join(f"{cfg.pattern.count(c)} {name}" for c, name in
-                      (("M", "mamba"), ("*", "attention"), ("-", "mlp"), ("E", "moe")) if c in cfg.pattern)
-    rows = [("family", f"{d['family']} ({', '.join(d['architectures'] or [])})"),
-            ("pattern", f"{cfg.pattern}  ({cfg.n_blocks} blocks: {kinds})")]
-    defaults = ModelConfig(vocab_size=1, hidden_size=1, pattern="-", intermediate_size=1).to_dict()
-    always = ("vocab_size", "hidden_size")
-    rows += [(k, str(v)) for k, v in d["config"].items()
-             if k not in ("pattern", "family") and (v != defaults.get(k) or k in always)]
-    rows += [("parameters", f"{d['params']:,}"), ("active parameters", f"{d['active_params']:,}")]
-    q = d.get("quantization")
-    if q:
-        rows += [("quantization", f"{q['quant_algo']} packed (ModelOpt layout): nestlm and vLLM load it, plain "
-                                  "transformers does not")]
-    mem = d["memory"]
-    memory = (f"{_gib(mem['total'])} = weights {_gib(mem['weights'])} "
-              f"({q['quant_algo'] + ', as stored' if q else 'bf16'}) + kv cache "
-              f"{_gib(mem['kv_cache'])} + ssm state {_gib(mem['ssm_state'])}")
-    rows += [(f"memory @ {d['seq_len']} tokens", memory)]
-    w = max(len(k) for k, _ in rows)
-    return "\n".join(f"{k.ljust(w)}  {v}" for k, v in rows)
-
-
-def _gib(n: int) -> str:
-    return f"{n / 2**30:.3f} GiB" if n >= 2**27 else f"{n / 2**20:.2f} MiB"
 
 
 def evaluate(path: str, text: str | None = None, seq_len: int = 256, max_windows: int | None = 32,

@@ -9,18 +9,19 @@ from pathlib import Path
 
 import torch
 
-from nestlm.arch import SubArch, count_active_params, count_params, sliced_config
-from nestlm.convert import FAMILIES
+from nestlm.arch import SubArch, count_active_params, count_memory, count_params, sliced_config
+from nestlm.convert import FAMILIES, config_from_hf
 from nestlm.elastic.artifact import (
     read_provenance,
 )
 from nestlm.io.safetensors import (
+    SafetensorsDir,
     read_config,
 )
 from nestlm.model.config import ModelConfig
 from nestlm.slicing.plan import open_source
 
-__all__ = ["format_info", "info"]
+__all__ = ["config_info", "format_config_info", "format_info", "info"]
 
 
 def _stored_params(cfg: ModelConfig, sub: SubArch | None) -> int:
@@ -145,3 +146,51 @@ def _ranges_str(v: list[int]) -> str:
         out.append(str(v[i]) if i == j else f"{v[i]}-{v[j]}")
         i = j + 1
     return ",".join(out)
+
+
+def config_info(path: str | Path, seq_len: int = 4096) -> dict:
+    """`nestlm info` of a plain (or packed) HF folder: family, ModelConfig, parameter counts and inference
+    memory at `seq_len` tokens (a packed folder: its weights as stored, measured). Reads config.json and
+    the safetensors headers only (missing or truncated weight files fail here, cheaply)."""
+    hf = read_config(path)
+    cfg = config_from_hf(hf)
+    SafetensorsDir(path)  # the weights' headers and sizes (cheap): missing or truncated files fail here
+    mem = count_memory(cfg, seq_len=seq_len)
+    out = {"path": str(path), "family": cfg.family, "architectures": hf.get("architectures"),
+           "config": cfg.to_dict(), "params": count_params(cfg), "active_params": count_active_params(cfg),
+           "memory": mem, "seq_len": seq_len}
+    qc = hf.get("quantization_config")
+    if qc:  # packed FP8 / NVFP4: the weights as stored, measured
+        stored = sum(f.stat().st_size for f in Path(path).glob("*.safetensors"))
+        mem.update(total=mem["total"] - mem["weights"] + stored, weights=stored)
+        out["quantization"] = {"quant_algo": qc.get("quant_algo", "quantized"), "bytes": stored}
+    return out
+
+
+def format_config_info(d: dict) -> str:
+    """config_info's table: one row a setting that differs from ModelConfig's defaults, then the counts."""
+    cfg = ModelConfig.from_dict(d["config"])
+    kinds = ", ".join(f"{cfg.pattern.count(c)} {name}" for c, name in
+                      (("M", "mamba"), ("*", "attention"), ("-", "mlp"), ("E", "moe")) if c in cfg.pattern)
+    rows = [("family", f"{d['family']} ({', '.join(d['architectures'] or [])})"),
+            ("pattern", f"{cfg.pattern}  ({cfg.n_blocks} blocks: {kinds})")]
+    defaults = ModelConfig(vocab_size=1, hidden_size=1, pattern="-", intermediate_size=1).to_dict()
+    always = ("vocab_size", "hidden_size")
+    rows += [(k, str(v)) for k, v in d["config"].items()
+             if k not in ("pattern", "family") and (v != defaults.get(k) or k in always)]
+    rows += [("parameters", f"{d['params']:,}"), ("active parameters", f"{d['active_params']:,}")]
+    q = d.get("quantization")
+    if q:
+        rows += [("quantization", f"{q['quant_algo']} packed (ModelOpt layout): nestlm and vLLM load it, plain "
+                                  "transformers does not")]
+    mem = d["memory"]
+    memory = (f"{_gib(mem['total'])} = weights {_gib(mem['weights'])} "
+              f"({q['quant_algo'] + ', as stored' if q else 'bf16'}) + kv cache "
+              f"{_gib(mem['kv_cache'])} + ssm state {_gib(mem['ssm_state'])}")
+    rows += [(f"memory @ {d['seq_len']} tokens", memory)]
+    w = max(len(k) for k, _ in rows)
+    return "\n".join(f"{k.ljust(w)}  {v}" for k, v in rows)
+
+
+def _gib(n: int) -> str:
+    return f"{n / 2**30:.3f} GiB" if n >= 2**27 else f"{n / 2**20:.2f} MiB"

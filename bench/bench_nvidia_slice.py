@@ -8,8 +8,9 @@ precision (the attention layer and the Mamba layer before it in bf16), cut to 23
 
 What is measured, per source format and cut (medians of --repeats):
     slice s   the whole slice() call in a fresh python process (open, plan, read, write, rename) + `sync`;
-              the libraries (torch, nestlm, transformers' config classes) are imported before the clock starts
-              and their import time is printed apart (a `nestlm slice` command pays it once)
+              the libraries (torch, torch._dynamo, nestlm with nestlm.quant, transformers' config classes) are
+              imported before the clock starts and their import time is printed apart (a `nestlm slice`
+              command pays it once)
     cp s      `cp` of the same output files (same disk) + `sync`
     ratio     cp s / slice s: slicing throughput as a fraction of copying its output bytes
     cold      page cache dropped before each timed run (root: `sync; echo 3 > /proc/sys/vm/drop_caches`; else
@@ -168,7 +169,9 @@ def status(key):
     return 0
 t_import = time.perf_counter()
 import torch, torch._dynamo, nestlm, transformers.models.auto  # slice() checks the cut's config with transformers;
-# building the meta-device model that checks shapes imports torch._dynamo (a one-time cost per process)
+# building the meta-device model that checks shapes imports torch._dynamo (a one-time cost per process);
+# the modules slice() imports lazily (packed folders: nestlm.quant; the cut's config class): also once per process
+import nestlm.quant, nestlm.model.decoder, transformers.models.nemotron_h.configuration_nemotron_h
 from nestlm.arch import SubArch
 from nestlm.slicing import slice as slice_
 t_import = time.perf_counter() - t_import

@@ -162,7 +162,12 @@ def summarize(configs: list[Setup], rec: dict) -> list[dict]:
             "tok_per_s": sum(r["new_tokens"] for r in rs) / secs,
             "compute": statistics.mean(r["compute"] for r in rs) / ref["compute"],
             "reads": statistics.mean(r["reads"] for r in rs) / ref["reads"]})
-    for r in rows:  # Pareto: no other row is at least as accurate and as fast, and strictly better in one
+    return mark_pareto(rows)
+
+
+def mark_pareto(rows: list[dict]) -> list[dict]:
+    """Each row's "pareto": no other row is at least as accurate and as fast, and strictly better in one."""
+    for r in rows:
         r["pareto"] = not any(
             o is not r and o["accuracy"] >= r["accuracy"] and o["latency_ms"] <= r["latency_ms"]
             and (o["accuracy"] > r["accuracy"] or o["latency_ms"] < r["latency_ms"]) for o in rows)

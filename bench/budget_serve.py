@@ -67,11 +67,7 @@ def summarize(configs, rec: dict) -> list[dict]:
                      "tag": statistics.mean(r["tag"] for r in rs),
                      "latency_ms": 1000 * statistics.median(r["seconds"] for r in rs),
                      "server_ms": 1000 * statistics.median(r["server_s"] for r in rs)})
-    for r in rows:  # Pareto: no other row is at least as accurate and as fast, and strictly better in one
-        r["pareto"] = not any(
-            o is not r and o["accuracy"] >= r["accuracy"] and o["latency_ms"] <= r["latency_ms"]
-            and (o["accuracy"] > r["accuracy"] or o["latency_ms"] < r["latency_ms"]) for o in rows)
-    return rows
+    return budget_control.mark_pareto(rows)
 
 
 def format_table(rows: list[dict]) -> str:

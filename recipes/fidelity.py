@@ -127,6 +127,8 @@ def run_seed(seed: int, parent, train_ids, val_ids, sizes: Sizes, out: Path) -> 
         row = {"fraction": frac, "params": count_params(cfg, sub), "cost": count_params(cfg, sub) / full,
                "router_own_cost": count_params(cfg, own) / full,
                "zero_shot": ppl(teacher, sub), "elastic": ppl(elastic, sub)}
+        if own != sub:  # the manifest rescued a cost within tolerance: how good is what training sampled?
+            row["elastic_router_own"] = ppl(elastic, own)
         if frac < 1.0:
             for key, steps in (("alone_T/(K-1)", sizes.steps // (k - 1)), ("alone_T", sizes.steps)):
                 t0 = time.perf_counter()
@@ -137,7 +139,7 @@ def run_seed(seed: int, parent, train_ids, val_ids, sizes: Sizes, out: Path) -> 
                 row[f"{key} s"] = time.perf_counter() - t0
         rec["budgets"].append(row)
         print(f"seed {seed} {budget_name(frac)}: " + ", ".join(
-            f"{key} {row[key]:.3f}" for key in ("zero_shot", "elastic", "alone_T/(K-1)", "alone_T") if key in row))
+            f"{key} {row[key]:.3f}" for key in ("zero_shot", "elastic", "elastic_router_own", "alone_T/(K-1)", "alone_T") if key in row))
     return rec
 
 

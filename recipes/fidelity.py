@@ -173,8 +173,8 @@ def summarize(seeds: list[dict], parent_ppl: float) -> tuple[list[dict], str]:
         params = "/".join(f"{p:,}" for p in sorted(set(r["params"])))
         lines.append("| " + " | ".join([
             r["budget"], params, f"{r['cost_dev']:.1%} / {r['own_cost_dev']:.1%}", mean_sd(r["zero_shot"]), mean_sd(r["elastic"]),
-            mean_sd(r["alone_T/(K-1)"]) + (" (parent)" if r["budget"] == "100%" else ""),
-            mean_sd(r["alone_T"]) + (" (parent)" if r["budget"] == "100%" else ""),
+            mean_sd(r["alone_T/(K-1)"]) + (" (parent)" if r["budget"] == budget_name(1.0) else ""),
+            mean_sd(r["alone_T"]) + (" (parent)" if r["budget"] == budget_name(1.0) else ""),
             mean_sd(r["ratio_half"]), mean_sd(r["ratio_full"])]) + " |")
     return rows, "\n".join(lines)
 

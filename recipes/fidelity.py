@@ -1,0 +1,236 @@
+"""Fidelity protocol (issue 18): is one elastic run as good as compressing each size alone?
+
+    python recipes/fidelity.py --seeds 0 1 2 --out runs/fidelity     # < 15 minutes on 2 idle CPU cores
+    python recipes/fidelity.py --quick --seeds 0 --out /tmp/fid       # tiny sizes, < 2 minutes
+
+1. parent: the demo's small hybrid (nestlm.demo.demo_config) pretrained on the bundled KJV text and sorted by
+   importance (the full model's function is unchanged); cached in OUT/parent/ and reused by later runs with
+   the same settings
+2. per seed, with T = steps * batch * seq_len training tokens:
+   a. elastic: ONE nestlm.elastify run over the K budgets (1.0, 0.75, 0.5) with the demo's settings
+   b. alone: every smaller budget cut from the sorted parent at exactly the SubArch the elastic run's manifest
+      chose for it (so the sizes match), distilled alone from the same frozen teacher with the same KD loss,
+      optimizer and data stream, once with T / (K - 1) tokens (equal total compute) and once with T tokens
+3. held-out perplexity (the last 5% of the text) of every model; mean and spread over seeds; the full model
+   against its parent. Prints a markdown table and writes OUT/results.json.
+
+Nothing here changes a library default: the elastic settings are the demo's (nestlm.demo.elastic_config).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+import nestlm
+from nestlm.arch import SubArch, count_params
+from nestlm.data import ByteTokenizer, kjv_text, perplexity, split
+from nestlm.demo import BUDGETS, demo_config, elastic_config, pretrain, sort_by_importance, torch_threads
+from nestlm.elastic.config import budget_name
+from nestlm.elastic.losses import kd_loss
+from nestlm.elastic.optim import adamw
+from nestlm.elastic.train import get_batch
+from nestlm.load import load_elastic
+from nestlm.model.extract import extract
+
+
+@dataclasses.dataclass(frozen=True)
+class Sizes:
+    pretrain_steps: int  # parent pretraining
+    steps: int  # elastic steps; T = steps * batch * seq_len
+    batch: int
+    seq_len: int
+    eval_windows: int  # held-out windows of seq_len per perplexity
+
+
+FULL = Sizes(pretrain_steps=300, steps=120, batch=8, seq_len=128, eval_windows=64)
+QUICK = Sizes(pretrain_steps=30, steps=16, batch=4, seq_len=64, eval_windows=8)
+
+
+# ------------------------------------------------------------------------------------------ 1. the parent
+def sorted_parent(out: Path, sizes: Sizes, train_ids: torch.Tensor):
+    """The pretrained, importance-sorted parent: loaded from out/parent if it was made with these sizes,
+    else pretrained (seed 0), sorted and saved there."""
+    folder, meta_path = out / "parent", out / "parent" / "fidelity_parent.json"
+    meta = {"pretrain_steps": sizes.pretrain_steps, "batch": sizes.batch, "seq_len": sizes.seq_len, "seed": 0}
+    if meta_path.is_file() and json.loads(meta_path.read_text()).get("sizes") == meta:
+        print(f"reusing the parent in {folder}")
+        return nestlm.from_hf(folder), json.loads(meta_path.read_text())
+    cfg = demo_config(ByteTokenizer().vocab_size)
+    model = nestlm.Decoder(cfg).init_weights(0)
+    gen = torch.Generator().manual_seed(0)
+    t0 = time.perf_counter()
+    losses = pretrain(model, train_ids, sizes.pretrain_steps, sizes.batch, sizes.seq_len, lr=3e-3, gen=gen)
+    sorting = sort_by_importance(model, train_ids, sizes.batch, sizes.seq_len, n_batches=4, gen=gen)
+    nestlm.to_hf(model, folder, overwrite=True)
+    info = {"sizes": meta, "final_loss": sum(losses[-10:]) / len(losses[-10:]), "sorting": sorting["note"],
+            "seconds": time.perf_counter() - t0}
+    meta_path.write_text(json.dumps(info, indent=2))
+    return model, info
+
+
+# ------------------------------------------------------------------------------------------ 2b. one size alone
+def distill_alone(teacher, sub: SubArch, data: torch.Tensor, steps: int, ecfg) -> tuple[torch.nn.Module, list]:
+    """The submodel `sub` cut from the sorted parent and distilled alone from the frozen parent: the elastic
+    loop's KD loss, temperature, optimizer and learning rate, on the same data stream (get_batch from pos 0).
+    Returns (the standalone model, its KD loss per step)."""
+    student = extract(teacher, sub).train()
+    opt = adamw(student.parameters(), lr=ecfg.lr_model, weight_decay=ecfg.weight_decay)
+    losses = []
+    for pos in range(steps):
+        ids = get_batch(data, pos, ecfg.batch, ecfg.seq_len)  # [b, t]
+        with torch.no_grad():
+            t_logits = teacher(ids)  # [b, t, V]
+        loss = kd_loss(student(ids), t_logits, ecfg.kd_temperature)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    return student.eval(), losses
+
+
+# ------------------------------------------------------------------------------------------ 2. one seed
+def run_seed(seed: int, parent, train_ids, val_ids, sizes: Sizes, out: Path) -> dict:
+    """The elastic run and the independent baselines of one seed: held-out perplexity of every model."""
+    cfg, full = parent.cfg, count_params(parent.cfg)
+    teacher = parent.eval()  # frozen: used under no_grad only (elastify copies it before training)
+
+    def ppl(m, sub=None):
+        return perplexity(m, val_ids, sizes.seq_len, batch=16, sub=sub, max_windows=sizes.eval_windows)
+
+    gen = torch.Generator().manual_seed(1000 + seed)
+    start = int(torch.randint(0, len(train_ids) // 2, (1,), generator=gen))
+    data = train_ids[start:]  # the same token stream for the elastic run and every run alone
+    ecfg = elastic_config(sizes.steps, sizes.batch, sizes.seq_len, seed)
+    tokens = sizes.steps * sizes.batch * sizes.seq_len * ecfg.grad_accum  # T
+    k = len(BUDGETS)
+
+    # a. one elastic run over all budgets
+    edir = out / f"seed{seed}" / "elastic"
+    t0 = time.perf_counter()
+    nestlm.elastify(ecfg, parent, data, edir, resume=False, progress=False, device="cpu", dtype="fp32")
+    elastic, _, manifest = load_elastic(edir)
+    rec = {"seed": seed, "tokens_elastic": tokens, "elastic_s": time.perf_counter() - t0, "budgets": []}
+
+    # b. each smaller size alone, with T / (K - 1) and with T tokens
+    for frac in BUDGETS:
+        entry = manifest["budgets"][budget_name(frac)]
+        sub = SubArch.from_dict(entry["sub"])
+        own = SubArch.from_dict(entry.get("argmax_sub", entry["sub"]))  # the router's own per-axis choice
+        row = {"fraction": frac, "params": count_params(cfg, sub), "cost": count_params(cfg, sub) / full,
+               "router_own_cost": count_params(cfg, own) / full,
+               "zero_shot": ppl(teacher, sub), "elastic": ppl(elastic, sub)}
+        if own != sub:  # the manifest rescued a cost within tolerance: how good is what training sampled?
+            row["elastic_router_own"] = ppl(elastic, own)
+        if frac < 1.0:
+            for key, steps in (("alone_T/(K-1)", sizes.steps // (k - 1)), ("alone_T", sizes.steps)):
+                t0 = time.perf_counter()
+                small, losses = distill_alone(teacher, sub, data, steps, ecfg)
+                row[key] = ppl(small)
+                row[f"{key} tokens"] = steps * sizes.batch * sizes.seq_len
+                row[f"{key} kd first/last"] = [losses[0], sum(losses[-5:]) / len(losses[-5:])]
+                row[f"{key} s"] = time.perf_counter() - t0
+        rec["budgets"].append(row)
+        print(f"seed {seed} {budget_name(frac)}: " + ", ".join(
+            f"{key} {row[key]:.3f}" for key in ("zero_shot", "elastic", "elastic_router_own", "alone_T/(K-1)", "alone_T") if key in row))
+    return rec
+
+
+# ------------------------------------------------------------------------------------------ 3. the table
+def mean_sd(xs: list[float]) -> str:
+    return f"{statistics.fmean(xs):.3f} ± {statistics.stdev(xs):.3f}" if len(xs) > 1 else f"{xs[0]:.3f}"
+
+
+COLUMNS = ["budget", "params", "cost off target: manifest / router's own (max)", "sliced, 0-shot", "elastic (T)",
+           "alone T/(K-1)", "alone T", "elastic / alone T/(K-1)", "elastic / alone T"]
+
+
+def summarize(seeds: list[dict], parent_ppl: float) -> tuple[list[dict], str]:
+    """Per budget over seeds: mean ± sample standard deviation of each perplexity; the table as markdown."""
+    rows = []
+    for i, frac in enumerate(BUDGETS):
+        per = [s["budgets"][i] for s in seeds]
+        r = {"budget": budget_name(frac), "params": [p["params"] for p in per],
+             "cost_dev": max(abs(p["cost"] / frac - 1) for p in per),
+             "own_cost_dev": max(abs(p["router_own_cost"] / frac - 1) for p in per)}
+        for key in ("zero_shot", "elastic", "alone_T/(K-1)", "alone_T"):
+            if key in per[0]:
+                r[key] = [p[key] for p in per]
+        if frac == 1.0:
+            r["alone_T/(K-1)"] = r["alone_T"] = [parent_ppl] * len(per)  # the full size "alone" is the parent
+        r["ratio_half"] = [e / a for e, a in zip(r["elastic"], r["alone_T/(K-1)"], strict=True)]
+        r["ratio_full"] = [e / a for e, a in zip(r["elastic"], r["alone_T"], strict=True)]
+        rows.append(r)
+    lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
+    for r in rows:
+        params = "/".join(f"{p:,}" for p in sorted(set(r["params"])))
+        lines.append("| " + " | ".join([
+            r["budget"], params, f"{r['cost_dev']:.1%} / {r['own_cost_dev']:.1%}", mean_sd(r["zero_shot"]), mean_sd(r["elastic"]),
+            mean_sd(r["alone_T/(K-1)"]) + (" (parent)" if r["budget"] == budget_name(1.0) else ""),
+            mean_sd(r["alone_T"]) + (" (parent)" if r["budget"] == budget_name(1.0) else ""),
+            mean_sd(r["ratio_half"]), mean_sd(r["ratio_full"])]) + " |")
+    return rows, "\n".join(lines)
+
+
+# ------------------------------------------------------------------------------------------ the protocol
+def fidelity(out: str | Path, seeds: list[int], quick: bool = False, threads: int = 1, **sizes_over) -> dict:
+    """Run the protocol (module doc) into `out`; returns what it writes to out/results.json.
+    sizes_over: Sizes fields that replace QUICK's or FULL's (e.g. steps=200)."""
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise FileExistsError(f"{out} is a file; the protocol writes a folder")
+    sizes = dataclasses.replace(QUICK if quick else FULL, **{k: v for k, v in sizes_over.items() if v is not None})
+    t_start = time.perf_counter()
+    with torch_threads(threads):
+        train_ids, val_ids = split(ByteTokenizer().encode_tensor(kjv_text()), val_frac=0.05)  # [n], [v]
+        parent, parent_info = sorted_parent(out, sizes, train_ids)
+        parent_ppl = perplexity(parent, val_ids, sizes.seq_len, batch=16, max_windows=sizes.eval_windows)
+        print(f"parent: {count_params(parent.cfg):,} params, held-out ppl {parent_ppl:.3f}")
+        per_seed = [run_seed(s, parent, train_ids, val_ids, sizes, out) for s in seeds]
+    rows, table = summarize(per_seed, parent_ppl)
+    results = {"command": " ".join(["python", "recipes/fidelity.py", *sys.argv[1:]]) if __name__ == "__main__"
+               else None, "sizes": dataclasses.asdict(sizes), "seeds": seeds, "budgets": list(BUDGETS),
+               "tokens": {"T": per_seed[0]["tokens_elastic"],
+                          "alone_T/(K-1)": per_seed[0]["budgets"][1]["alone_T/(K-1) tokens"],
+                          "alone_T": per_seed[0]["budgets"][1]["alone_T tokens"]},
+               "elastic_config": elastic_config(sizes.steps, sizes.batch, sizes.seq_len, 0).to_dict(),
+               "parent": {**parent_info, "ppl": parent_ppl}, "per_seed": per_seed, "summary": rows,
+               "table": table, "threads": threads, "wall_s": time.perf_counter() - t_start}
+    tmp = out / "results.json.tmp"
+    tmp.write_text(json.dumps(results, indent=2))
+    tmp.replace(out / "results.json")
+    print(f"\nT = {results['tokens']['T']:,} tokens; seeds {seeds}; {results['wall_s']:.0f} s\n")
+    print(table)
+    return results
+
+
+def main(argv: list[str] | None = None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    ap.add_argument("--out", default="runs/fidelity", help="output folder (the parent is cached there)")
+    ap.add_argument("--quick", action="store_true", help="tiny sizes: a smoke test (< 2 minutes)")
+    ap.add_argument("--threads", type=int, default=1, help="torch intra-op threads (default 1)")
+    for f in ("pretrain_steps", "steps", "batch", "seq_len", "eval_windows"):
+        ap.add_argument("--" + f.replace("_", "-"), type=int, help=f"override the sizes' {f}")
+    args = ap.parse_args(argv)
+    over = {f: getattr(args, f) for f in ("pretrain_steps", "steps", "batch", "seq_len", "eval_windows")}
+    if args.threads < 1 or any(v is not None and v < 1 for v in over.values()):
+        ap.error("--threads and the sizes must be >= 1")
+    if over["steps"] is not None and over["steps"] < len(BUDGETS) - 1:
+        ap.error(f"--steps must be >= {len(BUDGETS) - 1} (the runs alone take steps / (K - 1))")
+    if len(set(args.seeds)) != len(args.seeds):
+        ap.error("--seeds must be distinct")
+    if Path(args.out).exists() and not Path(args.out).is_dir():
+        ap.error(f"--out {args.out} is a file; the protocol writes a folder")
+    return fidelity(args.out, args.seeds, args.quick, args.threads, **over)
+
+
+if __name__ == "__main__":
+    main()

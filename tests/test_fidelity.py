@@ -1,0 +1,75 @@
+"""recipes/fidelity.py --quick: the protocol's table has one row per budget with every column, the budgets'
+sizes match between the elastic run and the runs alone, and the runs alone really trained."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+RECIPE = Path(__file__).parents[1] / "recipes" / "fidelity.py"
+
+
+def _recipe():
+    spec = importlib.util.spec_from_file_location("fidelity_recipe", RECIPE)
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = mod  # dataclasses look their module up by name
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_quick_protocol_table_and_training(tmp_path):
+    fid = _recipe()
+    out = tmp_path / "fid"
+    res = fid.main(["--quick", "--seeds", "0", "--out", str(out)])
+    from nestlm.arch import count_params
+    from nestlm.elastic.config import budget_name
+
+    # the table: a header with every column, a separator, one row per budget in order
+    lines = res["table"].splitlines()
+    assert [c.strip() for c in lines[0].strip("|").split("|")] == fid.COLUMNS
+    assert len(lines) == 2 + len(fid.BUDGETS)
+    assert [ln.strip("|").split("|")[0].strip() for ln in lines[2:]] == [budget_name(f) for f in fid.BUDGETS]
+    assert json.loads((out / "results.json").read_text())["table"] == res["table"]
+
+    # token counts: T for the elastic run, T / (K - 1) and T for each run alone
+    q, k = fid.QUICK, len(fid.BUDGETS)
+    assert res["tokens"]["T"] == q.steps * q.batch * q.seq_len
+    assert res["tokens"]["alone_T/(K-1)"] == (q.steps // (k - 1)) * q.batch * q.seq_len
+    assert res["tokens"]["alone_T"] == res["tokens"]["T"]
+
+    (seed,) = res["per_seed"]
+    parent = fid.nestlm.from_hf(out / "parent")
+    full = count_params(parent.cfg)
+    for row in seed["budgets"]:
+        assert row["params"] == round(row["cost"] * full)  # the size the manifest chose
+        if row["fraction"] == 1.0:
+            assert row["zero_shot"] == pytest.approx(res["parent"]["ppl"])  # the full slice is the parent
+            continue
+        for key in ("alone_T/(K-1)", "alone_T"):
+            first, last = row[f"{key} kd first/last"]
+            assert last < first, (row["fraction"], key)  # its KD loss fell
+            assert row[key] < row["zero_shot"], (row["fraction"], key)  # better than the untrained cut
+    # the elastic run trained too: its smallest budget moved away from the zero-shot cut
+    assert seed["budgets"][-1]["elastic"] != pytest.approx(seed["budgets"][-1]["zero_shot"], rel=1e-4)
+
+    # a second run reuses the cached parent (same sizes): the same weights, no pretraining
+    import torch
+
+    info = json.loads((out / "parent" / "fidelity_parent.json").read_text())
+    reused, again = fid.sorted_parent(out, q, torch.zeros(0, dtype=torch.long))  # no data: it must not train
+    assert again == info
+    for a, b in zip(reused.state_dict().values(), parent.state_dict().values(), strict=True):
+        assert torch.equal(a, b)
+
+
+def test_bad_cli_input_exits_2(tmp_path):
+    fid = _recipe()
+    (tmp_path / "f").write_text("x")
+    for argv in (["--out", str(tmp_path / "f")], ["--seeds", "0", "0"], ["--threads", "0"]):
+        with pytest.raises(SystemExit) as e:
+            fid.main([*argv, "--quick"])
+        assert e.value.code == 2

@@ -80,6 +80,7 @@ class SafetensorsDir:
         if not files:
             raise CheckpointError(f"{path}: no *.safetensors weights (pickled .bin checkpoints are not loaded)")
         self._handles, self._where = {}, {}
+        self._headers: dict[str, tuple[int, dict]] = {}  # file -> (header length, header), read once
         for name in files:
             fp = path / name
             if not fp.is_file():
@@ -91,7 +92,7 @@ class SafetensorsDir:
             if err is not None:
                 err = self._truncated(fp) or err
                 raise CheckpointError(err)
-            self._check_size(fp, h)
+            self._headers[name] = self._check_size(fp, h)
             self._handles[name] = h
             for k in h.keys():
                 self._where[k] = name
@@ -102,14 +103,16 @@ class SafetensorsDir:
                                       f"{missing[:5]}")
 
     @staticmethod
-    def _check_size(fp: Path, h) -> None:
-        """A truncated file can still have a valid header: compare the data length the header promises."""
+    def _check_size(fp: Path, h) -> tuple[int, dict]:
+        """A truncated file can still have a valid header: compare the data length the header promises.
+        Returns (header length, header)."""
         with open(fp, "rb") as f:
             n = int.from_bytes(f.read(8), "little")
             header = json.loads(f.read(n))
         end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
         if fp.stat().st_size < 8 + n + end:
             raise CheckpointError(f"{fp}: truncated ({fp.stat().st_size} bytes, header promises {8 + n + end})")
+        return n, header
 
     @classmethod
     def _truncated(cls, fp: Path) -> str | None:
@@ -163,10 +166,7 @@ class Source(SafetensorsDir):
         super().__init__(path)
         self._dir = Path(path)
         self._extent: dict[str, tuple[Path, int, int]] = {}  # name -> (file, first byte, end byte)
-        for fname in self._handles:
-            with open(self._dir / fname, "rb") as f:
-                n = int.from_bytes(f.read(8), "little")
-                header = json.loads(f.read(n))
+        for fname, (n, header) in self._headers.items():  # the headers SafetensorsDir read and checked
             for k, v in header.items():
                 if k != "__metadata__":
                     self._extent[k] = (self._dir / fname, 8 + n + v["data_offsets"][0], 8 + n + v["data_offsets"][1])

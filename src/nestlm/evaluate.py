@@ -29,7 +29,7 @@ import torch
 from tqdm.auto import tqdm
 
 from nestlm.arch import SubArch, count_active_params, count_params
-from nestlm.data import kjv_text, load_text, perplexity
+from nestlm.data import jsonl_rows, kjv_text, load_text, perplexity
 from nestlm.device import resolve
 from nestlm.errors import ConfigError
 from nestlm.io.tokenizer import check_ids, load_tokenizer, text_tokens
@@ -61,19 +61,11 @@ def jsonl_task(path: str | Path, name: str | None = None) -> dict:
     Scored by lm-eval's loglikelihood of each choice right after the query (query + choice, nothing inserted
     between them: put the space in the choice): acc, and acc_norm (normalised by the choice's length).
     The file is checked here, so a malformed line fails with its line number before lm-eval starts."""
-    import json
-
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such task file")
     n = 0
-    for i, line in enumerate(path.read_text().splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            item = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise ConfigError(f"{path}:{i}: not JSON ({e.msg})") from None
+    for i, item in jsonl_rows(path):
         ok = (isinstance(item, dict) and isinstance(item.get("query"), str)
               and isinstance(item.get("choices"), list) and len(item["choices"]) >= 2
               and all(isinstance(c, str) and c for c in item["choices"])

@@ -75,16 +75,22 @@ def load_text(path: str | Path) -> str:
     return text
 
 
+def jsonl_rows(path: Path):
+    """(line number, parsed object) of every non-blank line of a UTF-8 .jsonl file; a line that is not JSON
+    is a ConfigError naming the file and the line."""
+    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            yield n, json.loads(line)
+        except json.JSONDecodeError as e:
+            raise ConfigError(f"{path}:{n}: not JSON ({e.msg})") from None
+
+
 def _read_text(path: Path) -> str:
     if path.suffix == ".jsonl":
         docs = []
-        for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ConfigError(f"{path}:{n}: not JSON ({e.msg})") from None
+        for n, row in jsonl_rows(path):
             if not isinstance(row, dict) or not isinstance(row.get("text"), str):
                 raise ConfigError(f"{path}:{n}: each jsonl line needs a string field \"text\"")
             docs.append(row["text"])

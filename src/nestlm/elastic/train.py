@@ -229,7 +229,7 @@ def elastify(config: ElasticConfig | str | Path, model_or_hf_path, data, out_dir
     dev = resolve_device(device)  # fail on an unavailable device or precision before any work
     dt = resolve_dtype(dtype, dev)
     dp = setup_parallel(parallel)  # one process, or this rank of torchrun's N
-    kept: dict = {}  # _train notes its last complete checkpoint here, for the Ctrl-C message
+    kept: dict = {}  # _train's record of its last complete checkpoint ("last_good"), for the Ctrl-C message
     try:
         return _train(ecfg, model_or_hf_path, data, Path(out_dir), dp, max_steps, resume, progress, on_step,
                       router_init, kept, dp.device if dp.device is not None else dev, dt)
@@ -287,14 +287,12 @@ def _train(ecfg: ElasticConfig, model_or_hf_path, data, out: Path, dp: parallel.
 
     # ---- resume: everything that influences the next step is restored (checked before anything is written)
     parts = {"model": (student, opt_model), "router": (router, opt_router)}
-    last_good = None  # (path, step) of the newest complete checkpoint
     if resume:
         found = ckpt.resume(train_dir, dp, parts, fingerprint, ecfg, budget_rng)
         if found is not None:
-            step, pos, last_good = found
-            kept["last_good"] = last_good
+            step, pos, kept["last_good"] = found  # (path, step) of the newest complete checkpoint
             if dp.main:
-                print(f"resuming from step {step} ({last_good[0]})", flush=True)
+                print(f"resuming from step {step} ({kept['last_good'][0]})", flush=True)
 
     # ---- from here on we write: only rank 0, except for the checkpoint shards
     if dp.main:
@@ -303,13 +301,13 @@ def _train(ecfg: ElasticConfig, model_or_hf_path, data, out: Path, dp: parallel.
         _truncate_log(log_path, step)  # drop records of steps after the checkpoint (a crash in between)
         if step == 0:  # a fresh start: an earlier run's TensorBoard events would pile up beside this run's
             shutil.rmtree(train_dir / "tb", ignore_errors=True)
-        ckpt.drop_stale(train_dir, keep=last_good[0] if last_good else None)
+        ckpt.drop_stale(train_dir, keep=kept["last_good"][0] if "last_good" in kept else None)
     dp.barrier()
 
     def checkpoint():
         if not parallel.all_finite([*model.parameters(), *router.parameters()], dp):  # finite steps, inf weights
             raise FloatingPointError(f"weights are non-finite after step {step - 1}; not checkpointing them. "
-                                     f"{_last_good_text(last_good)}")
+                                     f"{_last_good_text(kept.get('last_good'))}")
         if dp.distributed:
             path = train_dir / ckpt.CKPT_DIR
             ckpt.save_dcp(path, parts, ckpt.train_state(step, pos, budget_rng, fingerprint, ecfg, as_text=True), dp)
@@ -320,7 +318,6 @@ def _train(ecfg: ElasticConfig, model_or_hf_path, data, out: Path, dp: parallel.
                 "opt_model": opt_model.state_dict(), "opt_router": opt_router.state_dict(),
                 **ckpt.train_state(step, pos, budget_rng, fingerprint, ecfg)})
         kept["last_good"] = (path, step)
-        return path, step
 
     writer = _tensorboard(train_dir) if dp.main else None
     stop = ecfg.steps if max_steps is None else min(ecfg.steps, max_steps)
@@ -370,7 +367,7 @@ def _train(ecfg: ElasticConfig, model_or_hf_path, data, out: Path, dp: parallel.
             bad = f"loss {kd_sum + rl_sum:.6g} but non-finite gradients"
         if bad:
             raise FloatingPointError(f"step {step}, budget {name}: {bad}; stopped before updating. "
-                                     f"{_last_good_text(last_good)}")
+                                     f"{_last_good_text(kept.get('last_good'))}")
         opt_model.step()
         opt_router.step()
         opt_model.zero_grad(set_to_none=True)
@@ -395,7 +392,7 @@ def _train(ecfg: ElasticConfig, model_or_hf_path, data, out: Path, dp: parallel.
         bar.update(1)
         step += 1
         if step % ecfg.checkpoint_every == 0 or step == stop:
-            last_good = checkpoint()
+            checkpoint()
     bar.close()
     if writer is not None:
         writer.close()

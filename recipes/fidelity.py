@@ -22,21 +22,24 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import statistics
 import sys
 import time
 from pathlib import Path
 
 import torch
+import yaml
 
 import nestlm
 from nestlm.arch import SubArch, count_params
 from nestlm.data import ByteTokenizer, kjv_text, perplexity, split
 from nestlm.demo import BUDGETS, demo_config, elastic_config, pretrain, sort_by_importance, torch_threads
-from nestlm.elastic.config import budget_name
+from nestlm.elastic.config import ElasticConfig, budget_name
 from nestlm.elastic.losses import kd_loss
-from nestlm.elastic.optim import adamw
+from nestlm.elastic.optim import adamw, lr_at
 from nestlm.elastic.train import get_batch
+from nestlm.errors import ConfigError
 from nestlm.load import load_elastic
 from nestlm.model.extract import extract
 
@@ -79,12 +82,16 @@ def sorted_parent(out: Path, sizes: Sizes, train_ids: torch.Tensor):
 # ------------------------------------------------------------------------------------------ 2b. one size alone
 def distill_alone(teacher, sub: SubArch, data: torch.Tensor, steps: int, ecfg) -> tuple[torch.nn.Module, list]:
     """The submodel `sub` cut from the sorted parent and distilled alone from the frozen parent: the elastic
-    loop's KD loss, temperature, optimizer and learning rate, on the same data stream (get_batch from pos 0).
+    loop's KD loss, temperature, optimizer, learning rate and lr schedule, on the same data stream (get_batch
+    from pos 0).
     Returns (the standalone model, its KD loss per step)."""
     student = extract(teacher, sub).train()
     opt = adamw(student.parameters(), lr=ecfg.lr_model, weight_decay=ecfg.weight_decay)
+    warmup = int(round(ecfg.lr_warmup * steps))
     losses = []
     for pos in range(steps):
+        for group in opt.param_groups:  # the elastic run's warmup and schedule, over this run's steps
+            group["lr"] = lr_at(pos, steps, ecfg.lr_model, warmup, ecfg.lr_schedule)
         ids = get_batch(data, pos, ecfg.batch, ecfg.seq_len)  # [b, t]
         with torch.no_grad():
             t_logits = teacher(ids)  # [b, t, V]
@@ -96,9 +103,27 @@ def distill_alone(teacher, sub: SubArch, data: torch.Tensor, steps: int, ecfg) -
     return student.eval(), losses
 
 
+def candidate_config(sizes: Sizes, seed: int, over: dict | None = None):
+    """The demo's elastic settings (nestlm.demo.elastic_config) with `over`'s fields replaced."""
+    ecfg = elastic_config(sizes.steps, sizes.batch, sizes.seq_len, seed)
+    return dataclasses.replace(ecfg, **(over or {}))  # validated again (ElasticConfig.__post_init__)
+
+
+def elastic_compute(log_path: Path) -> float:
+    """The elastic run's training compute in parent forwards (per token): one teacher forward per step and
+    a forward + backward (3x the forward) of every submodel trained, at its cost fraction (from the log)."""
+    recs = [json.loads(ln) for ln in log_path.read_text().splitlines() if ln.strip()]
+    return len({r["step"] for r in recs}) + sum(3 * r["cost_ratio"] for r in recs)
+
+
 # ------------------------------------------------------------------------------------------ 2. one seed
-def run_seed(seed: int, parent, train_ids, val_ids, sizes: Sizes, out: Path) -> dict:
-    """The elastic run and the independent baselines of one seed: held-out perplexity of every model."""
+def run_seed(seed: int, parent, train_ids, val_ids, sizes: Sizes, out: Path, over: dict | None = None,
+             alone_cache: dict | None = None) -> dict:
+    """The elastic run and the independent baselines of one seed: held-out perplexity of every model.
+    over: ElasticConfig fields that replace the demo's (a candidate setting). alone_cache: the runs alone
+    already made, by (submodel, data, steps, optimizer settings): they do not depend on the elastic run's
+    other settings, so candidates that choose the same submodels share them."""
+    alone_cache = {} if alone_cache is None else alone_cache
     cfg, full = parent.cfg, count_params(parent.cfg)
     teacher = parent.eval()  # frozen: used under no_grad only (elastify copies it before training)
 
@@ -108,7 +133,7 @@ def run_seed(seed: int, parent, train_ids, val_ids, sizes: Sizes, out: Path) -> 
     gen = torch.Generator().manual_seed(1000 + seed)
     start = int(torch.randint(0, len(train_ids) // 2, (1,), generator=gen))
     data = train_ids[start:]  # the same token stream for the elastic run and every run alone
-    ecfg = elastic_config(sizes.steps, sizes.batch, sizes.seq_len, seed)
+    ecfg = candidate_config(sizes, seed, over)
     tokens = sizes.steps * sizes.batch * sizes.seq_len * ecfg.grad_accum  # T
     k = len(BUDGETS)
 
@@ -117,7 +142,8 @@ def run_seed(seed: int, parent, train_ids, val_ids, sizes: Sizes, out: Path) -> 
     t0 = time.perf_counter()
     nestlm.elastify(ecfg, parent, data, edir, resume=False, progress=False, device="cpu", dtype="fp32")
     elastic, _, manifest = load_elastic(edir)
-    rec = {"seed": seed, "tokens_elastic": tokens, "elastic_s": time.perf_counter() - t0, "budgets": []}
+    rec = {"seed": seed, "tokens_elastic": tokens, "elastic_s": time.perf_counter() - t0, "budgets": [],
+           "compute_elastic": elastic_compute(edir / "train" / "log.jsonl")}
 
     # b. each smaller size alone, with T / (K - 1) and with T tokens
     for frac in BUDGETS:
@@ -131,12 +157,20 @@ def run_seed(seed: int, parent, train_ids, val_ids, sizes: Sizes, out: Path) -> 
             row["elastic_router_own"] = ppl(elastic, own)
         if frac < 1.0:
             for key, steps in (("alone_T/(K-1)", sizes.steps // (k - 1)), ("alone_T", sizes.steps)):
-                t0 = time.perf_counter()
-                small, losses = distill_alone(teacher, sub, data, steps, ecfg)
-                row[key] = ppl(small)
+                ckey = json.dumps([sub.to_dict(), start, steps, sizes.seq_len, sizes.eval_windows, ecfg.batch,
+                                   ecfg.lr_model, ecfg.lr_schedule, ecfg.lr_warmup, ecfg.weight_decay,
+                                   ecfg.kd_temperature], sort_keys=True)
+                if ckey not in alone_cache:
+                    t0 = time.perf_counter()
+                    small, losses = distill_alone(teacher, sub, data, steps, ecfg)
+                    alone_cache[ckey] = {"ppl": ppl(small), "kd first/last": [losses[0], sum(losses[-5:]) / len(losses[-5:])],
+                                         "s": time.perf_counter() - t0}
+                done = alone_cache[ckey]
+                row[key] = done["ppl"]
                 row[f"{key} tokens"] = steps * sizes.batch * sizes.seq_len
-                row[f"{key} kd first/last"] = [losses[0], sum(losses[-5:]) / len(losses[-5:])]
-                row[f"{key} s"] = time.perf_counter() - t0
+                row[f"{key} kd first/last"] = done["kd first/last"]
+                row[f"{key} s"] = done["s"]
+                row[f"{key} compute"] = steps * (1 + 3 * row["cost"])  # parent forwards: teacher + fwd/bwd
         rec["budgets"].append(row)
         print(f"seed {seed} {budget_name(frac)}: " + ", ".join(
             f"{key} {row[key]:.3f}" for key in ("zero_shot", "elastic", "elastic_router_own", "alone_T/(K-1)", "alone_T") if key in row))
@@ -176,39 +210,58 @@ def summarize(seeds: list[dict], parent_ppl: float) -> tuple[list[dict], str]:
             mean_sd(r["alone_T/(K-1)"]) + (" (parent)" if r["budget"] == budget_name(1.0) else ""),
             mean_sd(r["alone_T"]) + (" (parent)" if r["budget"] == budget_name(1.0) else ""),
             mean_sd(r["ratio_half"]), mean_sd(r["ratio_full"])]) + " |")
+    ratio = [s["compute_elastic"] / sum(b["alone_T/(K-1) compute"] for b in s["budgets"] if b["fraction"] < 1.0)
+             for s in seeds]
+    lines.append(f"\ntraining compute, elastic / the K-1 runs alone at T/(K-1): {mean_sd(ratio)} (parent forwards "
+                 "per token: one teacher forward per step, 3x each submodel's cost for its forward + backward)")
     return rows, "\n".join(lines)
 
 
 # ------------------------------------------------------------------------------------------ the protocol
-def fidelity(out: str | Path, seeds: list[int], quick: bool = False, threads: int = 1, **sizes_over) -> dict:
+def fidelity(out: str | Path, seeds: list[int], quick: bool = False, threads: int = 1, over: dict | None = None,
+             label: str | None = None, **sizes_over) -> dict:
     """Run the protocol (module doc) into `out`; returns what it writes to out/results.json.
+    over: ElasticConfig fields that replace the demo's (a candidate); label: write the seeds and results.json
+    to out/label/ (the parent and the runs alone stay cached in out/, shared by every candidate).
     sizes_over: Sizes fields that replace QUICK's or FULL's (e.g. steps=200)."""
-    out = Path(out)
+    root = Path(out)
+    out = root / label if label else root
     if out.exists() and not out.is_dir():
         raise FileExistsError(f"{out} is a file; the protocol writes a folder")
     sizes = dataclasses.replace(QUICK if quick else FULL, **{k: v for k, v in sizes_over.items() if v is not None})
     t_start = time.perf_counter()
     with torch_threads(threads):
         train_ids, val_ids = split(ByteTokenizer().encode_tensor(kjv_text()), val_frac=0.05)  # [n], [v]
-        parent, parent_info = sorted_parent(out, sizes, train_ids)
+        parent, parent_info = sorted_parent(root, sizes, train_ids)
         parent_ppl = perplexity(parent, val_ids, sizes.seq_len, batch=16, max_windows=sizes.eval_windows)
         print(f"parent: {count_params(parent.cfg):,} params, held-out ppl {parent_ppl:.3f}")
-        per_seed = [run_seed(s, parent, train_ids, val_ids, sizes, out) for s in seeds]
+        cache_path = root / "alone_cache.json"
+        per_seed = []
+        for s in seeds:
+            cache = json.loads(cache_path.read_text()) if cache_path.is_file() else {}
+            per_seed.append(run_seed(s, parent, train_ids, val_ids, sizes, out, over, cache))
+            if cache_path.is_file():  # another candidate may have added runs meanwhile: keep them too
+                cache = {**json.loads(cache_path.read_text()), **cache}
+            _write_json(cache_path, cache)
     rows, table = summarize(per_seed, parent_ppl)
     results = {"command": " ".join(["python", "recipes/fidelity.py", *sys.argv[1:]]) if __name__ == "__main__"
                else None, "sizes": dataclasses.asdict(sizes), "seeds": seeds, "budgets": list(BUDGETS),
                "tokens": {"T": per_seed[0]["tokens_elastic"],
                           "alone_T/(K-1)": per_seed[0]["budgets"][1]["alone_T/(K-1) tokens"],
                           "alone_T": per_seed[0]["budgets"][1]["alone_T tokens"]},
-               "elastic_config": elastic_config(sizes.steps, sizes.batch, sizes.seq_len, 0).to_dict(),
+               "elastic_config": candidate_config(sizes, 0, over).to_dict(), "over": over or {},
                "parent": {**parent_info, "ppl": parent_ppl}, "per_seed": per_seed, "summary": rows,
                "table": table, "threads": threads, "wall_s": time.perf_counter() - t_start}
-    tmp = out / "results.json.tmp"
-    tmp.write_text(json.dumps(results, indent=2))
-    tmp.replace(out / "results.json")
+    _write_json(out / "results.json", results)
     print(f"\nT = {results['tokens']['T']:,} tokens; seeds {seeds}; {results['wall_s']:.0f} s\n")
     print(table)
     return results
+
+
+def _write_json(path: Path, obj) -> None:
+    tmp = path.with_name(path.name + f".{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(obj, indent=2))
+    tmp.replace(path)
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -219,6 +272,11 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--threads", type=int, default=1, help="torch intra-op threads (default 1)")
     for f in ("pretrain_steps", "steps", "batch", "seq_len", "eval_windows"):
         ap.add_argument("--" + f.replace("_", "-"), type=int, help=f"override the sizes' {f}")
+    ap.add_argument("--set", nargs="+", default=[], metavar="KEY=VALUE",
+                    help="a candidate: ElasticConfig fields replacing the demo's (values read as YAML), e.g. "
+                         "--set budgets_per_step=3 lr_schedule=cosine")
+    ap.add_argument("--label", help="write this candidate's seeds and results to OUT/LABEL (parent and runs alone "
+                                    "stay shared in OUT)")
     args = ap.parse_args(argv)
     over = {f: getattr(args, f) for f in ("pretrain_steps", "steps", "batch", "seq_len", "eval_windows")}
     if args.threads < 1 or any(v is not None and v < 1 for v in over.values()):
@@ -229,7 +287,17 @@ def main(argv: list[str] | None = None) -> dict:
         ap.error("--seeds must be distinct")
     if Path(args.out).exists() and not Path(args.out).is_dir():
         ap.error(f"--out {args.out} is a file; the protocol writes a folder")
-    return fidelity(args.out, args.seeds, args.quick, args.threads, **over)
+    cand = {}
+    for item in args.set:
+        key, eq, value = item.partition("=")
+        if not eq or key not in {f.name for f in dataclasses.fields(ElasticConfig)}:
+            ap.error(f"--set {item}: expected KEY=VALUE with KEY an ElasticConfig field")
+        cand[key] = yaml.safe_load(value)
+    try:
+        candidate_config(QUICK if args.quick else FULL, 0, cand)
+    except (ConfigError, TypeError) as e:
+        ap.error(f"--set: {e}")
+    return fidelity(args.out, args.seeds, args.quick, args.threads, cand, args.label, **over)
 
 
 if __name__ == "__main__":

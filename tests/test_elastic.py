@@ -479,3 +479,95 @@ def test_manifest_keeps_the_routers_own_choice_when_it_misses_the_budget():
             assert b["argmax_cost_ratio"] == pytest.approx(float(router.cost_ratio(router.greedy(i))))
         else:
             assert "argmax_sub" not in b
+
+
+# ---------------------------------------------------------------------------------------------- issue 18's options
+def test_sample_budgets_one_draw_is_the_old_draw_and_several_never_repeat():
+    ecfg = tiny_run_config(stage2_start=0.5, stage2_weights=[0.5, 0.0, 0.5])
+    a, b = random.Random(3), random.Random(3)
+    for step in range(200):  # one budget per step: the same random numbers as rng.choices over all budgets
+        assert ecfg.sample_budgets(a, step) == [b.choices(range(3), weights=ecfg.budget_probs(step))[0]]
+    two = tiny_run_config(budgets_per_step=2, stage2_start=0.5, stage2_weights=[0.5, 0.0, 0.5])
+    rng, seen = random.Random(0), set()
+    for step in range(200):
+        got = two.sample_budgets(rng, step)
+        assert got == sorted(set(got)) and len(got) == 2, got  # distinct, largest first
+        if step >= two.stage2_step():
+            assert got == [0, 2]  # a zero-weight budget is never drawn
+        seen.add(tuple(got))
+    assert seen == {(0, 1), (0, 2), (1, 2)}
+    assert tiny_run_config(budgets_per_step=3).sample_budgets(random.Random(1), 0) == [0, 1, 2]
+
+
+def test_lr_schedule_warmup_cosine_and_router_warmup():
+    from nestlm.elastic.optim import lr_at
+
+    ecfg = tiny_run_config(steps=100, lr_model=1e-3, router_warmup=0.2, lr_warmup=0.25, lr_schedule="cosine")
+    assert ecfg.model_steps() == (20, 20)  # 20 router-only steps, then 25% of the other 80 warm up
+    lrs = [ecfg.lr_model_at(s) for s in range(100)]
+    assert lrs[:20] == [0.0] * 20
+    assert lrs[20:40] == pytest.approx([1e-3 * (i + 1) / 20 for i in range(20)])  # linear warmup to lr_model
+    assert lrs[40] == pytest.approx(1e-3)
+    assert all(x > y for x, y in zip(lrs[40:-1], lrs[41:], strict=True))  # cosine: strictly down
+    assert lrs[-1] == pytest.approx(1e-4 + 9e-4 * 0.5 * (1 + math.cos(math.pi * 59 / 60)))
+    assert [tiny_run_config(lr_model=1e-3).lr_model_at(s) for s in (0, 50, 119)] == [1e-3] * 3  # the default
+    assert lr_at(5, 10, 1.0, 0, "constant") == 1.0
+
+
+@pytest.mark.parametrize("kw, match", [({"budgets_per_step": 4}, "budgets_per_step"),
+                                       ({"budgets_per_step": 0}, "budgets_per_step"),
+                                       ({"lr_schedule": "linear"}, "lr_schedule"),
+                                       ({"router_warmup": 1.0}, "router_warmup"),
+                                       ({"full_weight": -1.0}, "full_weight")])
+def test_new_options_are_validated(kw, match):
+    with pytest.raises(ConfigError, match=match):
+        tiny_run_config(**kw)
+
+
+def test_router_warmup_keeps_the_model_frozen_and_trains_the_router(tmp_path):
+    ecfg = tiny_run_config(steps=8, router_warmup=0.5, checkpoint_every=4)
+    nestlm.elastify(ecfg, parent(), stream(), tmp_path, progress=False, max_steps=4)  # the router-only steps
+    from nestlm.elastic.train import prepare
+
+    student, _, router0 = prepare(ecfg, parent(), stream())  # the sorted parent and the fresh router
+    state = torch.load(tmp_path / "train" / "checkpoint.pt", weights_only=True)
+    assert all(torch.equal(state["model"][k], v) for k, v in student.state_dict().items())
+    assert any(not torch.equal(state["router"][k], v) for k, v in router0.state_dict().items())
+    assert [r["lr_model"] for r in train_log(tmp_path)] == [0.0] * 4
+    nestlm.elastify(ecfg, parent(), stream(), tmp_path, progress=False)  # the model trains after them
+    moved = load_elastic(tmp_path)[0].state_dict()
+    assert any(not torch.equal(moved[k], v) for k, v in student.state_dict().items())
+
+
+def test_several_budgets_share_one_teacher_forward(tmp_path, monkeypatch):
+    import nestlm.elastic.train as train
+
+    calls = []
+    real = train.kd_loss
+    monkeypatch.setattr(train, "kd_loss", lambda s, t, temp: calls.append((s.shape, t.data_ptr())) or real(s, t, temp))
+    ecfg = tiny_run_config(steps=5, budgets_per_step=3, full_weight=2.0, grad_accum=2)
+    nestlm.elastify(ecfg, parent(), stream(), tmp_path, progress=False)
+    log = train_log(tmp_path)
+    assert [(r["step"], r["budget"]) for r in log] == [(s, b) for s in range(5) for b in ("full", "75%", "64%")]
+    assert len(calls) == 5 * 2 * 3  # steps x micro-steps x budgets
+    for i in range(0, len(calls), 3):  # each micro-step's three budgets read the same teacher logits
+        assert calls[i][1] == calls[i + 1][1] == calls[i + 2][1]
+    assert all(r["kd"] == r["kd"] for r in log)  # finite
+
+
+def test_full_weight_scales_the_full_models_kd_loss(tmp_path, monkeypatch):
+    """The gradient reaching each budget's KD loss is its weight over (grad_accum x budgets per step):
+    full_weight for the full model, 1 for the others."""
+    import nestlm.elastic.train as train
+
+    real, got = train.kd_loss, []
+
+    def kd(s, t, temp):
+        loss = real(s, t, temp)
+        loss.register_hook(lambda g: got.append(float(g)))
+        return loss
+
+    monkeypatch.setattr(train, "kd_loss", kd)
+    ecfg = tiny_run_config(budgets=[1.0, 0.75], steps=3, budgets_per_step=2, full_weight=3.0, grad_accum=2)
+    nestlm.elastify(ecfg, parent(), stream(), tmp_path, progress=False)
+    assert got == pytest.approx([3 / 4, 1 / 4] * 6)  # 3 steps x 2 micro-steps x (full, 75%)

@@ -29,7 +29,7 @@ def test_quick_protocol_table_and_training(tmp_path):
     from nestlm.elastic.config import budget_name
 
     # the table: a header with every column, a separator, one row per budget in order
-    lines = res["table"].splitlines()
+    lines = [ln for ln in res["table"].splitlines() if ln.startswith("|")]
     assert [c.strip() for c in lines[0].strip("|").split("|")] == fid.COLUMNS
     assert len(lines) == 2 + len(fid.BUDGETS)
     assert [ln.strip("|").split("|")[0].strip() for ln in lines[2:]] == [budget_name(f) for f in fid.BUDGETS]
@@ -56,6 +56,23 @@ def test_quick_protocol_table_and_training(tmp_path):
     # the elastic run trained too: its smallest budget moved away from the zero-shot cut
     assert seed["budgets"][-1]["elastic"] != pytest.approx(seed["budgets"][-1]["zero_shot"], rel=1e-4)
 
+    # compute: the elastic run's log against the runs alone (one teacher forward + 3x cost per step each)
+    (seed,) = res["per_seed"]
+    assert q.steps * 2 < seed["compute_elastic"] < q.steps * 4  # 1 + 3 x cost in (1/3, 1] for one budget
+    assert "training compute, elastic / the K-1 runs alone" in res["table"]
+
+    # a candidate (--set, --label): the same parent, its own folder, its settings used; the runs alone of the
+    # same submodels (same optimizer settings) come from the cache, so they are the same numbers
+    cand = fid.main(["--quick", "--seeds", "0", "--out", str(out), "--label", "two", "--set",
+                     "budgets_per_step=2", "full_weight=2.0"])
+    assert (out / "two" / "results.json").is_file() and cand["over"] == {"budgets_per_step": 2, "full_weight": 2.0}
+    log = [json.loads(ln) for ln in (out / "two" / "seed0" / "elastic" / "train" / "log.jsonl").read_text().splitlines()]
+    assert len(log) == 2 * q.steps and {r["step"] for r in log} == set(range(q.steps))  # two budgets per step
+    assert cand["per_seed"][0]["compute_elastic"] > seed["compute_elastic"]
+    for a, b in zip(cand["per_seed"][0]["budgets"], seed["budgets"], strict=True):
+        if a["fraction"] < 1.0 and a["params"] == b["params"]:
+            assert a["alone_T"] == b["alone_T"]
+
     # a second run reuses the cached parent (same sizes): the same weights, no pretraining
     import torch
 
@@ -69,7 +86,8 @@ def test_quick_protocol_table_and_training(tmp_path):
 def test_bad_cli_input_exits_2(tmp_path):
     fid = _recipe()
     (tmp_path / "f").write_text("x")
-    for argv in (["--out", str(tmp_path / "f")], ["--seeds", "0", "0"], ["--threads", "0"]):
+    for argv in (["--out", str(tmp_path / "f")], ["--seeds", "0", "0"], ["--threads", "0"], ["--set", "nope=1"],
+                 ["--set", "budgets_per_step=9"], ["--set", "lr_schedule"]):
         with pytest.raises(SystemExit) as e:
             fid.main([*argv, "--quick"])
         assert e.value.code == 2

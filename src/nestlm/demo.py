@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import math
 import shutil
 import time
 import warnings
@@ -32,7 +31,7 @@ from nestlm.arch import SubArch, count_active_params, count_params
 from nestlm.data import ByteTokenizer, eval_windows, kjv_text, perplexity, split, token_batches
 from nestlm.device import autocast, resolve
 from nestlm.elastic.config import ElasticConfig, budget_name
-from nestlm.elastic.optim import adamw
+from nestlm.elastic.optim import adamw, lr_at
 from nestlm.errors import Interrupted
 
 BUDGETS = (1.0, 0.75, 0.5)  # fractions of the parent's parameters
@@ -62,14 +61,6 @@ def demo_config(vocab_size: int) -> nestlm.ModelConfig:
 
 
 # -------------------------------------------------------------------------------------------- training
-def lr_at(step: int, steps: int, lr: float, warmup: int) -> float:
-    """Linear warmup, then cosine decay to lr / 10."""
-    if step < warmup:
-        return lr * (step + 1) / warmup
-    progress = (step - warmup) / max(1, steps - warmup)
-    return lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
-
-
 def pretrain(model, ids, steps: int, batch: int, seq_len: int, lr: float,
              gen: torch.Generator, dtype: torch.dtype = torch.float32) -> list[float]:
     """Next-token cross-entropy on random windows of ids [n]. Returns the loss of every step.

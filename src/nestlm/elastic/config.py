@@ -26,6 +26,7 @@ from pathlib import Path
 import yaml
 
 from nestlm.arch import SubArch, depth_units
+from nestlm.elastic.optim import lr_at
 from nestlm.errors import ConfigError
 from nestlm.model.config import ModelConfig
 
@@ -84,9 +85,14 @@ class ElasticConfig:
     stage2_start: float = 1.0  # fraction of `steps` after which stage 2 begins (1.0: no stage 2)
     stage2_weights: list[float] | None = None  # stage 2 budget probabilities, e.g. [0.5, 0.3, 0.2]
     stage2_seq_len: int | None = None  # stage 2 context length (None: seq_len)
+    budgets_per_step: int = 1  # budgets trained on each batch (drawn without replacement), one teacher forward
+    full_weight: float = 1.0  # weight of the full model's KD loss against each smaller budget's
     # ---- optimisation
     lr_model: float = 1e-4
     lr_router: float = 1e-2
+    lr_schedule: str = "constant"  # the model's lr after warmup: constant | cosine (down to lr_model / 10)
+    lr_warmup: float = 0.0  # fraction of the model's steps with a linear lr warmup
+    router_warmup: float = 0.0  # fraction of steps, at the start, that train the router alone (model frozen)
     weight_decay: float = 0.0
     steps: int = 1000
     batch: int = 8
@@ -164,6 +170,13 @@ class ElasticConfig:
             need(isinstance(v, int) and not isinstance(v, bool) and v >= 1, f"{name} must be an int >= 1, got {v!r}")
         need(self.stage2_seq_len is None or self.stage2_seq_len >= 1, "stage2_seq_len must be >= 1")
         need(self.lr_model >= 0 and self.lr_router >= 0, "learning rates must be >= 0")
+        need(self.lr_schedule in ("constant", "cosine"), f"lr_schedule must be constant or cosine, got {self.lr_schedule!r}")
+        need(0 <= self.lr_warmup < 1 and 0 <= self.router_warmup < 1, "lr_warmup and router_warmup are fractions "
+             f"of steps in [0, 1), got {self.lr_warmup} and {self.router_warmup}")
+        need(isinstance(self.budgets_per_step, int) and not isinstance(self.budgets_per_step, bool)
+             and 1 <= self.budgets_per_step <= len(b), f"budgets_per_step must be an int in 1..{len(b)} (the "
+             f"number of budgets), got {self.budgets_per_step!r}")
+        need(self.full_weight >= 0, f"full_weight must be >= 0, got {self.full_weight}")
         need(isinstance(self.activation_checkpointing, bool), "activation_checkpointing must be true or false")
 
     @property
@@ -274,6 +287,30 @@ class ElasticConfig:
         if self.budgets[0] != 1.0 or n == 1:
             return [1.0 / n] * n
         return [self.p_full] + [(1 - self.p_full) / (n - 1)] * (n - 1)
+
+    def sample_budgets(self, rng, step: int) -> list[int]:
+        """The budgets (indices, largest first) trained at `step`: budgets_per_step draws without replacement
+        from budget_probs(step). One draw takes exactly the random numbers that a single budget always took."""
+        probs = self.budget_probs(step)
+        left = [i for i, p in enumerate(probs) if p > 0]
+        picked = []
+        while left and len(picked) < self.budgets_per_step:
+            i = rng.choices(left, weights=[probs[j] for j in left])[0]
+            picked.append(i)
+            left.remove(i)
+        return sorted(picked)
+
+    def model_steps(self) -> tuple[int, int]:
+        """(first step that updates the model, warmup steps of its lr): the router trains alone before."""
+        first = int(round(self.router_warmup * self.steps))
+        return first, int(round(self.lr_warmup * (self.steps - first)))
+
+    def lr_model_at(self, step: int) -> float:
+        """The model's learning rate at `step`: 0 while the router trains alone, then warmup and schedule."""
+        first, warmup = self.model_steps()
+        if step < first:
+            return 0.0
+        return lr_at(step - first, self.steps - first, self.lr_model, warmup, self.lr_schedule)
 
     def seq_len_at(self, step: int) -> int:
         if step >= self.stage2_step() and self.stage2_seq_len is not None:

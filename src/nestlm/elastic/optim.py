@@ -1,6 +1,8 @@
-"""Optimizers used by the recipes."""
+"""Optimizers and the learning-rate schedule used by elastify and the recipes."""
 
 from __future__ import annotations
+
+import math
 
 import torch
 
@@ -15,3 +17,15 @@ def adamw(params, **kwargs) -> torch.optim.AdamW:
     params = list(params)
     fused = bool(params) and all(p.is_floating_point() and p.device.type in ("cpu", "cuda") for p in params)
     return torch.optim.AdamW(params, fused=fused, **kwargs)
+
+
+def lr_at(step: int, steps: int, lr: float, warmup: int = 0, schedule: str = "cosine", floor: float = 0.1) -> float:
+    """The learning rate at `step` of `steps`: linear warmup over the first `warmup` steps, then constant
+    (schedule "constant") or a cosine decay towards floor * lr, reached one step after the last (schedule "cosine").
+    The demo's pretraining uses it with warmup = steps // 10."""
+    if step < warmup:
+        return lr * (step + 1) / warmup
+    if schedule == "constant":
+        return lr
+    progress = (step - warmup) / max(1, steps - warmup)
+    return lr * (floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress)))

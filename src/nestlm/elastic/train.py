@@ -325,41 +325,48 @@ def _train(ecfg: ElasticConfig, model_or_hf_path, data, out: Path, dp: parallel.
     ema: dict[str, float] = {}
     model.train()
     while step < stop:
-        # ---- this step's budget, schedules and context length (the same on every rank: checked)
-        bi = budget_rng.choices(range(len(ecfg.budgets)), weights=ecfg.budget_probs(step))[0]
-        dp.check_same("step, data position, budget and RNG state", [step, pos, bi, parallel.rng_checksum()])
-        frac = ecfg.budgets[bi]
+        # ---- this step's budgets, schedules and context length (the same on every rank: checked)
+        bis = ecfg.sample_budgets(budget_rng, step)  # one budget, or budgets_per_step sharing each batch
+        dp.check_same("step, data position, budgets and RNG state", [step, pos, *bis, parallel.rng_checksum()])
         tau, scale = ecfg.tau_at(step), ecfg.scale_at(step)
         seq_len = ecfg.seq_len_at(step)
-        kd_sum, rl_sum = 0.0, 0.0
+        for group in opt_model.param_groups:
+            group["lr"] = ecfg.lr_model_at(step)  # 0 while the router trains alone; warmup; schedule
+        per = {bi: {"kd": 0.0, "rl": 0.0} for bi in bis}  # this step's losses and choices per budget
+        hard = ecfg.mode == "hard"
 
         for micro in range(ecfg.grad_accum):
             ids = dp.rows(get_batch(data, pos, ecfg.batch, seq_len)).to(device)  # this rank's rows [b/N, t]
             pos += 1
             with torch.no_grad():
-                t_logits = teacher(ids)
-            hard = ecfg.mode == "hard"
-            lg = None if router.pinned(bi) else router.budget_logits(bi)  # one router forward per micro-step
-            w = router.sample(bi, tau, scale, hard=hard, logits=lg)
-            sub = router.subarch(w)
-            extra = {} if router.pinned(bi) else {"sub": sub, "gate": router.gate(w)} if hard else \
-                {"masks": router.masks(w)}
-            with parallel.grad_sync(student, dp, sync=micro == ecfg.grad_accum - 1):
-                # pinned: the full model, no router in the loop; hard: compute follows the budget, the gate
-                # (== 1.0) passes the KD gradient to the router; soft: expected widths as channel masks
-                with autocast(dtype, device):  # bf16: matmuls in bf16 over the fp32 weights; logits fp32
-                    s_logits = student(ids, **extra)
-                kd = kd_loss(s_logits, t_logits, ecfg.kd_temperature)  # in fp32
-                rl, expected = budget_loss(router, ecfg, bi, lg, tau, scale)
-                loss = (kd + rl) / ecfg.grad_accum
-                loss.backward()
-            kd_sum += float(kd.detach()) / ecfg.grad_accum
-            rl_sum += float(rl.detach()) / ecfg.grad_accum
+                t_logits = teacher(ids)  # one teacher forward for every budget of the step
+            for j, bi in enumerate(bis):
+                lg = None if router.pinned(bi) else router.budget_logits(bi)  # one router forward per budget
+                w = router.sample(bi, tau, scale, hard=hard, logits=lg)
+                sub = router.subarch(w)
+                extra = {} if router.pinned(bi) else {"sub": sub, "gate": router.gate(w)} if hard else \
+                    {"masks": router.masks(w)}
+                last = micro == ecfg.grad_accum - 1 and j == len(bis) - 1
+                with parallel.grad_sync(student, dp, sync=last):
+                    # pinned: the full model, no router in the loop; hard: compute follows the budget, the gate
+                    # (== 1.0) passes the KD gradient to the router; soft: expected widths as channel masks
+                    with autocast(dtype, device):  # bf16: matmuls in bf16 over the fp32 weights; logits fp32
+                        s_logits = student(ids, **extra)
+                    kd = kd_loss(s_logits, t_logits, ecfg.kd_temperature)  # in fp32
+                    rl, expected = budget_loss(router, ecfg, bi, lg, tau, scale)
+                    weight = ecfg.full_weight if ecfg.budgets[bi] == 1.0 else 1.0
+                    loss = (weight * kd + rl) / (ecfg.grad_accum * len(bis))
+                    loss.backward()
+                per[bi]["kd"] += float(kd.detach()) / ecfg.grad_accum
+                per[bi]["rl"] += float(rl.detach()) / ecfg.grad_accum
+                per[bi]["w"], per[bi]["expected"] = w, expected
 
         # ---- the update: the router is replicated, average its gradients (DDP / FSDP2 did the student's)
         parallel.average_grads_(router.parameters(), dp)
-        kd_sum = dp.mean(kd_sum)  # the global batch's loss (rl is the same on every rank)
-        name = budget_name(frac)
+        for r in per.values():
+            r["kd"] = dp.mean(r["kd"])  # the global batch's loss (rl is the same on every rank)
+        kd_sum, rl_sum = sum(r["kd"] for r in per.values()), sum(r["rl"] for r in per.values())
+        name = ", ".join(budget_name(ecfg.budgets[bi]) for bi in bis)
         bad = None  # stop before the update: the weights stay good, the last checkpoint the last good one
         if not math.isfinite(kd_sum + rl_sum):
             bad = f"loss is {kd_sum + rl_sum} (kd {kd_sum}, router {rl_sum})"
@@ -368,26 +375,30 @@ def _train(ecfg: ElasticConfig, model_or_hf_path, data, out: Path, dp: parallel.
         if bad:
             raise FloatingPointError(f"step {step}, budget {name}: {bad}; stopped before updating. "
                                      f"{_last_good_text(kept.get('last_good'))}")
-        opt_model.step()
+        if step >= ecfg.model_steps()[0]:  # the first router_warmup steps train the router alone
+            opt_model.step()
         opt_router.step()
         opt_model.zero_grad(set_to_none=True)
         opt_router.zero_grad(set_to_none=True)
 
-        # ---- log
-        with torch.no_grad():
-            cost_ratio = float(router.cost_ratio(w))
-        rec = {"step": step, "budget": name, "fraction": frac, "kd": kd_sum, "router_loss": rl_sum,
-               "cost_ratio": cost_ratio, "expected_ratio": float(expected.detach()),
-               "sub": router.chosen(w), "tau": tau, "scale": scale, "seq_len": seq_len}
-        if dp.main and (step % ecfg.log_every == 0 or step == ecfg.steps - 1):
-            with open(log_path, "a") as log:
-                log.write(json.dumps(rec) + "\n")
-        if writer is not None:
-            writer.add_scalar(f"kd/{name}", kd_sum, step)
-            writer.add_scalar(f"cost_ratio/{name}", rec["cost_ratio"], step)
-        if on_step is not None:
-            on_step(rec)
-        ema[name] = kd_sum if name not in ema else 0.9 * ema[name] + 0.1 * kd_sum
+        # ---- log: one record per budget trained at this step
+        for bi, r in per.items():
+            name = budget_name(ecfg.budgets[bi])
+            with torch.no_grad():
+                cost_ratio = float(router.cost_ratio(r["w"]))
+            rec = {"step": step, "budget": name, "fraction": ecfg.budgets[bi], "kd": r["kd"], "router_loss": r["rl"],
+                   "cost_ratio": cost_ratio, "expected_ratio": float(r["expected"].detach()),
+                   "sub": router.chosen(r["w"]), "tau": tau, "scale": scale, "seq_len": seq_len,
+                   "lr_model": opt_model.param_groups[0]["lr"]}
+            if dp.main and (step % ecfg.log_every == 0 or step == ecfg.steps - 1):
+                with open(log_path, "a") as log:
+                    log.write(json.dumps(rec) + "\n")
+            if writer is not None:
+                writer.add_scalar(f"kd/{name}", r["kd"], step)
+                writer.add_scalar(f"cost_ratio/{name}", rec["cost_ratio"], step)
+            if on_step is not None:
+                on_step(rec)
+            ema[name] = r["kd"] if name not in ema else 0.9 * ema[name] + 0.1 * r["kd"]
         bar.set_postfix({k: f"{v:.3f}" for k, v in ema.items()}, refresh=False)
         bar.update(1)
         step += 1

@@ -51,6 +51,9 @@ class Sizes:
     batch: int
     seq_len: int
     eval_windows: int  # held-out windows of seq_len per perplexity
+    alone_steps: tuple[int, int] | None = None  # the runs alone's steps (None: steps / (K - 1) and steps); set to
+    #   compare an elastic run of other length (e.g. several budgets per step at equal compute) with the same
+    #   baselines
 
 
 FULL = Sizes(pretrain_steps=300, steps=120, batch=8, seq_len=128, eval_windows=64)
@@ -156,7 +159,8 @@ def run_seed(seed: int, parent, train_ids, val_ids, sizes: Sizes, out: Path, ove
         if own != sub:  # the manifest rescued a cost within tolerance: how good is what training sampled?
             row["elastic_router_own"] = ppl(elastic, own)
         if frac < 1.0:
-            for key, steps in (("alone_T/(K-1)", sizes.steps // (k - 1)), ("alone_T", sizes.steps)):
+            for key, steps in zip(("alone_T/(K-1)", "alone_T"), sizes.alone_steps or (sizes.steps // (k - 1), sizes.steps),
+                                  strict=True):
                 ckey = json.dumps([sub.to_dict(), start, steps, sizes.seq_len, sizes.eval_windows, ecfg.batch,
                                    ecfg.lr_model, ecfg.lr_schedule, ecfg.lr_warmup, ecfg.weight_decay,
                                    ecfg.kd_temperature], sort_keys=True)
@@ -217,6 +221,36 @@ def summarize(seeds: list[dict], parent_ppl: float) -> tuple[list[dict], str]:
     return rows, "\n".join(lines)
 
 
+# ------------------------------------------------------------------------------------------ candidates side by side
+def compare(root: str | Path) -> str:
+    """One row per candidate (OUT/*/results.json, and OUT/results.json itself): the goals of issue 18 at a
+    glance. Ratios are means ± sd over the candidate's seeds; 'own cost' is the router's own choice's worst
+    |cost / target - 1| over budgets and seeds; compute is the elastic run's over the K-1 runs alone at the
+    short length."""
+    root = Path(root)
+    found = sorted((f for f in [root / "results.json", *root.glob("*/results.json")] if f.is_file()),
+                   key=lambda f: f.stat().st_mtime)
+    lines = ["| candidate | settings | seeds | full / parent | " + " | ".join(
+        f"{budget_name(f)}: elastic / alone short, long" for f in BUDGETS[1:]) + " | own cost off (max) | compute |",
+        "|" + "---|" * (6 + len(BUDGETS) - 1)]
+    for f in found:
+        r = json.loads(f.read_text())
+        rows = {x["budget"]: x for x in r["summary"]}
+        ratio = [s["compute_elastic"] / sum(b["alone_T/(K-1) compute"] for b in s["budgets"] if b["fraction"] < 1)
+                 for s in r["per_seed"] if "compute_elastic" in s]
+        settings = ", ".join(f"{k}={v}" for k, v in r.get("over", {}).items()) or "demo"
+        if r["sizes"].get("alone_steps"):
+            settings += f"; {r['sizes']['steps']} steps vs alone {r['sizes']['alone_steps']}"
+        lines.append("| " + " | ".join([
+            f.parent.name if f.parent != root else "(root)", settings, str(len(r["seeds"])),
+            mean_sd(rows[budget_name(1.0)]["ratio_full"]),
+            *(f"{mean_sd(rows[budget_name(b)]['ratio_half'])}, {statistics.fmean(rows[budget_name(b)]['ratio_full']):.3f}"
+              for b in BUDGETS[1:]),
+            f"{max(x['own_cost_dev'] for x in r['summary']):.1%}",
+            mean_sd(ratio) if ratio else "-"]) + " |")
+    return "\n".join(lines)
+
+
 # ------------------------------------------------------------------------------------------ the protocol
 def fidelity(out: str | Path, seeds: list[int], quick: bool = False, threads: int = 1, over: dict | None = None,
              label: str | None = None, **sizes_over) -> dict:
@@ -272,14 +306,20 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--threads", type=int, default=1, help="torch intra-op threads (default 1)")
     for f in ("pretrain_steps", "steps", "batch", "seq_len", "eval_windows"):
         ap.add_argument("--" + f.replace("_", "-"), type=int, help=f"override the sizes' {f}")
+    ap.add_argument("--compare", action="store_true", help="print the candidates in OUT side by side and stop")
+    ap.add_argument("--alone-steps", type=int, nargs=2, metavar=("SHORT", "LONG"),
+                    help="steps of the runs alone (default: steps / (K - 1) and steps)")
     ap.add_argument("--set", nargs="+", default=[], metavar="KEY=VALUE",
                     help="a candidate: ElasticConfig fields replacing the demo's (values read as YAML), e.g. "
                          "--set budgets_per_step=3 lr_schedule=cosine")
     ap.add_argument("--label", help="write this candidate's seeds and results to OUT/LABEL (parent and runs alone "
                                     "stay shared in OUT)")
     args = ap.parse_args(argv)
+    if args.compare:
+        print(compare(args.out))
+        return {}
     over = {f: getattr(args, f) for f in ("pretrain_steps", "steps", "batch", "seq_len", "eval_windows")}
-    if args.threads < 1 or any(v is not None and v < 1 for v in over.values()):
+    if args.threads < 1 or any(v is not None and v < 1 for v in [*over.values(), *(args.alone_steps or ())]):
         ap.error("--threads and the sizes must be >= 1")
     if over["steps"] is not None and over["steps"] < len(BUDGETS) - 1:
         ap.error(f"--steps must be >= {len(BUDGETS) - 1} (the runs alone take steps / (K - 1))")
@@ -297,6 +337,7 @@ def main(argv: list[str] | None = None) -> dict:
         candidate_config(QUICK if args.quick else FULL, 0, cand)
     except (ConfigError, TypeError) as e:
         ap.error(f"--set: {e}")
+    over["alone_steps"] = tuple(args.alone_steps) if args.alone_steps else None
     return fidelity(args.out, args.seeds, args.quick, args.threads, cand, args.label, **over)
 
 

@@ -571,3 +571,38 @@ def test_full_weight_scales_the_full_models_kd_loss(tmp_path, monkeypatch):
     ecfg = tiny_run_config(budgets=[1.0, 0.75], steps=3, budgets_per_step=2, full_weight=3.0, grad_accum=2)
     nestlm.elastify(ecfg, parent(), stream(), tmp_path, progress=False)
     assert got == pytest.approx([3 / 4, 1 / 4] * 6)  # 3 steps x 2 micro-steps x (full, 75%)
+
+
+def test_sample_within_tolerance_is_the_brute_force_best_landing_combination():
+    import itertools
+
+    cfg = hybrid_cfg()
+    ecfg = ElasticConfig(budgets=[1.0, 0.8, 0.6], choices=ALL_AXES, align=4, router_hidden=8)
+    r = Router(cfg, ecfg)
+    full = nestlm.count_params(cfg)
+    gen = torch.Generator().manual_seed(0)
+    for bi, tol in ((1, 0.02), (2, 0.05), (2, 0.0)):
+        for _ in range(5):
+            score = torch.randn(len(r.axes), r.w2.shape[1], generator=gen)
+            best, best_s, closest = None, -math.inf, None
+            for combo in itertools.product(*(range(len(r.choices[a])) for a in r.axes)):
+                c = nestlm.count_params(cfg, r.at(dict(zip(r.axes, combo, strict=True)))) / full
+                dev = abs(c / ecfg.budgets[bi] - 1)
+                s = sum(float(score[d, i]) for d, i in enumerate(combo))
+                if dev <= tol and s > best_s:
+                    best, best_s = combo, s
+                if closest is None or dev < closest[0]:
+                    closest = (dev, combo)
+            want = best if best is not None else closest[1]
+            assert tuple(r._within(score, ecfg.budgets[bi], tol).tolist()) == want
+
+
+def test_training_with_sample_tolerance_samples_only_landing_architectures(tmp_path):
+    ecfg = tiny_run_config(steps=30, sample_tolerance=0.02)
+    nestlm.elastify(ecfg, parent(), stream(), tmp_path, progress=False)
+    log = train_log(tmp_path)
+    small = [r for r in log if r["fraction"] < 1.0]
+    assert small and all(abs(r["cost_ratio"] / r["fraction"] - 1) <= 0.02 + 1e-9 for r in small)
+    manifest = load_elastic(tmp_path)[2]
+    for name, b in manifest["budgets"].items():
+        assert b["cost_ratio"] == pytest.approx(b["fraction"], rel=0.02), name

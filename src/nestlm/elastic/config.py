@@ -77,6 +77,8 @@ class ElasticConfig:
     expected_loss_weight: float = 1.0  # add E[budget loss] over the choice distribution (0: off)
     expected_loss_sharpness: float = 10.0  # cap on logit scale / tau for that expectation
     expected_loss_dead_zone: float = 0.01
+    sample_tolerance: float | None = None  # hard mode: training samples only architectures within this relative
+    #                                        cost deviation of their budget (None: each axis samples alone)
     landing_tolerance: float | None = 0.02  # inference picks the most probable architecture within this
     #                                         relative cost deviation (Router.decode); None: per-axis argmax
     # ---- distillation
@@ -155,6 +157,7 @@ class ElasticConfig:
         need(0 < self.scale_start and 0 < self.scale_end, "logit scales must be positive")
         need(self.router_weight >= 0 and self.dead_zone >= 0, "router_weight and dead_zone must be >= 0")
         need(self.landing_tolerance is None or self.landing_tolerance >= 0, "landing_tolerance must be >= 0")
+        need(self.sample_tolerance is None or self.sample_tolerance >= 0, "sample_tolerance must be >= 0")
         need(self.router_bound in ("softsign", "tanh"), f"router_bound must be softsign or tanh, got {self.router_bound!r}")
         need(self.expected_loss_weight >= 0 and self.expected_loss_sharpness > 0 and self.expected_loss_dead_zone >= 0,
              "expected_loss_weight and expected_loss_dead_zone must be >= 0, expected_loss_sharpness > 0")

@@ -133,10 +133,14 @@ class Router(nn.Module):
         return self.table(self.onehot(budget_idx))
 
     def sample(self, budget_idx: int, tau: float = 1.0, scale: float = 1.0, hard: bool = True,
-               generator: torch.Generator | None = None, logits: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+               generator: torch.Generator | None = None, logits: torch.Tensor | None = None,
+               tol: float | None = None) -> dict[str, torch.Tensor]:
         """Per-axis Gumbel-Softmax weights [n_choices]. hard: one-hot values, soft gradients (straight
         through). The full budget (1.0) is pinned: constant one-hots on the full width, no gradient.
-        logits: this budget's `budget_logits`, when the caller already has them."""
+        logits: this budget's `budget_logits`, when the caller already has them. tol (hard only): the one-hot
+        is the best-scoring combination under the same perturbed logits among those whose cost lies within
+        `tol` of the budget (the exact cost table), instead of each axis's own argmax: training then samples
+        only architectures that land, and at the end of the schedules it samples what `decode` exports."""
         if self.pinned(budget_idx):
             return self.full_weights()
         lg = self.budget_logits(budget_idx) if logits is None else logits  # [na, n_max]
@@ -145,8 +149,25 @@ class Router(nn.Module):
         y = torch.softmax((lg * scale + gumbel) / tau, dim=-1)  # the padding's -inf gets probability 0
         if hard:  # value: the sampled one-hot; gradient: the noise-free softmax (see the class doc)
             p = torch.softmax(lg * (scale / tau), dim=-1)
-            y = F.one_hot(y.argmax(-1), y.shape[-1]).to(y.dtype) - p.detach() + p
+            idx = y.argmax(-1) if tol is None else self._within(lg * scale + gumbel, self.budgets[budget_idx], tol)
+            y = F.one_hot(idx, y.shape[-1]).to(y.dtype) - p.detach() + p
         return self.split(y)
+
+    def _within(self, score: torch.Tensor, target: float, tol: float) -> torch.Tensor:
+        """The choice index per axis [n_axes] of the combination with the highest summed `score` [na, n_max]
+        (perturbed logits) among those whose cost ratio lies within `tol` of `target` (the closest one when
+        none does): the hard sample of `sample(tol=...)`, the noisy counterpart of `decode`."""
+        with torch.no_grad():
+            dev = (self.combo_costs() / target - 1).abs()  # [n_1, ..., n_axes]
+            total = torch.zeros_like(dev)
+            for d, ax in enumerate(self.axes):
+                shape = [1] * len(self.axes)
+                shape[d] = -1
+                total = total + score[d, : len(self.choices[ax])].double().view(shape)
+            inside = dev <= tol
+            flat = torch.where(inside, total, torch.full_like(total, -torch.inf)) if inside.any() else -dev
+            idx = torch.unravel_index(flat.flatten().argmax(), dev.shape)
+            return torch.stack(idx).to(score.device)
 
     def probs(self, budget_idx: int, tau: float = 1.0, scale: float = 1.0,
               logits: torch.Tensor | None = None) -> dict[str, torch.Tensor]:

@@ -342,7 +342,7 @@ def _train(ecfg: ElasticConfig, model_or_hf_path, data, out: Path, dp: parallel.
                 t_logits = teacher(ids)  # one teacher forward for every budget of the step
             for j, bi in enumerate(bis):
                 lg = None if router.pinned(bi) else router.budget_logits(bi)  # one router forward per budget
-                w = router.sample(bi, tau, scale, hard=hard, logits=lg)
+                w = router.sample(bi, tau, scale, hard=hard, logits=lg, tol=ecfg.sample_tolerance)
                 sub = router.subarch(w)
                 extra = {} if router.pinned(bi) else {"sub": sub, "gate": router.gate(w)} if hard else \
                     {"masks": router.masks(w)}

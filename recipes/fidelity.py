@@ -224,15 +224,17 @@ def summarize(seeds: list[dict], parent_ppl: float) -> tuple[list[dict], str]:
 # ------------------------------------------------------------------------------------------ candidates side by side
 def compare(root: str | Path) -> str:
     """One row per candidate (OUT/*/results.json, and OUT/results.json itself): the goals of issue 18 at a
-    glance. Ratios are means ± sd over the candidate's seeds; 'own cost' is the router's own choice's worst
+    glance. Ratios are means ± sd over the candidate's seeds, elastic perplexities means (absolute: a candidate
+    can improve a ratio by weakening its baselines too, e.g. an lr schedule); 'own cost' is the router's own choice's worst
     |cost / target - 1| over budgets and seeds; compute is the elastic run's over the K-1 runs alone at the
     short length."""
     root = Path(root)
     found = sorted((f for f in [root / "results.json", *root.glob("*/results.json")] if f.is_file()),
                    key=lambda f: f.stat().st_mtime)
     lines = ["| candidate | settings | seeds | full / parent | " + " | ".join(
-        f"{budget_name(f)}: elastic / alone short, long" for f in BUDGETS[1:]) + " | own cost off (max) | compute |",
-        "|" + "---|" * (6 + len(BUDGETS) - 1)]
+        f"{budget_name(f)}: elastic / alone short, long" for f in BUDGETS[1:]) + " | elastic ppl " + " / ".join(
+        budget_name(f) for f in BUDGETS) + " | own cost off (max) | compute |",
+        "|" + "---|" * (7 + len(BUDGETS) - 1)]
     for f in found:
         r = json.loads(f.read_text())
         rows = {x["budget"]: x for x in r["summary"]}
@@ -246,6 +248,7 @@ def compare(root: str | Path) -> str:
             mean_sd(rows[budget_name(1.0)]["ratio_full"]),
             *(f"{mean_sd(rows[budget_name(b)]['ratio_half'])}, {statistics.fmean(rows[budget_name(b)]['ratio_full']):.3f}"
               for b in BUDGETS[1:]),
+            " / ".join(f"{statistics.fmean(rows[budget_name(b)]['elastic']):.3f}" for b in BUDGETS),
             f"{max(x['own_cost_dev'] for x in r['summary']):.1%}",
             mean_sd(ratio) if ratio else "-"]) + " |")
     return "\n".join(lines)

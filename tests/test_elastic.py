@@ -384,7 +384,8 @@ def test_router_lands_on_budget_for_most_seeds(tmp_path):
     landed = 0
     for seed in range(5):
         out = tmp_path / f"s{seed}"
-        nestlm.elastify(tiny_run_config(seed=seed, steps=200), parent(), stream(), out, progress=False)
+        ecfg = tiny_run_config(seed=seed, steps=200, sample_tolerance=None)  # each axis samples on its own
+        nestlm.elastify(ecfg, parent(), stream(), out, progress=False)
         model, router, manifest = load_elastic(out)
         greedy = [float(router.cost_ratio(router.greedy(i))) / f for i, f in enumerate(router.budgets)]
         landed += all(abs(r - 1) <= 0.02 for r in greedy)
@@ -468,8 +469,17 @@ def test_manifest_keeps_the_routers_own_choice_when_it_misses_the_budget():
         if miss:
             break
     assert miss
+    import dataclasses
+    import warnings
+
+    with warnings.catch_warnings():  # trained with sample_tolerance == landing_tolerance (the default): what
+        warnings.simplefilter("error")  # decode exports is what training sampled, so no warning; argmax kept
+        m_trained = manifest_for(model, router, ecfg)
+    assert all("argmax_sub" in b for i, b in enumerate(m_trained["budgets"].values()) if i in miss)
+    ecfg = dataclasses.replace(ecfg, sample_tolerance=None)  # each axis sampled alone: warn
     with pytest.warns(UserWarning, match="the router's per-axis choice costs"):
         m = manifest_for(model, router, ecfg)
+    assert {k: v for k, v in m.items() if k != "elastic"} == {k: v for k, v in m_trained.items() if k != "elastic"}
     for i, b in enumerate(m["budgets"].values()):
         if i:  # within 2% when some architecture is; else the closest one
             best = float(router.relative_deviation(i).min())

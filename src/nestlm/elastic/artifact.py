@@ -225,6 +225,9 @@ def read_provenance(folder: str | Path) -> dict | None:
 def manifest_for(model, router: Router, ecfg: ElasticConfig) -> dict:
     """Every budget's architecture: the router's most probable one within ecfg.landing_tolerance of the
     budget (Router.decode), its parameters and its cost ratio."""
+    # training sampled only architectures within sample_tolerance: with the same tolerance, decode is the
+    # noise-free end of what training sampled, whatever the per-axis argmax says
+    trained = ecfg.mode == "hard" and ecfg.sample_tolerance is not None and ecfg.sample_tolerance == ecfg.landing_tolerance
     budgets = {}
     for i, frac in enumerate(ecfg.budgets):
         sub = router.subarch(router.decode(i, ecfg.landing_tolerance)) if not router.pinned(i) else SubArch()
@@ -237,11 +240,12 @@ def manifest_for(model, router: Router, ecfg: ElasticConfig) -> dict:
         if not router.pinned(i) and argmax != sub:  # the router's own choice missed: say so, keep it
             a_ratio = float(router.count(model.cfg, argmax)) / router.full_cost
             budgets[budget_name(frac)].update(argmax_sub=argmax.to_dict(), argmax_cost_ratio=a_ratio)
-            warnings.warn(f"budget {budget_name(frac)}: the router's per-axis choice costs {a_ratio:.3f} "
-                          f"(target {frac}); the manifest uses its most probable architecture within "
-                          f"{ecfg.landing_tolerance:.0%} ({ratio:.3f}), which training may have sampled "
-                          "rarely: check its quality, or train longer (the argmax is kept as argmax_sub)",
-                          stacklevel=2)
+            if not trained:
+                warnings.warn(f"budget {budget_name(frac)}: the router's per-axis choice costs {a_ratio:.3f} "
+                              f"(target {frac}); the manifest uses its most probable architecture within "
+                              f"{ecfg.landing_tolerance:.0%} ({ratio:.3f}), which training may have sampled "
+                              "rarely: check its quality, or train longer (the argmax is kept as argmax_sub)",
+                              stacklevel=2)
     return {"version": MANIFEST_VERSION, "family": model.cfg.family, "metric": ecfg.metric,
             "budgets": budgets, "choices": router.choices, "elastic": ecfg.to_dict()}
 

@@ -77,8 +77,9 @@ class ElasticConfig:
     expected_loss_weight: float = 1.0  # add E[budget loss] over the choice distribution (0: off)
     expected_loss_sharpness: float = 10.0  # cap on logit scale / tau for that expectation
     expected_loss_dead_zone: float = 0.01
-    sample_tolerance: float | None = None  # hard mode: training samples only architectures within this relative
-    #                                        cost deviation of their budget (None: each axis samples alone)
+    sample_tolerance: float | None = 0.02  # hard mode: training samples only architectures within this relative
+    #                                        cost deviation of their budget (None: each axis samples alone); the
+    #                                        fidelity protocol's measurement is in docs/results.md (issue 18)
     landing_tolerance: float | None = 0.02  # inference picks the most probable architecture within this
     #                                         relative cost deviation (Router.decode); None: per-axis argmax
     # ---- distillation

@@ -12,8 +12,12 @@ error nothing is left. A packed (FP8 / NVFP4) source goes to nestlm.quant.export
 
 from __future__ import annotations
 
+import errno
 import json
+import mmap
+import os
 import time
+import warnings
 from pathlib import Path
 
 import torch
@@ -58,9 +62,8 @@ def _header(tensors: list[OutTensor]) -> bytes:
     return len(raw).to_bytes(8, "little") + raw
 
 
-CHUNK_BYTES = 16 << 20  # rows of an output tensor are read and written in chunks of about this size
-IN_FLIGHT_BYTES = 2 * CHUNK_BYTES  # read-ahead: chunks read but not yet written (one thread reads, one writes)
-RELEASE_BYTES = 256 << 20  # unmap the source after about this much was read (bounds the mapped pages)
+CHUNK_BYTES = 16 << 20  # rows of an output tensor are gathered and written in chunks of about this size
+WRITEBACK_BYTES = 64 << 20  # the kernel is asked to start writing the output to disk every this many bytes
 
 
 def _chunks(t: OutTensor) -> list[tuple[int, int]]:
@@ -73,10 +76,11 @@ def _chunks(t: OutTensor) -> list[tuple[int, int]]:
     return [(a, min(a + step, t.shape[0])) for a in range(0, t.shape[0], step)]
 
 
-
 def _chunk_rows(t: OutTensor, a: int, b: int) -> list[tuple[Piece, int, int]]:
     """The source rows behind rows a:b of the output tensor t: (piece, first row, end row) in the piece's
     source tensor. Along dim 0 the pieces follow each other; along another dim each piece gives rows a:b."""
+    if not t.shape:
+        return [(t.pieces[0], 0, 1)]
     out, off = [], 0
     for pc in t.pieces:
         r0 = pc.idx[0].start or 0
@@ -91,80 +95,192 @@ def _chunk_rows(t: OutTensor, a: int, b: int) -> list[tuple[Piece, int, int]]:
     return out
 
 
-def _read_chunk(src: Source, t: OutTensor, a: int, b: int) -> torch.Tensor:
-    """Rows a:b of the output tensor t as one contiguous tensor (pieces concatenated along t.dim)."""
-    if not t.shape:
-        return src.read(t.pieces[0].src, t.pieces[0].idx).contiguous()
-    parts = [src.read(pc.src, (slice(r0, r1),) + pc.idx[1:]) for pc, r0, r1 in _chunk_rows(t, a, b)]
-    return (torch.cat(parts, dim=t.dim) if len(parts) > 1 else parts[0]).contiguous()
+def _rest(pc: Piece, shape: list) -> tuple:
+    """The piece's slices of every dim after the first (uncut dims it leaves out: whole)."""
+    return tuple(pc.idx[1:]) + (slice(None),) * (len(shape) - max(len(pc.idx), 1))
+
+
+def _span(src: Source, pc: Piece, r0: int, r1: int) -> tuple[Path, int, int, bool]:
+    """Rows r0:r1 (dim 0) of the piece's source tensor as bytes of its file: (file, first byte, end byte,
+    whole), whole when the piece keeps all of those bytes (every other dim uncut: one contiguous span)."""
+    fp, a, b = src.extent(pc.src)
+    shape = src.shape(pc.src)
+    if not shape:
+        return fp, a, b, True
+    row = (b - a) // shape[0] if shape[0] else 0
+    whole = all(s.indices(n)[:2] == (0, n) for s, n in zip(_rest(pc, shape), shape[1:], strict=True))
+    return fp, a + r0 * row, a + r1 * row, whole
+
+
+class _Out:
+    """The shard being written, through its file descriptor: `write` (bytes from memory) and `copy`
+    (a contiguous span of a source file, coalesced with the previous span when adjacent, then copied by the
+    kernel with os.copy_file_range, as cp does: no pass through user memory). Every WRITEBACK_BYTES the kernel
+    is asked to start writing the new bytes to disk, so the disk works while the next chunks are gathered."""
+
+    def __init__(self, f):
+        self.fd, self.pos, self.flushed, self.fds = f.fileno(), 0, 0, {}
+        self.pending: list | None = None  # [file, first byte, end byte] not copied yet
+        self.kernel_copy = hasattr(os, "copy_file_range")
+
+    def src_fd(self, fp: Path) -> int:
+        if fp not in self.fds:
+            self.fds[fp] = os.open(fp, os.O_RDONLY)
+        return self.fds[fp]
+
+    def copy(self, fp: Path, a: int, b: int) -> None:
+        if self.pending and self.pending[0] == fp and self.pending[2] == a:
+            self.pending[2] = b
+            return
+        self.flush()
+        self.pending = [fp, a, b]
+
+    def flush(self) -> None:
+        if not self.pending:
+            return
+        fp, a, b = self.pending
+        self.pending = None
+        fd = self.src_fd(fp)
+        while a < b:
+            n = 0
+            if self.kernel_copy:
+                try:
+                    n = os.copy_file_range(fd, self.fd, min(b - a, 1 << 30), a)
+                except OSError as e:  # across file systems on some kernels, or not supported: read + write
+                    if e.errno not in (errno.EXDEV, errno.ENOSYS, errno.EOPNOTSUPP, errno.EINVAL):
+                        raise
+                    self.kernel_copy = False
+                    continue
+            else:
+                data = os.pread(fd, min(b - a, CHUNK_BYTES), a)
+                self._write(memoryview(data))
+                n = len(data)
+            if n == 0:
+                raise CheckpointError(f"{fp}: ended at byte {a}, the header promises {b}")
+            a += n
+            self._advance(n)
+
+    def write(self, data: memoryview) -> None:
+        self.flush()
+        self._write(data)
+        self._advance(len(data))
+
+    def _write(self, data: memoryview) -> None:
+        while len(data):
+            data = data[os.write(self.fd, data):]
+
+    def _advance(self, n: int) -> None:
+        self.pos += n
+        if self.pos - self.flushed >= WRITEBACK_BYTES:
+            _start_writeback(self.fd, self.flushed, self.pos - self.flushed)
+            self.flushed = self.pos
+
+    def prefetch(self, fp: Path, a: int, b: int) -> None:
+        """Ask the kernel to read a span ahead (POSIX_FADV_WILLNEED): cold caches."""
+        if b > a and hasattr(os, "posix_fadvise"):
+            os.posix_fadvise(self.src_fd(fp), a, b - a, os.POSIX_FADV_WILLNEED)
+
+    def close(self) -> None:
+        for fd in self.fds.values():
+            os.close(fd)
+        self.fds.clear()
+
+
+_SYNC_FILE_RANGE = []  # libc's sync_file_range, looked up once (None where there is none)
+
+
+def _start_writeback(fd: int, offset: int, n: int) -> None:
+    """sync_file_range(SYNC_FILE_RANGE_WRITE): start writing these bytes to disk, without waiting for it."""
+    if not _SYNC_FILE_RANGE:
+        import ctypes
+
+        try:
+            f = ctypes.CDLL(None, use_errno=True).sync_file_range
+            f.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
+        except (AttributeError, OSError):
+            f = None
+        _SYNC_FILE_RANGE.append(f)
+    if _SYNC_FILE_RANGE[0] is not None:
+        _SYNC_FILE_RANGE[0](fd, offset, n, 2)  # 2: SYNC_FILE_RANGE_WRITE; a hint: its result is not needed
+
+
+def _mapped(out: _Out, src: Source, pc: Piece, r0: int, r1: int, maps: list) -> torch.Tensor:
+    """Rows r0:r1 of the piece as a view of a read-only memory map of just those rows (appended to maps, to
+    be closed once the chunk is written: resident memory stays about one chunk)."""
+    fp, a, b, _ = _span(src, pc, r0, r1)
+    shape = src.shape(pc.src)
+    dtype = src.dtype(pc.src)
+    if b == a:
+        x = torch.empty(0, dtype=torch.uint8)
+    else:
+        base = a - a % mmap.ALLOCATIONGRANULARITY
+        mm = mmap.mmap(out.src_fd(fp), b - base, offset=base, access=mmap.ACCESS_READ)
+        maps.append(mm)
+        with warnings.catch_warnings():  # read-only memory: nothing writes into these views
+            warnings.simplefilter("ignore", UserWarning)
+            x = torch.frombuffer(mm, dtype=torch.uint8, count=b - a, offset=a - base)
+    x = x.view(dtype).view([r1 - r0, *shape[1:]] if shape else [])
+    return x[(slice(None),) + _rest(pc, shape)] if shape else x
 
 
 def _write_shard(fp: Path, src: Source, tensors: list[OutTensor], stats: dict) -> None:
-    """Header, then every tensor's bytes. A reader thread reads chunks of rows (the copy out of the memory
-    map) while this thread writes the previous ones (the copy into the file): both copies release the GIL,
-    so they overlap. At most IN_FLIGHT_BYTES (or the largest output tensor, if smaller) are read ahead."""
-    import queue
-    import threading
-
-    budget = min(IN_FLIGHT_BYTES, max((t.nbytes for t in tensors), default=1))
+    """Header, then every tensor's bytes, chunk by chunk (CHUNK_BYTES of output rows). A run of whole source
+    rows (a cut along dim 0, a scalar, adjacent tensors) is one contiguous span: copied by the kernel. Rows
+    cut along another dim are gathered from a memory map of just those rows into one reused buffer (one
+    torch.cat / copy into it) and written; the map is closed after each chunk. The next chunk's rows are
+    read ahead (cold caches), and the written bytes are handed to the disk as they come."""
     jobs = [(t, a, b) for t in tensors for a, b in _chunks(t)]
-    done: queue.Queue = queue.Queue()
-    cond, state = threading.Condition(), {"in_flight": 0, "stop": False}
-
-    def reader():
-        since_release = 0
+    for t in tensors:
+        for pc in t.pieces:
+            if src.dtype(pc.src) != t.dtype:  # the plan and the header disagree: nothing written yet
+                raise CheckpointError(f"reading {pc.src}: got {src.dtype(pc.src)}, expected {t.dtype}")
+    buf = torch.empty(0, dtype=torch.uint8)  # the gather buffer, grown to the largest gathered chunk
+    with open(fp, "wb") as f:
+        out = _Out(f)
         try:
-            for i, (t, a, b) in enumerate(jobs):
-                if i + 1 < len(jobs) and hasattr(src, "prefetch") and jobs[i + 1][0].shape:
-                    for pc, r0, r1 in _chunk_rows(*jobs[i + 1]):  # the next chunk's rows, read ahead by the kernel
-                        src.prefetch(pc.src, r0, r1)
-                n = t.nbytes * (b - a) // max(t.shape[0], 1) if t.shape else t.nbytes
-                since_release += n
-                if since_release > RELEASE_BYTES and hasattr(src, "release"):
-                    with cond:  # tensors read from the maps die with them: wait until every chunk is written
-                        cond.wait_for(lambda: state["stop"] or state["in_flight"] == 0)
-                    src.release()
-                    since_release = 0
-                with cond:  # wait for room (a chunk larger than the budget goes alone)
-                    cond.wait_for(lambda n=n: state["stop"] or state["in_flight"] == 0
-                                  or state["in_flight"] + n <= budget)
-                    if state["stop"]:
-                        return
-                    state["in_flight"] += n
-                    held = state["in_flight"] + (n if t.dim != 0 and len(t.pieces) > 1 else 0)  # cat: pieces too
-                    stats["peak_bytes"] = max(stats["peak_bytes"], held)
-                done.put((t, n, _read_chunk(src, t, a, b)))
-        except BaseException as e:  # handed to the writer, which raises it
-            done.put((None, 0, e))
-
-    th = threading.Thread(target=reader, name="nestlm-slice-reader", daemon=True)
-    th.start()
-    try:
-        with open(fp, "wb") as f:
             f.write(_header(tensors))
-            written: dict[str, int] = {}
-            for _ in jobs:
-                t, n, x = done.get()
-                if t is None:
-                    raise x
-                if x.dtype != t.dtype:  # a header that lied about its data
-                    raise CheckpointError(f"reading {t.pieces[0].src}: got {x.dtype}, expected {t.dtype}")
-                f.write(memoryview(x.reshape(-1).view(torch.uint8).numpy()))
-                written[t.name] = written.get(t.name, 0) + x.nbytes
-                stats["bytes_written"] += x.nbytes
-                del x
-                with cond:
-                    state["in_flight"] -= n
-                    cond.notify()
-            for t in tensors:
-                if written.get(t.name, 0) != t.nbytes:
-                    raise CheckpointError(f"reading {t.pieces[0].src}: got {written.get(t.name, 0)} bytes, "
-                                          f"expected {t.nbytes}")
-    finally:
-        with cond:
-            state["stop"] = True
-            cond.notify()
-        th.join()
+            f.flush()
+            out.pos = out.flushed = f.tell()
+            for i, (t, a, b) in enumerate(jobs):
+                rows = _chunk_rows(t, a, b)
+                if i + 1 < len(jobs):
+                    for pc, r0, r1 in _chunk_rows(*jobs[i + 1]):
+                        out.prefetch(*_span(src, pc, r0, r1)[:3])
+                spans = [_span(src, pc, r0, r1) for pc, r0, r1 in rows]
+                if t.dim == 0 or len(rows) == 1:  # pieces one after the other: each is a span or a gather
+                    groups = [([r], [s]) for r, s in zip(rows, spans, strict=True)]
+                else:  # along another dim the pieces interleave within every row: one gather
+                    groups = [(rows, spans)]
+                for grp, sp in groups:
+                    if len(grp) == 1 and sp[0][3]:
+                        out.copy(*sp[0][:3])
+                        continue
+                    m = grp[0][2] - grp[0][1] if len(grp) == 1 else b - a  # output rows
+                    n = t.nbytes // t.shape[0] * m
+                    if buf.numel() < n:
+                        buf = torch.empty(n, dtype=torch.uint8)
+                    stats["peak_bytes"] = max(stats["peak_bytes"], buf.numel())
+                    stats["peak_mapped"] = max(stats.get("peak_mapped", 0), sum(s[2] - s[1] for s in sp))
+                    maps: list = []
+                    parts = [_mapped(out, src, pc, r0, r1, maps) for pc, r0, r1 in grp]
+                    dst = buf[:n].view(t.dtype).view([m, *t.shape[1:]])
+                    if len(parts) > 1:
+                        torch.cat(parts, dim=t.dim, out=dst)
+                    else:
+                        dst.copy_(parts[0].reshape(dst.shape))
+                    del parts
+                    for mm in maps:
+                        mm.close()
+                    out.write(memoryview(buf[:n].numpy()))
+                    del dst
+            out.flush()
+            end = out.pos
+        finally:
+            out.close()
+    want = len(_header(tensors)) + sum(t.nbytes for t in tensors)
+    if end != want:
+        raise CheckpointError(f"{fp}: wrote {end} bytes, the plan promises {want}")
+    stats["bytes_written"] += sum(t.nbytes for t in tensors)
 
 
 def slice_checkpoint(elastic_dir: str | Path, budget: str | float | SubArch, out_dir: str | Path, overwrite: bool = False,

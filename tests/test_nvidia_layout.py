@@ -572,7 +572,8 @@ def test_kernel_copies_and_gathers_write_the_reference_bytes(nano, fmt, tmp_path
     short-lived memory maps: its file is byte-identical to the plain reference (load, index, concatenate),
     for cuts along dim 0 (one span, or one per group), along dim 1 (strided rows, one piece or one per
     group interleaved in each row) and packed NVFP4 codes and block scales; also with chunks of a few rows
-    (pieces split across chunks, a map per chunk) and without copy_file_range (the read + write fallback)."""
+    (pieces split across chunks, a map per chunk), without copy_file_range (the read + write fallback),
+    with writes cut short inside a run, and without libc's writev (one write per run)."""
     import os
 
     import nestlm.slicing.write as slicing
@@ -600,6 +601,18 @@ def test_kernel_copies_and_gathers_write_the_reference_bytes(nano, fmt, tmp_path
 
     monkeypatch.setattr(os, "copy_file_range", unsupported)
     assert (slice_(nano[fmt], SUB_HEADS, tmp_path / "c") / "model.safetensors").read_bytes() == want
+
+    def short_writev(fd, runs):  # a short write that ends inside a run: the writer goes on from there
+        import ctypes
+
+        p, n = runs[0]
+        return os.write(fd, ctypes.string_at(int(p), min(int(n), 37)))
+
+    monkeypatch.setattr(slicing, "_writev", short_writev)
+    assert (slice_(nano[fmt], SUB_HEADS, tmp_path / "d") / "model.safetensors").read_bytes() == want
+    monkeypatch.undo()
+    monkeypatch.setitem(slicing._LIBC, "writev", None)
+    assert (slice_(nano[fmt], SUB_HEADS, tmp_path / "e") / "model.safetensors").read_bytes() == want
 
 
 def nano_width(folder: Path, name: str) -> int:

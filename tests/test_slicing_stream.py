@@ -171,7 +171,7 @@ def test_budgets_by_name_fraction_and_interpolation(elastic, family, tmp_path):
 def test_sharded_output_and_bounded_memory(elastic, tmp_path, monkeypatch):
     """Small shards: several files + an index. Memory: an independent count of the source bytes mapped at
     once (every memory map the writer opens is tracked until closed) never exceeds the largest source
-    tensor, the gather buffer never exceeds the largest output tensor, and the bytes copied from the source
+    tensor, and the bytes copied from the source
     (kernel copies + gathers) equal the bytes written (only the kept prefixes are copied)."""
     import mmap
     import os
@@ -192,21 +192,21 @@ def test_sharded_output_and_bounded_memory(elastic, tmp_path, monkeypatch):
                 alive[0] -= len(self)
             super().close()
 
-    cfr, gather = os.copy_file_range, nestlm.slicing.write._mapped
+    cfr, gather = os.copy_file_range, nestlm.slicing.write._runs
 
     def copy_file_range(*a):
         n = cfr(*a)
         track["copied"] += n
         return n
 
-    def mapped(out, src, pc, r0, r1, maps):
-        x = gather(out, src, pc, r0, r1, maps)
-        track["copied"] += x.numel() * x.element_size()
+    def runs(*a):
+        x = gather(*a)
+        track["copied"] += int(x[..., 1].sum())
         return x
 
     monkeypatch.setattr(nestlm.slicing.write.mmap, "mmap", Tracked)
     monkeypatch.setattr(os, "copy_file_range", copy_file_range)
-    monkeypatch.setattr(nestlm.slicing.write, "_mapped", mapped)
+    monkeypatch.setattr(nestlm.slicing.write, "_runs", runs)
     stats = {}
     out = slice_(src, sub, tmp_path / "out", max_shard_bytes=4096, stats=stats)
     monkeypatch.undo()
@@ -223,8 +223,7 @@ def test_sharded_output_and_bounded_memory(elastic, tmp_path, monkeypatch):
     parent = sum(f.stat().st_size for f in src.glob("model*.safetensors"))
     largest_src = max(t.numel() * t.element_size() for t in read_dir(src).values())
     assert track["peak"] > 0 and alive[0] == 0  # every map closed
-    assert track["peak"] <= largest_src + mmap.ALLOCATIONGRANULARITY and largest < parent / 4
-    assert stats["peak_bytes"] <= largest
+    assert stats["peak_bytes"] <= track["peak"] <= largest_src + mmap.ALLOCATIONGRANULARITY and largest < parent / 4
     assert track["copied"] == stats["bytes_written"] == index["metadata"]["total_size"]
     hf = AutoModelForCausalLM.from_pretrained(out).eval()
     with torch.no_grad():

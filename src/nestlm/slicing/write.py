@@ -14,12 +14,13 @@ from __future__ import annotations
 
 import errno
 import json
+import math
 import mmap
 import os
 import time
-import warnings
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from nestlm.arch import SubArch, sliced_config
@@ -165,6 +166,26 @@ class _Out:
         self._write(data)
         self._advance(len(data))
 
+    def writev(self, runs: np.ndarray) -> None:
+        """Write runs of bytes already in this process's memory ([n, 2] array of address, length): the kernel
+        gathers them straight from the memory maps (writev), one copy, as a kernel copy of a span would."""
+        self.flush()
+        total = int(runs[:, 1].sum())
+        i = 0
+        while i < len(runs):
+            batch = np.ascontiguousarray(runs[i:i + IOV_MAX])
+            n = _writev(self.fd, batch)
+            if n == 0 and batch[:, 1].any():
+                raise OSError(errno.EIO, f"writev wrote nothing at byte {self.pos}")
+            done = np.cumsum(batch[:, 1])
+            k = int(np.searchsorted(done, n, side="right"))  # runs written whole
+            i += k
+            if k < len(batch) and n > (done[k - 1] if k else 0):  # a short write ended inside run i
+                part = n - (int(done[k - 1]) if k else 0)
+                runs[i, 0] += part
+                runs[i, 1] -= part
+        self._advance(total)
+
     def _write(self, data: memoryview) -> None:
         while len(data):
             data = data[os.write(self.fd, data):]
@@ -186,41 +207,79 @@ class _Out:
         self.fds.clear()
 
 
-_SYNC_FILE_RANGE = []  # libc's sync_file_range, looked up once (None where there is none)
+IOV_MAX = 1024  # runs per writev call (Linux's limit)
+_LIBC: dict = {}  # libc's writev and sync_file_range, looked up once (None where there is none)
+
+
+def _libc(name: str, *argtypes):
+    if name not in _LIBC:
+        import ctypes
+
+        try:
+            f = getattr(ctypes.CDLL(None, use_errno=True), name)
+            f.argtypes, f.restype = list(argtypes), ctypes.c_ssize_t
+        except (AttributeError, OSError, TypeError):
+            f = None
+        _LIBC[name] = f
+    return _LIBC[name]
+
+
+def _writev(fd: int, runs: np.ndarray) -> int:
+    """One writev(2) of the runs (a C-contiguous [n, 2] int64 array: struct iovec's layout on 64-bit Linux)."""
+    import ctypes
+
+    f = _libc("writev", ctypes.c_int, ctypes.c_void_p, ctypes.c_int)
+    if f is None or ctypes.sizeof(ctypes.c_void_p) != 8:  # no libc writev: one write per run
+        done = 0
+        for p, n in runs:
+            w = os.write(fd, ctypes.string_at(int(p), int(n)))
+            done += w
+            if w < n:  # a short write: the caller goes on from here
+                break
+        return done
+    n = f(fd, runs.ctypes.data, len(runs))
+    if n < 0:
+        e = ctypes.get_errno()
+        raise OSError(e, os.strerror(e))
+    return n
 
 
 def _start_writeback(fd: int, offset: int, n: int) -> None:
     """sync_file_range(SYNC_FILE_RANGE_WRITE): start writing these bytes to disk, without waiting for it."""
-    if not _SYNC_FILE_RANGE:
-        import ctypes
+    import ctypes
 
-        try:
-            f = ctypes.CDLL(None, use_errno=True).sync_file_range
-            f.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
-        except (AttributeError, OSError):
-            f = None
-        _SYNC_FILE_RANGE.append(f)
-    if _SYNC_FILE_RANGE[0] is not None:
-        _SYNC_FILE_RANGE[0](fd, offset, n, 2)  # 2: SYNC_FILE_RANGE_WRITE; a hint: its result is not needed
+    f = _libc("sync_file_range", ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint)
+    if f is not None:
+        f(fd, offset, n, 2)  # 2: SYNC_FILE_RANGE_WRITE; a hint: its result is not needed
 
 
-def _mapped(out: _Out, src: Source, pc: Piece, r0: int, r1: int, maps: list) -> torch.Tensor:
-    """Rows r0:r1 of the piece as a view of a read-only memory map of just those rows (appended to maps, to
-    be closed once the chunk is written: resident memory stays about one chunk)."""
+def _runs(out: _Out, src: Source, pc: Piece, r0: int, r1: int, dim: int, maps: list) -> np.ndarray:
+    """Rows r0:r1 of the piece as runs of bytes in a read-only memory map of just those rows (appended to
+    maps, closed once the chunk is written: resident memory stays about one chunk): an [outer, runs, 2]
+    array of (address, length), outer = the output rows before `dim` (1 for dim 0), so that pieces cut
+    along `dim` interleave by concatenating their runs along axis 1."""
     fp, a, b, _ = _span(src, pc, r0, r1)
-    shape = src.shape(pc.src)
-    dtype = src.dtype(pc.src)
-    if b == a:
-        x = torch.empty(0, dtype=torch.uint8)
-    else:
+    shape = src.shape(pc.src) or [1]
+    lims = [(0, r1 - r0)] + [s.indices(n)[:2] for s, n in zip(_rest(pc, shape), shape[1:], strict=True)]
+    stride = [math.prod(shape[d + 1:]) * src.dtype(pc.src).itemsize for d in range(len(shape))]
+    cut = [d for d in range(1, len(shape)) if lims[d] != (0, shape[d])]
+    last = max(cut + [dim])  # the runs: dims after `last` whole, so each run is contiguous
+    length = (lims[last][1] - lims[last][0]) * stride[last]
+    addr = np.zeros((), np.int64) + lims[last][0] * stride[last]
+    for d in range(last):  # every index of the dims before `last`, in C order
+        addr = addr[..., None] + np.arange(*lims[d], dtype=np.int64) * stride[d]
+    outer = math.prod(hi - lo for lo, hi in lims[:dim])
+    if b > a and length:
         base = a - a % mmap.ALLOCATIONGRANULARITY
-        mm = mmap.mmap(out.src_fd(fp), b - base, offset=base, access=mmap.ACCESS_READ)
+        mm = mmap.mmap(out.src_fd(fp), b - base, offset=base, prot=mmap.PROT_READ,
+                       flags=mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0))
         maps.append(mm)
-        with warnings.catch_warnings():  # read-only memory: nothing writes into these views
-            warnings.simplefilter("ignore", UserWarning)
-            x = torch.frombuffer(mm, dtype=torch.uint8, count=b - a, offset=a - base)
-    x = x.view(dtype).view([r1 - r0, *shape[1:]] if shape else [])
-    return x[(slice(None),) + _rest(pc, shape)] if shape else x
+        view = np.frombuffer(mm, np.uint8)
+        addr = addr + (view.ctypes.data + a - base)
+        del view  # the address stays valid until the map is closed
+    runs = np.empty(addr.shape + (2,), np.int64)
+    runs[..., 0], runs[..., 1] = addr, length
+    return runs.reshape(outer, -1, 2)
 
 
 def _write_shard(fp: Path, src: Source, tensors: list[OutTensor], stats: dict) -> None:
@@ -234,7 +293,6 @@ def _write_shard(fp: Path, src: Source, tensors: list[OutTensor], stats: dict) -
         for pc in t.pieces:
             if src.dtype(pc.src) != t.dtype:  # the plan and the header disagree: nothing written yet
                 raise CheckpointError(f"reading {pc.src}: got {src.dtype(pc.src)}, expected {t.dtype}")
-    buf = torch.empty(0, dtype=torch.uint8)  # the gather buffer, grown to the largest gathered chunk
     with open(fp, "wb") as f:
         out = _Out(f)
         try:
@@ -255,24 +313,12 @@ def _write_shard(fp: Path, src: Source, tensors: list[OutTensor], stats: dict) -
                     if len(grp) == 1 and sp[0][3]:
                         out.copy(*sp[0][:3])
                         continue
-                    m = grp[0][2] - grp[0][1] if len(grp) == 1 else b - a  # output rows
-                    n = t.nbytes // t.shape[0] * m
-                    if buf.numel() < n:
-                        buf = torch.empty(n, dtype=torch.uint8)
-                    stats["peak_bytes"] = max(stats["peak_bytes"], buf.numel())
-                    stats["peak_mapped"] = max(stats.get("peak_mapped", 0), sum(s[2] - s[1] for s in sp))
+                    stats["peak_bytes"] = max(stats["peak_bytes"], sum(s[2] - s[1] for s in sp))  # mapped
                     maps: list = []
-                    parts = [_mapped(out, src, pc, r0, r1, maps) for pc, r0, r1 in grp]
-                    dst = buf[:n].view(t.dtype).view([m, *t.shape[1:]])
-                    if len(parts) > 1:
-                        torch.cat(parts, dim=t.dim, out=dst)
-                    else:
-                        dst.copy_(parts[0].reshape(dst.shape))
-                    del parts
+                    runs = [_runs(out, src, pc, r0, r1, t.dim, maps) for pc, r0, r1 in grp]
+                    out.writev(np.concatenate(runs, axis=1).reshape(-1, 2) if len(runs) > 1 else runs[0].reshape(-1, 2))
                     for mm in maps:
                         mm.close()
-                    out.write(memoryview(buf[:n].numpy()))
-                    del dst
             out.flush()
             end = out.pos
         finally:
@@ -293,7 +339,8 @@ def slice_checkpoint(elastic_dir: str | Path, budget: str | float | SubArch, out
     layout, NVIDIA's release included) is cut as it is stored: codes and block scales by index ranges
     (nestlm.quant.packed.packed_plan), scalar scales copied, nothing requantized; its quantization settings
     are kept with the exclude list renumbered. Streams: memory holds one output tensor (or a bounded chunk).
-    stats: if a dict is given, it receives bytes_written, peak_bytes (largest tensor held), tensors, seconds.
+    stats: if a dict is given, it receives bytes_written, peak_bytes (the most source bytes mapped at once:
+    about one chunk of rows), tensors, seconds.
     Raises FileExistsError (out_dir exists, overwrite=False), KeyError (unknown budget), CheckpointError
     (missing / truncated / inconsistent files), ConfigError (a SubArch that doesn't fit)."""
     t0 = time.perf_counter()

@@ -1,13 +1,18 @@
 """The streamed writer: `slice_checkpoint` (nestlm.slicing.slice) executes a plan (nestlm.slicing.plan) into a
 plain Hugging Face folder.
 
-Nothing is loaded as a model: only the prefixes the submodel keeps are read, straight from the memory-mapped
-safetensors, one read per contiguous run (the first heads of each attention KV group / Mamba group: one read
-per group, then `torch.cat`). A test pins the streamed tensors to nestlm.model.extract.sliced_state_dict
-(the in-memory reference) bit for bit. Shapes are known before any data is read, so every safetensors shard
-is written header first and then tensor by tensor: at most one output tensor (and its pieces) is in memory
-at a time. The folder is built under a temporary sibling name and moved into place with os.replace; on any
-error nothing is left. A packed (FP8 / NVFP4) source goes to nestlm.quant.export.slice_quantized.
+Nothing is loaded as a model, and no byte passes through a tensor: only the prefixes the submodel keeps are
+copied from the source files, once, by the kernel. Shapes are known before any data is read, so every
+safetensors shard is written header first and then tensor by tensor, in chunks of about CHUNK_BYTES of output
+rows. A run of whole source rows (a cut along dim 0, one span per group of heads, a scalar, adjacent tensors)
+is one contiguous span of a source file: os.copy_file_range, as cp does. Rows cut along another dim are
+strided runs: a read-only memory map of just those rows, and one writev(2) per 1024 runs, pieces of several
+groups interleaved within each row. Each map is closed once its chunk is written, so resident memory stays
+about one chunk whatever the source size. The next chunk is read ahead (cold caches) and the kernel is asked
+to start writing each 64 MB of output to disk as it comes. Tests pin the files to a plain reference (load,
+index, concatenate) byte for byte, and the tensors to nestlm.model.extract.sliced_state_dict. The folder is
+built under a temporary sibling name and moved into place with os.replace; on any error nothing is left. A
+packed (FP8 / NVFP4) source is planned by nestlm.slicing.packed and written the same way.
 """
 
 from __future__ import annotations
@@ -285,9 +290,9 @@ def _runs(out: _Out, src: Source, pc: Piece, r0: int, r1: int, dim: int, maps: l
 def _write_shard(fp: Path, src: Source, tensors: list[OutTensor], stats: dict) -> None:
     """Header, then every tensor's bytes, chunk by chunk (CHUNK_BYTES of output rows). A run of whole source
     rows (a cut along dim 0, a scalar, adjacent tensors) is one contiguous span: copied by the kernel. Rows
-    cut along another dim are gathered from a memory map of just those rows into one reused buffer (one
-    torch.cat / copy into it) and written; the map is closed after each chunk. The next chunk's rows are
-    read ahead (cold caches), and the written bytes are handed to the disk as they come."""
+    cut along another dim are runs in a memory map of just those rows, written with writev (the pieces of
+    a cut along dim > 0 interleaved within each row); the map is closed after each chunk. The next chunk's
+    rows are read ahead (cold caches), and the written bytes are handed to the disk as they come."""
     jobs = [(t, a, b) for t in tensors for a, b in _chunks(t)]
     for t in tensors:
         for pc in t.pieces:

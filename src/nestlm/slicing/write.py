@@ -69,6 +69,7 @@ def _header(tensors: list[OutTensor]) -> bytes:
 
 
 CHUNK_BYTES = 16 << 20  # rows of an output tensor are gathered and written in chunks of about this size
+READ_AHEAD_BYTES = 64 << 20  # the kernel is asked to read the source this far ahead of the chunk being written
 WRITEBACK_BYTES = 64 << 20  # the kernel is asked to start writing the output to disk every this many bytes
 
 
@@ -304,12 +305,17 @@ def _write_shard(fp: Path, src: Source, tensors: list[OutTensor], stats: dict) -
             f.write(_header(tensors))
             f.flush()
             out.pos = out.flushed = f.tell()
+            ahead, queued = 0, 0  # jobs whose source rows the kernel was asked to read, and their bytes not yet used
             for i, (t, a, b) in enumerate(jobs):
                 rows = _chunk_rows(t, a, b)
-                if i + 1 < len(jobs):
-                    for pc, r0, r1 in _chunk_rows(*jobs[i + 1]):
-                        out.prefetch(*_span(src, pc, r0, r1)[:3])
                 spans = [_span(src, pc, r0, r1) for pc, r0, r1 in rows]
+                while ahead < len(jobs) and (ahead <= i + 1 or queued < READ_AHEAD_BYTES):  # cold caches
+                    for pc, r0, r1 in _chunk_rows(*jobs[ahead]):
+                        fa, a0, b0, _ = _span(src, pc, r0, r1)
+                        out.prefetch(fa, a0, b0)
+                        queued += b0 - a0
+                    ahead += 1
+                queued -= sum(s[2] - s[1] for s in spans)
                 if t.dim == 0 or len(rows) == 1:  # pieces one after the other: each is a span or a gather
                     groups = [([r], [s]) for r, s in zip(rows, spans, strict=True)]
                 else:  # along another dim the pieces interleave within every row: one gather

@@ -120,7 +120,7 @@ def _span(src: Source, pc: Piece, r0: int, r1: int) -> tuple[Path, int, int, boo
 
 
 class _Out:
-    """The shard being written, through its file descriptor: `write` (bytes from memory) and `copy`
+    """The shard being written, through its file descriptor: `writev` (runs of mapped bytes) and `copy`
     (a contiguous span of a source file, coalesced with the previous span when adjacent, then copied by the
     kernel with os.copy_file_range, as cp does: no pass through user memory). Every WRITEBACK_BYTES the kernel
     is asked to start writing the new bytes to disk, so the disk works while the next chunks are gathered."""
@@ -166,11 +166,6 @@ class _Out:
                 raise CheckpointError(f"{fp}: ended at byte {a}, the header promises {b}")
             a += n
             self._advance(n)
-
-    def write(self, data: memoryview) -> None:
-        self.flush()
-        self._write(data)
-        self._advance(len(data))
 
     def writev(self, runs: np.ndarray) -> None:
         """Write runs of bytes already in this process's memory ([n, 2] array of address, length): the kernel

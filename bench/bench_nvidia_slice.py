@@ -169,7 +169,7 @@ def status(key):
     return 0
 t_import = time.perf_counter()
 import torch, torch._dynamo, nestlm, transformers.models.auto  # slice() checks the cut's config with transformers;
-# building the meta-device model that checks shapes imports torch._dynamo (a one-time cost per process);
+# torch._dynamo: older writers' meta-device shape check imported it (kept, so that A/B runs compare alike);
 # the modules slice() imports lazily (packed folders: nestlm.quant; the cut's config class): also once per process
 import nestlm.quant, nestlm.model.decoder, transformers.models.nemotron_h.configuration_nemotron_h
 from nestlm.arch import SubArch

@@ -159,8 +159,8 @@ class SafetensorsDir:
 
 class Source(SafetensorsDir):
     """A checkpoint folder's tensors, memory-mapped: names, shapes and dtypes from the headers, and prefix
-    reads that touch only the requested bytes. `prefetch` asks the kernel to read rows ahead (cold caches);
-    `release` unmaps what was read so far (the mapped pages stop counting in the process's memory)."""
+    reads that touch only the requested bytes, and each tensor's byte extent in its file (`extent`: for
+    nestlm.slicing's writer, which copies spans of the files itself)."""
 
     def __init__(self, path: str | Path):
         super().__init__(path)
@@ -171,21 +171,9 @@ class Source(SafetensorsDir):
                 if k != "__metadata__":
                     self._extent[k] = (self._dir / fname, 8 + n + v["data_offsets"][0], 8 + n + v["data_offsets"][1])
 
-    def prefetch(self, name: str, start: int, stop: int) -> None:
-        """Start reading rows start:stop (dim 0) of tensor `name` into the page cache (POSIX_FADV_WILLNEED)."""
-        fp, a, b = self._extent[name]
-        rows = self.shape(name)[0] if self.shape(name) else 1
-        row = (b - a) // max(rows, 1)
-        fd = os.open(fp, os.O_RDONLY)
-        try:
-            os.posix_fadvise(fd, a + start * row, (stop - start) * row, os.POSIX_FADV_WILLNEED)
-        finally:
-            os.close(fd)
-
-    def release(self) -> None:
-        """Re-open the files, unmapping the old maps: every tensor read before must be dead (they are views)."""
-        for fname in self._handles:
-            self._handles[fname] = safe_open(str(self._dir / fname), framework="pt")
+    def extent(self, name: str) -> tuple[Path, int, int]:
+        """Where tensor `name`'s bytes lie: (file, first byte, end byte)."""
+        return self._extent[name]
 
     def dtype(self, name: str) -> torch.dtype:
         return DTYPES[self._handles[self._where[name]].get_slice(name).get_dtype()]

@@ -96,7 +96,10 @@ class Decoder(nn.Module):
         super().__init__()
         cfg.validate()
         self.cfg = cfg
-        self.embeddings = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        w = torch.empty(cfg.vocab_size, cfg.hidden_size)
+        if w.device.type != "meta":  # torch's default N(0, 1); on meta (shapes only) normal_ imports torch._dynamo
+            nn.init.normal_(w)
+        self.embeddings = nn.Embedding(cfg.vocab_size, cfg.hidden_size, _weight=w)
         self.layers = nn.ModuleList(Block(cfg, c) for c in cfg.pattern)
         self.norm_f = RMSNorm(cfg.hidden_size, cfg.norm_eps)
         self.lm_head = None if cfg.tie_embeddings else nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)

@@ -345,7 +345,8 @@ class Mamba2(_Sliced):
         self.conv1d = nn.Conv1d(conv_dim, conv_dim, cfg.conv_kernel, groups=conv_dim, bias=cfg.conv_bias,
                                 padding=cfg.conv_kernel - 1)
         self.dt_bias = nn.Parameter(torch.ones(h))
-        self.A_log = nn.Parameter(torch.log(torch.arange(1, h + 1, dtype=torch.float32)))
+        a = torch.log(torch.arange(1, h + 1, dtype=torch.float32, device="cpu"))  # on meta: imports torch._dynamo
+        self.A_log = nn.Parameter(a.to(torch.get_default_device()))
         self.D = nn.Parameter(torch.ones(h))
         self.norm = RMSNorm(h * p, cfg.norm_eps)  # gated, grouped: one RMS per group of heads
         self.probe = None

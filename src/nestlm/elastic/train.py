@@ -327,7 +327,7 @@ def _train(ecfg: ElasticConfig, model_or_hf_path, data, out: Path, dp: parallel.
     while step < stop:
         # ---- this step's budgets, schedules and context length (the same on every rank: checked)
         bis = ecfg.sample_budgets(budget_rng, step)  # one budget, or budgets_per_step sharing each batch
-        dp.check_same("step, data position, budgets and RNG state", [step, pos, *bis, parallel.rng_checksum()])
+        dp.check_same("step, data position, budget and RNG state", [step, pos, *bis, parallel.rng_checksum()])
         tau, scale = ecfg.tau_at(step), ecfg.scale_at(step)
         seq_len = ecfg.seq_len_at(step)
         for group in opt_model.param_groups:

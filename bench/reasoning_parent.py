@@ -22,6 +22,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import budget_control
@@ -90,11 +91,20 @@ def token_losses(model, tok: ByteTokenizer, problems) -> dict[str, float]:
     return {k: statistics.mean(v) for k, v in acc.items()}
 
 
+def load_task(path: Path) -> TaskConfig:
+    """The task from reasoning_task.json or a recipe config's task section; TaskConfig(digits=2) if no file."""
+    if not path.is_file():
+        return TaskConfig(digits=2)
+    if path.suffix in (".yaml", ".yml"):
+        return TaskConfig(**(yaml.safe_load(path.read_text()).get("task") or {}))
+    return TaskConfig(**json.loads(path.read_text()))
+
+
 def main(argv=None) -> list[dict]:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", type=Path, required=True, help="an HF checkpoint folder (RUN/parent)")
-    ap.add_argument("--task", type=Path, default=None, help="reasoning_task.json (default: the run's elastic/ "
-                    "one, else TaskConfig(digits=2))")
+    ap.add_argument("--task", type=Path, default=None, help="reasoning_task.json or a recipe config YAML (its "
+                    "task section); default: the run's elastic/reasoning_task.json, else TaskConfig(digits=2)")
     ap.add_argument("--n", type=int, default=100)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--full-think", type=int, default=64)
@@ -103,8 +113,7 @@ def main(argv=None) -> list[dict]:
     ap.add_argument("--token-loss", action="store_true", help="also the loss by kind of target")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
-    task_file = args.task or args.model.parent / "elastic" / "reasoning_task.json"
-    task = TaskConfig(**json.loads(task_file.read_text())) if task_file.is_file() else TaskConfig(digits=2)
+    task = load_task(args.task or args.model.parent / "elastic" / "reasoning_task.json")
     problems = sample_problems(task, args.n, seed=args.seed, split="test")
     model, tok = from_hf(args.model).eval(), ByteTokenizer()
     rows = []

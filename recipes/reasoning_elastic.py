@@ -49,7 +49,6 @@ from nestlm.errors import ConfigError
 
 DEFAULT_CONFIG = Path(__file__).parent / "configs" / "reasoning_tiny.yaml"
 TASK_FILE = "reasoning_task.json"  # written into the elastic folder: which task the model was trained on
-PRETRAIN_KEYS = {"steps", "batch", "lr", "warmup", "seed", "checkpoint_every", "cut_share"}
 ELASTIFY_DATA_SEED = 1_000_000  # elastify's batches use seeds from here on: other problems than pretraining's
 
 

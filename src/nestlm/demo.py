@@ -91,7 +91,7 @@ def elastic_config(steps: int, batch: int, seq_len: int, seed: int) -> ElasticCo
     The parent is already sorted (sort=False). The router is small and fast (lr 0.03, a doubled budget loss)
     so that its cost lands on the budget within a few hundred steps; p_full=0.2 leaves 40% of the steps to
     each smaller budget. lr_model is constant: the parent is trained, only the submodels move much.
-    sample_tolerance is off (the library's default is 0.02): the demo's 200 steps land within 0.6% without it,
+    sample_tolerance is off (the library's default is 0.02): the demo's 200 steps land within 0.4% without it,
     and the figures quoted across the docs were made with these settings. recipes/fidelity.py measures both."""
     return ElasticConfig(budgets=list(BUDGETS), metric="params", choices=CHOICES, align=8, mode="hard",
                          sort=False, router_hidden=32, lr_router=0.03, router_weight=2.0, p_full=0.2,

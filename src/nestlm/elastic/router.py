@@ -165,7 +165,8 @@ class Router(nn.Module):
                 shape[d] = -1
                 total = total + score[d, : len(self.choices[ax])].double().view(shape)
             inside = dev <= tol
-            flat = torch.where(inside, total, torch.full_like(total, -torch.inf)) if inside.any() else -dev
+            # no .any() in Python: a training step must not wait for the GPU here
+            flat = torch.where(inside.any(), torch.where(inside, total, torch.full_like(total, -torch.inf)), -dev)
             idx = torch.unravel_index(flat.flatten().argmax(), dev.shape)
             return torch.stack(idx).to(score.device)
 

@@ -154,21 +154,10 @@ class Router(nn.Module):
         return self.split(y)
 
     def _within(self, score: torch.Tensor, target: float, tol: float) -> torch.Tensor:
-        """The choice index per axis [n_axes] of the combination with the highest summed `score` [na, n_max]
-        (perturbed logits) among those whose cost ratio lies within `tol` of `target` (the closest one when
-        none does): the hard sample of `sample(tol=...)`, the noisy counterpart of `decode`."""
+        """The hard sample of `sample(tol=...)`, the noisy counterpart of `decode`: `_best_landing` on the
+        perturbed logits `score` [na, n_max]."""
         with torch.no_grad():
-            dev = (self.combo_costs() / target - 1).abs()  # [n_1, ..., n_axes]
-            total = torch.zeros_like(dev)
-            for d, ax in enumerate(self.axes):
-                shape = [1] * len(self.axes)
-                shape[d] = -1
-                total = total + score[d, : len(self.choices[ax])].double().view(shape)
-            inside = dev <= tol
-            # no .any() in Python: a training step must not wait for the GPU here
-            flat = torch.where(inside.any(), torch.where(inside, total, torch.full_like(total, -torch.inf)), -dev)
-            idx = torch.unravel_index(flat.flatten().argmax(), dev.shape)
-            return torch.stack(idx).to(score.device)
+            return self._best_landing(list(self.split(score.double()).values()), target, tol).to(score.device)
 
     def probs(self, budget_idx: int, tau: float = 1.0, scale: float = 1.0,
               logits: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
@@ -204,16 +193,23 @@ class Router(nn.Module):
         end-of-training sharpness) among those whose cost ratio lies within `tol` of `target`; with none
         inside, the combination closest to `target`."""
         sharp = self.ecfg.scale_end / self.ecfg.tau_end
+        idx = self._best_landing([F.log_softmax(lg[ax].double() * sharp, -1) for ax in self.axes], target, tol)
+        return {ax: F.one_hot(idx[d], len(self.choices[ax])).float() for d, ax in enumerate(self.axes)}
+
+    def _best_landing(self, scores: list[torch.Tensor], target: float, tol: float) -> torch.Tensor:
+        """The choice index per axis [n_axes] of the combination with the highest summed per-axis `scores`
+        (one [n_choices] tensor per axis, in `self.axes` order) among those whose cost ratio lies within `tol`
+        of `target`; with none inside, the combination closest to `target`. No host sync (a training step's
+        sample goes through here on the GPU)."""
         dev = (self.combo_costs() / target - 1).abs()  # [n_1, ..., n_axes]
-        score = torch.zeros_like(dev)
-        for d, ax in enumerate(self.axes):  # log p(combo) = sum over axes of log p(choice)
+        total = torch.zeros_like(dev)
+        for d, sc in enumerate(scores):  # e.g. log p(combo) = sum over axes of log p(choice)
             shape = [1] * len(self.axes)
             shape[d] = -1
-            score = score + F.log_softmax(lg[ax].double() * sharp, -1).view(shape)
+            total = total + sc.view(shape)
         inside = dev <= tol
-        flat = torch.where(inside, score, torch.full_like(score, -torch.inf)) if inside.any() else -dev
-        idx = torch.unravel_index(flat.flatten().argmax(), dev.shape)
-        return {ax: F.one_hot(idx[d], len(self.choices[ax])).float() for d, ax in enumerate(self.axes)}
+        flat = torch.where(inside.any(), torch.where(inside, total, torch.full_like(total, -torch.inf)), -dev)
+        return torch.stack(torch.unravel_index(flat.flatten().argmax(), dev.shape))
 
     def relative_deviation(self, budget_idx: int) -> torch.Tensor:
         """|cost / budget - 1| of every combination of choices (one dimension per axis)."""

@@ -34,7 +34,15 @@ import yaml
 import nestlm
 from nestlm.arch import SubArch, count_params
 from nestlm.data import ByteTokenizer, kjv_text, perplexity, split
-from nestlm.demo import BUDGETS, demo_config, elastic_config, pretrain, sort_by_importance, torch_threads
+from nestlm.demo import (
+    BUDGETS,
+    demo_config,
+    elastic_config,
+    pretrain,
+    read_log,
+    sort_by_importance,
+    torch_threads,
+)
 from nestlm.elastic.config import ElasticConfig, budget_name
 from nestlm.elastic.losses import kd_loss
 from nestlm.elastic.optim import adamw, lr_at
@@ -115,8 +123,13 @@ def candidate_config(sizes: Sizes, seed: int, over: dict | None = None):
 def elastic_compute(log_path: Path) -> float:
     """The elastic run's training compute in parent forwards (per token): one teacher forward per step and
     a forward + backward (3x the forward) of every submodel trained, at its cost fraction (from the log)."""
-    recs = [json.loads(ln) for ln in log_path.read_text().splitlines() if ln.strip()]
+    recs = read_log(log_path)
     return len({r["step"] for r in recs}) + sum(3 * r["cost_ratio"] for r in recs)
+
+
+def compute_ratio(seed: dict) -> float:
+    """One seed's elastic training compute over the K-1 runs alone at the short length (elastic_compute)."""
+    return seed["compute_elastic"] / sum(b["alone_T/(K-1) compute"] for b in seed["budgets"] if b["fraction"] < 1)
 
 
 # ------------------------------------------------------------------------------------------ 2. one seed
@@ -214,8 +227,7 @@ def summarize(seeds: list[dict], parent_ppl: float) -> tuple[list[dict], str]:
             mean_sd(r["alone_T/(K-1)"]) + (" (parent)" if r["budget"] == budget_name(1.0) else ""),
             mean_sd(r["alone_T"]) + (" (parent)" if r["budget"] == budget_name(1.0) else ""),
             mean_sd(r["ratio_half"]), mean_sd(r["ratio_full"])]) + " |")
-    ratio = [s["compute_elastic"] / sum(b["alone_T/(K-1) compute"] for b in s["budgets"] if b["fraction"] < 1.0)
-             for s in seeds]
+    ratio = [compute_ratio(s) for s in seeds]
     lines.append(f"\ntraining compute, elastic / the K-1 runs alone at T/(K-1): {mean_sd(ratio)} (parent forwards "
                  "per token: one teacher forward per step, 3x each submodel's cost for its forward + backward)")
     return rows, "\n".join(lines)
@@ -238,8 +250,7 @@ def compare(root: str | Path) -> str:
     for f in found:
         r = json.loads(f.read_text())
         rows = {x["budget"]: x for x in r["summary"]}
-        ratio = [s["compute_elastic"] / sum(b["alone_T/(K-1) compute"] for b in s["budgets"] if b["fraction"] < 1)
-                 for s in r["per_seed"] if "compute_elastic" in s]
+        ratio = [compute_ratio(s) for s in r["per_seed"] if "compute_elastic" in s]  # older results have none
         settings = ", ".join(f"{k}={v}" for k, v in r.get("over", {}).items()) or "demo"
         if r["sizes"].get("alone_steps"):
             settings += f"; {r['sizes']['steps']} steps vs alone {r['sizes']['alone_steps']}"

@@ -331,6 +331,29 @@ def test_the_printer_never_prints_a_replacement_character(capsys):
     assert capsys.readouterr().out == "a</think>sé\n"
 
 
+def test_the_detokenizer_never_splits_a_character_nor_a_held_string():
+    """Detok (the one incremental detokenizer of `generate`, `think` and `serve`) against the whole decode:
+    the deltas add up to a prefix of it, carry no U+FFFD, and never hand out a byte of a stop string before
+    the text shows whether it is one."""
+    from nestlm.inference.detok import Detok
+
+    tok = ByteTokenizer()
+    text = "é a</th</think>ü STOP-ish STOP ok"
+    ids = tok.encode(text)
+    d, out = Detok(tok.decode, ["</think>", "STOP"]), ""
+    for t in ids:
+        delta = d.push(t)
+        assert "\ufffd" not in delta
+        out += delta
+        assert text.startswith(out) and out == d.text()[: d.sent]
+        for hold in ("</think>", "STOP"):  # nothing past the start of a hold that is not whole yet
+            i = d.text().rfind(hold[0])
+            if i >= 0 and hold.startswith(d.text()[i:]) and d.text()[i:] != hold:
+                assert d.sent <= i
+    assert d.first_hold() == (text.find("</think>"), "</think>")
+    assert out == text  # the text ends with no partial hold: all of it was handed out
+
+
 def test_sampling_follows_transformers_rules():
     from transformers.generation.logits_process import (
         RepetitionPenaltyLogitsProcessor,

@@ -320,26 +320,23 @@ def generate(path: str, prompt: str, max_new_tokens: int = 64, temperature: floa
 
 
 class _Printer:
-    """Prints a continuation to stdout token by token (a generate callback, plain and think mode alike): the
-    bytes of a multi-byte character wait until it is whole, and bytes that never make one (a character cut
-    by the end of the thinking phase, a stray continuation byte) are left out instead of printing U+FFFD."""
+    """Prints a continuation to stdout token by token (a generate callback, plain and think mode alike), through
+    the one incremental detokenizer (nestlm.inference.detok): the bytes of a multi-byte character wait until
+    it is whole, and bytes that never make one (a character cut by the end of the thinking phase, a stray
+    continuation byte) are left out instead of printing U+FFFD."""
 
     def __init__(self, decode):
-        self.decode, self.ids, self.shown = decode, [], 0
+        from nestlm.inference.detok import Detok
 
-    def text(self) -> str:
-        return self.decode(self.ids).replace("\ufffd", "")
+        self.detok = Detok(decode)
 
     def __call__(self, tok: torch.Tensor, phase: str | None = None) -> None:  # tok [1]
-        self.ids.append(int(tok[0]))
-        text = self.text()
-        print(text[self.shown:], end="", flush=True)
-        self.shown = max(self.shown, len(text))
+        print(self.detok.push(int(tok[0])).replace("\ufffd", ""), end="", flush=True)
 
     def close(self) -> str:
-        text = self.text()
-        print(text[self.shown:])
-        return text
+        text = self.detok.text()
+        print(text[self.detok.sent:].replace("\ufffd", ""))
+        return text.replace("\ufffd", "")
 
 
 def think_answer(path: str | Path, prompt: str, think_budget: str | float = "full",

@@ -43,6 +43,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from nestlm.arch import SubArch
 from nestlm.errors import ConfigError
+from nestlm.inference.detok import Detok
 from nestlm.inference.generate import generate
 from nestlm.inference.two_phase import Standalone, generate_two_phase
 
@@ -102,46 +103,6 @@ class APIError(Exception):
 
 
 # ---------------------------------------------------------------------------------------------- text
-def _held(text: str, holds: list[str]) -> int:
-    """Length of the longest suffix of `text` that starts one of `holds` (or is one): text to hold back."""
-    best = 0
-    for h in holds:
-        for k in range(min(len(h), len(text)), best, -1):
-            if h.startswith(text[-k:]):
-                best = k
-                break
-    return best
-
-
-class _Detok:
-    """Incremental detokenization of one phase: push token ids, get text deltas that never end inside a
-    multi-byte character nor inside what may become one of `holds` (stop strings, the end-of-thinking tag)."""
-
-    def __init__(self, decode: Callable[[list[int]], str], holds: list[str] = ()):
-        self.decode, self.holds, self.ids, self.sent = decode, [h for h in holds if h], [], 0
-
-    def text(self) -> str:
-        return self.decode(self.ids)
-
-    def push(self, tok: int) -> str:
-        self.ids.append(tok)
-        text = self.text()
-        if text.endswith("\ufffd"):  # wait for the rest of a multi-byte character
-            return ""
-        return self.take(text, len(text) - _held(text, self.holds))
-
-    def take(self, text: str, upto: int) -> str:
-        delta = text[self.sent:upto] if upto > self.sent else ""
-        self.sent = max(self.sent, upto)
-        return delta
-
-    def first_hold(self) -> tuple[int, str] | None:
-        """(position, string) of the earliest hold the text contains, None if none."""
-        text = self.text()
-        hits = [(i, h) for h in self.holds if (i := text.find(h)) >= 0]
-        return min(hits) if hits else None
-
-
 # ---------------------------------------------------------------------------------------------- engine
 @dataclass
 class Generation:
@@ -271,8 +232,8 @@ class Engine:
         ("end": the end-of-thinking tag, written or forced). Token-exact with generate_two_phase (or
         nestlm.inference.generate.generate for a plain request) on the same model, seed and sampling fields."""
         two = g.think is not None
-        think, forced = _Detok(self.decode, [self.end_think]), []
-        answer = _Detok(self.decode, g.stops)
+        think, forced = Detok(self.decode, [self.end_think]), []
+        answer = Detok(self.decode, g.stops)
         state = {"closed": not two, "end_text": "", "stop": None}
 
         def close_think(wrote_tag: bool):  # the trace is over: hand out the rest of its text, then the tag
@@ -355,7 +316,7 @@ class Engine:
                        seconds=time.perf_counter() - t0)
 
 
-def _sent(d: _Detok) -> str:
+def _sent(d: Detok) -> str:
     """The text a stream handed out (its final text once closed)."""
     return d.text()[: d.sent]
 

@@ -1,0 +1,50 @@
+"""Incremental detokenization: token ids in, text deltas out, for every streamed output (`nestlm generate` /
+`nestlm think` printing to a terminal, `nestlm serve`'s SSE chunks). One rule: a delta never ends inside a
+multi-byte character nor inside what may still become one of the held strings (stop strings, the
+end-of-thinking tag)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+__all__ = ["Detok", "held_suffix"]
+
+
+def held_suffix(text: str, holds: list[str]) -> int:
+    """Length of the longest suffix of `text` that starts one of `holds` (or is one): text to hold back."""
+    best = 0
+    for h in holds:
+        for k in range(min(len(h), len(text)), best, -1):
+            if h.startswith(text[-k:]):
+                best = k
+                break
+    return best
+
+
+class Detok:
+    """Incremental detokenization of one phase: push token ids, get text deltas that never end inside a
+    multi-byte character nor inside what may become one of `holds` (stop strings, the end-of-thinking tag)."""
+
+    def __init__(self, decode: Callable[[list[int]], str], holds: list[str] = ()):
+        self.decode, self.holds, self.ids, self.sent = decode, [h for h in holds if h], [], 0
+
+    def text(self) -> str:
+        return self.decode(self.ids)
+
+    def push(self, tok: int) -> str:
+        self.ids.append(tok)
+        text = self.text()
+        if text.endswith("\ufffd"):  # wait for the rest of a multi-byte character
+            return ""
+        return self.take(text, len(text) - held_suffix(text, self.holds))
+
+    def take(self, text: str, upto: int) -> str:
+        delta = text[self.sent:upto] if upto > self.sent else ""
+        self.sent = max(self.sent, upto)
+        return delta
+
+    def first_hold(self) -> tuple[int, str] | None:
+        """(position, string) of the earliest hold the text contains, None if none."""
+        text = self.text()
+        hits = [(i, h) for h in self.holds if (i := text.find(h)) >= 0]
+        return min(hits) if hits else None

@@ -30,6 +30,7 @@ from pathlib import Path
 
 import torch
 import yaml
+from tqdm.auto import tqdm
 
 import nestlm
 from nestlm.arch import SubArch, count_params
@@ -91,16 +92,17 @@ def sorted_parent(out: Path, sizes: Sizes, train_ids: torch.Tensor):
 
 
 # ------------------------------------------------------------------------------------------ 2b. one size alone
-def distill_alone(teacher, sub: SubArch, data: torch.Tensor, steps: int, ecfg) -> tuple[torch.nn.Module, list]:
+def distill_alone(teacher, sub: SubArch, data: torch.Tensor, steps: int, ecfg, desc: str | None = None
+                  ) -> tuple[torch.nn.Module, list]:
     """The submodel `sub` cut from the sorted parent and distilled alone from the frozen parent: the elastic
     loop's KD loss, temperature, optimizer, learning rate and lr schedule, on the same data stream (get_batch
     from pos 0).
-    Returns (the standalone model, its KD loss per step)."""
-    student = extract(teacher, sub).train()
+    Returns (the standalone model, its KD loss per step); `desc` shows a progress bar."""
+    student = extract(teacher, sub).requires_grad_(True).train()
     opt = adamw(student.parameters(), lr=ecfg.lr_model, weight_decay=ecfg.weight_decay)
     warmup = int(round(ecfg.lr_warmup * steps))
     losses = []
-    for pos in range(steps):
+    for pos in tqdm(range(steps), desc=desc, disable=desc is None):
         for group in opt.param_groups:  # the elastic run's warmup and schedule, over this run's steps
             group["lr"] = lr_at(pos, steps, ecfg.lr_model, warmup, ecfg.lr_schedule)
         ids = get_batch(data, pos, ecfg.batch, ecfg.seq_len)  # [b, t]

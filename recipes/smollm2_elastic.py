@@ -1,7 +1,8 @@
 """The real-model reproduction: SmolLM2-135M elastified into 100% / 75% / 50% of its parameters, compared
 with the baselines the paper compares against. Offline (KJV text, the cached SmolLM2); CPU or CUDA.
 
-    python recipes/smollm2_elastic.py --out runs/smollm2 --eval 16 --threads 1   # the YAML's settings (~75 min)
+    python recipes/smollm2_elastic.py --out runs/smollm2 --eval 16 --threads 1   # the YAML's 80 steps (~75 min)
+    python recipes/smollm2_elastic.py --out runs/smollm2_v2 --eval 16 --threads 1 --steps 120 --no-width-depth
     python recipes/smollm2_elastic.py --out runs/smollm2 --steps 40 --baseline-steps 40          # shorter
 
 Stages (each one is skipped when its output exists, so the command resumes after a kill; elastic training
@@ -13,7 +14,9 @@ itself resumes from its checkpoint):
        elastic      the elastic checkpoint at the router's SubArch (zero-shot slice, no extra training)
        one-shot     the sorted parent at the same SubArch, untrained (importance + sort only)
        independent  the same SubArch cut from the sorted parent and distilled ALONE from the same teacher
-                    on as many tokens as the whole elastic run saw (`--baseline-steps` overrides)
+                    (recipes/fidelity.distill_alone: elastify's loss, optimizer and lr schedule), with
+                    T/(K-1) tokens (`independent_short`: the K-1 runs alone cost about the elastic run) and
+                    with T tokens, T = the elastic run's tokens (`--baseline-steps` overrides T's steps)
   5. width vs depth at 15% reduction: one-shot and independently distilled (the same token count each)
   6. results.json and a markdown table (pasted into docs/results.md)
 """
@@ -26,17 +29,14 @@ import time
 from pathlib import Path
 
 import torch
-from tqdm.auto import tqdm
+from fidelity import distill_alone  # the protocol's run alone: elastify's loss, optimizer and lr schedule
 
 import nestlm
 from nestlm import ElasticConfig, SubArch
 from nestlm.arch import count_params, depth_subarch, width_subarch
 from nestlm.data import perplexity
 from nestlm.elastic.importance import Scores
-from nestlm.elastic.losses import kd_loss
-from nestlm.elastic.optim import adamw
 from nestlm.elastic.train import get_batch
-from nestlm.model.extract import extract
 
 HERE = Path(__file__).resolve().parent
 
@@ -71,23 +71,6 @@ def sort_parent(parent_dir: Path, out: Path, train: torch.Tensor, n_calib: int, 
     return out
 
 
-def distill_alone(teacher, student, train: torch.Tensor, steps: int, ecfg: ElasticConfig, desc: str):
-    """Plain KD of one fixed submodel: the same loss, data order, optimiser and learning rate as elastify."""
-    opt = adamw(student.parameters(), lr=ecfg.lr_model, weight_decay=ecfg.weight_decay)
-    student.train()
-    losses = []
-    for step in tqdm(range(steps), desc=desc):
-        ids = get_batch(train, step, ecfg.batch, ecfg.seq_len)
-        with torch.no_grad():
-            t_logits = teacher(ids)
-        loss = kd_loss(student(ids), t_logits, ecfg.kd_temperature)
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        losses.append(float(loss.detach()))
-    return student.eval(), losses
-
-
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", type=Path, default=Path("runs/smollm2"))
@@ -95,6 +78,8 @@ def main(argv=None) -> dict:
     ap.add_argument("--steps", type=int, default=None, help="elastic training steps (default: the YAML's)")
     ap.add_argument("--baseline-steps", type=int, default=None,
                     help="steps for each independently distilled baseline (default: the elastic run's)")
+    ap.add_argument("--width-depth", action=argparse.BooleanOptionalAction, default=True,
+                    help="also run stage 5, width vs depth at 15%% reduction (two more runs alone)")
     ap.add_argument("--calib", type=int, default=16, help="calibration windows for importance")
     ap.add_argument("--eval", type=int, default=32, help="held-out windows for perplexity")
     ap.add_argument("--threads", type=int, default=None)
@@ -136,31 +121,37 @@ def main(argv=None) -> dict:
     res.update({"elastic_steps": ecfg.steps, "tokens_seen": tokens_seen, "baseline_steps": base_steps,
                 "eval_tokens": len(held) - 1, "full_params": count_params(cfg)})
     rows = res.setdefault("budgets", {})
+    k_small = sum(b["fraction"] < 1.0 for b in manifest["budgets"].values())
+    short_steps = max(1, base_steps // max(k_small, 1))  # T/(K-1): the runs alone together cost the elastic run
     for name, b in manifest["budgets"].items():
-        sub = SubArch.from_dict(b["sub"])
         r = rows.setdefault(name, {"fraction": b["fraction"], "params": b["params"], "sub": b["sub"]})
         if "elastic" not in r:
-            r["elastic"] = ppl(model, sub)
-            r["one_shot"] = ppl(teacher, sub)
-        if "independent" not in r:
-            if b["fraction"] >= 1.0:
-                r["independent"] = r["one_shot"]  # the full model is the teacher itself
-            else:
-                student, losses = distill_alone(teacher, extract(teacher, sub).requires_grad_(True), train,
-                                                base_steps, ecfg, f"independent {name}")
-                r["independent"], r["independent_final_kd"] = ppl(student), losses[-1]
-        res_path.write_text(json.dumps(res, indent=2))
+            r["elastic"] = ppl(model, SubArch.from_dict(b["sub"]))
+            r["one_shot"] = ppl(teacher, SubArch.from_dict(b["sub"]))
+        if b["fraction"] >= 1.0:  # the full model is the teacher itself
+            r.setdefault("independent", r["one_shot"])
+            r.setdefault("independent_short", r["one_shot"])
+    res_path.write_text(json.dumps(res, indent=2))
+    # the short runs first (T/(K-1) tokens each: the protocol's equal-compute comparison), then T tokens each
+    for key, steps in (("independent_short", short_steps), ("independent", base_steps)):
+        for name, b in manifest["budgets"].items():
+            r = rows[name]
+            if key not in r:
+                student, losses = distill_alone(teacher, SubArch.from_dict(b["sub"]), train, steps, ecfg,
+                                                f"{key} {name} ({steps} steps)")
+                r[key], r[key + "_final_kd"] = ppl(student), losses[-1]
+                res_path.write_text(json.dumps(res, indent=2))
+    res["short_steps"] = short_steps
 
     # ---- 5. width vs depth at 15% reduction (one-shot and independently distilled, same token count)
     wd = res.setdefault("width_vs_depth_85", {})
     layer_scores = Scores.load(sorted_dir / "importance.safetensors")["layers"]
-    for mode, sub in (("width", width_subarch(cfg, 0.85, axes=("hidden", "attn_heads_per_group", "ffn"))),
+    for mode, sub in () if not args.width_depth else (("width", width_subarch(cfg, 0.85, axes=("hidden", "attn_heads_per_group", "ffn"))),
                       ("depth", depth_subarch(cfg, layer_scores, 0.85))):
         if mode in wd:
             continue
         one = ppl(teacher, sub)
-        student, _ = distill_alone(teacher, extract(teacher, sub).requires_grad_(True), train, base_steps,
-                                   ecfg, f"{mode} 85%")
+        student, _ = distill_alone(teacher, sub, train, base_steps, ecfg, f"{mode} 85%")
         wd[mode] = {"params": count_params(cfg, sub), "one_shot": one, "distilled": ppl(student),
                     "sub": sub.to_dict()}
         res_path.write_text(json.dumps(res, indent=2))
@@ -176,12 +167,13 @@ def format_results(res: dict) -> str:
     full = res["full_params"]
     lines = [f"SmolLM2-135M, held-out KJV perplexity ({res['eval_tokens']:,} tokens); elastic run "
              f"{res['elastic_steps']} steps = {res['tokens_seen']:,} tokens; each independent baseline "
-             f"{res['baseline_steps']} steps", "",
-             "| budget | params | elastic (zero-shot slice) | one-shot (sorted, untrained) | independent KD |",
-             "|---|---|---|---|---|"]
+             f"{res['baseline_steps']} steps (T), {res.get('short_steps', '-')} steps (T/(K-1))", "",
+             "| budget | params | elastic (zero-shot slice) | one-shot (sorted, untrained) | independent KD, T/(K-1) "
+             "| independent KD, T |", "|---|---|---|---|---|---|"]
+    f = lambda r, k: f"{r[k]:.2f}" if k in r else "-"
     for name, r in res["budgets"].items():
         lines.append(f"| {name} | {r['params']:,} ({r['params'] / full:.0%}) | {r['elastic']:.2f} | "
-                     f"{r['one_shot']:.2f} | {r['independent']:.2f} |")
+                     f"{r['one_shot']:.2f} | {f(r, 'independent_short')} | {f(r, 'independent')} |")
     wd = res.get("width_vs_depth_85", {})
     if wd:
         lines += ["", "| 15% reduction | params | one-shot | distilled |", "|---|---|---|---|"]

@@ -94,6 +94,25 @@ def test_switch_at_the_tag_and_s_to_l_equals_phases_by_hand():
     assert torch.equal(res.answer_ids, answer[0, think.shape[1]:])
 
 
+def test_a_tag_the_budget_cuts_midway_is_completed_not_repeated():
+    """Thinking that runs out while writing the tag ends with the tag's first tokens: the budget appends only
+    the rest (rest_of_tag), so the answer model reads one whole tag."""
+    from nestlm.inference.two_phase import rest_of_tag
+
+    model = hybrid(seed=3)
+    ids = prompt(5, seed=3)
+    free = uncached(model, ids, 12, sub=S)[0, 5:].tolist()
+    x = next(t for t in range(VOCAB) if t not in free)
+    tag = [free[3], x]  # S writes the tag's first token as its 4th, and never the whole tag
+    res = generate_two_phase(model, ids, S, None, 4, 6, tag)
+    assert res.ended_by == "budget" and res.think_len == 4 and res.forced_len == 1
+    assert res.think_ids.tolist() == free[:4] + [x]  # not free[:4] + tag: no half tag before a whole one
+    assert torch.equal(res.tokens, generate(model, torch.cat([ids, torch.tensor([free[:4] + [x]])], dim=1), 6))
+    assert rest_of_tag("4</th", "</think>") == "ink>" and rest_of_tag("4<", "</think>") == "/think>"
+    assert rest_of_tag("a<b", "</think>") == "</think>" and rest_of_tag("", "</think>") == "</think>"
+    assert rest_of_tag([1, 2, 7], [7, 8, 9]) == [8, 9]
+
+
 def test_switch_at_the_budget_appends_the_tag():
     model = hybrid(seed=3)
     ids = prompt(5, seed=3)

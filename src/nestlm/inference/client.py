@@ -12,7 +12,9 @@ The same control as nestlm.inference.two_phase.generate_two_phase, but the two m
    it ends at the tag ("tag"), at the budget ("budget", finish_reason "length"), or at its end-of-sequence
    token ("stop": no answer, as in generate_two_phase).
 2. The answer model continues prompt + trace + end_think through `/v1/completions` (a plain text prompt:
-   the server tokenizes it as it tokenizes any prompt, BOS included where its tokenizer adds one).
+   the server tokenizes it as it tokenizes any prompt, BOS included where its tokenizer adds one). When the
+   budget ran out while the thinking model was writing the tag ('4</th'), those characters are dropped from
+   the trace and the tag is written once, whole (nestlm.inference.two_phase.rest_of_tag, the same rule).
 
 Greedy decoding gives the tokens generate_two_phase(..., switch="reprefill") gives in process, as long as
 the trace's text tokenizes back to the tokens it came from. With sampling, each phase is seeded on its own
@@ -30,6 +32,8 @@ import urllib.error
 import urllib.request
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+
+from nestlm.inference.detok import held_suffix
 
 __all__ = ["Endpoint", "EndpointError", "RemoteResult", "complete", "think_answer"]
 
@@ -181,6 +185,8 @@ def think_answer(think: Endpoint, answer: Endpoint, prompt: str, max_think: int 
     else:
         ended_by = "stop"  # the end-of-sequence token (vLLM: stop_reason None or the token id)
     trace = trace.removesuffix(end_think)  # servers that keep the stop string in the text
+    if ended_by == "budget":  # a tag the budget cut mid-way ('4</th'): the appended tag completes it
+        trace = trace[: len(trace) - held_suffix(trace, [end_think])]
     if ended_by == "stop":
         return RemoteResult(prompt, trace, ended_by, "", end_think, th, None)
     if on_text is not None:

@@ -10,12 +10,13 @@ from collections.abc import Callable
 __all__ = ["Detok", "held_suffix"]
 
 
-def held_suffix(text: str, holds: list[str]) -> int:
-    """Length of the longest suffix of `text` that starts one of `holds` (or is one): text to hold back."""
+def held_suffix(text, holds) -> int:
+    """Length of the longest suffix of `text` that starts one of `holds` (or is one): text to hold back.
+    Works on any sequences: strings, or token id lists (the end-of-thinking tag a budget cut mid-way)."""
     best = 0
     for h in holds:
         for k in range(min(len(h), len(text)), best, -1):
-            if h.startswith(text[-k:]):
+            if h[:k] == text[-k:]:
                 best = k
                 break
     return best

@@ -43,7 +43,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from nestlm.arch import SubArch
 from nestlm.errors import ConfigError
-from nestlm.inference.detok import Detok
+from nestlm.inference.detok import Detok, held_suffix
 from nestlm.inference.generate import generate
 from nestlm.inference.two_phase import Standalone, generate_two_phase
 
@@ -236,10 +236,12 @@ class Engine:
         answer = Detok(self.decode, g.stops)
         state = {"closed": not two, "end_text": "", "stop": None}
 
-        def close_think(wrote_tag: bool):  # the trace is over: hand out the rest of its text, then the tag
-            text = think.text()
-            if wrote_tag and text.endswith(self.end_think):
+        def close_think(end: str):  # the trace is over: hand out the rest of its text, then the tag
+            text = think.text()  # end: "tag" (written), "forced" (the budget: the tag or its rest) or "none"
+            if end == "tag" and text.endswith(self.end_think):
                 text = text[: len(text) - len(self.end_think)]
+            elif end == "forced":  # the budget cut the tag mid-way ('4</th'): those characters are the tag's
+                text = text[: len(text) - held_suffix(text, [self.end_think])]  # start, handed out with it whole
             emit("think", think.take(text, len(text)), [])
             state["closed"] = True
 
@@ -251,14 +253,14 @@ class Engine:
                 emit("think", think.push(t), [t])
             elif phase == "forced":
                 if not state["closed"]:
-                    close_think(False)
+                    close_think("forced")
                     state["end_text"] = self.end_think
                     emit("end", self.end_think, [])
                 forced.append(t)
                 emit("end", "", [t])
             else:
                 if not state["closed"]:  # the thinking model wrote the tag
-                    close_think(True)
+                    close_think("tag")
                     state["end_text"] = self.end_think
                     emit("end", self.end_think, [])
                 delta = answer.push(t)
@@ -297,7 +299,7 @@ class Engine:
                 switch = "continue" if self.budgets[g.think] == self.budgets[g.answer] else g.switch
         if not state["closed"]:  # no answer phase: a stop token while thinking, or max_tokens 0 after the tag
             wrote = tail == self.end_ids
-            close_think(wrote)
+            close_think("tag" if wrote else "none")
             if wrote:
                 state["end_text"] = self.end_think
                 emit("end", self.end_think, [])

@@ -2,7 +2,8 @@
 
 A prompt is answered in two phases. The thinking phase runs on submodel S until it writes the end-of-thinking
 tag (e.g. '</think>', several tokens with a byte tokenizer) or spends `max_think_tokens`; in the latter case
-the tag is appended, as standard budget control does. The answer phase then runs on submodel L.
+the tag is appended, as standard budget control does (only the rest of it when the budget ran out while S
+was writing it: `rest_of_tag`). The answer phase then runs on submodel L.
 
     res = generate_two_phase(model, ids, think_sub=small, answer_sub=None, max_think_tokens=64,
                              max_answer_tokens=16, end_think=tok.encode("</think>"), stop_tokens=[eos])
@@ -33,6 +34,7 @@ import torch
 
 from nestlm.arch import SubArch
 from nestlm.errors import ConfigError
+from nestlm.inference.detok import held_suffix
 from nestlm.inference.generate import decode, prefill
 from nestlm.model import layout
 from nestlm.model.decoder import Cache
@@ -162,6 +164,14 @@ def _sync(dev: torch.device) -> None:
         torch.cuda.synchronize(dev)
 
 
+def rest_of_tag(trace, tag):
+    """What a budget appends to end the thinking: the end-of-thinking tag, or only its rest when the trace
+    already ends with the tag's first tokens (the model was writing the tag when the budget ran out), so that
+    the answer model reads one whole tag, never a half tag followed by a whole one (`4<</think>`). Token ids
+    or text alike (the two-endpoint client applies it to text)."""
+    return tag[held_suffix(trace, [tag]):]
+
+
 def _sequences(end_think) -> list[list[int]]:
     """One tag (an id, a list or 1-D tensor of ids) or several alternative tokenizations of it (a list of
     lists); the first is the canonical one."""
@@ -226,7 +236,7 @@ def generate_two_phase(model, ids: torch.Tensor, think_sub: SubArch | None, answ
             ended_by = "stop"
         else:
             ended_by = "budget"
-        forced = ids.new_tensor([tags[0]]) if ended_by == "budget" else ids.new_zeros(1, 0)  # [1, f]
+        forced = ids.new_tensor([rest_of_tag(tail, tags[0])]) if ended_by == "budget" else ids.new_zeros(1, 0)  # [1, f]
         if callback is not None:
             for j in range(forced.shape[1]):
                 callback(forced[:, j], "forced")

@@ -1,7 +1,7 @@
 """The real-model reproduction: SmolLM2-135M elastified into 100% / 75% / 50% of its parameters, compared
 with the baselines the paper compares against. Offline (KJV text, the cached SmolLM2); CPU or CUDA.
 
-    python recipes/smollm2_elastic.py --out runs/smollm2 --eval 16 --threads 1   # the YAML's 80 steps (~75 min)
+    python recipes/smollm2_elastic.py --out runs/smollm2 --eval 16 --threads 1   # the YAML's 80 steps (~100 min with every baseline)
     python recipes/smollm2_elastic.py --out runs/smollm2_v2 --eval 16 --threads 1 --steps 120 --no-width-depth
     python recipes/smollm2_elastic.py --out runs/smollm2 --steps 40 --baseline-steps 40          # shorter
 

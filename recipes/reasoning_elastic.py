@@ -56,7 +56,7 @@ ELASTIFY_DATA_SEED = 1_000_000  # elastify's batches use seeds from here on: oth
 @dataclass(frozen=True)
 class TrainPhase:
     """One training phase of the parent: `steps` AdamW steps on batches of `batch` examples, linear warmup then
-    cosine decay to lr / 10 (nestlm.demo.lr_at), a share `cut_share` of the examples with the thinking cut early
+    cosine decay to lr / 10 (nestlm.elastic.optim.lr_at), a share `cut_share` of the examples with the thinking cut early
     (trace cut at a random character, then '</think>A:<right answer>')."""
     steps: int = 1500
     batch: int = 32
@@ -176,8 +176,7 @@ def train_stage(cfg: dict, out: Path, stage: str) -> Path:
     """Stage 1 ('pretrain': from scratch, writes out/parent) or 1b ('finetune': from the pretrained parent,
     writes out/parent_cut); each an HF checkpoint + tokenizer. Checkpoints in out/<stage work folder> and
     resumes from there."""
-    from nestlm.demo import lr_at
-    from nestlm.elastic.optim import adamw
+    from nestlm.elastic.optim import adamw, lr_at
 
     start, phase = next((s, p) for name, s, p in phases(cfg) if name == stage)
     work_name, parent_name = STAGES[stage]

@@ -126,8 +126,8 @@ def main(argv=None) -> dict:
     for name, b in manifest["budgets"].items():
         r = rows.setdefault(name, {"fraction": b["fraction"], "params": b["params"], "sub": b["sub"]})
         if "elastic" not in r:
-            r["elastic"] = ppl(model, SubArch.from_dict(b["sub"]))
-            r["one_shot"] = ppl(teacher, SubArch.from_dict(b["sub"]))
+            sub = SubArch.from_dict(b["sub"])
+            r["elastic"], r["one_shot"] = ppl(model, sub), ppl(teacher, sub)
         if b["fraction"] >= 1.0:  # the full model is the teacher itself
             r.setdefault("independent", r["one_shot"])
             r.setdefault("independent_short", r["one_shot"])
@@ -145,9 +145,12 @@ def main(argv=None) -> dict:
 
     # ---- 5. width vs depth at 15% reduction (one-shot and independently distilled, same token count)
     wd = res.setdefault("width_vs_depth_85", {})
-    layer_scores = Scores.load(sorted_dir / "importance.safetensors")["layers"]
-    for mode, sub in () if not args.width_depth else (("width", width_subarch(cfg, 0.85, axes=("hidden", "attn_heads_per_group", "ffn"))),
-                      ("depth", depth_subarch(cfg, layer_scores, 0.85))):
+    cuts = []
+    if args.width_depth:
+        layer_scores = Scores.load(sorted_dir / "importance.safetensors")["layers"]
+        cuts = [("width", width_subarch(cfg, 0.85, axes=("hidden", "attn_heads_per_group", "ffn"))),
+                ("depth", depth_subarch(cfg, layer_scores, 0.85))]
+    for mode, sub in cuts:
         if mode in wd:
             continue
         one = ppl(teacher, sub)

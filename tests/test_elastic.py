@@ -528,9 +528,7 @@ def test_lr_schedule_warmup_cosine_and_router_warmup():
                                        ({"budgets_per_step": 0}, "budgets_per_step"),
                                        ({"lr_schedule": "linear"}, "lr_schedule"),
                                        ({"router_warmup": 1.0}, "router_warmup"),
-                                       ({"full_weight": -1.0}, "full_weight"),
-                                       ({"full_shared_grad": 1.5}, "full_shared_grad"),
-                                       ({"full_shared_grad": -0.1}, "full_shared_grad")])
+                                       ({"full_weight": -1.0}, "full_weight")])
 def test_new_options_are_validated(kw, match):
     with pytest.raises(ConfigError, match=match):
         tiny_run_config(**kw)
@@ -583,46 +581,6 @@ def test_full_weight_scales_the_full_models_kd_loss(tmp_path, monkeypatch):
     ecfg = tiny_run_config(budgets=[1.0, 0.75], steps=3, budgets_per_step=2, full_weight=3.0, grad_accum=2)
     nestlm.elastify(ecfg, parent(), stream(), tmp_path, progress=False)
     assert got == pytest.approx([3 / 4, 1 / 4] * 6)  # 3 steps x 2 micro-steps x (full, 75%)
-
-
-@pytest.mark.parametrize("factor", [0.0, 0.3])
-def test_full_shared_grad_scales_the_full_models_gradient_where_a_smaller_budget_reads(factor):
-    """After a smaller budget's backward, the full model's backward adds its gradient times `factor` on the
-    weights a smaller budget's current architecture reads (those its sliced forward has a gradient on), and
-    whole elsewhere; what was accumulated before is untouched."""
-    from nestlm.elastic.train import _shared_grad_shrink, _shrink_grads, prepare
-
-    ecfg = tiny_run_config(full_shared_grad=factor)
-    model, teacher, router = prepare(ecfg, parent(), stream())
-    ids = stream(400, seed=3)[:192].view(2, 96)
-    with torch.no_grad():
-        t_logits = teacher(ids)
-    params = dict(model.named_parameters())
-
-    def grads(sub):
-        model.zero_grad(set_to_none=True)
-        kd_loss(model(ids, sub=sub), t_logits, 1.0).backward()
-        return {n: p.grad.clone() if p.grad is not None else torch.zeros_like(p) for n, p in params.items()}
-
-    subs = [router.subarch(router.decode(b, ecfg.landing_tolerance)) for b in (1, 2)]
-    g_small = [grads(sub) for sub in subs]
-    g_full = grads(None)
-    reads = {n: (g_small[0][n] != 0) | (g_small[1][n] != 0) for n in params}  # what the smaller budgets read
-
-    shrink = _shared_grad_shrink(model, router, ecfg, 0)
-    assert shrink and not _shared_grad_shrink(model, router, ecfg, 1)  # the full model's steps only
-    model.zero_grad(set_to_none=True)
-    kd_loss(model(ids, sub=subs[0]), t_logits, 1.0).backward()  # a smaller budget first, then the full model
-    before = {n: p.grad.clone() for n, p in params.items() if n in shrink and p.grad is not None}
-    kd_loss(model(ids), t_logits, 1.0).backward()
-    _shrink_grads(model, shrink, before, factor)
-    for n, p in params.items():
-        m = shrink.get(n, torch.zeros_like(p, dtype=torch.bool))
-        assert not (reads[n] & ~m).any(), n  # every weight a smaller budget reads is shrunk
-        want = g_small[0][n] + g_full[n] * torch.where(m, factor, 1.0)
-        assert_close(p.grad, want, rtol=1e-5, atol=1e-7, msg=n)
-    shared = sum(int(m.sum()) for m in shrink.values())
-    assert 0 < shared < sum(p.numel() for p in params.values())  # some weights are the full model's own
 
 
 def test_sample_within_tolerance_is_the_brute_force_best_landing_combination():

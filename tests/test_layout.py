@@ -88,19 +88,6 @@ def test_take_equals_indexing_and_the_forward_uses_it(sub):
         assert_close(model(ids, sub=s), small(ids), rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("sub", SUBS)
-def test_kept_mask_marks_exactly_what_take_keeps(sub):
-    cfg = tiny_hybrid_config()
-    model = randomize_(nestlm.Decoder(cfg), seed=1)
-    s = sub.resolve(cfg)
-    sd = model.state_dict()
-    for name, (src, c) in layout.model_cuts(cfg, s).items():
-        t = sd[src]
-        m = layout.kept_mask(t.shape, c)
-        assert m.shape == t.shape and m.dtype == torch.bool, name
-        assert torch.equal(t[m], layout.take(t, c).flatten()), name  # same elements, same (row-major) order
-
-
 def test_take_gradient_matches_indexing():
     w = torch.randn(12, 10, requires_grad=True)
     c = (((0, 2), (4, 6)), ((0, 7),))

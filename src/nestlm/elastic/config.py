@@ -90,9 +90,6 @@ class ElasticConfig:
     stage2_seq_len: int | None = None  # stage 2 context length (None: seq_len)
     budgets_per_step: int = 1  # budgets trained on each batch (drawn without replacement), one teacher forward
     full_weight: float = 1.0  # weight of the full model's KD loss against each smaller budget's
-    full_shared_grad: float = 1.0  # scale of the full model's gradient on the weights that a smaller budget's
-    #                                current architecture also uses (0: the full model's steps train only the
-    #                                weights no smaller budget uses); docs/results.md has the measurement
     # ---- optimisation
     lr_model: float = 1e-4
     lr_router: float = 1e-2
@@ -184,7 +181,6 @@ class ElasticConfig:
              and 1 <= self.budgets_per_step <= len(b), f"budgets_per_step must be an int in 1..{len(b)} (the "
              f"number of budgets), got {self.budgets_per_step!r}")
         need(self.full_weight >= 0, f"full_weight must be >= 0, got {self.full_weight}")
-        need(0 <= self.full_shared_grad <= 1, f"full_shared_grad must be in [0, 1], got {self.full_shared_grad}")
         need(isinstance(self.activation_checkpointing, bool), "activation_checkpointing must be true or false")
 
     @property

@@ -68,7 +68,6 @@ from nestlm.elastic.router import Router
 from nestlm.errors import ConfigError, Interrupted
 from nestlm.io.safetensors import check_output, read_tensors
 from nestlm.io.tokenizer import check_ids
-from nestlm.model.layout import kept_mask, model_cuts
 
 
 # ---------------------------------------------------------------------------------------------- data
@@ -263,9 +262,6 @@ def _train(ecfg: ElasticConfig, model_or_hf_path, data, out: Path, dp: parallel.
     if ecfg.batch % dp.world:
         raise ConfigError(f"ElasticConfig: batch {ecfg.batch} doesn't split over {dp.world} processes (each "
                           "takes batch / world rows of every global batch)")
-    if ecfg.full_shared_grad != 1.0 and dp.mode == "fsdp2":
-        raise ConfigError("ElasticConfig: full_shared_grad < 1 needs whole gradients (one process or DDP), "
-                          "not FSDP2's shards")
     train_dir = out / "train"
     log_path = train_dir / "log.jsonl"
 
@@ -360,12 +356,7 @@ def _train(ecfg: ElasticConfig, model_or_hf_path, data, out: Path, dp: parallel.
                     rl, expected = budget_loss(router, ecfg, bi, lg, tau, scale)
                     weight = ecfg.full_weight if ecfg.budgets[bi] == 1.0 else 1.0
                     loss = (weight * kd + rl) / (ecfg.grad_accum * len(bis))
-                    shrink = _shared_grad_shrink(model, router, ecfg, bi)  # {} unless full_shared_grad < 1
-                    before = {n: p.grad.clone() for n, p in model.named_parameters()
-                              if n in shrink and p.grad is not None} if shrink else {}
                     loss.backward()
-                    if shrink:
-                        _shrink_grads(model, shrink, before, ecfg.full_shared_grad)
                 per[bi]["kd"] += float(kd.detach()) / ecfg.grad_accum
                 per[bi]["rl"] += float(rl.detach()) / ecfg.grad_accum
                 per[bi]["w"], per[bi]["expected"] = w, expected
@@ -422,32 +413,6 @@ def _train(ecfg: ElasticConfig, model_or_hf_path, data, out: Path, dp: parallel.
                 export(model, router, ecfg, out)
         dp.barrier()
     return out
-
-
-def _shared_grad_shrink(model, router: Router, ecfg: ElasticConfig, bi: int) -> dict[str, torch.Tensor]:
-    """{parameter name: bool mask} of the weights the full model shares with the smaller budgets' current
-    architectures (Router.decode: deterministic, so a resumed run shrinks alike), when budget `bi` is the
-    full model and full_shared_grad < 1; else {}."""
-    if ecfg.full_shared_grad == 1.0 or not router.pinned(bi):
-        return {}
-    subs = {router.subarch(router.decode(b, ecfg.landing_tolerance))
-            for b in range(len(ecfg.budgets)) if not router.pinned(b)}
-    params = dict(model.named_parameters())
-    masks: dict[str, torch.Tensor] = {}
-    for sub in subs:
-        for src, c in model_cuts(model.cfg, model.resolve(sub)).values():
-            if src in params:  # (a fake-quantized weight's parameter has another name: left whole)
-                m = kept_mask(params[src].shape, c, params[src].device)
-                masks[src] = m if src not in masks else masks[src] | m
-    return masks
-
-
-def _shrink_grads(model, masks: dict[str, torch.Tensor], before: dict[str, torch.Tensor], factor: float) -> None:
-    """Scale by `factor` what the last backward added to each masked parameter's gradient, inside its mask."""
-    for name, p in model.named_parameters():
-        if name in masks and p.grad is not None:
-            added = p.grad - before[name] if name in before else p.grad
-            p.grad.sub_(added * masks[name] * (1 - factor))
 
 
 def _grads(*modules) -> list[torch.Tensor]:

@@ -296,17 +296,6 @@ def take(t: torch.Tensor, c: Cut) -> torch.Tensor:
     return t
 
 
-def kept_mask(shape: torch.Size | tuple[int, ...], c: Cut, device=None) -> torch.Tensor:
-    """Bool mask [shape] of the elements `take(t, c)` keeps: the product of the kept runs along each dim."""
-    m = torch.ones(shape, dtype=torch.bool, device=device)
-    for d, r in enumerate(c):
-        if r is not None:
-            keep = torch.zeros(shape[d], dtype=torch.bool, device=device)
-            keep[index(r, device)] = True
-            m &= keep.view(-1, *([1] * (len(shape) - d - 1)))  # broadcast along the dims after d
-    return m
-
-
 # ---------------------------------------------------------------------------------------------- permuting
 def perm(segs: tuple[Seg, ...], perms: dict[str, torch.Tensor]) -> torch.Tensor | None:
     """The channel permutation along a dim made of `segs`, given one permutation of units per axis (axes

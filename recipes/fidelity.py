@@ -116,6 +116,18 @@ def distill_alone(teacher, sub: SubArch, data: torch.Tensor, steps: int, ecfg, d
     return student.eval(), losses
 
 
+def parse_set(items: list[str]) -> dict:
+    """["KEY=VALUE", ...] (--set) -> {ElasticConfig field: YAML-parsed value}; ValueError names a bad item."""
+    fields = {f.name for f in dataclasses.fields(ElasticConfig)}
+    out = {}
+    for item in items:
+        key, eq, value = item.partition("=")
+        if not eq or key not in fields:
+            raise ValueError(f"--set {item}: expected KEY=VALUE with KEY an ElasticConfig field")
+        out[key] = yaml.safe_load(value)
+    return out
+
+
 def candidate_config(sizes: Sizes, seed: int, over: dict | None = None):
     """The demo's elastic settings (nestlm.demo.elastic_config) with `over`'s fields replaced."""
     ecfg = elastic_config(sizes.steps, sizes.batch, sizes.seq_len, seed)
@@ -343,12 +355,10 @@ def main(argv: list[str] | None = None) -> dict:
         ap.error("--seeds must be distinct")
     if Path(args.out).exists() and not Path(args.out).is_dir():
         ap.error(f"--out {args.out} is a file; the protocol writes a folder")
-    cand = {}
-    for item in args.set:
-        key, eq, value = item.partition("=")
-        if not eq or key not in {f.name for f in dataclasses.fields(ElasticConfig)}:
-            ap.error(f"--set {item}: expected KEY=VALUE with KEY an ElasticConfig field")
-        cand[key] = yaml.safe_load(value)
+    try:
+        cand = parse_set(args.set)
+    except ValueError as e:
+        ap.error(str(e))
     try:
         candidate_config(QUICK if args.quick else FULL, 0, cand)
     except (ConfigError, TypeError) as e:

@@ -24,12 +24,13 @@ itself resumes from its checkpoint):
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import time
 from pathlib import Path
 
 import torch
-from fidelity import distill_alone  # the protocol's run alone: elastify's loss, optimizer and lr schedule
+from fidelity import distill_alone, parse_set  # the run alone (elastify's loss and optimizer); --set
 
 import nestlm
 from nestlm import ElasticConfig, SubArch
@@ -83,6 +84,8 @@ def main(argv=None) -> dict:
     ap.add_argument("--calib", type=int, default=16, help="calibration windows for importance")
     ap.add_argument("--eval", type=int, default=32, help="held-out windows for perplexity")
     ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--set", nargs="+", default=[], metavar="KEY=VALUE",
+                    help="override ElasticConfig fields of the YAML, e.g. --set budgets_per_step=3")
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -91,9 +94,14 @@ def main(argv=None) -> dict:
     t0 = time.time()
     out = args.out
     out.mkdir(parents=True, exist_ok=True)
+    try:
+        over = parse_set(args.set)
+    except ValueError as e:
+        ap.error(str(e))
     ecfg = ElasticConfig.load(args.config)
     if args.steps:
-        ecfg.steps = args.steps
+        over["steps"] = args.steps
+    ecfg = dataclasses.replace(ecfg, **over)  # validated again
     parent_dir = smollm2_135m_dir()
 
     # ---- 1-2. data, then the sorted parent

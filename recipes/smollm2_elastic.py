@@ -1,8 +1,9 @@
 """The real-model reproduction: SmolLM2-135M elastified into 100% / 75% / 50% of its parameters, compared
 with the baselines the paper compares against. Offline (KJV text, the cached SmolLM2); CPU or CUDA.
 
-    python recipes/smollm2_elastic.py --out runs/smollm2 --eval 16 --threads 1   # the YAML's 80 steps (~100 min with every baseline)
-    python recipes/smollm2_elastic.py --out runs/smollm2_v2 --eval 16 --threads 1 --steps 120 --no-width-depth
+    python recipes/smollm2_elastic.py --out runs/smollm2 --eval 16 --threads 1 --no-width-depth  # the YAML's 60 steps
+    python recipes/smollm2_elastic.py --out runs/smollm2_v2 --eval 16 --threads 1 --steps 120 --no-width-depth \
+        --set budgets_per_step=1                                                           # one budget per step
     python recipes/smollm2_elastic.py --out runs/smollm2 --steps 40 --baseline-steps 40          # shorter
 
 Stages (each one is skipped when its output exists, so the command resumes after a kill; elastic training

@@ -92,17 +92,16 @@ def main(argv=None) -> dict:
         torch.set_num_threads(args.threads)
     from nestlm.data.pretrained import smollm2_135m_dir
 
+    try:  # the settings are checked before anything is written
+        over = parse_set(args.set)
+        if args.steps:
+            over["steps"] = args.steps
+        ecfg = dataclasses.replace(ElasticConfig.load(args.config), **over)  # validated again
+    except (ValueError, TypeError) as e:  # (ConfigError is a ValueError)
+        ap.error(str(e))
     t0 = time.time()
     out = args.out
     out.mkdir(parents=True, exist_ok=True)
-    try:
-        over = parse_set(args.set)
-    except ValueError as e:
-        ap.error(str(e))
-    ecfg = ElasticConfig.load(args.config)
-    if args.steps:
-        over["steps"] = args.steps
-    ecfg = dataclasses.replace(ecfg, **over)  # validated again
     parent_dir = smollm2_135m_dir()
 
     # ---- 1-2. data, then the sorted parent

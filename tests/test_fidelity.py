@@ -91,3 +91,18 @@ def test_bad_cli_input_exits_2(tmp_path):
         with pytest.raises(SystemExit) as e:
             fid.main([*argv, "--quick"])
         assert e.value.code == 2
+
+
+def test_smollm2_recipe_checks_its_settings_before_writing(tmp_path, monkeypatch):
+    """The SmolLM2 recipe's --set / --steps are validated (ElasticConfig) before its output folder exists."""
+    monkeypatch.syspath_prepend(str(RECIPE.parent))  # it imports the protocol's helpers (`from fidelity ...`)
+    spec = importlib.util.spec_from_file_location("smollm2_recipe", RECIPE.parent / "smollm2_elastic.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    out = tmp_path / "smol"
+    for argv in (["--set", "nope=1"], ["--set", "budgets_per_step=9"], ["--set", "lr_schedule=linear"],
+                 ["--steps", "1", "--set", "budgets_per_step=0"]):
+        with pytest.raises(SystemExit) as e:
+            mod.main(["--out", str(out), *argv])
+        assert e.value.code == 2
+        assert not out.exists()

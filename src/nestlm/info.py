@@ -11,9 +11,7 @@ import torch
 
 from nestlm.arch import SubArch, count_active_params, count_memory, count_params, sliced_config
 from nestlm.convert import FAMILIES, config_from_hf
-from nestlm.elastic.artifact import (
-    read_provenance,
-)
+from nestlm.elastic.artifact import MANIFEST, read_provenance
 from nestlm.io.safetensors import (
     SafetensorsDir,
     read_config,
@@ -21,7 +19,7 @@ from nestlm.io.safetensors import (
 from nestlm.model.config import ModelConfig
 from nestlm.slicing.plan import open_source
 
-__all__ = ["config_info", "format_config_info", "format_info", "info"]
+__all__ = ["config_info", "describe", "format_config_info", "format_info", "info"]
 
 
 def _stored_params(cfg: ModelConfig, sub: SubArch | None) -> int:
@@ -194,3 +192,21 @@ def format_config_info(d: dict) -> str:
 
 def _gib(n: int) -> str:
     return f"{n / 2**30:.3f} GiB" if n >= 2**27 else f"{n / 2**20:.2f} MiB"
+
+
+def describe(path: str | Path, seq_len: int = 4096, sub=None) -> tuple[dict, str]:
+    """(figures, their table) of what `nestlm info` shows: an elastic checkpoint (with nestlm_elastic.json):
+    its budgets and storage (`info`); a plain HF folder: family, ModelConfig, parameter counts and inference
+    memory at `seq_len` (`config_info`); with `sub` (a SubArch spec, nestlm.search.parse_sub): parameters,
+    active parameters, bytes (in the folder's own formats) and memory of the folder and of that cut
+    (nestlm.search.cut_info)."""
+    if sub is not None:
+        from nestlm.search import cut_info, format_rows
+
+        d = cut_info(path, sub, seq_len=seq_len)
+        return d, format_rows(d, "name")
+    if (Path(path) / MANIFEST).is_file():
+        d = info(path)
+        return d, format_info(d)
+    d = config_info(path, seq_len)
+    return d, format_config_info(d)

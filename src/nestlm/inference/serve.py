@@ -44,7 +44,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from nestlm.arch import SubArch
 from nestlm.errors import ConfigError
 from nestlm.inference.detok import Detok, held_suffix
-from nestlm.inference.generate import generate
+from nestlm.inference.generate import Sampling, generate
 from nestlm.inference.two_phase import Standalone, generate_two_phase
 
 __all__ = ["ChatRequest", "CompletionRequest", "Engine", "create_app", "launch", "serve", "stop", "wait_ready"]
@@ -274,16 +274,16 @@ class Engine:
         t0 = time.perf_counter()
         ids = torch.tensor([g.ids])  # [1, t]
         ended_by, switch = None, "none"
-        sampling = dict(temperature=g.temperature, seed=g.seed, top_p=g.top_p if g.top_p < 1 else None)
+        sampling = Sampling(temperature=g.temperature, seed=g.seed, top_p=g.top_p if g.top_p < 1 else None)
         try:
             if two:
                 res = generate_two_phase(self.model, ids, self.budgets[g.think], self.budgets[g.answer],
                                          g.max_think, g.max_tokens, self.end_ids, stop_tokens=self.eos_id,
-                                         switch=g.switch, callback=on_token, **sampling)
+                                         switch=g.switch, sampling=sampling, callback=on_token)
                 ended_by, switch = res.ended_by, res.switch
             else:
                 generate(self.model, ids, g.max_tokens, self.budgets[g.answer], stop_tokens=self.eos_id,
-                         callback=lambda tok: on_token(tok), **sampling)
+                         sampling=sampling, callback=lambda tok: on_token(tok))
         except _Stopped:
             if cancelled is not None and cancelled.is_set():
                 raise

@@ -19,7 +19,8 @@ import torch
 from nestlm.data import ByteTokenizer
 from nestlm.errors import CheckpointError, ConfigError
 
-__all__ = ["HF_TOKENIZER_FILES", "TOKENIZER_FILES", "Tokenizer", "check_ids", "load_tokenizer", "text_tokens"]
+__all__ = ["HF_TOKENIZER_FILES", "TOKENIZER_FILES", "Tokenizer", "check_ids", "copy_tokenizer", "folder_tokens",
+           "load_tokenizer", "text_tokens"]
 
 # what AutoTokenizer reads (any one of the first four means the folder has a Hugging Face tokenizer)
 HF_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "merges.txt",
@@ -91,6 +92,35 @@ def text_tokens(tok: Tokenizer, text: str, need: int | None = None) -> torch.Ten
         if len(ids) >= need + 1 or chars >= len(text):  # +1: the last token may be cut mid-word
             return ids[:need]
         chars *= 4
+
+
+def folder_tokens(path: str | Path, vocab_size: int, text: str | Path | None = None, kjv: bool = False,
+                  need: int | None = None) -> torch.Tensor:
+    """Token ids [n] of the text file `text` (.txt, or .jsonl with a "text" field per line), or of the King
+    James Bible (kjv=True), by the tokenizer of the folder `path`; only a prefix long enough for `need`.
+    ConfigError for a missing or unusable text and for ids outside the model's vocabulary."""
+    from nestlm.data import kjv_text, load_text
+
+    if (text is None) == (not kjv):
+        raise ConfigError("give the text: a file (text=...) or the King James Bible (kjv=True), one of them")
+    tok = load_tokenizer(path, vocab_size)
+    try:
+        raw = kjv_text() if kjv else load_text(text)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    ids = text_tokens(tok, raw, need)
+    check_ids(ids, vocab_size, f"{path}'s tokenizer")
+    return ids
+
+
+def copy_tokenizer(src: str | Path, dst: str | Path) -> None:
+    """The tokenizer files of the folder `src` into `dst` (those `dst` lacks), so that a checkpoint written
+    from `src`'s model (and every slice of it) carries them."""
+    import shutil
+
+    for name in TOKENIZER_FILES:
+        if (Path(src) / name).is_file() and not (Path(dst) / name).is_file():
+            shutil.copy2(Path(src) / name, Path(dst) / name)
 
 
 def check_ids(ids: torch.Tensor, vocab_size: int, where: str) -> None:

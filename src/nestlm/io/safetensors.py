@@ -25,7 +25,7 @@ from nestlm.io.tokenizer import TOKENIZER_FILES
 QUANT_CONFIG = "hf_quant_config.json"  # a ModelOpt packed checkpoint's quantization settings
 
 __all__ = ["DTYPES", "ST_DTYPE", "SafetensorsDir", "Source", "atomic_dir", "check_output", "copy_files",
-           "normal_permissions", "read_config", "split_shards", "write_checkpoint", "write_shards"]
+           "normal_permissions", "read_config", "split_shards", "write_checkpoint", "write_shards", "write_tensors"]
 
 # safetensors' dtype names <-> torch dtypes (the one table: headers are read and written with it)
 DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
@@ -239,6 +239,22 @@ def atomic_dir(out: Path, overwrite: bool = False, inputs: tuple = ()):
         raise
 
 
+def write_tensors(path: str | Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> Path:
+    """One safetensors file of `tensors` (detached, contiguous, on the CPU): the one writer. Atomic (a
+    temporary sibling renamed into place: a crash leaves the previous file or none), with the umask's normal
+    permissions (safetensors' save_file alone writes 0600)."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    try:
+        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp), metadata=metadata)
+        normal_permissions(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return path
+
+
 def split_shards(items: list, nbytes, max_shard_bytes: int) -> list[list]:
     """Consecutive items grouped into shards of at most `max_shard_bytes` (a larger item gets its own)."""
     shards, cur, size = [], [], 0
@@ -284,7 +300,7 @@ def write_checkpoint(out_dir: str | Path, config: dict, tensors: dict[str, torch
         items = [(k, v.detach().contiguous()) for k, v in tensors.items()]
         shards = split_shards(items, lambda kv: kv[1].numel() * kv[1].element_size(), max_shard_bytes)
         total = sum(v.numel() * v.element_size() for _, v in items)
-        write_shards(tmp, shards, lambda fp, shard: save_file(dict(shard), str(fp), metadata={"format": "pt"}),
+        write_shards(tmp, shards, lambda fp, shard: write_tensors(fp, dict(shard), {"format": "pt"}),
                      lambda shard: [k for k, _ in shard], total)
         (tmp / "config.json").write_text(json.dumps(config, indent=2, default=_json_default))
         copy_files(src_dir, tmp, TOKENIZER_FILES)

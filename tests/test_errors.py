@@ -8,7 +8,7 @@ import shutil
 
 import pytest
 import torch
-from conftest import randomize_
+from conftest import randomize_, snapshot
 from torch.testing import assert_close
 
 import nestlm
@@ -221,10 +221,6 @@ def test_not_a_directory(ckpt, what):
 
 
 # ------------------------------------------------------------------------------------------ writing
-def snapshot(d):
-    return {p.relative_to(d): (p.read_bytes() if p.is_file() else None) for p in sorted(d.rglob("*"))}
-
-
 def test_to_hf_into_existing_directory(model, tmp_path):
     out = tmp_path / "out"
     out.mkdir()

@@ -5,7 +5,6 @@ in-process generate_two_phase / generate tokens of the same checkpoint, seed and
 from __future__ import annotations
 
 import json
-import socket
 import threading
 import urllib.error
 import urllib.request
@@ -14,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import free_port
 from test_budget import hybrid
 
 import nestlm
@@ -50,12 +50,6 @@ def write_ascii_elastic(path: Path) -> None:
         warnings.simplefilter("ignore")
         export(model, Router(model.cfg, ecfg), ecfg, path)
     TOK.save(path)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class Server:

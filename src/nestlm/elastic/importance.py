@@ -54,10 +54,6 @@ class Scores:
             meta = json.loads((f.metadata() or {}).get("nestlm_scores", "{}"))
         return cls(load_file(str(path)), meta)
 
-    def layer_order(self) -> list[int]:
-        """Block indices, least important first (the order in which depth pruning drops them)."""
-        return self.tensors["layers"].argsort().tolist()
-
 
 @torch.no_grad()
 def importance(model, batches: Iterable[torch.Tensor], layer_batches: int | None = 4, progress: bool = True,

@@ -124,22 +124,6 @@ def permute_scores(scores: Scores, perms: dict) -> Scores:
     return Scores(out, dict(scores.meta, sorted=True))
 
 
-def is_sorted(scores: Scores) -> bool:
-    """True when every width axis of `scores` is already in descending order (sort_ would change nothing)."""
-    def desc(t):
-        return bool((t[..., :-1] >= t[..., 1:]).all()) if t.shape[-1] > 1 else True
-
-    for k, t in scores.tensors.items():
-        if k == "layers" or k.endswith(".kv"):
-            continue
-        if k.endswith(".heads"):
-            if not desc(t.sum(-1)) or not desc(t):
-                return False
-        elif not desc(t):
-            return False
-    return True
-
-
 def score_text(model, ids: torch.Tensor, out: str | Path, seq_len: int = 256, batches: int = 8,
                batch_size: int = 4, sort_out: str | Path | None = None, dtype: torch.dtype = torch.float32,
                compute: torch.dtype = torch.float32, source: str | Path | None = None,

@@ -460,7 +460,7 @@ MAXIMUM = {"top_p": 1.0}
 BUDGET_FLAGS = ("--budget", "--think-budget", "--answer-budget")
 # library messages name Python arguments; on the command line they are flags
 FLAG_WORDS = (("pass overwrite=True", "pass --overwrite"), ("resume=False", "--fresh"), ("gpu_memory", "--gpu-memory"),
-              ("parallel='fsdp2'", "--parallel fsdp2"))
+              ("parallel='fsdp2'", "--parallel fsdp2"), ("device='cpu'", "--device cpu"), ("dtype='fp32'", "--dtype fp32"))
 
 
 def _check_ranges(args: dict) -> None:

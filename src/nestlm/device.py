@@ -28,19 +28,19 @@ def resolve_device(device: str | torch.device | None = None) -> torch.device:
     try:
         dev = torch.device(device)
     except (RuntimeError, TypeError):
-        raise ConfigError(f"--device {device!r} is not a device (use cpu, cuda or cuda:N)") from None
+        raise ConfigError(f"device {device!r} is not a device (use cpu, cuda or cuda:N)") from None
     if dev.type == "cuda":
         if not torch.cuda.is_available():
-            raise ConfigError(f"--device {device}: CUDA is not available on this machine (torch "
-                              f"{torch.__version__}, CUDA build {torch.version.cuda}); use --device cpu")
+            raise ConfigError(f"device {device}: CUDA is not available on this machine (torch "
+                              f"{torch.__version__}, CUDA build {torch.version.cuda}); use device='cpu'")
         n = torch.cuda.device_count()
         if dev.index is not None and dev.index >= n:
-            raise ConfigError(f"--device {device}: this machine has {n} CUDA device(s) (cuda:0..cuda:{n - 1})")
+            raise ConfigError(f"device {device}: this machine has {n} CUDA device(s) (cuda:0..cuda:{n - 1})")
     elif dev.type == "mps":
         if not (hasattr(torch.backends, "mps") and torch.backends.mps.is_available()):
-            raise ConfigError(f"--device {device}: MPS is not available on this machine; use --device cpu")
+            raise ConfigError(f"device {device}: MPS is not available on this machine; use device='cpu'")
     elif dev.type != "cpu":
-        raise ConfigError(f"--device {device}: nestlm runs on cpu, cuda or mps")
+        raise ConfigError(f"device {device}: nestlm runs on cpu, cuda or mps")
     return dev
 
 
@@ -52,14 +52,14 @@ def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torc
     if isinstance(dtype, torch.dtype):
         names = {v: k for k, v in DTYPES.items()}
         if dtype not in names:
-            raise ConfigError(f"--dtype {dtype}: use one of {sorted(DTYPES)}")
+            raise ConfigError(f"dtype {dtype}: use one of {sorted(DTYPES)}")
         dtype = names[dtype]
     if dtype not in DTYPES:
-        raise ConfigError(f"--dtype {dtype!r}: use one of {sorted(DTYPES)}")
+        raise ConfigError(f"dtype {dtype!r}: use one of {sorted(DTYPES)}")
     if dtype == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
         name = torch.cuda.get_device_name(device)
-        raise ConfigError(f"--dtype bf16: {name} has no bf16 support (needs compute capability 8.0+); "
-                          "use --dtype fp32")
+        raise ConfigError(f"dtype bf16: {name} has no bf16 support (needs compute capability 8.0+); "
+                          "use dtype='fp32'")
     return DTYPES[dtype]
 
 

@@ -183,6 +183,6 @@ def generate(model, ids: torch.Tensor, max_new_tokens: int, sub=None, sampling: 
     with torch.inference_mode():
         cache = model.new_cache()
         logits = prefill(model, ids, cache, sub)  # [b, v]
-        new = decode(model, logits, cache, max_new_tokens, sub, sampling, stop_tokens, stop_sequences, callback,
-                     dtype=ids.dtype, history=ids)  # [b, n]
+        new = decode(model, logits, cache, max_new_tokens, sub, sampling, stop_tokens=stop_tokens,
+                     stop_sequences=stop_sequences, callback=callback, dtype=ids.dtype, history=ids)  # [b, n]
         return torch.cat([ids, new], dim=1)

@@ -226,8 +226,9 @@ def generate_two_phase(model, ids: torch.Tensor, think_sub: SubArch | None, answ
         if max_think_tokens > 0:
             cache = model.new_cache()
             logits = prefill(model, ids, cache, think_sub)  # [1, v]
-            think = decode(model, logits, cache, max_think_tokens, think_sub, sampling, stops, tags, emit("think"),
-                           gen, ids.dtype, ids)  # [1, n]; the cache holds all but the last
+            think = decode(model, logits, cache, max_think_tokens, think_sub, sampling, stop_tokens=stops,
+                           stop_sequences=tags, callback=emit("think"), generator=gen, dtype=ids.dtype,
+                           history=ids)  # [1, n]; the cache holds all but the last
         n = think.shape[1]
         tail = think[0].tolist()
         if any(len(tail) >= len(s) and tail[-len(s):] == s for s in tags):
@@ -262,8 +263,8 @@ def generate_two_phase(model, ids: torch.Tensor, think_sub: SubArch | None, answ
         t2 = time.perf_counter()
 
         # ---- phase 2: L answers
-        answer = decode(model, logits, cache, max_answer_tokens, answer_sub, sampling, stops, None, emit("answer"),
-                        gen, ids.dtype, seq)  # [1, a]
+        answer = decode(model, logits, cache, max_answer_tokens, answer_sub, sampling, stop_tokens=stops,
+                        callback=emit("answer"), generator=gen, dtype=ids.dtype, history=seq)  # [1, a]
         _sync(dev)
         t3 = time.perf_counter()
     return TwoPhaseResult(torch.cat([seq, answer], dim=1), t, n, forced.shape[1], answer.shape[1], ended_by,

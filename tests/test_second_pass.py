@@ -6,6 +6,8 @@ command, the shipped demo YAML, one size unit, and the think display. Runs the C
 from __future__ import annotations
 
 import hashlib
+import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -99,3 +101,76 @@ def test_scores_save_leaves_no_temporary_file_when_it_fails(tmp_path):
     with pytest.raises(OSError):
         Scores({"layers": torch.ones(2)}, {}).save(tmp_path / "s")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["s"]
+
+
+@pytest.mark.parametrize("command", ["elastify", "plan"])
+def test_a_binary_config_file_is_one_line(world, tmp_path, command):
+    binary = tmp_path / "config.yaml"
+    binary.write_bytes(bytes(range(256)) * 4)
+    argv = {"elastify": ["elastify", binary, "--model", world["hf"], "--text", world["text"], "--out", tmp_path / "e"],
+            "plan": ["plan", binary, "--model", world["hf"]]}[command]
+    one_line_error(argv, "config.yaml is not a YAML text file")
+    assert not (tmp_path / "e").exists()
+
+
+def test_a_binary_lm_eval_file_is_one_line_before_any_work(world, tmp_path, monkeypatch):
+    import nestlm.evaluate
+    import nestlm.load
+
+    monkeypatch.setattr(nestlm.evaluate, "has_lm_eval", lambda: True)  # the check comes first, lm-eval or not
+
+    def no_work(*a, **k):
+        raise AssertionError("the model was loaded before the items file was checked")
+
+    monkeypatch.setattr(nestlm.load, "from_hf", no_work)
+    items = tmp_path / "items.jsonl"
+    items.write_bytes(b"\xff\xfe\x00binary" * 100)
+    one_line_error(["eval", world["hf"], "--text", world["text"], "--seq-len", "16", "--max-windows", "1",
+                    "--lm-eval", items], "items.jsonl: not UTF-8 text")
+
+
+@pytest.mark.parametrize("command", ["generate", "think_budget", "think"])
+def test_a_prompt_that_is_not_utf8_is_one_line(world, command):
+    bad = b"caf\xe9 \xff".decode("utf-8", "surrogateescape")  # what Python makes of such bytes in argv
+    argv = {"generate": ["generate", world["slice"], "--prompt", bad, "--max-new-tokens", "2"],
+            "think_budget": ["generate", world["elastic"], "--prompt", bad, "--think-budget", "60%"],
+            "think": ["think", "--think-url", "http://127.0.0.1:9/v1", "--think-model", "s", "--answer-url",
+                      "http://127.0.0.1:9/v1", "--answer-model", "l", "--prompt", bad]}[command]
+    one_line_error(argv, "--prompt is not valid UTF-8")
+
+
+def test_tokenizer_encode_refuses_text_no_encoding_has(world):
+    import nestlm
+    from nestlm.io.tokenizer import load_tokenizer
+
+    tok = load_tokenizer(world["slice"], 259)
+    with pytest.raises(nestlm.ConfigError, match="not valid UTF-8"):
+        tok.encode("a\udcffb")
+
+
+@pytest.mark.parametrize("argv", [["info"], ["info", "--sub", "hidden=32"], ["eval", "--max-windows", "1"],
+                                  ["slice", "--sub", "hidden=32", "-o", "OUT"], ["convert", "OUT"]])
+def test_a_config_value_of_the_wrong_type_is_one_line(world, tmp_path, argv):
+    bad = tmp_path / "bad"
+    shutil.copytree(world["hf"], bad)
+    hf = json.loads((bad / "config.json").read_text())
+    hf["hidden_size"] = "abc"
+    (bad / "config.json").write_text(json.dumps(hf))
+    argv = [argv[0], bad, *[tmp_path / "o" if a == "OUT" else a for a in argv[1:]]]
+    if argv[0] == "eval":
+        argv += ["--text", world["text"], "--seq-len", "16"]
+    one_line_error(argv, "hidden_size must be an integer, got 'abc'")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bad"]
+
+
+def test_model_config_checks_every_fields_type():
+    from conftest import tiny_hybrid_config
+
+    import nestlm
+
+    d = tiny_hybrid_config().to_dict()
+    for key, value in (("hidden_size", "abc"), ("num_heads", 2.5), ("tie_embeddings", "yes"), ("norm_eps", True),
+                       ("pattern", 3), ("rope_theta", "big")):
+        with pytest.raises(nestlm.ConfigError, match=f"^{key} must be"):
+            nestlm.ModelConfig(**{**d, key: value})
+    assert nestlm.ModelConfig(**{**d, "rope_theta": None, "norm_eps": 1}).norm_eps == 1  # an int is a number

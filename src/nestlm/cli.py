@@ -27,11 +27,12 @@ from pathlib import Path
 import torch
 
 from nestlm.arch import count_params
-from nestlm.convert import config_from_hf
+from nestlm.convert import config_from_hf, folder_config
 from nestlm.device import DTYPES, autocast, resolve
 from nestlm.elastic.artifact import MANIFEST, read_provenance
 from nestlm.errors import CheckpointError, ConfigError
 from nestlm.io.safetensors import check_output, read_config
+from nestlm.io.tokenizer import check_utf8
 
 
 class UsageError(Exception):
@@ -169,7 +170,7 @@ def slice(elastic_dir: str, out: str, budget: str | None = None, sub: str | None
     if sub is not None:
         from nestlm.search import parse_sub
 
-        budget = parse_sub(sub, config_from_hf(read_config(elastic_dir)))
+        budget = parse_sub(sub, folder_config(elastic_dir))
     stats: dict = {}
     try:
         dst = run_slice(elastic_dir, budget, out, overwrite=overwrite, stats=stats)
@@ -290,6 +291,7 @@ def generate(path: str, prompt: str, max_new_tokens: int = 64, temperature: floa
     --top-k, --top-p, --repetition-penalty: transformers' sampling rules (nestlm.inference.generate.sample)."""
     if not prompt:
         raise UsageError("--prompt is empty: give the text to continue")
+    check_utf8(prompt, "--prompt")
     if think_budget is not None:
         if top_p is not None or repetition_penalty is not None:
             raise UsageError("--top-p and --repetition-penalty apply to plain generation, not with --think-budget")
@@ -404,6 +406,7 @@ def think(prompt: str, think_url: str, think_model: str, answer_url: str, answer
     from nestlm.inference.client import Endpoint, EndpointError
     from nestlm.inference.client import think_answer as run_think
 
+    check_utf8(prompt, "--prompt")
     try:
         res = run_think(Endpoint(think_url, think_model, api_key), Endpoint(answer_url, answer_model, api_key),
                         prompt, max_think=max_think, max_answer=max_answer, temperature=temperature, seed=seed,

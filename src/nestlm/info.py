@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 
 from nestlm.arch import SubArch, count_active_params, count_memory, count_params, sliced_config
-from nestlm.convert import FAMILIES, config_from_hf
+from nestlm.convert import FAMILIES, folder_config
 from nestlm.elastic.artifact import (
     read_provenance,
 )
@@ -153,7 +153,7 @@ def config_info(path: str | Path, seq_len: int = 4096) -> dict:
     memory at `seq_len` tokens (a packed folder: its weights as stored, measured). Reads config.json and
     the safetensors headers only (missing or truncated weight files fail here, cheaply)."""
     hf = read_config(path)
-    cfg = config_from_hf(hf)
+    cfg = folder_config(path)
     SafetensorsDir(path)  # the weights' headers and sizes (cheap): missing or truncated files fail here
     mem = count_memory(cfg, seq_len=seq_len)
     out = {"path": str(path), "family": cfg.family, "architectures": hf.get("architectures"),

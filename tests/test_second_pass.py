@@ -174,3 +174,70 @@ def test_model_config_checks_every_fields_type():
         with pytest.raises(nestlm.ConfigError, match=f"^{key} must be"):
             nestlm.ModelConfig(**{**d, key: value})
     assert nestlm.ModelConfig(**{**d, "rope_theta": None, "norm_eps": 1}).norm_eps == 1  # an int is a number
+
+
+# ------------------------------------------------------------------------------------ 3. --threads
+class Recorded(Exception):
+    """Raised by a stand-in for a command's work: carries torch's thread count at that moment."""
+
+
+@pytest.mark.parametrize("command", ["eval", "generate", "importance", "elastify", "quantize", "demo"])
+@pytest.mark.parametrize("threads", [None, 3])
+def test_every_computing_command_runs_under_the_one_thread_rule(world, tmp_path, monkeypatch, command, threads):
+    import torch
+
+    import nestlm
+    import nestlm.demo
+    import nestlm.device
+    import nestlm.evaluate
+    import nestlm.load
+    import nestlm.quant
+
+    def record(*a, **k):
+        raise Recorded(torch.get_num_threads())
+
+    where = {"eval": (nestlm.evaluate, "evaluate"), "generate": (nestlm.load, "from_hf"),
+             "importance": (nestlm.load, "from_hf"), "elastify": (nestlm, "elastify"),
+             "quantize": (nestlm.quant, "quantize"), "demo": (nestlm.demo, "_demo")}[command]
+    monkeypatch.setattr(*where, record)
+    monkeypatch.setattr(nestlm.device, "default_threads", lambda: 2)  # what the machine's load would give
+    hf, text = world["hf"], world["text"]
+    argv = {"eval": ["eval", hf, "--text", text], "generate": ["generate", hf, "--prompt", "In the"],
+            "importance": ["importance", hf, "--text", text, "--out", tmp_path / "s.safetensors"],
+            "elastify": ["elastify", world["yaml"], "--model", hf, "--text", text, "--out", tmp_path / "e"],
+            "quantize": ["quantize", hf, "-o", tmp_path / "q"], "demo": ["demo", "--out", tmp_path / "d"]}[command]
+    try:
+        with pytest.raises(Recorded) as got:
+            run(argv + ([] if threads is None else ["--threads", threads]))
+    finally:
+        torch.set_num_threads(1)
+    assert got.value.args[0] == (2 if threads is None else threads)
+
+
+def test_default_threads_counts_the_cores_other_processes_leave_idle(monkeypatch):
+    import os
+
+    import torch
+
+    import nestlm
+    from nestlm.device import default_threads, set_threads, torch_threads
+
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1, 2, 3}, raising=False)
+    for load, want in ((0.0, 4), (0.4, 4), (1.6, 2), (3.5, 1), (9.0, 1)):
+        monkeypatch.setattr(os, "getloadavg", lambda load=load: (load, load, load))
+        assert default_threads() == want, load
+    try:
+        assert set_threads(3) == 3 and torch.get_num_threads() == 3
+        with torch_threads(2) as n:
+            assert n == 2 and torch.get_num_threads() == 2
+        assert torch.get_num_threads() == 3
+        for bad in (0, -1, 1.5, True):
+            with pytest.raises(nestlm.ConfigError, match="--threads"):
+                set_threads(bad)
+    finally:
+        torch.set_num_threads(1)
+
+
+def test_threads_below_one_is_a_usage_error(world):
+    one_line_error(["eval", world["hf"], "--threads", "0"], "--threads must be >= 1")
+    one_line_error(["quantize", world["hf"], "-o", "unused", "--threads", "-2"], "--threads must be >= 1")

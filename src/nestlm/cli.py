@@ -28,7 +28,7 @@ import torch
 
 from nestlm.arch import count_params
 from nestlm.convert import config_from_hf, folder_config
-from nestlm.device import DTYPES, autocast, resolve
+from nestlm.device import DTYPES, autocast, resolve, set_threads
 from nestlm.elastic.artifact import MANIFEST, read_provenance
 from nestlm.errors import CheckpointError, ConfigError
 from nestlm.io.safetensors import check_output, read_config
@@ -45,7 +45,7 @@ USER_ERRORS = (ConfigError, CheckpointError, FileExistsError, FileNotFoundError,
 
 # -------------------------------------------------------------------------------------------- commands
 def demo(out: str = "nestlm-demo", steps: int | None = None, quick: bool = False, seed: int = 0,
-         device: str | None = None, threads: int = 1, dtype: str | None = None) -> dict:
+         device: str | None = None, threads: int | None = None, dtype: str | None = None) -> dict:
     from nestlm.demo import demo as run_demo
 
     return run_demo(out_dir=out, steps=steps, seed=seed, device=device, quick=quick, threads=threads, dtype=dtype)
@@ -53,7 +53,7 @@ def demo(out: str = "nestlm-demo", steps: int | None = None, quick: bool = False
 
 def importance(hf_dir: str, out: str, text: str | None = None, kjv: bool = False, seq_len: int = 256,
                batches: int = 8, batch_size: int = 4, sort_out: str | None = None, overwrite: bool = False,
-               device: str | None = None, dtype: str | None = None) -> Path:
+               device: str | None = None, dtype: str | None = None, threads: int | None = None) -> Path:
     """Importance scores of an HF checkpoint on `batches` calibration batches of the text, saved with
     Scores.save; with sort_out, also the model sorted by them (same function) as an HF folder. Both outputs
     are checked (new, or overwrite; never an input) before the model is read. The weights stay fp32 on
@@ -63,6 +63,7 @@ def importance(hf_dir: str, out: str, text: str | None = None, kjv: bool = False
     from nestlm.elastic.sort import sort_
     from nestlm.load import from_hf
 
+    set_threads(threads)
     check_output(out, hf_dir, text, sort_out, overwrite=overwrite, kind="file")
     if sort_out is not None:
         check_output(sort_out, hf_dir, text, out, overwrite=overwrite)
@@ -93,7 +94,7 @@ def importance(hf_dir: str, out: str, text: str | None = None, kjv: bool = False
 
 def elastify(config: str, model: str, out: str, text: str | None = None, kjv: bool = False,
              max_steps: int | None = None, fresh: bool = False, parallel: str | None = None,
-             device: str | None = None, dtype: str | None = None) -> Path:
+             device: str | None = None, dtype: str | None = None, threads: int | None = None) -> Path:
     """nestlm.elastify on an HF parent and a tokenized text; prints the resulting budgets. Under torchrun,
     --parallel ddp (default) or fsdp2. device, dtype: see nestlm.elastify (checked before any work)."""
     import nestlm
@@ -103,6 +104,7 @@ def elastify(config: str, model: str, out: str, text: str | None = None, kjv: bo
     from nestlm.info import info as elastic_info
 
     resolve(device, dtype)  # an unavailable device or precision: one line before anything is read
+    set_threads(threads)
     ecfg = ElasticConfig.load(config)
     check_out_dir(Path(out), model)  # before the text is read (nestlm.elastify checks it again)
     cfg = config_from_hf(read_config(model))
@@ -224,13 +226,15 @@ def search(path: str, params: float | None = None, active: float | None = None, 
 
 def evaluate(path: str, text: str | None = None, seq_len: int = 256, max_windows: int | None = 32,
              budget: list[str] | None = None, lm_eval: list[str] | None = None,
-             lm_eval_limit: int | None = None, device: str | None = None, dtype: str | None = None) -> list[dict]:
+             lm_eval_limit: int | None = None, device: str | None = None, dtype: str | None = None,
+             threads: int | None = None) -> list[dict]:
     """Perplexity of the parent and of every budget (or the given ones) on local text (default: the held-out
     KJV New Testament): nestlm.evaluate.evaluate, printed with format_table. --lm-eval ITEMS.jsonl (or a
     locally cached lm-eval task name) adds lm-eval scores per budget (the [eval] extra)."""
     from nestlm.evaluate import evaluate as run_evaluate
     from nestlm.evaluate import format_table
 
+    set_threads(threads)
     try:
         with _exit_at_once_on_ctrl_c("eval writes nothing"):
             rows = run_evaluate(path, text, seq_len=seq_len, max_windows=max_windows, budgets=budget,
@@ -244,12 +248,14 @@ def evaluate(path: str, text: str | None = None, seq_len: int = 256, max_windows
 
 
 def quantize(src: str, out: str, fmt: str = "nvfp4", budget: str | None = None, calib_tokens: int = 8192,
-             text: str | None = None, seq_len: int = 256, overwrite: bool = False) -> Path:
+             text: str | None = None, seq_len: int = 256, overwrite: bool = False,
+             threads: int | None = None) -> Path:
     """nestlm.quant.quantize: an HF or elastic checkpoint -> a packed FP8 / NVFP4 checkpoint (ModelOpt
     layout, which vLLM reads); an elastic source stays elastic (`nestlm slice` cuts budgets from it)."""
     from nestlm.quant import quantize as run_quantize
     from nestlm.quant import quantized_bytes
 
+    set_threads(threads)
     try:
         dst = run_quantize(src, out, fmt, budget=budget, calib_tokens=calib_tokens, text=text, seq_len=seq_len,
                            overwrite=overwrite)
@@ -283,7 +289,7 @@ def generate(path: str, prompt: str, max_new_tokens: int = 64, temperature: floa
              seed: int | None = None, think_budget: str | None = None, answer_budget: str = "full",
              max_think: int = 256, transplant: bool = False, end_think: str = "</think>",
              top_k: int | None = None, top_p: float | None = None, repetition_penalty: float | None = None,
-             device: str | None = None, dtype: str | None = None):
+             device: str | None = None, dtype: str | None = None, threads: int | None = None):
     """Stream a continuation of `prompt` from an HF checkpoint folder (with its tokenizer) to stdout.
 
     Budget control (an elastic checkpoint): --think-budget B thinks on budget B until `end_think` or
@@ -292,6 +298,7 @@ def generate(path: str, prompt: str, max_new_tokens: int = 64, temperature: floa
     if not prompt:
         raise UsageError("--prompt is empty: give the text to continue")
     check_utf8(prompt, "--prompt")
+    set_threads(threads)
     if think_budget is not None:
         if top_p is not None or repetition_penalty is not None:
             raise UsageError("--top-p and --repetition-penalty apply to plain generation, not with --think-budget")
@@ -498,10 +505,17 @@ class _Parser(argparse.ArgumentParser):
 
 
 def device_args(c: argparse.ArgumentParser) -> None:
-    """--device and --dtype (nestlm.device's rule), the same on every command that computes."""
+    """--device, --dtype and --threads (nestlm.device's rules), the same on every command that computes."""
     c.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda when available, else cpu)")
     c.add_argument("--dtype", default=None, choices=sorted(DTYPES),
                    help="compute precision (default: bf16 on CUDA, fp32 on CPU; bf16 also runs on CPU, slowly)")
+    threads_arg(c)
+
+
+def threads_arg(c: argparse.ArgumentParser) -> None:
+    c.add_argument("--threads", type=int, default=None,
+                   help="torch CPU threads (default: the cores other processes leave idle, by the load average; "
+                        "on a busy machine 1 can be 7x faster than all)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -514,7 +528,6 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--quick", action="store_true", help="a < 1 minute smoke run")
     c.add_argument("--seed", type=int, default=0)
     device_args(c)
-    c.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1: robust on busy cores)")
 
     def text_args(c):
         g = c.add_mutually_exclusive_group(required=True)
@@ -598,6 +611,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--text", default=None, help="calibration text (.txt / .jsonl; default: the KJV Bible)")
     c.add_argument("--seq-len", type=int, default=256)
     c.add_argument("--overwrite", action="store_true")
+    threads_arg(c)
 
     c = sub.add_parser("convert", help="HF checkpoint -> nestlm -> HF checkpoint (a round trip)")
     c.add_argument("src")

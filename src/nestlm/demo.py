@@ -15,7 +15,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import json
 import shutil
 import time
@@ -29,7 +28,7 @@ from tqdm.auto import tqdm
 import nestlm
 from nestlm.arch import SubArch, count_active_params, count_params
 from nestlm.data import ByteTokenizer, eval_windows, kjv_text, perplexity, split, token_batches
-from nestlm.device import autocast, resolve
+from nestlm.device import autocast, resolve, torch_threads
 from nestlm.elastic.config import ElasticConfig, budget_name
 from nestlm.elastic.optim import adamw, lr_at
 from nestlm.errors import Interrupted
@@ -156,16 +155,6 @@ def decode_speed(model, sub: SubArch, prompt: torch.Tensor, n_new: int) -> tuple
         return n_new / (time.perf_counter() - t0), out
 
 
-@contextlib.contextmanager
-def torch_threads(n: int):
-    saved = torch.get_num_threads()
-    torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(saved)
-
-
 # -------------------------------------------------------------------------------------------- report
 def format_table(rows: list[dict]) -> str:
     head = ["budget", "params", "active", "router cost", "ppl 0-shot", "ppl", "tok/s (1 thread)",
@@ -248,13 +237,15 @@ def plot(out: Path, pre: list[float], log: list[dict], rows: list[dict]) -> None
 
 # -------------------------------------------------------------------------------------------- the demo
 def demo(out_dir: str | Path = "nestlm-demo", steps: int | None = None, seed: int = 0, device: str | None = None,
-         quick: bool = False, elastify_steps: int | None = None, threads: int = 1, dtype: str | None = None) -> dict:
+         quick: bool = False, elastify_steps: int | None = None, threads: int | None = None,
+         dtype: str | None = None) -> dict:
     """Run the whole pipeline (see the module docstring); returns what it writes to out_dir/results.json.
     device, dtype: nestlm.device's rule (cuda and bf16 when available, else cpu and fp32); pretraining and
     elastify train in that precision, perplexity and the transformers check run on the fp32 weights.
 
-    threads: torch intra-op threads meanwhile. One by default: measured on 2 idle cores a second thread
-    makes the steps of this small model only 1.5x faster, but ~20x slower when the cores are busy."""
+    threads: torch intra-op threads meanwhile; None: nestlm.device.default_threads (the idle cores). Measured on
+    2 idle cores a second thread makes the steps of this small model 1.5x faster, but ~20x slower when the
+    cores are busy, which is why the default counts only the cores other processes leave idle."""
     dev, dt = resolve(device, dtype)  # an unavailable device or precision: one line before any work
     out = Path(out_dir)
     clear_demo_dir(out)

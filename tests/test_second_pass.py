@@ -241,3 +241,39 @@ def test_default_threads_counts_the_cores_other_processes_leave_idle(monkeypatch
 def test_threads_below_one_is_a_usage_error(world):
     one_line_error(["eval", world["hf"], "--threads", "0"], "--threads must be >= 1")
     one_line_error(["quantize", world["hf"], "-o", "unused", "--threads", "-2"], "--threads must be >= 1")
+
+
+# ------------------------------------------------------------------------------------ 6. docs that can't drift
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_every_dotted_nestlm_name_in_docs_and_code_exists():
+    """`nestlm.a.b` written in README, docs/*.md, or any source, bench or recipe file (docstrings, messages:
+    bench_model's "see nestlm.pretrained") names a module or attribute that exists. A name followed by ':' is
+    a label (an RNG seed string), not a reference."""
+    import importlib
+    import re
+
+    def exists(name: str) -> bool:
+        parts = name.split(".")
+        for i in range(len(parts), 0, -1):
+            try:
+                obj = importlib.import_module(".".join(parts[:i]))
+            except ImportError:
+                continue
+            for a in parts[i:]:
+                if not hasattr(obj, a):
+                    return False
+                obj = getattr(obj, a)
+            return True
+        return False
+
+    files = [ROOT / "README.md", *(ROOT / "docs").glob("*.md"), *(ROOT / "src").rglob("*.py"),
+             *(ROOT / "bench").glob("*.py"), *(ROOT / "recipes").rglob("*.py")]
+    seen: dict[str, str] = {}
+    for f in files:
+        for m in re.finditer(r"(?<![\w/.-])nestlm(?:\.[A-Za-z_]\w*)+(?!\w*:)", f.read_text()):
+            seen.setdefault(m.group(0), str(f.relative_to(ROOT)))
+    assert len(seen) > 50
+    missing = {n: f for n, f in seen.items() if not exists(n)}
+    assert not missing, missing

@@ -277,3 +277,38 @@ def test_every_dotted_nestlm_name_in_docs_and_code_exists():
     assert len(seen) > 50
     missing = {n: f for n, f in seen.items() if not exists(n)}
     assert not missing, missing
+
+
+# ------------------------------------------------------------------------------------ 5. one size rule in info
+@pytest.mark.parametrize("folder", ["hf", "slice", "packed"])
+def test_info_and_info_sub_give_the_same_sizes_in_the_same_units(world, folder):
+    import re
+
+    from safetensors import safe_open
+
+    path = world[folder]
+    code, plain, err = run(["info", path, "--seq-len", "256"])
+    assert code == 0, err
+    code, table, err = run(["info", path, "--seq-len", "256", "--sub", "hidden=16"])
+    assert code == 0, err
+    source = next(ln for ln in table.splitlines() if ln.startswith("| source"))
+    weights, memory = re.findall(r"([\d.]+ [KMG]?B)", source)[:2]
+    line = next(ln for ln in plain.splitlines() if ln.startswith("memory @ 256 tokens"))
+    assert line.split()[4:6] == memory.split() and f"weights {weights} (" in line, (line, source)
+    assert "MiB" not in plain and "GiB" not in plain
+    payload = 0  # the stored tensors' bytes, read from the files: the reference both must agree with
+    for f in path.glob("*.safetensors"):
+        with safe_open(str(f), framework="pt") as h:
+            payload += sum(_nbytes(h, k) for k in h.keys())
+    from nestlm.info import config_info
+
+    assert config_info(path, 256)["memory"]["weights"] == payload
+
+
+def _nbytes(h, k) -> int:
+    import math
+
+    from nestlm.io.safetensors import DTYPES
+
+    sl = h.get_slice(k)
+    return math.prod(sl.get_shape()) * DTYPES[sl.get_dtype()].itemsize

@@ -312,3 +312,70 @@ def _nbytes(h, k) -> int:
 
     sl = h.get_slice(k)
     return math.prod(sl.get_shape()) * DTYPES[sl.get_dtype()].itemsize
+
+
+# ------------------------------------------------------------------------------------ 4. the shipped demo YAML
+def test_the_demo_yaml_exports_what_it_trained_without_a_quality_warning():
+    """Why the demo YAML warned "router choice ... check its quality": with sample_tolerance off, training samples
+    each axis on its own and the per-axis argmax can miss the budget (by up to 4.9% over seeds in
+    docs/results.md), so the manifest substitutes an architecture training may never have run. With
+    sample_tolerance equal to landing_tolerance (the library's default, which the YAML now keeps), training
+    samples only landing architectures and the exported one is what it trained: no warning, even when the
+    router's per-axis argmax misses (here: an untrained router, whose argmax is the full width everywhere)."""
+    import dataclasses
+    import warnings
+
+    import torch
+
+    import nestlm
+    from nestlm.demo import demo_config
+    from nestlm.elastic.artifact import manifest_for
+    from nestlm.elastic.router import Router
+
+    yaml = nestlm.ElasticConfig.load(ROOT / "recipes" / "configs" / "demo_elastic.yaml")
+    assert yaml.mode == "hard" and yaml.sample_tolerance == yaml.landing_tolerance is not None
+    with torch.device("meta"):
+        model = nestlm.Decoder(demo_config(259))
+    for ecfg, warns in ((yaml, False), (dataclasses.replace(yaml, sample_tolerance=None), True)):
+        router = Router(model.cfg, ecfg)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            m = manifest_for(model, router, ecfg)
+        assert any("check its quality" in str(w.message) for w in caught) == warns
+        for name, b in m["budgets"].items():
+            assert abs(b["cost_ratio"] / b["fraction"] - 1) <= yaml.landing_tolerance, name
+
+
+def test_the_demo_yaml_checkpoints_so_that_ctrl_c_at_step_91_can_resume(tmp_path):
+    """recipes/configs/demo_elastic.yaml checkpoints often enough that Ctrl-C at step 91 leaves a checkpoint
+    to resume from. Its own settings on the demo's architecture (random weights), with 2 x 16-token batches
+    so the steps take seconds."""
+    import dataclasses
+
+    import torch
+    from conftest import randomize_
+
+    import nestlm
+    from nestlm.demo import demo_config
+    from nestlm.elastic.checkpoint import CKPT_FILE
+    from nestlm.errors import Interrupted
+
+    yaml = nestlm.ElasticConfig.load(ROOT / "recipes" / "configs" / "demo_elastic.yaml")
+    assert yaml.checkpoint_every <= 91 < yaml.steps
+    ecfg = dataclasses.replace(yaml, batch=2, seq_len=16, calib_batches=1)
+    torch.manual_seed(0)
+    parent = nestlm.to_hf(randomize_(nestlm.Decoder(demo_config(259)), seed=0), tmp_path / "parent")
+    ids = torch.randint(0, 256, (20_000,), generator=torch.Generator().manual_seed(0))
+    out = tmp_path / "elastic"
+
+    def ctrl_c_at_91(rec):
+        if rec["step"] == 91:
+            raise KeyboardInterrupt
+
+    with pytest.raises(Interrupted, match=r"the last checkpoint is .* \(step 50\)"):
+        nestlm.elastify(ecfg, parent, ids, out, on_step=ctrl_c_at_91, progress=False)
+    assert (out / "train" / CKPT_FILE).is_file()
+    steps = []
+    nestlm.elastify(ecfg, parent, ids, out, on_step=lambda rec: steps.append(rec["step"]), progress=False,
+                    max_steps=53)
+    assert steps == [50, 51, 52]  # resumed from the step-50 checkpoint

@@ -379,3 +379,49 @@ def test_the_demo_yaml_checkpoints_so_that_ctrl_c_at_step_91_can_resume(tmp_path
     nestlm.elastify(ecfg, parent, ids, out, on_step=lambda rec: steps.append(rec["step"]), progress=False,
                     max_steps=53)
     assert steps == [50, 51, 52]  # resumed from the step-50 checkpoint
+
+
+# ------------------------------------------------------------------------------------ 7. nestlm think's display
+def fake_servers(monkeypatch, think_chunks: list[str], finish: str, answer_chunks: list[str]) -> list[dict]:
+    """Replace the HTTP layer of nestlm.inference.client: the thinking endpoint streams think_chunks and ends
+    with `finish`, the answer endpoint streams answer_chunks; returns the request bodies as sent."""
+    import nestlm.inference.client as client
+
+    sent = []
+
+    def events(ep, path, body, timeout):
+        sent.append(body)
+        chunks, why = (think_chunks, finish) if ep.model == "small" else (answer_chunks, "length")
+        for c in chunks:
+            yield {"choices": [{"text": c, "finish_reason": None}]}
+        yield {"choices": [{"text": "", "finish_reason": why}], "usage": {"completion_tokens": len(chunks)}}
+
+    monkeypatch.setattr(client, "_events", events)
+    return sent
+
+
+@pytest.mark.parametrize("think_chunks, finish, trace", [
+    (["45", "</th", "in"], "length", "45"),           # the budget cut the model's own tag: '45</thin'
+    (["4", "5<", "/thin"], "length", "45"),
+    (["45", "</think>"], "stop", "45"),                 # a server that keeps the stop string in the text
+    (["4\ufffd", "5", "\ufffd"], "length", "45"),       # characters the server cut in two
+    (["45", "</th", "ere"], "length", "45</there"),    # not the tag after all: shown once it is known
+])
+def test_think_shows_the_prompt_and_exactly_the_trace_the_answer_model_reads(monkeypatch, capsys, think_chunks,
+                                                                               finish, trace):
+    prompt = "Q:07+38=?\n<think>"
+    sent = fake_servers(monkeypatch, think_chunks, finish, ["A:", "45\ufffd", "\n"])
+    code, out, err = run(["think", "--prompt", prompt, "--think-url", "http://x/v1", "--think-model", "small",
+                          "--answer-url", "http://y/v1", "--answer-model", "large", "--max-think", "3"])
+    assert code == 0, err
+    assert sent[1]["prompt"] == prompt + trace + "</think>"  # what the answer model reads
+    assert out == prompt + trace + "</think>" + "A:45\n\n"  # what the user sees: the same, then the answer
+    assert "\ufffd" not in out
+
+
+def test_held_text_never_shows_a_partial_tag_and_drops_replacement_characters():
+    from nestlm.inference.detok import HeldText
+
+    h = HeldText(["</think>"])
+    assert [h.push(d) for d in ("ab<", "/th", "x\ufffd", "</", "think>")] == ["ab", "", "</thx", "", ""]
+    assert h.rest("ab</thx") == ""

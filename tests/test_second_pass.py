@@ -209,6 +209,7 @@ def test_every_computing_command_runs_under_the_one_thread_rule(world, tmp_path,
     try:
         with pytest.raises(Recorded) as got:
             run(argv + ([] if threads is None else ["--threads", threads]))
+        assert torch.get_num_threads() == 1  # main restores the caller's count: in-process runs don't leak it
     finally:
         torch.set_num_threads(1)
     assert got.value.args[0] == (2 if threads is None else threads)

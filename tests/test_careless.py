@@ -206,15 +206,15 @@ def test_messages_name_flags_and_warnings_are_plain_lines(world, own, monkeypatc
                   own["root"], "--fresh")
     assert "resume=False" not in err
 
-    import nestlm.info as info  # where `nestlm info` of a plain folder counts its memory
+    import nestlm.search as search  # where `nestlm info` of a plain folder counts its memory
 
-    real = info.count_memory
+    real = search.count_memory
 
     def warns(*a, **k):
         warnings.warn("this is a warning", UserWarning, stacklevel=2)
         return real(*a, **k)
 
-    monkeypatch.setattr(info, "count_memory", warns)
+    monkeypatch.setattr(search, "count_memory", warns)
     code, _, err = run(["info", world["hf"]])
     assert code == 0 and err == "nestlm: warning: this is a warning\n"
 

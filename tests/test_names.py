@@ -1,11 +1,10 @@
-"""Every dotted nestlm name in the docs (docs/*.md, README.md) and in the package's docstrings resolves: a
+"""Every dotted nestlm name in the docs (docs/*.md, README.md) and in the code (src, bench, recipes) resolves: a
 module, or an attribute of one (`nestlm.inference.text.think_answer`), and every name a
 `from nestlm.x import a, b` line in them imports exists. Moving or deleting a function then fails here
 until the text that names it follows."""
 
 from __future__ import annotations
 
-import ast
 import importlib
 import re
 from pathlib import Path
@@ -14,7 +13,7 @@ import nestlm
 
 ROOT = Path(__file__).resolve().parents[1]
 SRC = Path(nestlm.__file__).parent
-DOTTED = re.compile(r"(?<![\w./-])nestlm(?:\.[A-Za-z_]\w*)+")
+DOTTED = re.compile(r"(?<![\w./-])nestlm(?:\.[A-Za-z_]\w*)+(?!\w*:)")  # "nestlm.x:" is a label (an RNG seed string)
 FROM_IMPORT = re.compile(r"^\s*from (nestlm(?:\.\w+)*) import \(?([\w, ]+)", re.M)
 
 
@@ -37,16 +36,11 @@ def resolves(dotted: str) -> bool:
 
 
 def texts() -> dict[str, str]:
-    """{where: text} of every doc file and every docstring of the package."""
-    out = {str(p.relative_to(ROOT)): p.read_text() for p in [*sorted((ROOT / "docs").glob("*.md")),
-                                                               ROOT / "README.md"]}
-    for f in sorted(SRC.rglob("*.py")):
-        for node in ast.walk(ast.parse(f.read_text())):
-            if isinstance(node, (ast.Module, ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
-                doc = ast.get_docstring(node, clean=False)
-                if doc:
-                    out[f"{f.relative_to(SRC.parent)}:{getattr(node, 'lineno', 1)}"] = doc
-    return out
+    """{where: text} of every doc file and every Python file of the package, bench/ and recipes/ (docstrings,
+    messages such as bench_model's old "see nestlm.pretrained", and imports alike)."""
+    docs = [*sorted((ROOT / "docs").glob("*.md")), ROOT / "README.md"]
+    code = [*sorted(SRC.rglob("*.py")), *sorted((ROOT / "bench").glob("*.py")), *sorted((ROOT / "recipes").rglob("*.py"))]
+    return {str(p.relative_to(ROOT)): p.read_text() for p in [*docs, *code]}
 
 
 def stale_names(found: dict[str, str]) -> list[str]:
@@ -54,14 +48,14 @@ def stale_names(found: dict[str, str]) -> list[str]:
     for where, text in found.items():
         names = {m.group(0) for m in DOTTED.finditer(text)}
         for mod, imported in FROM_IMPORT.findall(text):
-            names |= {f"{mod}.{n.strip()}" for n in imported.split(",") if n.strip()}
+            names |= {f"{mod}.{n.split()[0]}" for n in imported.split(",") if n.strip()}
         bad += [f"{where}: {n}" for n in sorted(names) if not resolves(n)]
     return bad
 
 
 def test_every_dotted_name_in_the_docs_and_docstrings_resolves():
     found = texts()
-    assert len(found) > 100  # the docs and the docstrings were read
+    assert len(found) > 80  # the docs and the code were read
     bad = stale_names(found)
     assert not bad, "names of things that do not exist:\n" + "\n".join(bad)
 

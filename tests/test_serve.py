@@ -280,8 +280,8 @@ def test_client_thinks_on_one_server_and_answers_on_another(live, budget):
     assert got.text == PROMPT + TOK.decode(want)  # the same tokens as one in-process generate_two_phase
     assert got.answer == TOK.decode(res.answer_ids)
     assert got.answer_tokens == res.answer_len
-    assert "".join(d for d, _ in seen) == got.text[len(PROMPT):]
-    assert [p for _, p in seen if p != "think"][0] == "end"
+    assert seen[0] == (PROMPT, "prompt") and "".join(d for d, _ in seen) == got.text  # the prompt, then the rest
+    assert [p for _, p in seen if p not in ("prompt", "think")][0] == "end"
 
 
 def test_cli_think_and_its_errors(live, capsys):
@@ -292,7 +292,7 @@ def test_cli_think_and_its_errors(live, capsys):
     assert main(["think", "--prompt", PROMPT, "--think-url", a.url, "--think-model", "70%", "--answer-url",
                  b.url, "--answer-model", "full", "--max-think", "3", "--max-answer", "4", "--end-think", tag]) == 0
     out, err = capsys.readouterr()
-    assert out.rstrip("\n") == TOK.decode(want) and "ended by budget" in err
+    assert out.rstrip("\n") == PROMPT + TOK.decode(want) and "ended by budget" in err  # the prompt first
     with pytest.raises(SystemExit) as e:  # unknown model on a live server: its error message, exit 2
         main(["think", "--prompt", "x", "--think-url", a.url, "--think-model", "9%", "--answer-url", b.url,
               "--answer-model", "full", "--max-think", "2"])

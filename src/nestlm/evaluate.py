@@ -142,6 +142,9 @@ def evaluate(elastic_or_hf_dir: str | Path, text_path: str | Path | None = None,
                           f"(max_position_embeddings {max_pos} in {path}/config.json)")
     if lm_eval_tasks and not has_lm_eval():
         raise ImportError("lm_eval_tasks needs lm-eval: pip install 'nestlm[eval]' (lm-eval==0.4.13)")
+    for t in lm_eval_tasks or ():  # a bad items file fails here, before the perplexity work
+        if isinstance(t, (str, Path)) and str(t).endswith(".jsonl"):
+            jsonl_task(t)
     text = load_text(text_path) if text_path is not None else default_text()
     tok = load_tokenizer(path, cfg.vocab_size)
     need = max_windows * seq_len + 1 if max_windows else None

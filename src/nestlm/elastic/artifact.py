@@ -87,13 +87,9 @@ def check_manifest(path: str | Path, cfg, manifest: dict) -> None:
 
 def _config_and_manifest(path: Path):
     """(ModelConfig, manifest or None) of a folder, the manifest checked against the config."""
-    from nestlm.convert import config_from_hf  # the families' config.json readers
-    from nestlm.io.safetensors import read_config
+    from nestlm.convert import folder_config  # the families' config.json readers
 
-    try:
-        cfg = config_from_hf(read_config(path))
-    except ConfigError as e:
-        raise CheckpointError(f"{path}/config.json: {e}") from None
+    cfg = folder_config(path)
     manifest = read_manifest(path)
     if manifest is not None:
         check_manifest(path, cfg, manifest)

@@ -69,7 +69,7 @@ from nestlm.elastic.optim import adamw
 from nestlm.elastic.parallel import setup as setup_parallel
 from nestlm.elastic.router import Router
 from nestlm.errors import ConfigError, Interrupted
-from nestlm.io.safetensors import check_output, read_tensors
+from nestlm.io.safetensors import check_output, own_folder, read_tensors
 from nestlm.io.tokenizer import check_ids
 
 
@@ -484,14 +484,9 @@ def elastify(config: ElasticConfig | str | Path, model_or_hf_path, data, out_dir
 def check_out_dir(out: Path, model_or_path=None, router_init=None) -> None:
     """elastify's output folder must be new, empty, or an elastify run's own resumable output (train/ with
     its elastic.yaml), and must not overlap the parent's folder: never write into someone else's files."""
-    check_output(out, *(p for p in (model_or_path, router_init) if isinstance(p, (str, Path))), overwrite=True)
-    if out.exists() and not out.is_dir():
-        raise FileExistsError(f"{out} is a file; elastify writes a folder")
-    if out.is_dir() and any(out.iterdir()) and not (out / "train" / "elastic.yaml").is_file():
-        held = sorted(p.name + "/" * p.is_dir() for p in out.iterdir())
-        raise FileExistsError(f"{out} is not empty and is not an elastify output to resume (it holds "
-                              f"{', '.join(held[:6])}{', ...' if len(held) > 6 else ''}); choose a new or empty "
-                              "folder")
+    check_output(out, *(p for p in (model_or_path, router_init) if isinstance(p, (str, Path))), overwrite=True,
+                 kind="any")
+    own_folder(out, "an elastify output to resume", ("train/elastic.yaml",))  # nestlm.io's one rule
 
 
 def _grads(*modules) -> list[torch.Tensor]:

@@ -19,8 +19,8 @@ import torch
 from nestlm.data import ByteTokenizer
 from nestlm.errors import CheckpointError, ConfigError
 
-__all__ = ["HF_TOKENIZER_FILES", "TOKENIZER_FILES", "Tokenizer", "check_ids", "copy_tokenizer", "folder_tokens",
-           "load_tokenizer", "text_tokens"]
+__all__ = ["HF_TOKENIZER_FILES", "TOKENIZER_FILES", "Tokenizer", "check_ids", "check_utf8", "copy_tokenizer",
+           "folder_tokens", "load_tokenizer", "text_tokens"]
 
 # what AutoTokenizer reads (any one of the first four means the folder has a Hugging Face tokenizer)
 HF_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "merges.txt",
@@ -28,6 +28,17 @@ HF_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.mode
 # every file that travels with the weights when a folder is converted, sliced or quantized
 TOKENIZER_FILES = (ByteTokenizer.FILE, *HF_TOKENIZER_FILES, "generation_config.json", "chat_template.jinja")
 BYTE_VOCABS = (256, ByteTokenizer().vocab_size)  # the byte tokenizer's ids, without and with its specials
+
+
+def check_utf8(text: str, what: str = "the text") -> str:
+    """`text`, or ConfigError when it holds characters no UTF-8 encoding has: the lone surrogates Python
+    makes of a command line's invalid UTF-8 bytes (`--prompt $'\\xff'`), which no tokenizer can encode."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise ConfigError(f"{what} is not valid UTF-8 text (character {e.start}: {text[e.start]!r}); give UTF-8 "
+                          "text (check the terminal's encoding)") from None
+    return text
 
 
 class Tokenizer:
@@ -44,6 +55,7 @@ class Tokenizer:
     def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:
         """Token ids of `text`; add_special_tokens: the HF tokenizer's own template (BOS for Llama...);
         the byte tokenizer has none, like the tokenizer.json it saves."""
+        check_utf8(text)
         if self.byte:
             return self.tok.encode(text)
         return self.tok(text, add_special_tokens=add_special_tokens, verbose=False)["input_ids"]

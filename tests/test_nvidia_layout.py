@@ -377,7 +377,7 @@ def test_bad_cuts_are_refused_by_name_before_writing(nano, fmt, sub, match, tmp_
 
 def test_group_breaking_and_unknown_keys_are_refused(nano):
     """Total head counts that split a KV group or a Mamba group, and unknown keys, are refused by name."""
-    from nestlm.search import parse_sub
+    from nestlm.elastic.artifact import parse_sub
 
     cfg = nestlm.convert.config_from_hf(json.loads((nano["bf16"] / "config.json").read_text()))
     assert parse_sub("hidden=96,moe_ffn=48", cfg) == SUB_23

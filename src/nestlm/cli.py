@@ -29,7 +29,7 @@ import torch
 from nestlm.arch import count_params
 from nestlm.convert import config_from_hf
 from nestlm.device import DTYPES, autocast, resolve
-from nestlm.elastic.artifact import MANIFEST, read_provenance
+from nestlm.elastic.artifact import MANIFEST, read_provenance, resolve_budget
 from nestlm.errors import CheckpointError, ConfigError
 from nestlm.io.safetensors import check_output, read_config
 
@@ -161,20 +161,15 @@ def slice(elastic_dir: str, out: str, budget: str | None = None, sub: str | None
           overwrite: bool = False) -> Path:
     """nestlm.slicing.slice: one budget (a manifest name, or a fraction) of an elastic checkpoint, or the
     explicit cut `sub` (SubArch fields: "hidden=1792,moe_ffn=1024" or a .yaml / .json file; see
-    nestlm.search.parse_sub) of any plain or packed folder, streamed into a checkpoint folder."""
+    nestlm.elastic.artifact.parse_sub) of any plain or packed folder, streamed into a checkpoint folder."""
     from nestlm.slicing import slice as run_slice
 
     if (budget is None) == (sub is None):
         raise UsageError("give one of --budget NAME|FRACTION or --sub hidden=...,moe_ffn=... (or FILE.yaml)")
     if sub is not None:
-        from nestlm.search import parse_sub
-
-        budget = parse_sub(sub, config_from_hf(read_config(elastic_dir)))
+        budget = resolve_budget(elastic_dir, sub=sub)[1]
     stats: dict = {}
-    try:
-        dst = run_slice(elastic_dir, budget, out, overwrite=overwrite, stats=stats)
-    except KeyError as e:  # an unknown budget: the message lists the checkpoint's budgets
-        raise UsageError(e.args[0]) from None
+    dst = run_slice(elastic_dir, budget, out, overwrite=overwrite, stats=stats)
     meta = read_provenance(dst)
     print(f"wrote {dst} (budget {meta['budget']}: {meta['params']:,} parameters, "
           f"{stats['bytes_written'] / 1e6:.2f} MB in {stats['seconds']:.2f} s)")
@@ -234,8 +229,6 @@ def evaluate(path: str, text: str | None = None, seq_len: int = 256, max_windows
         with _exit_at_once_on_ctrl_c("eval writes nothing"):
             rows = run_evaluate(path, text, seq_len=seq_len, max_windows=max_windows, budgets=budget,
                                 lm_eval_tasks=lm_eval, lm_eval_limit=lm_eval_limit, device=device, dtype=dtype)
-    except KeyError as e:
-        raise UsageError(e.args[0]) from None
     except (ValueError, ImportError, FileNotFoundError) as e:  # too little text, a malformed .jsonl, no lm-eval
         raise UsageError(str(e)) from None
     print(format_table(rows))
@@ -249,11 +242,8 @@ def quantize(src: str, out: str, fmt: str = "nvfp4", budget: str | None = None, 
     from nestlm.quant import quantize as run_quantize
     from nestlm.quant import quantized_bytes
 
-    try:
-        dst = run_quantize(src, out, fmt, budget=budget, calib_tokens=calib_tokens, text=text, seq_len=seq_len,
-                           overwrite=overwrite)
-    except KeyError as e:  # an unknown budget
-        raise UsageError(e.args[0]) from None
+    dst = run_quantize(src, out, fmt, budget=budget, calib_tokens=calib_tokens, text=text, seq_len=seq_len,
+                       overwrite=overwrite)
     b = quantized_bytes(dst)
     print(f"wrote {dst} ({fmt}): {b['quantized_params']:,} quantized parameters at "
           f"{b['bytes_per_quantized_param']:.4f} bytes each (scales included); {b['file_bytes'] / 1e6:.2f} MB of "
@@ -293,12 +283,9 @@ def generate(path: str, prompt: str, max_new_tokens: int = 64, temperature: floa
     if think_budget is not None:
         if top_p is not None or repetition_penalty is not None:
             raise UsageError("--top-p and --repetition-penalty apply to plain generation, not with --think-budget")
-        try:
-            res = think_answer(path, prompt, think_budget, answer_budget, max_think=max_think,
-                               max_answer=max_new_tokens, transplant=transplant, end_think=end_think,
-                               temperature=temperature, seed=seed, top_k=top_k, device=device, dtype=dtype)
-        except KeyError as e:
-            raise UsageError(e.args[0]) from None
+        res = think_answer(path, prompt, think_budget, answer_budget, max_think=max_think,
+                           max_answer=max_new_tokens, transplant=transplant, end_think=end_think,
+                           temperature=temperature, seed=seed, top_k=top_k, device=device, dtype=dtype)
         print(f"\n[thought {res.think_len + res.forced_len} tokens on {think_budget} (ended by {res.ended_by}), "
               f"answered {res.answer_len} on {answer_budget} ({res.switch}); {res.total_s:.2f} s]", file=sys.stderr)
         return res
@@ -350,7 +337,6 @@ def think_answer(path: str | Path, prompt: str, think_budget: str | float = "ful
     tokenizer's beginning-of-sequence token (as the reasoning recipe trains). Streams the text to stdout when
     `stream` (the trace, then the answer); returns the TwoPhaseResult. Both submodels run extracted
     (`Standalone`)."""
-    from nestlm.elastic.artifact import resolve_budget
     from nestlm.inference.two_phase import Standalone, generate_two_phase
     from nestlm.io.tokenizer import load_tokenizer
     from nestlm.load import load_elastic
@@ -361,10 +347,7 @@ def think_answer(path: str | Path, prompt: str, think_budget: str | float = "ful
     model = model.to(device=dev, dtype=dt).eval()
 
     def sub_of(b):  # a name, '60%', '0.6', 0.6: trained, or interpolated between trained budgets
-        try:
-            return resolve_budget(path, b, cfg=model.cfg, manifest=manifest, router=router)[1]
-        except KeyError as e:
-            raise ConfigError(e.args[0]) from None
+        return resolve_budget(path, b, cfg=model.cfg, manifest=manifest, router=router)[1]
 
     s_sub, l_sub = sub_of(think_budget), sub_of(answer_budget)
     tok = load_tokenizer(path, model.cfg.vocab_size)

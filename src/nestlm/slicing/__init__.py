@@ -8,10 +8,9 @@ Modules: plan (which bytes of which source tensor make each output tensor), pack
 FP8 / NVFP4 folder), write (the streamed writer, plain and packed).
 """
 
-from nestlm.elastic.artifact import resolve_budget
 from nestlm.slicing.plan import OutTensor, Piece, open_source, plan
 from nestlm.slicing.write import slice_checkpoint
 
 slice = slice_checkpoint  # the public name; inside the package, `slice` stays the builtin
 
-__all__ = ["OutTensor", "Piece", "open_source", "plan", "resolve_budget", "slice", "slice_checkpoint"]
+__all__ = ["OutTensor", "Piece", "open_source", "plan", "slice", "slice_checkpoint"]

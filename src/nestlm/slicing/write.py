@@ -347,7 +347,7 @@ def slice_checkpoint(elastic_dir: str | Path, budget: str | float | SubArch, out
     are kept with the exclude list renumbered. Streams: memory holds one output tensor (or a bounded chunk).
     stats: if a dict is given, it receives bytes_written, peak_bytes (the most source bytes mapped at once:
     about one chunk of rows), tensors, seconds.
-    Raises FileExistsError (out_dir exists, overwrite=False), KeyError (unknown budget), CheckpointError
+    Raises FileExistsError (out_dir exists, overwrite=False), BudgetError (unknown budget), CheckpointError
     (missing / truncated / inconsistent files), ConfigError (a SubArch that doesn't fit)."""
     t0 = time.perf_counter()
     out = Path(out_dir)

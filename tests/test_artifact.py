@@ -76,7 +76,7 @@ def test_slice_eval_generate_quantize_resolve_alike(elastic, tmp_path, monkeypat
     import nestlm.cli
     import nestlm.inference.two_phase
     from nestlm.evaluate import evaluate
-    from nestlm.quant import quantize
+    from nestlm.quantize import quantize
     from nestlm.slicing import slice as slice_
 
     want = expected(elastic, budget)

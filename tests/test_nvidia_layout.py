@@ -31,7 +31,7 @@ from torch.testing import assert_close
 
 import nestlm
 from nestlm import ConfigError, SubArch
-from nestlm.quant import load_quantized
+from nestlm.load import load_quantized
 from nestlm.quant.formats import fp8_quantize, nvfp4_quantize, nvfp4_tensor_scale
 from nestlm.slicing import slice as slice_
 

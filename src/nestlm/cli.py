@@ -237,10 +237,10 @@ def evaluate(path: str, text: str | None = None, seq_len: int = 256, max_windows
 
 def quantize(src: str, out: str, fmt: str = "nvfp4", budget: str | None = None, calib_tokens: int = 8192,
              text: str | None = None, seq_len: int = 256, overwrite: bool = False) -> Path:
-    """nestlm.quant.quantize: an HF or elastic checkpoint -> a packed FP8 / NVFP4 checkpoint (ModelOpt
+    """nestlm.quantize.quantize: an HF or elastic checkpoint -> a packed FP8 / NVFP4 checkpoint (ModelOpt
     layout, which vLLM reads); an elastic source stays elastic (`nestlm slice` cuts budgets from it)."""
-    from nestlm.quant import quantize as run_quantize
-    from nestlm.quant import quantized_bytes
+    from nestlm.info import quantized_bytes
+    from nestlm.quantize import quantize as run_quantize
 
     dst = run_quantize(src, out, fmt, budget=budget, calib_tokens=calib_tokens, text=text, seq_len=seq_len,
                        overwrite=overwrite)

@@ -11,17 +11,13 @@ import torch
 
 from nestlm.arch import SubArch, count_active_params, count_memory, count_params, sliced_config
 from nestlm.convert import FAMILIES, config_from_hf
-from nestlm.elastic.artifact import (
-    read_provenance,
-)
-from nestlm.io.safetensors import (
-    SafetensorsDir,
-    read_config,
-)
+from nestlm.elastic.artifact import ROUTER_FILE, read_provenance
+from nestlm.io.safetensors import SafetensorsDir, Source, read_config
 from nestlm.model.config import ModelConfig
+from nestlm.quant.packed import format_of, quantized_names
 from nestlm.slicing.plan import open_source
 
-__all__ = ["config_info", "format_config_info", "format_info", "info"]
+__all__ = ["config_info", "format_config_info", "format_info", "info", "quantized_bytes"]
 
 
 def _stored_params(cfg: ModelConfig, sub: SubArch | None) -> int:
@@ -37,7 +33,7 @@ def _packed_bytes(path: Path, cfg: ModelConfig, nb: int):
     quantized parameters at the folder's measured bytes per quantized parameter (scales included), the
     others at `nb` bytes."""
     from nestlm.model.decoder import Decoder
-    from nestlm.quant import quantized_bytes, quantized_weights
+    from nestlm.quant import quantized_weights
 
     bpq = quantized_bytes(path)["bytes_per_quantized_param"]
 
@@ -47,6 +43,22 @@ def _packed_bytes(path: Path, cfg: ModelConfig, nb: int):
         return n_q * bpq + (_stored_params(cfg, sub) - n_q) * nb
 
     return weight_bytes, f"{bpq:.4f} B per quantized param (measured) and {nb} B per other param"
+
+
+def quantized_bytes(path: str | Path) -> dict:
+    """Bytes on disk of a packed checkpoint: the quantized weights with their scales, per quantized parameter,
+    and the whole safetensors payload."""
+    src = Source(Path(path))
+    hf = read_config(path)
+    fmt, _ = format_of(hf, Path(path))
+    quantized = quantized_names(src.keys())
+    nbytes = {k: torch.Size(src.shape(k)).numel() * src.dtype(k).itemsize for k in src.keys()}
+    q_bytes = sum(n for k, n in nbytes.items() if k in quantized or (k.rsplit(".", 1)[0] + ".weight") in quantized)
+    q_params = sum(torch.Size(src.shape(k)).numel() * (2 if fmt.name == "nvfp4" else 1) for k in quantized)
+    files = [p for p in Path(path).glob("*.safetensors") if p.name != ROUTER_FILE]
+    return {"quantized_params": q_params, "quantized_bytes": q_bytes,
+            "bytes_per_quantized_param": q_bytes / max(q_params, 1),
+            "other_bytes": sum(nbytes.values()) - q_bytes, "file_bytes": sum(p.stat().st_size for p in files)}
 
 
 def _folder_bytes(path: Path) -> dict[str, int]:

@@ -6,7 +6,7 @@ nestlm.elastic.artifact.resolve_budget(path, sub="hidden=1792,moe_ffn=1024")).
 
 Counts come from nestlm.arch (count_params, count_active_params, count_memory). Bytes are those the cut
 would store in the folder's own formats: the sum over the tensors nestlm.slicing.plan (plain folders) or
-nestlm.quant.packed.packed_plan (ModelOpt FP8 / NVFP4 folders, mixed precision included) would write,
+nestlm.slicing.packed.packed_plan (ModelOpt FP8 / NVFP4 folders, mixed precision included) would write,
 i.e. exactly the safetensors payload of `nestlm slice` (headers aside).
 """
 

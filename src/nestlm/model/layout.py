@@ -14,7 +14,7 @@ and everything that cuts or permutes weights reads that declaration:
     forward      the mixers in nestlm.model.layers cut their weights with `take(w, cut)`
     extract      nestlm.model.extract.sliced_state_dict (every tensor of the Decoder, `model_cuts`)
     streamed     nestlm.slicing.plan (the same cuts, renamed to HF names by the family converter)
-    packed       nestlm.quant: nestlm.slicing.plan's runs, halved for NVFP4 nibbles, / 16 for block scales
+    packed       nestlm.slicing.packed: nestlm.slicing.plan's runs, halved for NVFP4 nibbles, / 16 for block scales
     sort         nestlm.elastic.sort: one permutation per axis, expanded along every segment that carries it (`perm`)
     transplant   nestlm.inference.two_phase: cache states are declared too (`cache_tensors`), moved between widths (`embed`)
 """

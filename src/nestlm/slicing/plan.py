@@ -40,7 +40,7 @@ def open_source(path: str | Path) -> tuple[Path, ModelConfig, Source, dict | Non
     except ConfigError as e:
         raise CheckpointError(f"{path}/config.json: {e}") from None
     src = Source(path)
-    if "quantization_config" not in hf:  # a packed folder's shapes are checked by nestlm.quant's loader
+    if "quantization_config" not in hf:  # a packed folder's shapes are checked by nestlm.load's loader
         cfg = _check_weights(path, cfg, src)
     manifest = read_manifest(path)
     if manifest is not None:

@@ -54,7 +54,7 @@ from nestlm.quant.packed import cut_quant_configs, format_of, quant_configs
 from nestlm.slicing.packed import packed_plan
 from nestlm.slicing.plan import OutTensor, Piece, open_source, plan
 
-__all__ = ["slice_checkpoint"]
+__all__ = ["slice_checkpoint", "slice_quantized"]
 
 
 # ---------------------------------------------------------------------------------------------- writing
@@ -343,7 +343,7 @@ def slice_checkpoint(elastic_dir: str | Path, budget: str | float | SubArch, out
     budget: a manifest name ('77%'), a fraction (trained, or between trained ones: the router interpolates),
     or an explicit SubArch (any checkpoint folder, elastic or not). A packed FP8 / NVFP4 source (ModelOpt
     layout, NVIDIA's release included) is cut as it is stored: codes and block scales by index ranges
-    (nestlm.quant.packed.packed_plan), scalar scales copied, nothing requantized; its quantization settings
+    (nestlm.slicing.packed.packed_plan), scalar scales copied, nothing requantized; its quantization settings
     are kept with the exclude list renumbered. Streams: memory holds one output tensor (or a bounded chunk).
     stats: if a dict is given, it receives bytes_written, peak_bytes (the most source bytes mapped at once:
     about one chunk of rows), tensors, seconds.
@@ -401,6 +401,18 @@ def slice_checkpoint(elastic_dir: str | Path, budget: str | float | SubArch, out
     if stats is not None:
         stats.update(st)
     return out
+
+
+def slice_quantized(src_dir: str | Path, out_dir: str | Path, budget: str | float | SubArch,
+                    overwrite: bool = False, max_shard_bytes: int = 4 << 30, stats: dict | None = None) -> Path:
+    """Cut the submodel `budget` (a manifest name, a fraction, or a SubArch) out of the packed checkpoint
+    src_dir by index ranges: packed codes and block scales are read as they are, nothing is requantized.
+    The streamed writer of nestlm.slicing (`slice_checkpoint`) does it; this name refuses a plain folder."""
+    if "quantization_config" not in read_config(src_dir):
+        raise CheckpointError(f"{src_dir}: config.json has no quantization_config (not a packed checkpoint; "
+                              "cut it with nestlm.slicing.slice)")
+    return slice_checkpoint(src_dir, budget, out_dir, overwrite=overwrite, max_shard_bytes=max_shard_bytes,
+                            stats=stats)
 
 
 def _check_transformers_accepts(hf: dict) -> None:

@@ -545,9 +545,10 @@ def reference_file(folder: Path, sub: SubArch) -> tuple[bytes, list]:
     safetensors, indexed by the plan's pieces, concatenated, and laid out after the writer's header."""
     from nestlm.convert import config_from_hf
     from nestlm.io.safetensors import Source, read_config
+    from nestlm.load import open_folder
     from nestlm.quant.packed import format_of
     from nestlm.slicing.packed import packed_plan
-    from nestlm.slicing.plan import open_source, plan
+    from nestlm.slicing.plan import plan
     from nestlm.slicing.write import _header
 
     hf = read_config(folder)
@@ -556,7 +557,8 @@ def reference_file(folder: Path, sub: SubArch) -> tuple[bytes, list]:
         src = Source(folder)
         tensors = packed_plan(src, cfg, sub.resolve(cfg), format_of(hf, folder)[0])
     else:
-        _, cfg, src, _ = open_source(folder)
+        opened = open_folder(folder)
+        cfg, src = opened.cfg, opened.src
         tensors = plan(src, cfg, sub)
     whole = read_all(folder)
     body = []

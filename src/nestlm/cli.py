@@ -60,15 +60,15 @@ def importance(hf_dir: str, out: str, text: str | None = None, kjv: bool = False
     from nestlm.convert import to_hf
     from nestlm.elastic.importance import importance as run_importance
     from nestlm.elastic.sort import sort_
-    from nestlm.load import from_hf
+    from nestlm.load import open_folder
 
     check_output(out, hf_dir, text, sort_out, overwrite=overwrite)
     if sort_out is not None:
         check_output(sort_out, hf_dir, text, out, overwrite=overwrite)
     dev, compute = resolve(device, dtype)
-    hf = read_config(hf_dir)
-    dtype = _dtype(hf)
-    model = from_hf(hf_dir, device=dev)  # fp32 for scoring and sorting
+    folder = open_folder(hf_dir, check_weights=False)
+    dtype = folder.dtype
+    model = folder.load(device=dev)  # fp32 for scoring and sorting
     ids = _tokens(hf_dir, model.cfg.vocab_size, text, kjv, need=batches * batch_size * seq_len + 1)
     n_win = (len(ids) - 1) // seq_len
     if n_win < 1:
@@ -254,14 +254,14 @@ def quantize(src: str, out: str, fmt: str = "nvfp4", budget: str | None = None, 
 def convert(src: str, dst: str, overwrite: bool = False) -> Path:
     """Read an HF checkpoint into nestlm and write it back as one (same dtype, tokenizer files copied)."""
     from nestlm.convert import to_hf
-    from nestlm.load import from_hf
+    from nestlm.load import open_folder
 
     check_output(dst, src, overwrite=overwrite)  # before reading
-    hf = read_config(src)
-    dtype = _dtype(hf)
-    model = from_hf(src, dtype=dtype)
+    folder = open_folder(src, check_weights=False)
+    dtype = folder.dtype
+    model = folder.load(dtype)
     out = to_hf(model, dst, overwrite=overwrite)
-    qc = hf.get("quantization_config")
+    qc = folder.hf.get("quantization_config")
     note = f": a dequantized copy of the {qc.get('quant_algo', 'quantized')} packed checkpoint " \
         "(nestlm quantize packs it again)" if qc else ""
     print(f"wrote {out} ({count_params(model.cfg):,} parameters, {str(dtype).removeprefix('torch.')}){note}")
@@ -401,10 +401,6 @@ def think(prompt: str, think_url: str, think_model: str, answer_url: str, answer
 
 
 # -------------------------------------------------------------------------------------------- helpers
-def _dtype(hf: dict) -> torch.dtype:
-    return getattr(torch, str(hf.get("dtype") or hf.get("torch_dtype") or "float32"), torch.float32)
-
-
 def _tokens(model_dir: str, vocab_size: int, text: str | None, kjv: bool, need: int | None) -> torch.Tensor:
     """Token ids [n] of the text file (or the KJV Bible) by the folder's tokenizer (nestlm.io.tokenizer's
     rule). Only a prefix long enough for `need`."""

@@ -10,12 +10,10 @@ from pathlib import Path
 import torch
 
 from nestlm.arch import SubArch, count_active_params, count_memory, count_params, sliced_config
-from nestlm.convert import FAMILIES, config_from_hf
-from nestlm.elastic.artifact import ROUTER_FILE, read_provenance
-from nestlm.io.safetensors import SafetensorsDir, Source, read_config
+from nestlm.elastic.artifact import read_provenance
+from nestlm.load import open_folder
 from nestlm.model.config import ModelConfig
 from nestlm.quant.packed import format_of, quantized_names
-from nestlm.slicing.plan import open_source
 
 __all__ = ["config_info", "format_config_info", "format_info", "info", "quantized_bytes"]
 
@@ -47,18 +45,19 @@ def _packed_bytes(path: Path, cfg: ModelConfig, nb: int):
 
 def quantized_bytes(path: str | Path) -> dict:
     """Bytes on disk of a packed checkpoint: the quantized weights with their scales, per quantized parameter,
-    and the whole safetensors payload."""
-    src = Source(Path(path))
-    hf = read_config(path)
-    fmt, _ = format_of(hf, Path(path))
+    and the whole safetensors payload of the weights."""
+    folder = open_folder(path, check_weights=False)
+    if folder.fmt is None:
+        format_of(folder.hf, folder.path)  # CheckpointError: not a packed checkpoint
+    src, fmt = folder.src, folder.fmt
     quantized = quantized_names(src.keys())
     nbytes = {k: torch.Size(src.shape(k)).numel() * src.dtype(k).itemsize for k in src.keys()}
     q_bytes = sum(n for k, n in nbytes.items() if k in quantized or (k.rsplit(".", 1)[0] + ".weight") in quantized)
     q_params = sum(torch.Size(src.shape(k)).numel() * (2 if fmt.name == "nvfp4" else 1) for k in quantized)
-    files = [p for p in Path(path).glob("*.safetensors") if p.name != ROUTER_FILE]
     return {"quantized_params": q_params, "quantized_bytes": q_bytes,
             "bytes_per_quantized_param": q_bytes / max(q_params, 1),
-            "other_bytes": sum(nbytes.values()) - q_bytes, "file_bytes": sum(p.stat().st_size for p in files)}
+            "other_bytes": sum(nbytes.values()) - q_bytes,
+            "file_bytes": sum((folder.path / f).stat().st_size for f in src.files())}
 
 
 def _folder_bytes(path: Path) -> dict[str, int]:
@@ -74,12 +73,12 @@ def info(elastic_or_hf_dir: str | Path) -> dict:
     storage.elastic_bytes is measured (the folder's safetensors: weights + router); separate_bytes is
     computed, not measured: sum over budgets of stored parameters x dtype bytes (the weights that one
     standalone checkpoint per budget would hold; their small safetensors headers and configs excluded)."""
-    path, cfg, src, manifest = open_source(elastic_or_hf_dir)
-    dtype = src.dtype(FAMILIES[cfg.family].hf_name("embeddings.weight", cfg))
+    folder = open_folder(elastic_or_hf_dir)
+    path, cfg, manifest, dtype = folder.path, folder.cfg, folder.manifest, folder.dtype
     nb = dtype.itemsize
     weight_bytes = lambda r: _stored_params(cfg, r) * nb
     how = f"{nb} B ({str(dtype).removeprefix('torch.')})"
-    packed = read_config(path).get("quantization_config")
+    packed = folder.hf.get("quantization_config")
     if packed:  # FP8 / NVFP4: quantized params at the folder's measured bytes each, the rest at the dtype's
         weight_bytes, how = _packed_bytes(path, cfg, nb)
         dtype_name = f"{packed.get('quant_algo', 'quantized')} (+ {str(dtype).removeprefix('torch.')})"
@@ -164,16 +163,15 @@ def config_info(path: str | Path, seq_len: int = 4096) -> dict:
     """`nestlm info` of a plain (or packed) HF folder: family, ModelConfig, parameter counts and inference
     memory at `seq_len` tokens (a packed folder: its weights as stored, measured). Reads config.json and
     the safetensors headers only (missing or truncated weight files fail here, cheaply)."""
-    hf = read_config(path)
-    cfg = config_from_hf(hf)
-    SafetensorsDir(path)  # the weights' headers and sizes (cheap): missing or truncated files fail here
+    folder = open_folder(path, check_weights=False)  # headers only: missing or truncated files fail here
+    hf, cfg = folder.hf, folder.cfg
     mem = count_memory(cfg, seq_len=seq_len)
     out = {"path": str(path), "family": cfg.family, "architectures": hf.get("architectures"),
            "config": cfg.to_dict(), "params": count_params(cfg), "active_params": count_active_params(cfg),
            "memory": mem, "seq_len": seq_len}
     qc = hf.get("quantization_config")
     if qc:  # packed FP8 / NVFP4: the weights as stored, measured
-        stored = sum(f.stat().st_size for f in Path(path).glob("*.safetensors"))
+        stored = sum((folder.path / f).stat().st_size for f in folder.src.files())
         mem.update(total=mem["total"] - mem["weights"] + stored, weights=stored)
         out["quantization"] = {"quant_algo": qc.get("quant_algo", "quantized"), "bytes": stored}
     return out

@@ -14,18 +14,11 @@ from pathlib import Path
 
 import torch
 
-from nestlm.arch import SubArch
-from nestlm.elastic.artifact import (
-    MANIFEST,
-    ROUTER_FILE,
-    SLICE_FILE,
-    provenance,
-    read_manifest,
-    resolve_budget,
-)
+from nestlm.elastic.artifact import MANIFEST, ROUTER_FILE, SLICE_FILE, budget_subs, provenance
 from nestlm.errors import CheckpointError, ConfigError
-from nestlm.io.safetensors import check_output, read_config
+from nestlm.io.safetensors import check_output
 from nestlm.io.tokenizer import check_ids, load_tokenizer, text_tokens
+from nestlm.load import open_folder
 from nestlm.quant.fake import calibrate, check_subarch, fake_quantize_
 from nestlm.quant.formats import get_format
 from nestlm.slicing.packed import export_quantized
@@ -45,23 +38,20 @@ def quantize(src: str, out: str, fmt: str = "nvfp4", budget: str | None = None, 
     that budget (a manifest name, a fraction); identical to slicing the packed elastic checkpoint.
     calib_tokens=0: no calibration (NVFP4 weight-only; FP8 needs calibration, fp8_channel does not).
     The tensors that stay unquantized keep the source's dtype. Tokenizer files are copied."""
-    from nestlm.convert import from_hf
-
     fmt_ = get_format(fmt)
     path = Path(src)
     check_output(out, path, text, overwrite=overwrite)  # before calibrating
-    hf = read_config(path)
-    if "quantization_config" in hf:
-        raise CheckpointError(f"{path} is already quantized ({hf['quantization_config'].get('quant_algo')})")
-    model = from_hf(path)
-    cfg = model.cfg
-    manifest = read_manifest(path)
-    subs = [None] + ([SubArch.from_dict(b["sub"]) for b in manifest["budgets"].values()] if manifest else [])
+    folder = open_folder(path, check_weights=False)
+    if folder.fmt is not None:
+        raise CheckpointError(f"{path} is already quantized ({folder.hf['quantization_config'].get('quant_algo')})")
+    cfg, manifest = folder.cfg, folder.manifest
+    subs = [None, *budget_subs(manifest).values()]
     for s in subs:
         check_subarch(cfg, s, fmt_)  # before any work
-    name, sub = (None, None) if budget is None else resolve_budget(path, budget, cfg=cfg, manifest=manifest)
+    name, sub = (None, None) if budget is None else folder.budget(budget)
     if sub is not None:
         check_subarch(cfg, sub, fmt_)
+    model = folder.load()
     fake_quantize_(model, fmt_)  # calibrate the activations the quantized weights produce
     amax = None
     if calib_tokens > 0 and fmt_.act_max is not None:
@@ -72,9 +62,8 @@ def quantize(src: str, out: str, fmt: str = "nvfp4", budget: str | None = None, 
         copy = (MANIFEST, ROUTER_FILE)
     elif sub is not None:
         extra = {SLICE_FILE: provenance(path, name, sub, cfg, quant_format=fmt_.name)}
-    dtype = getattr(torch, str(hf.get("dtype") or hf.get("torch_dtype") or "float32"), torch.float32)
     return export_quantized(model, out, fmt_, sub=sub, input_amax=amax, tokenizer_dir=path, overwrite=overwrite,
-                            copy=copy, extra=extra, dtype=dtype)
+                            copy=copy, extra=extra, dtype=folder.dtype)
 
 
 def _calibration_batches(path: Path, vocab_size: int, text: str | None, n_tokens: int, seq_len: int,

@@ -1,5 +1,5 @@
 """Which cut of a checkpoint folder: its cost, and a width-grid search (SubArchs from user input:
-nestlm.elastic.artifact.resolve_budget(path, sub="hidden=1792,moe_ffn=1024")).
+nestlm.load.open_folder(path).budget(sub="hidden=1792,moe_ffn=1024")).
 
     rows = search("nano_dir", params=12e9)                    # SubArchs on a width grid near 12B, ranked
     row = cut_info("nano_dir", sub)                           # params, active params, bytes, memory of one cut
@@ -12,57 +12,19 @@ i.e. exactly the safetensors payload of `nestlm slice` (headers aside).
 
 from __future__ import annotations
 
-import dataclasses
 import itertools
-import json
 import math
 from pathlib import Path
 
 from nestlm.arch import SubArch, count_active_params, count_memory, count_params
-from nestlm.elastic.artifact import load_spec, resolve_budget
+from nestlm.elastic.artifact import load_spec
 from nestlm.elastic.config import ElasticConfig
 from nestlm.errors import ConfigError
+from nestlm.load import Folder, open_folder
 from nestlm.model.config import ModelConfig
 
 
 # ---------------------------------------------------------------------------------------------- a folder
-@dataclasses.dataclass
-class Folder:
-    """A checkpoint folder opened for counting: its config, tensors (headers only) and packed format."""
-
-    path: Path
-    cfg: ModelConfig
-    src: object  # nestlm.io.safetensors.Source
-    fmt: object | None  # nestlm.quant.formats.Format of a packed folder, else None
-    kv_bytes: float  # bytes per KV-cache element: 1 with the ModelOpt FP8 KV cache, else 2
-
-    @property
-    def format_name(self) -> str:
-        from nestlm.convert import FAMILIES
-
-        emb = FAMILIES[self.cfg.family].hf_name("embeddings.weight", self.cfg)
-        dtype = str(self.src.dtype(emb)).removeprefix("torch.")
-        return f"{self.fmt.quant_algo} (+ {dtype})" if self.fmt is not None else dtype
-
-
-def open_folder(path: str | Path) -> Folder:
-    """A plain or packed HF folder (elastic or not), checked as nestlm.slicing / nestlm.quant check it."""
-    from nestlm.convert import config_from_hf
-    from nestlm.io.safetensors import QUANT_CONFIG, Source, read_config
-    from nestlm.quant.packed import format_of
-    from nestlm.slicing.plan import open_source
-
-    path = Path(path)
-    hf = read_config(path)
-    if "quantization_config" not in hf:
-        _, cfg, src, _ = open_source(path)
-        return Folder(path, cfg, src, None, 2.0)
-    fmt, _ = format_of(hf, path)
-    hq = json.loads((path / QUANT_CONFIG).read_text()) if (path / QUANT_CONFIG).is_file() else {}
-    kv = (hq.get("quantization") or {}).get("kv_cache_quant_algo") or hf["quantization_config"].get("kv_cache_quant_algo")
-    return Folder(path, config_from_hf(hf), Source(path), fmt, 1.0 if str(kv).upper() == "FP8" else 2.0)
-
-
 def cut_bytes(folder: Folder, sub: SubArch | None) -> int:
     """Bytes of the safetensors payload `nestlm slice` writes for `sub` (headers aside), in the folder's own
     formats: the sum over the tensors of the slicing plan (the packed plan for FP8 / NVFP4 folders)."""
@@ -100,7 +62,7 @@ def cut_info(path: str | Path, sub: str | dict | SubArch | None = None, seq_len:
     """`nestlm info SRC [--sub ...]`: the folder's figures, and those of the cut `sub` if given."""
     folder = open_folder(path)
     if sub is not None and not isinstance(sub, SubArch):
-        sub = resolve_budget(folder.path, sub=sub, cfg=folder.cfg)[1]
+        sub = folder.budget(sub=sub)[1]
     rows = [{"name": "source", **figures(folder, None, seq_len)}]
     if sub is not None:
         rows.append({"name": "cut", **figures(folder, sub, seq_len)})

@@ -38,9 +38,9 @@ from nestlm.elastic.router import Router
 from nestlm.errors import BudgetError, CheckpointError, ConfigError
 from nestlm.io.safetensors import normal_permissions, read_tensors
 
-__all__ = ["MANIFEST", "MANIFEST_VERSION", "ROUTER_FILE", "SLICE_FILE", "budget_name", "check_manifest",
-           "load_spec", "parse_sub", "provenance", "read_manifest", "read_provenance", "read_router",
-           "resolve_budget", "router_mismatch", "write_provenance"]
+__all__ = ["MANIFEST", "MANIFEST_VERSION", "ROUTER_FILE", "SLICE_FILE", "budget_name", "budget_subs", "check_manifest",
+           "load_router_weights", "load_spec", "parse_sub", "provenance", "read_manifest", "read_provenance",
+           "read_router", "resolve_budget", "router_mismatch", "write_provenance"]
 
 MANIFEST = "nestlm_elastic.json"  # an elastic checkpoint's manifest: budgets, their SubArch, the config
 MANIFEST_VERSION = 1
@@ -72,6 +72,11 @@ def read_manifest(path: str | Path, required: bool = False) -> dict | None:
     return m
 
 
+def budget_subs(manifest: dict | None) -> dict[str, SubArch]:
+    """{budget name: SubArch} of a manifest, in its order ({} for None: a plain folder)."""
+    return {name: SubArch.from_dict(b["sub"]) for name, b in (manifest or {"budgets": {}})["budgets"].items()}
+
+
 def check_manifest(path: str | Path, cfg, manifest: dict) -> None:
     """CheckpointError when the manifest doesn't describe the weights' config `cfg` (another model's)."""
     where = f"{path}/{MANIFEST}"
@@ -90,14 +95,11 @@ def check_manifest(path: str | Path, cfg, manifest: dict) -> None:
 
 
 def _config_and_manifest(path: Path):
-    """(ModelConfig, manifest or None) of a folder, the manifest checked against the config."""
-    from nestlm.convert import config_from_hf  # the families' config.json readers
-    from nestlm.io.safetensors import read_config
+    """(ModelConfig, manifest or None) of a folder, the manifest checked against the config: for
+    resolve_budget given a bare path (nestlm.load.open_folder reads a whole folder, this, and more)."""
+    from nestlm.convert import folder_config  # the families' config.json readers
 
-    try:
-        cfg = config_from_hf(read_config(path))
-    except ConfigError as e:
-        raise CheckpointError(f"{path}/config.json: {e}") from None
+    cfg = folder_config(path)
     manifest = read_manifest(path)
     if manifest is not None:
         check_manifest(path, cfg, manifest)
@@ -130,13 +132,23 @@ def read_router(path: str | Path, cfg, manifest: dict):
         router = Router(cfg, ecfg)
     except ConfigError as e:  # e.g. the depth axis without its depth_order
         raise CheckpointError(f"{mf}: the elastic config doesn't build a router for this model ({e})") from None
-    f = path / ROUTER_FILE
-    state = read_tensors(f, "the elastic checkpoint's router")
-    diff = router_mismatch(state, router)
+    diff = load_router_weights(router, path)
     if diff:
-        raise CheckpointError(f"{f}: the router weights don't match the manifest's elastic config {diff}")
-    router.load_state_dict(state)
+        raise CheckpointError(f"{path / ROUTER_FILE}: the router weights don't match the manifest's elastic config "
+                              f"{diff}")
     return router.eval()
+
+
+def load_router_weights(router, path: str | Path, what: str = "the elastic checkpoint's router") -> str | None:
+    """Load the router file of the elastic checkpoint folder `path` (or the router.safetensors file `path`)
+    into `router`: None, or (nothing loaded) which tensors differ in shape (router_mismatch). CheckpointError
+    naming the file for a missing or unreadable one."""
+    path = Path(path)
+    state = read_tensors(path / ROUTER_FILE if path.is_dir() else path, what)
+    diff = router_mismatch(state, router)
+    if diff is None:
+        router.load_state_dict(state)
+    return diff
 
 
 # ---------------------------------------------------------------------------------------------- budgets
@@ -231,7 +243,7 @@ def resolve_budget(path: str | Path | None, budget: str | float | SubArch | None
     budget: a manifest name ('full', '77%'); a fraction, as a number (0.6) or a string ('60%', '0.6'): a
     trained one -> its manifest entry, 1.0 -> the full model, one between two trained ones -> the router's
     interpolation within the checkpoint's landing_tolerance; or an explicit SubArch (checked against the
-    config). sub (instead of budget): explicit widths, "hidden=1792,moe_ffn=1024", a dict or a .yaml /
+    config). router: a Router, or a callable returning one (called only to interpolate). sub (instead of budget): explicit widths, "hidden=1792,moe_ffn=1024", a dict or a .yaml /
     .json file (parse_sub) -> ("custom", SubArch). cfg / manifest / router: already read (else read from
     `path`; path=None: `manifest` alone, which resolves names and trained fractions).
     Raises BudgetError (a ConfigError listing the checkpoint's budgets) for a name or fraction the
@@ -254,11 +266,11 @@ def resolve_budget(path: str | Path | None, budget: str | float | SubArch | None
         raise TypeError(f"budget must be a name, a fraction or a SubArch, got {type(budget).__name__}")
     names = list(manifest["budgets"]) if manifest else []
     if isinstance(budget, str):
-        if manifest and budget in manifest["budgets"]:
-            return budget, SubArch.from_dict(manifest["budgets"][budget]["sub"])
+        if budget in names:
+            return budget, budget_subs(manifest)[budget]
         same_case = [n for n in names if n.lower() == budget.strip().lower()]  # 'FULL', ' 75% '
         if same_case:
-            return same_case[0], SubArch.from_dict(manifest["budgets"][same_case[0]]["sub"])
+            return same_case[0], budget_subs(manifest)[same_case[0]]
         if budget.strip().lower() == "full":
             return "full", SubArch()
         frac = parse_fraction(budget)
@@ -277,16 +289,16 @@ def resolve_budget(path: str | Path | None, budget: str | float | SubArch | None
                          "is 'full'")
     for name, b in manifest["budgets"].items():
         if math.isclose(b["fraction"], frac, rel_tol=1e-6):
-            return name, SubArch.from_dict(b["sub"])
+            return name, budget_subs(manifest)[name]
     fracs = [b["fraction"] for b in manifest["budgets"].values()]
     if not min(fracs) < frac < max(fracs):
         raise _no_budget(path, budget, manifest, f"{frac:g} is outside the trained range "
                          f"{min(fracs):g}..{max(fracs):g}; pick a trained budget or a fraction in between")
-    if router is None:
-        if path is None:
+    if not isinstance(router, Router):  # None (read it from path) or a callable that reads it
+        if router is None and path is None:
             raise _no_budget(path, budget, manifest, "it lies between trained budgets: interpolating needs the "
                              "router")
-        router = read_router(path, cfg, manifest)
+        router = router() if router is not None else read_router(path, cfg, manifest)
     # within the landing tolerance of frac, like the trained budgets
     sub = router.interpolate(frac, router.ecfg.landing_tolerance)
     if cfg is not None and sub.resolve(cfg) == SubArch.full(cfg):  # say so: no smaller architecture was found

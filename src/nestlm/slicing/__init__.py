@@ -11,9 +11,9 @@ FP8 / NVFP4 folder, and the packed writer of a model), write (the streamed write
 """
 
 from nestlm.slicing.packed import export_quantized
-from nestlm.slicing.plan import OutTensor, Piece, open_source, plan
+from nestlm.slicing.plan import OutTensor, Piece, plan
 from nestlm.slicing.write import slice_checkpoint, slice_quantized
 
 slice = slice_checkpoint  # the public name; inside the package, `slice` stays the builtin
 
-__all__ = ["OutTensor", "Piece", "export_quantized", "open_source", "plan", "slice", "slice_checkpoint", "slice_quantized"]
+__all__ = ["OutTensor", "Piece", "export_quantized", "plan", "slice", "slice_checkpoint", "slice_quantized"]

@@ -29,11 +29,9 @@ import numpy as np
 import torch
 
 from nestlm.arch import SubArch, sliced_config
-from nestlm.convert import FAMILIES, config_from_hf
+from nestlm.convert import FAMILIES
 from nestlm.elastic.artifact import (
     provenance,
-    read_manifest,
-    resolve_budget,
     write_provenance,
 )
 from nestlm.errors import CheckpointError, UnsupportedArchitecture
@@ -49,10 +47,11 @@ from nestlm.io.safetensors import (
     write_shards,
 )
 from nestlm.io.tokenizer import TOKENIZER_FILES
+from nestlm.load import open_folder
 from nestlm.quant.fake import check_subarch
-from nestlm.quant.packed import cut_quant_configs, format_of, quant_configs
+from nestlm.quant.packed import cut_quant_configs, quant_configs
 from nestlm.slicing.packed import packed_plan
-from nestlm.slicing.plan import OutTensor, Piece, open_source, plan
+from nestlm.slicing.plan import OutTensor, Piece, plan
 
 __all__ = ["slice_checkpoint", "slice_quantized"]
 
@@ -353,33 +352,26 @@ def slice_checkpoint(elastic_dir: str | Path, budget: str | float | SubArch, out
     out = Path(out_dir)
     check_output(out, elastic_dir, overwrite=overwrite)  # before reading anything
     extra: dict[str, dict] = {}
-    if "quantization_config" in read_config(elastic_dir):  # packed FP8 / NVFP4: cut codes and scales as-is
-        path, hf_src = Path(elastic_dir), read_config(elastic_dir)
-        fmt, weight_only = format_of(hf_src, path)
-        cfg = config_from_hf(hf_src)
-        manifest = read_manifest(path)
-        name, sub = resolve_budget(path, budget, cfg=cfg, manifest=manifest)
-        s = sub.resolve(cfg)
-        check_subarch(cfg, s, fmt)
-        src = Source(path)
+    folder = open_folder(elastic_dir)
+    path, cfg, src, fmt = folder.path, folder.cfg, folder.src, folder.fmt
+    name, sub = folder.budget(budget)
+    s = sub.resolve(cfg)
+    if fmt is not None:
+        check_subarch(cfg, s, fmt)  # NVFP4: whole blocks of 16
+    hf = FAMILIES[cfg.family].config_to_hf(sliced_config(cfg, s))  # UnsupportedArchitecture before writing
+    hf["dtype"] = str(folder.dtype).removeprefix("torch.")
+    if fmt is not None:  # packed FP8 / NVFP4: cut codes and scales as they are stored
         tensors = packed_plan(src, cfg, s, fmt)  # every read planned (and checked) before anything is written
-        hf = FAMILIES[cfg.family].config_to_hf(sliced_config(cfg, s))
-        hf["dtype"] = hf_src.get("dtype") or hf_src.get("torch_dtype") or "float32"
         if (path / QUANT_CONFIG).is_file():  # the source's settings (NVIDIA's: FP8 KV cache, its exclude list)
-            hq, qc = cut_quant_configs(json.loads((path / QUANT_CONFIG).read_text()), hf_src["quantization_config"],
+            hq, qc = cut_quant_configs(json.loads((path / QUANT_CONFIG).read_text()), folder.hf["quantization_config"],
                                        cfg, s)
         else:
-            hq, qc = quant_configs(fmt, {t.name: None for t in tensors}, weight_only)
+            hq, qc = quant_configs(fmt, {t.name: None for t in tensors}, folder.weight_only)
         hf["quantization_config"], extra[QUANT_CONFIG] = qc, hq
         prov = provenance(path, name, s, cfg, quant_format=fmt.name)
     else:
-        path, cfg, src, manifest = open_source(elastic_dir)
-        name, sub = resolve_budget(path, budget, cfg=cfg, manifest=manifest)
-        s = sub.resolve(cfg)
-        hf = FAMILIES[cfg.family].config_to_hf(sliced_config(cfg, s))  # UnsupportedArchitecture before writing
         _check_transformers_accepts(hf)
         tensors = plan(src, cfg, s)
-        hf["dtype"] = str(src.dtype(FAMILIES[cfg.family].hf_name("embeddings.weight", cfg))).removeprefix("torch.")
         prov = provenance(path, name, s, cfg)
     shards = split_shards(tensors, lambda t: t.nbytes, max_shard_bytes)
     st = {"bytes_written": 0, "peak_bytes": 0, "tensors": len(tensors)}

@@ -1,11 +1,13 @@
-"""What a nested submodel costs (parameters, active parameters, memory), the searches that pick widths or
-layers for a budget, and the axis vocabulary. SubArch itself lives in nestlm.model.subarch (re-exported here).
+"""What a nested submodel costs (parameters, active parameters, memory), and the searches that pick widths or
+layers for a budget. SubArch itself lives in nestlm.model.subarch (re-exported here); the axis vocabulary in
+nestlm.model.layout (AXES).
 """
 
 from __future__ import annotations
 
 from nestlm.errors import ConfigError
 from nestlm.model.config import ModelConfig
+from nestlm.model.layout import AXES, FIELD_AXIS
 from nestlm.model.subarch import SubArch, sliced_config
 
 __all__ = ["SubArch", "count_active_params", "count_memory", "count_params", "depth_subarch", "depth_units",
@@ -82,7 +84,7 @@ def count_memory(cfg: ModelConfig, sub: SubArch | None = None, *, seq_len: int =
 
 
 # -------------------------------------------------------------------- choosing a SubArch for a budget
-WIDTH_AXES = ("hidden", "attn_heads_per_group", "mamba_heads_per_group", "ffn", "moe_ffn", "shared_ffn", "experts")
+WIDTH_AXES = tuple(a.field for a in AXES if a.routed)  # hidden, attn_heads_per_group, ..., experts
 
 
 def _round_width(v: float, full: int, align: int, minimum: int = 1) -> int:
@@ -109,9 +111,9 @@ def width_subarch(cfg: ModelConfig, frac: float, axes: tuple[str, ...] = WIDTH_A
             f = getattr(full, ax)
             if not f:
                 continue
-            if ax in ("hidden", "ffn", "moe_ffn", "shared_ffn"):
+            if FIELD_AXIS[ax].unit == "channel":
                 kw[ax] = _round_width(alpha * f, f, align)
-            elif ax == "experts":
+            elif FIELD_AXIS[ax].unit == "expert":
                 kw[ax] = max(min(cfg.top_k, f), min(f, round(alpha * f)))
             else:
                 kw[ax] = max(1, min(f, round(alpha * f)))

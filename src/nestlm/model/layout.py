@@ -17,10 +17,15 @@ and everything that cuts or permutes weights reads that declaration:
     packed       nestlm.slicing.packed: nestlm.slicing.plan's runs, halved for NVFP4 nibbles, / 16 for block scales
     sort         nestlm.elastic.sort: one permutation per axis, expanded along every segment that carries it (`perm`)
     transplant   nestlm.inference.two_phase: cache states are declared too (`cache_tensors`), moved between widths (`embed`)
+
+The axes themselves are declared here too (AXES): each one's layout name, SubArch field (= router axis and
+ElasticConfig choices key), importance score key, block kinds and unit. SubArch.full, the router's axes and
+cost tables, ElasticConfig's choices, width search, importance and sort read them from there.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -48,17 +53,70 @@ class Seg:
 
 Dims = dict[int, tuple[Seg, ...]]  # dim -> its segments; dims not listed are kept whole
 
-# the elastic axes and the SubArch fields that set them (query heads: two fields, groups kept and heads per group)
-AXIS_FIELDS = {"hidden": "hidden", "kv": "attn_kv_heads", "q_heads": ("attn_kv_heads", "attn_heads_per_group"),
-               "mamba": "mamba_heads_per_group", "ffn": "ffn", "moe_ffn": "moe_ffn", "shared_ffn": "shared_ffn",
-               "experts": "experts"}
 STACKED = ("up_proj", "gate_proj", "down_proj")  # the MoE mixer's stacked expert tensors ([E, ...], no .weight)
+
+
+# ---------------------------------------------------------------------------------------------- the axes
+@dataclass(frozen=True)
+class Axis:
+    """One elastic axis, named once for every part of nestlm: `name` is the layout's (Seg.axis), `field` the
+    SubArch width that sets it (also the router axis and the ElasticConfig `choices` key), `score` the key of
+    its importance scores ('hidden', or blocks.{i}.<score>: nestlm.elastic.importance / sort). `kinds`: the
+    block kinds whose tensors carry it ("" = embeddings, final norm and head); `unit`: "channel" (rounded to
+    a multiple of `align`), "head", "group" or "expert" (at least top_k); `within`: the axis whose units
+    group this one (query heads are kept per KV group); `routed`: a router / ElasticConfig axis; `full`: the
+    full width of a ModelConfig."""
+
+    name: str
+    field: str
+    score: str
+    kinds: tuple[str, ...]
+    unit: str
+    full: Callable[[ModelConfig], int]
+    within: str | None = None
+    routed: bool = True
+
+
+def _per_group(n: int, groups: int) -> int:
+    return n // groups if groups else 0
+
+
+# in SubArch's field order
+AXES = (
+    Axis("hidden", "hidden", "hidden", ("", "*", "-", "M", "E"), "channel", lambda c: c.hidden_size),
+    Axis("kv", "attn_kv_heads", "kv", ("*",), "group", lambda c: c.num_kv_heads, routed=False),
+    Axis("q_heads", "attn_heads_per_group", "heads", ("*",), "head",
+         lambda c: _per_group(c.num_heads, c.num_kv_heads), within="kv"),
+    Axis("mamba", "mamba_heads_per_group", "mamba_heads", ("M",), "head",
+         lambda c: _per_group(c.mamba_heads, c.mamba_groups)),
+    Axis("ffn", "ffn", "ffn", ("-",), "channel", lambda c: c.intermediate_size),
+    Axis("moe_ffn", "moe_ffn", "expert_ffn", ("E",), "channel", lambda c: c.moe_intermediate_size),
+    Axis("shared_ffn", "shared_ffn", "shared_ffn", ("E",), "channel", lambda c: c.shared_intermediate_size),
+    Axis("experts", "experts", "experts", ("E",), "expert", lambda c: c.n_experts),
+)
+AXIS = {a.name: a for a in AXES}  # by layout name
+FIELD_AXIS = {a.field: a for a in AXES}  # by SubArch field (router axis, choices key)
+UNIT_ORDER = ("channel", "head", "expert", "group")
+# the router's axes, in its (and every elastic checkpoint's) order: channels, then heads, then experts
+ROUTED = tuple(sorted((a for a in AXES if a.routed), key=lambda a: UNIT_ORDER.index(a.unit)))
+
+
+def kind_axes(kind: str) -> tuple[str, ...]:
+    """The routed SubArch fields one block of `kind` ("" = embeddings, final norm, head) depends on: hidden,
+    then the block's counts, then its channels."""
+    own = [a for a in AXES if a.routed and kind in a.kinds]
+    return tuple(a.field for a in sorted(own, key=lambda a: (a.name != "hidden", a.unit == "channel")))
+
+
+def score_key(block: int | None, axis: str) -> str:
+    """The importance-score key of the layout axis `axis` ('hidden'; a block's: 'blocks.{i}.<score>')."""
+    return AXIS[axis].score if block is None else f"blocks.{block}.{AXIS[axis].score}"
 
 
 def axis_values(s) -> dict:
     """{axis: kept units} of a resolved SubArch (q_heads: (KV groups kept, heads kept per group))."""
-    return {a: (tuple(getattr(s, f) for f in fs) if isinstance(fs, tuple) else getattr(s, fs))
-            for a, fs in AXIS_FIELDS.items()}
+    return {a.name: (getattr(s, AXIS[a.within].field), getattr(s, a.field)) if a.within else getattr(s, a.field)
+            for a in AXES}
 
 
 # ---------------------------------------------------------------------------------------------- declarations

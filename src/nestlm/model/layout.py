@@ -25,6 +25,7 @@ cost tables, ElasticConfig's choices, width search, importance and sort read the
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -51,7 +52,7 @@ class Seg:
         return self.units * self.width
 
 
-Dims = dict[int, tuple[Seg, ...]]  # dim -> its segments; dims not listed are kept whole
+Dims = dict[int, tuple[Seg, ...]]  # dim -> its segments, every dim of the tensor (Seg(None, n): n kept whole)
 
 STACKED = ("up_proj", "gate_proj", "down_proj")  # the MoE mixer's stacked expert tensors ([E, ...], no .weight)
 
@@ -145,7 +146,8 @@ def attention_tensors(cfg: ModelConfig) -> dict[str, Dims]:
     out = _linear(q, h, cfg.attn_bias, "q_proj") | _linear(kv, h, cfg.attn_bias, "k_proj") \
         | _linear(kv, h, cfg.attn_bias, "v_proj") | _linear(h, q, cfg.attn_bias, "o_proj")
     if cfg.qk_norm:
-        out |= {"q_norm.weight": {}, "k_norm.weight": {}}
+        norm = {0: (Seg(None, cfg.head_dim),)}  # one head's channels: kept whole
+        out |= {"q_norm.weight": norm, "k_norm.weight": norm}
     return out
 
 
@@ -157,7 +159,7 @@ def mamba_tensors(cfg: ModelConfig) -> dict[str, Dims]:
     bc = Seg(None, 2 * g * cfg.ssm_state)
     h = (Seg("hidden", cfg.hidden_size),)
     out = _linear((heads(p), heads(p), bc, heads(1)), h, cfg.mamba_bias, "in_proj")
-    out["conv1d.weight"] = {0: (heads(p), bc)}
+    out["conv1d.weight"] = {0: (heads(p), bc), 1: (Seg(None, 1),), 2: (Seg(None, cfg.conv_kernel),)}  # depthwise
     if cfg.conv_bias:
         out["conv1d.bias"] = {0: (heads(p), bc)}
     out |= {n: {0: (heads(1),)} for n in ("dt_bias", "A_log", "D")}
@@ -193,17 +195,28 @@ def block_tensors(cfg: ModelConfig, kind: str) -> dict[str, Dims]:
     return moe_tensors(cfg)
 
 
-def model_tensors(cfg: ModelConfig) -> dict[str, Dims]:
-    """Every tensor of the Decoder's state dict, declared (blocks under `layers.{i}.`)."""
-    h = (Seg("hidden", cfg.hidden_size),)
-    out: dict[str, Dims] = {"embeddings.weight": {1: h}}
-    for i, kind in enumerate(cfg.pattern):
-        out[f"layers.{i}.norm.weight"] = {0: h}
-        out |= {f"layers.{i}.mixer.{n}": d for n, d in block_tensors(cfg, kind).items()}
-    out["norm_f.weight"] = {0: h}
+def layer_tensors(cfg: ModelConfig, kind: str) -> dict[str, Dims]:
+    """Every tensor of one block of `kind` (names below `layers.{i}.`): its pre-norm and its mixer's."""
+    return {"norm.weight": {0: (Seg("hidden", cfg.hidden_size),)}} | \
+        {f"mixer.{n}": d for n, d in block_tensors(cfg, kind).items()}
+
+
+def outer_tensors(cfg: ModelConfig) -> dict[str, Dims]:
+    """The tensors outside the blocks: embeddings, final norm, and the head unless tied."""
+    h, vocab = (Seg("hidden", cfg.hidden_size),), (Seg(None, cfg.vocab_size),)
+    out: dict[str, Dims] = {"embeddings.weight": {0: vocab, 1: h}, "norm_f.weight": {0: h}}
     if not cfg.tie_embeddings:
-        out["lm_head.weight"] = {1: h}
+        out["lm_head.weight"] = {0: vocab, 1: h}
     return out
+
+
+def model_tensors(cfg: ModelConfig) -> dict[str, Dims]:
+    """Every tensor of the Decoder's state dict, declared (blocks under `layers.{i}.`), in its order."""
+    outer = outer_tensors(cfg)
+    out = {"embeddings.weight": outer.pop("embeddings.weight")}
+    for i, kind in enumerate(cfg.pattern):
+        out |= {f"layers.{i}.{n}": d for n, d in layer_tensors(cfg, kind).items()}
+    return out | outer
 
 
 def cache_tensors(cfg: ModelConfig, kind: str) -> dict[str, Dims]:
@@ -230,11 +243,17 @@ def _merge(runs) -> Runs:
     return tuple((a, b) for a, b in out)
 
 
+def _groups_keep(seg: Seg, value) -> tuple[int, int]:
+    """(groups kept, units kept in each) of `seg` at `value`: the first `value` units of every group
+    (q_heads: value = (KV groups kept, heads per group)); a fixed run: all of it."""
+    if seg.axis is None:
+        return 1, seg.units
+    return value if isinstance(value, tuple) else (seg.groups, value)
+
+
 def kept_units(seg: Seg, value) -> Runs:
     """The units of `seg` kept at `value` (first `value` of each group; q_heads: (groups kept, per group))."""
-    if seg.axis is None:
-        return ((0, seg.units),)
-    groups, keep = value if isinstance(value, tuple) else (seg.groups, value)
+    groups, keep = _groups_keep(seg, value)
     per = seg.units // seg.groups
     return _merge((j * per, j * per + keep) for j in range(groups))
 
@@ -257,6 +276,13 @@ def cut(dims: Dims, values: dict) -> Cut:
         r = dim_runs(dims[d], values) if d in dims else None
         out.append(None if r is None or r == ((0, full[d]),) else r)
     return tuple(out)
+
+
+def kept_shape(dims: Dims, values: dict) -> tuple[int, ...]:
+    """The shape a tensor declared by `dims` has at the axis values `values`: the kept channels of each dim
+    (the length of its dim_runs)."""
+    return tuple(sum(math.prod(_groups_keep(seg, values.get(seg.axis))) * seg.width for seg in dims[d])
+                 for d in range(len(dims)))
 
 
 def block_cuts(cfg: ModelConfig, kind: str, s) -> dict[str, Cut]:
@@ -285,7 +311,7 @@ def model_cuts(cfg: ModelConfig, s) -> dict[str, tuple[str, Cut]]:
 def is_stacked(name: str) -> bool:
     """A MoE mixer's stacked expert tensor ([E, out, in]; files hold one tensor per expert)."""
     head, _, last = name.rpartition(".")
-    return last in STACKED and head.endswith(".mixer")
+    return last in STACKED and (head == "mixer" or head.endswith(".mixer"))
 
 
 # ---------------------------------------------------------------------------------------------- applying

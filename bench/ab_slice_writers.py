@@ -1,6 +1,6 @@
 """Interleaved A/B of slicing writers on the synthetic Nano v3 checkpoint of bench_nvidia_slice.py.
 
-    python bench/ab_slice_writers.py old=/tmp/old/src new=src [--cold] [--rounds 3] [--formats bf16,nvfp4]
+    python bench/ab_slice_writers.py old=/tmp/old/src new=src [--cold] [--rounds 3] [--formats bf16,nvfp4] [--quick]
 
 Each name=path is a copy of nestlm's `src` (e.g. `git archive OLD_COMMIT src | tar -x -C /tmp/old`). Every
 round runs each version once per cut in a fresh process (bench_nvidia_slice's child: imports before the clock,
@@ -43,6 +43,8 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--formats", default="bf16,nvfp4")
     ap.add_argument("--workdir", default="/work/scratch17")
+    ap.add_argument("--quick", action="store_true", help="bench_nvidia_slice's quick source: 8 experts, vocab "
+                    "16384, pattern MEM*E (hundreds of MB instead of GB)")
     args = ap.parse_args()
     versions = dict(v.split("=", 1) for v in args.versions)
     root = Path(args.workdir) / "ab_slice_writers"
@@ -53,7 +55,8 @@ def main() -> None:
     try:
         for fmt in args.formats.split(","):
             src = root / fmt
-            total = b.write_source(src, "MEMEM*E", b.NANO["experts"], b.NANO["vocab"], fmt)
+            total = b.write_source(src, "MEM*E", 8, 16384, fmt) if args.quick else \
+                b.write_source(src, "MEMEM*E", b.NANO["experts"], b.NANO["vocab"], fmt)
             print(fmt, f"source {total / 1e9:.2f} GB", flush=True)
             for cname, sub in b.CUTS.items():
                 res, cps, cpu_cp = {k: [] for k in versions}, [], []

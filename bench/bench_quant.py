@@ -5,7 +5,7 @@ and NVFP4 QAD; held-out KJV perplexity, its recovery, bytes on disk of the packe
     OMP_NUM_THREADS=1 python bench/bench_quant.py            # first builds the demo's elastic checkpoint
 
 Perplexity: exp(mean next-token NLL) on the held-out end of the KJV stream (the demo's validation split),
-the same windows for every row. A quantized row loads the packed checkpoint with nestlm.quant.load_quantized
+the same windows for every row. A quantized row loads the packed checkpoint with nestlm.load.load_quantized
 (dequantized weights, activations in full precision: weight-only fake quantization) and runs each budget's
 SubArch, which equals the budget sliced out of the packed checkpoint (tests/test_quant.py).
 recovery = ppl(full precision) / ppl(quantized) at the same budget. QAD: recipes/qad.py (starting from the
@@ -28,7 +28,10 @@ import nestlm
 from nestlm.arch import SubArch
 from nestlm.data import ByteTokenizer, kjv_text, perplexity, split
 from nestlm.elastic.artifact import read_manifest
-from nestlm.quant import load_quantized, quantize, quantized_bytes, slice_quantized
+from nestlm.info import quantized_bytes
+from nestlm.load import load_quantized
+from nestlm.quantize import quantize
+from nestlm.slicing import slice_quantized
 
 ROOT = Path(__file__).resolve().parents[1]
 

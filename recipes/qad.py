@@ -12,7 +12,7 @@
    (DIR/elastify) holds the student's latent (full-precision) weights, the router and a manifest.
 3. Those latent weights fake-quantized again, activations calibrated at every budget,
    packed: DIR/<fmt> is a packed elastic checkpoint (manifest and router kept) that vLLM loads and
-   `nestlm.quant.slice_quantized` cuts budgets out of.
+   `nestlm.slicing.slice_quantized` cuts budgets out of.
 """
 
 from __future__ import annotations
@@ -28,7 +28,9 @@ import nestlm
 from nestlm.cli import device_args
 from nestlm.elastic.artifact import MANIFEST, ROUTER_FILE, read_manifest
 from nestlm.elastic.config import ElasticConfig
-from nestlm.quant import calibrate, export_quantized, fake_quantize_, quantized_bytes
+from nestlm.info import quantized_bytes
+from nestlm.quant import calibrate, fake_quantize_
+from nestlm.slicing import export_quantized
 
 # QAD defaults on top of the checkpoint's own elastic config: a short run at a small learning rate, every
 # budget sampled equally often (p_full = 1 / budgets: the full model has quantization error to recover too)

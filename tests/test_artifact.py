@@ -15,6 +15,7 @@ import nestlm
 from nestlm.arch import SubArch
 from nestlm.data import ByteTokenizer
 from nestlm.elastic.artifact import SLICE_FILE, read_manifest, resolve_budget
+from nestlm.errors import BudgetError
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -62,11 +63,11 @@ def test_resolver_names_and_errors(elastic):
     assert name == "60% (interpolated)" and sub.resolve(cfg) == expected(elastic, "60%")
     assert resolve_budget(elastic, 0.7)[0] == "70%" and resolve_budget(elastic, "full") == ("full", SubArch())
     assert resolve_budget(elastic, 1.0) == ("full", SubArch())
-    with pytest.raises(KeyError, match=r"no budget '40%'.*outside the trained range 0.5..1"):
+    with pytest.raises(BudgetError, match=r"no budget '40%'.*outside the trained range 0.5..1"):
         resolve_budget(elastic, "40%")
     manifest = read_manifest(elastic)
     assert resolve_budget(None, "70%", manifest=manifest)[1].resolve(cfg) == expected(elastic, "70%")
-    with pytest.raises(KeyError, match="needs the router"):  # a manifest alone can't interpolate
+    with pytest.raises(BudgetError, match="needs the router"):  # a manifest alone can't interpolate
         resolve_budget(None, 0.6, manifest=manifest)
 
 
@@ -75,7 +76,7 @@ def test_slice_eval_generate_quantize_resolve_alike(elastic, tmp_path, monkeypat
     import nestlm.cli
     import nestlm.inference.two_phase
     from nestlm.evaluate import evaluate
-    from nestlm.quant import quantize
+    from nestlm.quantize import quantize
     from nestlm.slicing import slice as slice_
 
     want = expected(elastic, budget)

@@ -127,7 +127,7 @@ def test_outputs_get_the_umask_permissions(world, tmp_path):
 
 # ------------------------------------------------------------------------------------ 4. outputs checked first
 def test_quantize_checks_its_output_before_calibrating(world, monkeypatch):
-    import nestlm.quant.export as qe
+    import nestlm.quantize as qe
 
     monkeypatch.setattr(qe, "calibrate", lambda *a, **k: pytest.fail("calibrated before checking the output"))
     monkeypatch.setattr(qe, "fake_quantize_", lambda *a, **k: pytest.fail("quantized before checking the output"))

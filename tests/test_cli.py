@@ -191,14 +191,14 @@ def test_elastify_writes_an_elastic_checkpoint(elastic_dir, capsys):
 
 
 def test_slice_writes_a_folder_transformers_loads(elastic_dir, tmp_path, capsys):
-    from nestlm.elastic.artifact import budget_subarch
+    from nestlm.elastic.artifact import resolve_budget
     from nestlm.load import load_elastic
 
     dst = tmp_path / "small"
     assert main(["slice", str(elastic_dir), "--budget", "60%", "-o", str(dst)]) == 0
     assert "wrote" in capsys.readouterr().out
     model, _, manifest = load_elastic(elastic_dir)
-    sub = budget_subarch(manifest, "60%")
+    sub = resolve_budget(None, "60%", manifest=manifest)[1]
     hf = hf_model(dst)
     n = n_weights(hf)
     if hf.get_output_embeddings().weight.data_ptr() != hf.get_input_embeddings().weight.data_ptr() \
@@ -299,7 +299,7 @@ def test_quantize_then_slice_eval_and_load_the_packed_elastic_checkpoint(elastic
     """`nestlm quantize` keeps an elastic checkpoint elastic: `nestlm slice` cuts a packed budget out of it,
     `from_hf` dequantizes both, and the cut equals the packed elastic model run at that budget."""
     import nestlm
-    from nestlm.elastic.artifact import budget_subarch
+    from nestlm.elastic.artifact import resolve_budget
 
     q = tmp_path / "fp8"
     assert main(["quantize", str(elastic_dir), "-o", str(q), "--fmt", "fp8", "--calib-tokens", "256",
@@ -310,7 +310,7 @@ def test_quantize_then_slice_eval_and_load_the_packed_elastic_checkpoint(elastic
     cut = tmp_path / "cut"
     assert main(["slice", str(q), "--budget", "60%", "-o", str(cut)]) == 0
     manifest = json.loads((q / "nestlm_elastic.json").read_text())
-    sub = budget_subarch(manifest, "60%")
+    sub = resolve_budget(None, "60%", manifest=manifest)[1]
     packed, small, latent = nestlm.from_hf(q), nestlm.from_hf(cut), nestlm.from_hf(elastic_dir)
     ids = torch.randint(0, 256, (2, 24), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():

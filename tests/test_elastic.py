@@ -17,7 +17,7 @@ from torch.testing import assert_close
 
 import nestlm
 from nestlm import ConfigError, ElasticConfig, SubArch
-from nestlm.elastic.artifact import budget_subarch
+from nestlm.elastic.artifact import resolve_budget
 from nestlm.elastic.losses import kd_loss, router_loss
 from nestlm.elastic.router import Router
 from nestlm.load import load_elastic
@@ -310,11 +310,11 @@ def test_elastic_checkpoint_round_trip_and_exports_load_in_transformers(trained,
     assert manifest["version"] == 1 and manifest["family"] == "nemotron_h" and manifest["metric"] == "params"
     assert ElasticConfig.from_dict(manifest["elastic"]) == ecfg
     for i, name in enumerate(manifest["budgets"]):  # the loaded router reproduces the manifest's choices
-        sub = budget_subarch(manifest, name)
+        sub = resolve_budget(None, name, manifest=manifest)[1]
         assert sub == (SubArch() if i == 0 else router.subarch(router.greedy(i)))
     ids = ids_(seed=5)
     for name in manifest["budgets"]:
-        sub = budget_subarch(manifest, name)
+        sub = resolve_budget(None, name, manifest=manifest)[1]
         d = nestlm.to_hf(model, tmp_path / name.replace("%", "p"), sub=sub)
         hf = AutoModelForCausalLM.from_pretrained(d).eval()
         with torch.no_grad():

@@ -12,8 +12,8 @@ from test_slicing_stream import make_elastic
 
 from nestlm import ConfigError
 from nestlm.data import ByteTokenizer
+from nestlm.elastic.artifact import resolve_budget
 from nestlm.evaluate import evaluate, jsonl_task
-from nestlm.slicing import resolve_budget
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

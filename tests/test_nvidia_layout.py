@@ -31,7 +31,7 @@ from torch.testing import assert_close
 
 import nestlm
 from nestlm import ConfigError, SubArch
-from nestlm.quant import load_quantized
+from nestlm.load import load_quantized
 from nestlm.quant.formats import fp8_quantize, nvfp4_quantize, nvfp4_tensor_scale
 from nestlm.slicing import slice as slice_
 
@@ -377,7 +377,7 @@ def test_bad_cuts_are_refused_by_name_before_writing(nano, fmt, sub, match, tmp_
 
 def test_group_breaking_and_unknown_keys_are_refused(nano):
     """Total head counts that split a KV group or a Mamba group, and unknown keys, are refused by name."""
-    from nestlm.search import parse_sub
+    from nestlm.elastic.artifact import parse_sub
 
     cfg = nestlm.convert.config_from_hf(json.loads((nano["bf16"] / "config.json").read_text()))
     assert parse_sub("hidden=96,moe_ffn=48", cfg) == SUB_23
@@ -545,9 +545,10 @@ def reference_file(folder: Path, sub: SubArch) -> tuple[bytes, list]:
     safetensors, indexed by the plan's pieces, concatenated, and laid out after the writer's header."""
     from nestlm.convert import config_from_hf
     from nestlm.io.safetensors import Source, read_config
+    from nestlm.load import open_folder
     from nestlm.quant.packed import format_of
     from nestlm.slicing.packed import packed_plan
-    from nestlm.slicing.plan import open_source, plan
+    from nestlm.slicing.plan import plan
     from nestlm.slicing.write import _header
 
     hf = read_config(folder)
@@ -556,7 +557,8 @@ def reference_file(folder: Path, sub: SubArch) -> tuple[bytes, list]:
         src = Source(folder)
         tensors = packed_plan(src, cfg, sub.resolve(cfg), format_of(hf, folder)[0])
     else:
-        _, cfg, src, _ = open_source(folder)
+        opened = open_folder(folder)
+        cfg, src = opened.cfg, opened.src
         tensors = plan(src, cfg, sub)
     whole = read_all(folder)
     body = []

@@ -17,22 +17,19 @@ from nestlm.arch import SubArch
 from nestlm.convert import FAMILIES
 from nestlm.elastic.artifact import MANIFEST
 from nestlm.elastic.config import ElasticConfig
+from nestlm.info import quantized_bytes
+from nestlm.load import load_quantized
 from nestlm.model.config import ConfigError
 from nestlm.model.extract import extract, sliced_state_dict
 from nestlm.quant import (
     calibrate,
     check_elastic,
     check_subarch,
-    export_quantized,
     fake_quant_disabled,
     fake_quantize_,
     latent_state_dict,
-    load_quantized,
-    quantize,
-    quantized_bytes,
     quantized_weights,
     remove_fake_quant_,
-    slice_quantized,
     weight_scales,
 )
 from nestlm.quant.formats import (
@@ -50,6 +47,8 @@ from nestlm.quant.formats import (
     to_e4m3,
     unpack_nibbles,
 )
+from nestlm.quantize import quantize
+from nestlm.slicing import export_quantized, slice_quantized
 
 VOCAB = 259  # the byte tokenizer's: quantize() calibrates on its text
 

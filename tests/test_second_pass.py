@@ -191,14 +191,14 @@ def test_every_computing_command_runs_under_the_one_thread_rule(world, tmp_path,
     import nestlm.device
     import nestlm.evaluate
     import nestlm.load
-    import nestlm.quant
+    import nestlm.quantize
 
     def record(*a, **k):
         raise Recorded(torch.get_num_threads())
 
     where = {"eval": (nestlm.evaluate, "evaluate"), "generate": (nestlm.load, "from_hf"),
-             "importance": (nestlm.load, "from_hf"), "elastify": (nestlm, "elastify"),
-             "quantize": (nestlm.quant, "quantize"), "demo": (nestlm.demo, "_demo")}[command]
+             "importance": (nestlm.load, "open_folder"), "elastify": (nestlm, "elastify"),
+             "quantize": (nestlm.quantize, "quantize"), "demo": (nestlm.demo, "_demo")}[command]
     monkeypatch.setattr(*where, record)
     monkeypatch.setattr(nestlm.device, "default_threads", lambda: 2)  # what the machine's load would give
     hf, text = world["hf"], world["text"]

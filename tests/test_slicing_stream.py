@@ -22,6 +22,7 @@ from nestlm.convert import CheckpointError, UnsupportedArchitecture, hf_tensors
 from nestlm.data import ByteTokenizer
 from nestlm.elastic.artifact import MANIFEST, export, manifest_for
 from nestlm.elastic.router import Router
+from nestlm.errors import BudgetError
 from nestlm.evaluate import evaluate, format_table
 from nestlm.info import format_info, info
 from nestlm.slicing import slice as slice_
@@ -239,9 +240,9 @@ def test_errors_are_clear_and_leave_nothing(elastic, tmp_path, monkeypatch):
         slice_(src, "80%", out)
     slice_(src, "80%", out, overwrite=True)
     assert (out / "model.safetensors").is_file()
-    with pytest.raises(KeyError, match=r"no budget 'tiny'.*\['full', '80%', '50%'\]"):
+    with pytest.raises(BudgetError, match=r"no budget 'tiny'.*\['full', '80%', '50%'\]"):
         slice_(src, "tiny", tmp_path / "a")
-    with pytest.raises(KeyError, match=r"outside the trained range.*\['full', '80%', '50%'\]"):
+    with pytest.raises(BudgetError, match=r"outside the trained range.*\['full', '80%', '50%'\]"):
         slice_(src, 0.3, tmp_path / "a")
     with pytest.raises(ConfigError, match="hidden=64 is outside"):
         slice_(src, SubArch(hidden=64), tmp_path / "a")
@@ -310,7 +311,7 @@ def test_bad_checkpoints_are_rejected(elastic, tmp_path):
     with pytest.raises(CheckpointError, match="family 'llama' but the weights are 'nemotron_h'"):
         slice_(d, "80%", tmp_path / "o1")
     # not elastic: fractions need a manifest
-    with pytest.raises(KeyError, match="not an elastic checkpoint"):
+    with pytest.raises(BudgetError, match="not an elastic checkpoint"):
         slice_(src.parent / "nemotron_h_hf", 0.8, tmp_path / "o1")
     assert not (tmp_path / "o1").exists() and leftovers(tmp_path) == []
 

@@ -1,11 +1,17 @@
-"""What a nested submodel costs (parameters, active parameters, memory), the searches that pick widths or
-layers for a budget, and the axis vocabulary. SubArch itself lives in nestlm.model.subarch (re-exported here).
+"""What a nested submodel costs (parameters, active parameters, memory), and the searches that pick widths or
+layers for a budget. SubArch itself lives in nestlm.model.subarch (re-exported here); the axis vocabulary in
+nestlm.model.layout (AXES).
 """
 
 from __future__ import annotations
 
+import math
+from collections import Counter
+
 from nestlm.errors import ConfigError
+from nestlm.model import layout
 from nestlm.model.config import ModelConfig
+from nestlm.model.layout import AXES, FIELD_AXIS
 from nestlm.model.subarch import SubArch, sliced_config
 
 __all__ = ["SubArch", "count_active_params", "count_memory", "count_params", "depth_subarch", "depth_units", "human_bytes",
@@ -13,52 +19,25 @@ __all__ = ["SubArch", "count_active_params", "count_memory", "count_params", "de
 
 
 # -------------------------------------------------------------------- counting
-def _block_params(c: ModelConfig, kind: str, active: bool) -> int:
-    """Parameters of one block of `kind` in the (already sliced) config `c`, its pre-norm included."""
-    d = c.hidden_size
-    n = d  # pre-norm weight
-    if kind == "*":
-        q, kv = c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim
-        n += d * q + 2 * d * kv + q * d
-        if c.attn_bias:
-            n += q + 2 * kv + d
-        if c.qk_norm:
-            n += 2 * c.head_dim
-    elif kind == "-":
-        mats = 3 if c.mlp_act == "swiglu" else 2
-        n += mats * d * c.intermediate_size
-        if c.mlp_bias:
-            n += (mats - 1) * c.intermediate_size + d
-    elif kind == "M":
-        h, g, s = c.mamba_heads, c.mamba_groups, c.ssm_state
-        inner = c.mamba_inner
-        proj = 2 * inner + 2 * g * s + h
-        n += d * proj + (proj if c.mamba_bias else 0)  # in_proj
-        n += c.mamba_conv_dim * c.conv_kernel + (c.mamba_conv_dim if c.conv_bias else 0)  # conv1d
-        n += 3 * h + inner  # dt_bias, A_log, D, gated norm
-        n += inner * d + (d if c.mamba_bias else 0)  # out_proj
-    elif kind == "E":
-        n_used = c.top_k if active else c.n_experts
-        n += c.n_experts * d  # router rows
-        if c.moe_router == "sigmoid":
-            n += c.n_experts  # correction bias
-        n += n_used * (3 if c.moe_act == "swiglu" else 2) * d * c.moe_intermediate_size
-        if c.shared_intermediate_size:
-            n += 2 * d * c.shared_intermediate_size
-            if c.mlp_bias:
-                n += c.shared_intermediate_size + d
-    return n
-
-
 def count_params(cfg: ModelConfig, sub: SubArch | None = None, active: bool = False) -> int:
-    """Parameters of the submodel (all of them, or those one token touches when `active`), embeddings included."""
-    c = sliced_config(cfg, sub)
-    n = c.vocab_size * c.hidden_size  # embedding
-    n += sum(_block_params(c, k, active) for k in c.pattern)
-    n += c.hidden_size  # final norm
-    if not c.tie_embeddings:
-        n += c.vocab_size * c.hidden_size
-    return n
+    """Parameters of the submodel (all of them, or those one token touches when `active`), embeddings included:
+    every tensor nestlm.model.layout declares, at the shape the slicing rule keeps (what extract and the
+    slicer write). Active: a MoE block's stacked experts count top_k of the kept experts."""
+    s = (sub or SubArch()).resolve(cfg)
+    values = layout.axis_values(s)
+
+    def size(tensors: dict) -> int:
+        n = 0
+        for name, dims in tensors.items():
+            shape = layout.kept_shape(dims, values)
+            if active and layout.is_stacked(name):  # [experts, out, in]: a token runs top_k experts
+                shape = (min(cfg.top_k, shape[0]), *shape[1:])
+            n += math.prod(shape)
+        return n
+
+    kinds = Counter(cfg.pattern[i] for i in s.layers)  # every block of a kind is cut alike
+    return size(layout.outer_tensors(cfg)) + sum(k * size(layout.layer_tensors(cfg, kind))
+                                                 for kind, k in kinds.items())
 
 
 def count_active_params(cfg: ModelConfig, sub: SubArch | None = None) -> int:
@@ -92,7 +71,7 @@ def human_bytes(n: float) -> str:
 
 
 # -------------------------------------------------------------------- choosing a SubArch for a budget
-WIDTH_AXES = ("hidden", "attn_heads_per_group", "mamba_heads_per_group", "ffn", "moe_ffn", "shared_ffn", "experts")
+WIDTH_AXES = tuple(a.field for a in AXES if a.routed)  # hidden, attn_heads_per_group, ..., experts
 
 
 def _round_width(v: float, full: int, align: int, minimum: int = 1) -> int:
@@ -119,9 +98,9 @@ def width_subarch(cfg: ModelConfig, frac: float, axes: tuple[str, ...] = WIDTH_A
             f = getattr(full, ax)
             if not f:
                 continue
-            if ax in ("hidden", "ffn", "moe_ffn", "shared_ffn"):
+            if FIELD_AXIS[ax].unit == "channel":
                 kw[ax] = _round_width(alpha * f, f, align)
-            elif ax == "experts":
+            elif FIELD_AXIS[ax].unit == "expert":
                 kw[ax] = max(min(cfg.top_k, f), min(f, round(alpha * f)))
             else:
                 kw[ax] = max(1, min(f, round(alpha * f)))

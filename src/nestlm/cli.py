@@ -13,9 +13,9 @@ from pathlib import Path
 import torch
 
 from nestlm.arch import count_params
-from nestlm.convert import config_from_hf, folder_config
+from nestlm.convert import config_from_hf
 from nestlm.device import DTYPES, resolve, set_threads, torch_threads
-from nestlm.elastic.artifact import MANIFEST, read_provenance
+from nestlm.elastic.artifact import MANIFEST, read_provenance, resolve_budget
 from nestlm.errors import CheckpointError, ConfigError
 from nestlm.io.safetensors import check_output, read_config
 from nestlm.io.tokenizer import check_utf8, copy_tokenizer, folder_tokens
@@ -45,17 +45,18 @@ def importance(hf_dir: str, out: str, text: str | None = None, kjv: bool = False
     are checked (new, or overwrite; never an input) before the model is read. The weights stay fp32 on
     `device` (sorting is exact); dtype bf16 runs the scoring forwards under bf16 autocast."""
     from nestlm.elastic.sort import score_text
-    from nestlm.load import from_hf
+    from nestlm.load import open_folder
 
     set_threads(threads)
     check_output(out, hf_dir, text, sort_out, overwrite=overwrite, kind="file")
     if sort_out is not None:
         check_output(sort_out, hf_dir, text, out, overwrite=overwrite)
     dev, compute = resolve(device, dtype)
-    model = from_hf(hf_dir, device=dev)  # fp32 for scoring and sorting
+    folder = open_folder(hf_dir, check_weights=False)
+    model = folder.load(device=dev)  # fp32 for scoring and sorting
     ids = folder_tokens(hf_dir, model.cfg.vocab_size, text, kjv, need=batches * batch_size * seq_len + 1)
-    scores = score_text(model, ids, out, seq_len, batches, batch_size, sort_out, _dtype(read_config(hf_dir)),
-                        compute, source=hf_dir, overwrite=overwrite)
+    scores = score_text(model, ids, out, seq_len, batches, batch_size, sort_out, folder.dtype, compute,
+                        source=hf_dir, overwrite=overwrite)
     print(f"wrote {out} ({scores.meta['tokens']:,} tokens in {scores.meta['batches']} batches, "
           f"{len(scores.tensors)} score tensors)")
     if sort_out is not None:
@@ -116,20 +117,15 @@ def slice(elastic_dir: str, out: str, budget: str | None = None, sub: str | None
           overwrite: bool = False) -> Path:
     """nestlm.slicing.slice: one budget (a manifest name, or a fraction) of an elastic checkpoint, or the
     explicit cut `sub` (SubArch fields: "hidden=1792,moe_ffn=1024" or a .yaml / .json file; see
-    nestlm.search.parse_sub) of any plain or packed folder, streamed into a checkpoint folder."""
+    nestlm.elastic.artifact.parse_sub) of any plain or packed folder, streamed into a checkpoint folder."""
     from nestlm.slicing import slice as run_slice
 
     if (budget is None) == (sub is None):
         raise UsageError("give one of --budget NAME|FRACTION or --sub hidden=...,moe_ffn=... (or FILE.yaml)")
     if sub is not None:
-        from nestlm.search import parse_sub
-
-        budget = parse_sub(sub, folder_config(elastic_dir))
+        budget = resolve_budget(elastic_dir, sub=sub)[1]
     stats: dict = {}
-    try:
-        dst = run_slice(elastic_dir, budget, out, overwrite=overwrite, stats=stats)
-    except KeyError as e:  # an unknown budget: the message lists the checkpoint's budgets
-        raise UsageError(e.args[0]) from None
+    dst = run_slice(elastic_dir, budget, out, overwrite=overwrite, stats=stats)
     meta = read_provenance(dst)
     print(f"wrote {dst} (budget {meta['budget']}: {meta['params']:,} parameters, "
           f"{stats['bytes_written'] / 1e6:.2f} MB in {stats['seconds']:.2f} s)")
@@ -178,8 +174,6 @@ def evaluate(path: str, text: str | None = None, seq_len: int = 256, max_windows
         with exit_at_once_on_ctrl_c("eval writes nothing"):
             rows = run_evaluate(path, text, seq_len=seq_len, max_windows=max_windows, budgets=budget,
                                 lm_eval_tasks=lm_eval, lm_eval_limit=lm_eval_limit, device=device, dtype=dtype)
-    except KeyError as e:
-        raise UsageError(e.args[0]) from None
     except (ValueError, ImportError, FileNotFoundError) as e:  # too little text, a malformed .jsonl, no lm-eval
         raise UsageError(str(e)) from None
     print(format_table(rows))
@@ -189,17 +183,14 @@ def evaluate(path: str, text: str | None = None, seq_len: int = 256, max_windows
 def quantize(src: str, out: str, fmt: str = "nvfp4", budget: str | None = None, calib_tokens: int = 8192,
              text: str | None = None, seq_len: int = 256, overwrite: bool = False,
              threads: int | None = None) -> Path:
-    """nestlm.quant.quantize: an HF or elastic checkpoint -> a packed FP8 / NVFP4 checkpoint (ModelOpt
+    """nestlm.quantize.quantize: an HF or elastic checkpoint -> a packed FP8 / NVFP4 checkpoint (ModelOpt
     layout, which vLLM reads); an elastic source stays elastic (`nestlm slice` cuts budgets from it)."""
-    from nestlm.quant import quantize as run_quantize
-    from nestlm.quant import quantized_bytes
+    from nestlm.info import quantized_bytes
+    from nestlm.quantize import quantize as run_quantize
 
     set_threads(threads)
-    try:
-        dst = run_quantize(src, out, fmt, budget=budget, calib_tokens=calib_tokens, text=text, seq_len=seq_len,
-                           overwrite=overwrite)
-    except KeyError as e:  # an unknown budget
-        raise UsageError(e.args[0]) from None
+    dst = run_quantize(src, out, fmt, budget=budget, calib_tokens=calib_tokens, text=text, seq_len=seq_len,
+                       overwrite=overwrite)
     b = quantized_bytes(dst)
     print(f"wrote {dst} ({fmt}): {b['quantized_params']:,} quantized parameters at "
           f"{b['bytes_per_quantized_param']:.4f} bytes each (scales included); {b['file_bytes'] / 1e6:.2f} MB of "
@@ -210,14 +201,14 @@ def quantize(src: str, out: str, fmt: str = "nvfp4", budget: str | None = None, 
 def convert(src: str, dst: str, overwrite: bool = False) -> Path:
     """Read an HF checkpoint into nestlm and write it back as one (same dtype, tokenizer files copied)."""
     from nestlm.convert import to_hf
-    from nestlm.load import from_hf
+    from nestlm.load import open_folder
 
     check_output(dst, src, overwrite=overwrite)  # before reading
-    hf = read_config(src)
-    dtype = _dtype(hf)
-    model = from_hf(src, dtype=dtype)
+    folder = open_folder(src, check_weights=False)
+    dtype = folder.dtype
+    model = folder.load(dtype)
     out = to_hf(model, dst, overwrite=overwrite)
-    qc = hf.get("quantization_config")
+    qc = folder.hf.get("quantization_config")
     note = f": a dequantized copy of the {qc.get('quant_algo', 'quantized')} packed checkpoint " \
         "(nestlm quantize packs it again)" if qc else ""
     print(f"wrote {out} ({count_params(model.cfg):,} parameters, {str(dtype).removeprefix('torch.')}){note}")
@@ -245,11 +236,8 @@ def generate(path: str, prompt: str, max_new_tokens: int = 64, temperature: floa
         return generate_text(path, prompt, max_new_tokens, sampling, device=device, dtype=dtype)
     if top_p is not None or repetition_penalty is not None:
         raise UsageError("--top-p and --repetition-penalty apply to plain generation, not with --think-budget")
-    try:
-        res = think_answer(path, prompt, think_budget, answer_budget, max_think=max_think, max_answer=max_new_tokens,
-                           transplant=transplant, end_think=end_think, sampling=sampling, device=device, dtype=dtype)
-    except KeyError as e:
-        raise UsageError(e.args[0]) from None
+    res = think_answer(path, prompt, think_budget, answer_budget, max_think=max_think, max_answer=max_new_tokens,
+                       transplant=transplant, end_think=end_think, sampling=sampling, device=device, dtype=dtype)
     print(f"\n[thought {res.think_len + res.forced_len} tokens on {think_budget} (ended by {res.ended_by}), "
           f"answered {res.answer_len} on {answer_budget} ({res.switch}); {res.total_s:.2f} s]", file=sys.stderr)
     return res
@@ -291,8 +279,6 @@ def think(prompt: str, think_url: str, think_model: str, answer_url: str, answer
 
 
 # -------------------------------------------------------------------------------------------- helpers
-def _dtype(hf: dict) -> torch.dtype:
-    return getattr(torch, str(hf.get("dtype") or hf.get("torch_dtype") or "float32"), torch.float32)
 
 
 # -------------------------------------------------------------------------------------------- argparse

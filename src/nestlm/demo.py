@@ -29,6 +29,7 @@ import nestlm
 from nestlm.arch import SubArch, count_active_params, count_params
 from nestlm.data import ByteTokenizer, eval_windows, kjv_text, perplexity, split, token_batches
 from nestlm.device import autocast, resolve, torch_threads
+from nestlm.elastic.artifact import resolve_budget
 from nestlm.elastic.config import ElasticConfig, budget_name
 from nestlm.elastic.optim import adamw, lr_at
 from nestlm.errors import Interrupted
@@ -325,7 +326,7 @@ def _demo(out: Path, steps: int | None, seed: int, device: torch.device, quick: 
     full_params = count_params(cfg)
     for frac in tqdm(BUDGETS, desc="slice + eval", unit="budget"):
         name, elastic_name = f"budget_{round(frac * 100)}", budget_name(frac)
-        sub = SubArch.from_dict(manifest["budgets"][elastic_name]["sub"])
+        sub = resolve_budget(None, elastic_name, manifest=manifest)[1]
         folder = slice_(elastic_dir, elastic_name, out / name, overwrite=True)
         speed, text = decode_speed(elastic, sub, prompt, 24 if quick else 64)
         rows.append({

@@ -124,9 +124,7 @@ def evaluate(elastic_or_hf_dir: str | Path, text_path: str | Path | None = None,
     budgets: names, fractions (interpolated between trained ones) or SubArch, as `nestlm.slicing.slice`
     takes them. Returns one dict per row: name, fraction, sub, params, active_params, ppl, tokens, seconds
     (and lm_eval when lm_eval_tasks is given)."""
-    from nestlm.elastic.artifact import resolve_budget
-    from nestlm.load import from_hf
-    from nestlm.slicing import open_source
+    from nestlm.load import open_folder
     from nestlm.slicing import slice as slice_
 
     if not isinstance(seq_len, int) or seq_len < 1:
@@ -135,7 +133,8 @@ def evaluate(elastic_or_hf_dir: str | Path, text_path: str | Path | None = None,
         raise ConfigError(f"max_windows (--max-windows) must be >= 1 (or None / 0 on the command line: all), "
                           f"got {max_windows!r}")
     dev, dt = resolve(device, dtype)  # an unavailable device or precision: one line before any work
-    path, cfg, _, manifest = open_source(elastic_or_hf_dir)
+    folder = open_folder(elastic_or_hf_dir)
+    path, cfg, manifest = folder.path, folder.cfg, folder.manifest
     max_pos = cfg.hf_extra.get("max_position_embeddings")
     if isinstance(max_pos, int) and seq_len > max_pos:
         raise ConfigError(f"seq_len {seq_len} (--seq-len) is longer than the model's positions "
@@ -153,7 +152,7 @@ def evaluate(elastic_or_hf_dir: str | Path, text_path: str | Path | None = None,
         raise ConfigError(f"the text gives {len(ids)} tokens, too few for one window of {seq_len} + 1 "
                           "(--seq-len)")
     check_ids(ids, cfg.vocab_size, f"{path}'s tokenizer")
-    model = from_hf(path, dtype=dt, device=dev)
+    model = folder.load(dt, dev)
     cfg = model.cfg
 
     todo: list[tuple[str, float | None, SubArch]] = [(_first_row_name(path, manifest), 1.0, SubArch())]
@@ -161,7 +160,7 @@ def evaluate(elastic_or_hf_dir: str | Path, text_path: str | Path | None = None,
         budgets = list(manifest["budgets"]) if manifest else []
     full = SubArch.full(cfg)
     for b in budgets:
-        name, sub = resolve_budget(path, b, cfg=cfg, manifest=manifest)
+        name, sub = folder.budget(b)
         if sub.resolve(cfg) == full and name in ("full", "100%"):
             continue  # the parent row already is the full model
         frac = manifest["budgets"][name]["fraction"] if manifest and name in manifest["budgets"] else \

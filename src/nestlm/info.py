@@ -10,16 +10,12 @@ from pathlib import Path
 import torch
 
 from nestlm.arch import SubArch, count_active_params, count_params, human_bytes, sliced_config
-from nestlm.convert import FAMILIES, folder_config
 from nestlm.elastic.artifact import MANIFEST, read_provenance
-from nestlm.io.safetensors import (
-    SafetensorsDir,
-    read_config,
-)
+from nestlm.load import open_folder
 from nestlm.model.config import ModelConfig
-from nestlm.slicing.plan import open_source
+from nestlm.quant.packed import format_of, quantized_names
 
-__all__ = ["config_info", "describe", "format_config_info", "format_info", "info"]
+__all__ = ["config_info", "describe", "format_config_info", "format_info", "info", "quantized_bytes"]
 
 
 def _stored_params(cfg: ModelConfig, sub: SubArch | None) -> int:
@@ -35,7 +31,7 @@ def _packed_bytes(path: Path, cfg: ModelConfig, nb: int):
     quantized parameters at the folder's measured bytes per quantized parameter (scales included), the
     others at `nb` bytes."""
     from nestlm.model.decoder import Decoder
-    from nestlm.quant import quantized_bytes, quantized_weights
+    from nestlm.quant import quantized_weights
 
     bpq = quantized_bytes(path)["bytes_per_quantized_param"]
 
@@ -45,6 +41,23 @@ def _packed_bytes(path: Path, cfg: ModelConfig, nb: int):
         return n_q * bpq + (_stored_params(cfg, sub) - n_q) * nb
 
     return weight_bytes, f"{bpq:.4f} B per quantized param (measured) and {nb} B per other param"
+
+
+def quantized_bytes(path: str | Path) -> dict:
+    """Bytes on disk of a packed checkpoint: the quantized weights with their scales, per quantized parameter,
+    and the whole safetensors payload of the weights."""
+    folder = open_folder(path, check_weights=False)
+    if folder.fmt is None:
+        format_of(folder.hf, folder.path)  # CheckpointError: not a packed checkpoint
+    src, fmt = folder.src, folder.fmt
+    quantized = quantized_names(src.keys())
+    nbytes = {k: torch.Size(src.shape(k)).numel() * src.dtype(k).itemsize for k in src.keys()}
+    q_bytes = sum(n for k, n in nbytes.items() if k in quantized or (k.rsplit(".", 1)[0] + ".weight") in quantized)
+    q_params = sum(torch.Size(src.shape(k)).numel() * (2 if fmt.name == "nvfp4" else 1) for k in quantized)
+    return {"quantized_params": q_params, "quantized_bytes": q_bytes,
+            "bytes_per_quantized_param": q_bytes / max(q_params, 1),
+            "other_bytes": sum(nbytes.values()) - q_bytes,
+            "file_bytes": sum((folder.path / f).stat().st_size for f in src.files())}
 
 
 def _folder_bytes(path: Path) -> dict[str, int]:
@@ -60,12 +73,12 @@ def info(elastic_or_hf_dir: str | Path) -> dict:
     storage.elastic_bytes is measured (the folder's safetensors: weights + router); separate_bytes is
     computed, not measured: sum over budgets of stored parameters x dtype bytes (the weights that one
     standalone checkpoint per budget would hold; their small safetensors headers and configs excluded)."""
-    path, cfg, src, manifest = open_source(elastic_or_hf_dir)
-    dtype = src.dtype(FAMILIES[cfg.family].hf_name("embeddings.weight", cfg))
+    folder = open_folder(elastic_or_hf_dir)
+    path, cfg, manifest, dtype = folder.path, folder.cfg, folder.manifest, folder.dtype
     nb = dtype.itemsize
     weight_bytes = lambda r: _stored_params(cfg, r) * nb
     how = f"{nb} B ({str(dtype).removeprefix('torch.')})"
-    packed = read_config(path).get("quantization_config")
+    packed = folder.hf.get("quantization_config")
     if packed:  # FP8 / NVFP4: quantized params at the folder's measured bytes each, the rest at the dtype's
         weight_bytes, how = _packed_bytes(path, cfg, nb)
         dtype_name = f"{packed.get('quant_algo', 'quantized')} (+ {str(dtype).removeprefix('torch.')})"
@@ -142,12 +155,10 @@ def config_info(path: str | Path, seq_len: int = 4096) -> dict:
     """`nestlm info` of a plain (or packed) HF folder: family, ModelConfig, parameter counts and inference
     memory at `seq_len` tokens (a packed folder: its weights as stored, measured). Reads config.json and
     the safetensors headers only (missing or truncated weight files fail here, cheaply)."""
-    from nestlm.search import figures, open_folder
+    from nestlm.search import figures
 
-    hf = read_config(path)
-    cfg = folder_config(path)
-    SafetensorsDir(path)  # the weights' headers and sizes (cheap): missing or truncated files fail here
-    folder = open_folder(path)
+    folder = open_folder(path, check_weights=False)  # headers only: missing or truncated files fail here
+    hf, cfg = folder.hf, folder.cfg
     fig = figures(folder, None, seq_len)  # the same figures as `nestlm info --sub` / `nestlm search`
     out = {"path": str(path), "family": cfg.family, "architectures": hf.get("architectures"),
            "config": cfg.to_dict(), "params": count_params(cfg), "active_params": count_active_params(cfg),
@@ -189,7 +200,7 @@ def _gib(n: int) -> str:
 def describe(path: str | Path, seq_len: int = 4096, sub=None) -> tuple[dict, str]:
     """(figures, their table) of what `nestlm info` shows: an elastic checkpoint (with nestlm_elastic.json):
     its budgets and storage (`info`); a plain HF folder: family, ModelConfig, parameter counts and inference
-    memory at `seq_len` (`config_info`); with `sub` (a SubArch spec, nestlm.search.parse_sub): parameters,
+    memory at `seq_len` (`config_info`); with `sub` (a SubArch spec, nestlm.elastic.artifact.parse_sub): parameters,
     active parameters, bytes (in the folder's own formats) and memory of the folder and of that cut
     (nestlm.search.cut_info)."""
     if sub is not None:

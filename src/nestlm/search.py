@@ -1,6 +1,6 @@
-"""Which cut of a checkpoint folder: SubArchs from user input, their cost, and a width-grid search.
+"""Which cut of a checkpoint folder: its cost, and a width-grid search (SubArchs from user input:
+nestlm.load.open_folder(path).budget(sub="hidden=1792,moe_ffn=1024")).
 
-    sub = parse_sub("hidden=1792,moe_ffn=1024", cfg)         # or a dict, or a .yaml / .json file
     rows = search("nano_dir", params=12e9)                    # SubArchs on a width grid near 12B, ranked
     row = cut_info("nano_dir", sub)                           # params, active params, bytes, memory of one cut
 
@@ -12,132 +12,19 @@ i.e. exactly the safetensors payload of `nestlm slice` (headers aside).
 
 from __future__ import annotations
 
-import dataclasses
 import itertools
-import json
 import math
 from pathlib import Path
 
-import yaml
-
 from nestlm.arch import SubArch, count_active_params, count_memory, count_params, human_bytes
+from nestlm.elastic.artifact import load_spec
 from nestlm.elastic.config import ElasticConfig
 from nestlm.errors import ConfigError
+from nestlm.load import Folder, open_folder
 from nestlm.model.config import ModelConfig
-
-FIELDS = tuple(f.name for f in dataclasses.fields(SubArch))
-# total head counts, as HF configs give them: turned into per-group widths (whole groups only)
-ALIASES = ("attn_heads", "mamba_heads")
-
-
-# ---------------------------------------------------------------------------------------------- parsing
-def _load_spec(spec: str | Path | dict) -> dict:
-    """A --sub value as a dict: "k=v,k=v", a .yaml/.yml/.json file, or a dict."""
-    if isinstance(spec, dict):
-        return dict(spec)
-    s = str(spec).strip()
-    if s.endswith((".yaml", ".yml", ".json")):
-        p = Path(s)
-        if not p.is_file():
-            raise ConfigError(f"--sub {s}: no such file")
-        try:
-            d = json.loads(p.read_text()) if s.endswith(".json") else yaml.safe_load(p.read_text())
-        except (json.JSONDecodeError, yaml.YAMLError) as e:
-            raise ConfigError(f"--sub {s}: not valid {'JSON' if s.endswith('.json') else 'YAML'} ({e})") from None
-        if not isinstance(d, dict):
-            raise ConfigError(f"--sub {s}: expected a mapping of SubArch fields, got {type(d).__name__}")
-        return d
-    out = {}
-    for part in filter(None, (x.strip() for x in s.split(","))):
-        key, eq, val = part.partition("=")
-        if not eq:
-            raise ConfigError(f"--sub {s!r}: {part!r} is not key=value (e.g. hidden=1792,moe_ffn=1024)")
-        out[key.strip()] = val.strip()
-    if not out:
-        raise ConfigError("--sub is empty: give key=value pairs, e.g. hidden=1792,moe_ffn=1024")
-    return out
-
-
-def _int(key: str, v) -> int:
-    try:
-        if isinstance(v, bool) or (isinstance(v, float) and not v.is_integer()):
-            raise ValueError
-        return int(v)
-    except (TypeError, ValueError):
-        raise ConfigError(f"--sub {key}={v!r}: not a whole number") from None
-
-
-def parse_sub(spec: str | Path | dict, cfg: ModelConfig) -> SubArch:
-    """A SubArch from SubArch field names (hidden, moe_ffn, ..., layers as a list) plus the total head counts
-    attn_heads / mamba_heads, checked against `cfg`: an unknown key, a width outside the model, or a total
-    that would split a KV group or a Mamba group raises ConfigError naming it. Fields not given stay None
-    (full width)."""
-    d = _load_spec(spec)
-    unknown = sorted(set(d) - set(FIELDS) - set(ALIASES))
-    if unknown:
-        raise ConfigError(f"--sub: unknown key {unknown[0]!r}; valid keys are {', '.join(FIELDS + ALIASES)}")
-    kw = {k: (None if v is None else tuple(_int(k, i) for i in v) if k == "layers" else _int(k, v))
-          for k, v in d.items() if k in FIELDS}
-    if "layers" in d and not isinstance(d["layers"], (list, tuple)):
-        raise ConfigError("--sub layers: give a list of block indices (in a .yaml / .json --sub file)")
-    for alias, field, groups, what in (
-            ("attn_heads", "attn_heads_per_group", kw.get("attn_kv_heads") or cfg.num_kv_heads, "KV groups"),
-            ("mamba_heads", "mamba_heads_per_group", cfg.mamba_groups, "Mamba groups")):
-        if alias not in d:
-            continue
-        n = _int(alias, d[alias])
-        if not getattr(SubArch.full(cfg), field):
-            raise ConfigError(f"--sub {alias}={n}: the model has no {'attention' if alias == 'attn_heads' else 'Mamba'}"
-                              " heads")
-        if field in kw:
-            raise ConfigError(f"--sub: give {alias} or {field}, not both")
-        if not groups or n % groups:
-            raise ConfigError(f"--sub {alias}={n} breaks the model's {groups} {what}: heads are kept per group, "
-                              f"so give a multiple of {groups} (or {field})")
-        kw[field] = n // groups
-    sub = SubArch(**kw)
-    sub.resolve(cfg)  # ConfigError naming the field if a width is outside the model
-    return sub
 
 
 # ---------------------------------------------------------------------------------------------- a folder
-@dataclasses.dataclass
-class Folder:
-    """A checkpoint folder opened for counting: its config, tensors (headers only) and packed format."""
-
-    path: Path
-    cfg: ModelConfig
-    src: object  # nestlm.io.safetensors.Source
-    fmt: object | None  # nestlm.quant.formats.Format of a packed folder, else None
-    kv_bytes: float  # bytes per KV-cache element: 1 with the ModelOpt FP8 KV cache, else 2
-
-    @property
-    def format_name(self) -> str:
-        from nestlm.convert import FAMILIES
-
-        emb = FAMILIES[self.cfg.family].hf_name("embeddings.weight", self.cfg)
-        dtype = str(self.src.dtype(emb)).removeprefix("torch.")
-        return f"{self.fmt.quant_algo} (+ {dtype})" if self.fmt is not None else dtype
-
-
-def open_folder(path: str | Path) -> Folder:
-    """A plain or packed HF folder (elastic or not), checked as nestlm.slicing / nestlm.quant check it."""
-    from nestlm.convert import config_from_hf
-    from nestlm.io.safetensors import QUANT_CONFIG, Source, read_config
-    from nestlm.quant.packed import format_of
-    from nestlm.slicing.plan import open_source
-
-    path = Path(path)
-    hf = read_config(path)
-    if "quantization_config" not in hf:
-        _, cfg, src, _ = open_source(path)
-        return Folder(path, cfg, src, None, 2.0)
-    fmt, _ = format_of(hf, path)
-    hq = json.loads((path / QUANT_CONFIG).read_text()) if (path / QUANT_CONFIG).is_file() else {}
-    kv = (hq.get("quantization") or {}).get("kv_cache_quant_algo") or hf["quantization_config"].get("kv_cache_quant_algo")
-    return Folder(path, config_from_hf(hf), Source(path), fmt, 1.0 if str(kv).upper() == "FP8" else 2.0)
-
-
 def cut_bytes(folder: Folder, sub: SubArch | None) -> int:
     """Bytes of the safetensors payload `nestlm slice` writes for `sub` (headers aside), in the folder's own
     formats: the sum over the tensors of the slicing plan (the packed plan for FP8 / NVFP4 folders)."""
@@ -154,7 +41,6 @@ def cut_bytes(folder: Folder, sub: SubArch | None) -> int:
         tensors = packed_plan(folder.src, folder.cfg, s, folder.fmt)
     return sum(t.nbytes for t in tensors)
 
-
 def figures(folder: Folder, sub: SubArch | None, seq_len: int = 4096, weight_bytes: int | None = None) -> dict:
     """Parameters, active parameters, bytes and inference memory (weights + KV cache + SSM state at seq_len,
     batch 1) of the cut `sub` of the folder. weight_bytes: the cut's bytes if already known."""
@@ -170,17 +56,15 @@ def figures(folder: Folder, sub: SubArch | None, seq_len: int = 4096, weight_byt
     return {"sub": short, "params": params, "active_params": count_active_params(cfg, s), "bytes": nbytes,
             "memory": mem["total"], "memory_parts": mem, "seq_len": seq_len}
 
-
 def cut_info(path: str | Path, sub: str | dict | SubArch | None = None, seq_len: int = 4096) -> dict:
     """`nestlm info SRC [--sub ...]`: the folder's figures, and those of the cut `sub` if given."""
     folder = open_folder(path)
     if sub is not None and not isinstance(sub, SubArch):
-        sub = parse_sub(sub, folder.cfg)
+        sub = folder.budget(sub=sub)[1]
     rows = [{"name": "source", **figures(folder, None, seq_len)}]
     if sub is not None:
         rows.append({"name": "cut", **figures(folder, sub, seq_len)})
     return {"path": str(folder.path), "family": folder.cfg.family, "format": folder.format_name, "rows": rows}
-
 
 # ---------------------------------------------------------------------------------------------- search
 def _grid(cfg: ModelConfig, choices: str | Path | dict | None) -> dict[str, list[int]]:
@@ -198,13 +82,12 @@ def _grid(cfg: ModelConfig, choices: str | Path | dict | None) -> dict[str, list
     else:
         if not isinstance(choices, dict) and not str(choices).endswith((".yaml", ".yml", ".json")):
             raise ConfigError(f"--choices {choices}: give a .yaml / .json file")
-        d = choices if isinstance(choices, dict) else _load_spec(str(choices))
+        d = choices if isinstance(choices, dict) else load_spec(str(choices))
         d = d.get("choices", d)
         if "depth" in d:
             raise ConfigError("--choices: search covers widths; 'depth' needs an importance order (use elastify)")
         ecfg = ElasticConfig(choices=d, align=1)
     return ecfg.resolve_choices(cfg)
-
 
 def search(path: str | Path, params: float | None = None, active: float | None = None,
            memory: float | None = None, seq_len: int = 4096, choices: str | Path | dict | None = None,
@@ -258,15 +141,12 @@ def search(path: str | Path, params: float | None = None, active: float | None =
             "target": target, "tol": tol, "seq_len": seq_len, "grid": grid, "candidates": len(scored),
             "rows": rows}
 
-
 # ---------------------------------------------------------------------------------------------- printing
 def _count(n: float) -> str:
     return f"{n / 1e9:.2f}B" if n >= 1e9 else f"{n / 1e6:.1f}M" if n >= 1e6 else f"{n / 1e3:.1f}K"
 
-
 def _sub_str(d: dict) -> str:
     return ", ".join(f"{k}={v}" if k != "layers" else f"layers={len(v)} kept" for k, v in d.items()) or "(full)"
-
 
 def format_rows(d: dict, first: str = "cut") -> str:
     """A table of cut_info's or search's rows."""

@@ -24,8 +24,8 @@ from nestlm.model.extract import sliced_state_dict
 MODULES = {"nemotron_h": nemotron_h, "llama": llama, "moe": moe}
 FAMILIES = {family: MODULES[module] for family, module in model_config.FAMILIES.items()}  # family -> converter
 
-__all__ = ["CheckpointError", "UnsupportedArchitecture", "config_from_hf", "from_hf", "load_hf_state", "to_hf",
-           "hf_tensors"]
+__all__ = ["CheckpointError", "UnsupportedArchitecture", "config_from_hf", "decoder", "folder_config", "from_hf",
+           "hf_tensors", "load_hf_state", "state_from_hf", "to_hf"]
 
 
 def _family(hf: dict):
@@ -43,23 +43,29 @@ def config_from_hf(hf: dict) -> ModelConfig:
         raise CheckpointError(f"{hf.get('model_type')} config.json lacks the key {e}") from None
 
 
-def folder_config(path: str | Path) -> ModelConfig:
-    """The ModelConfig of a checkpoint folder's config.json; a value it can't hold ("hidden_size": "abc") is
-    one CheckpointError naming the file."""
+def folder_config(path: str | Path, hf: dict | None = None, ckpt=None) -> ModelConfig:
+    """The ModelConfig of the checkpoint folder `path` (its config.json `hf` when already read; its tensors
+    `ckpt`, a SafetensorsDir or a function opening one, looked at only for the quirk): the family's config,
+    ConfigError naming the file if it describes no valid model; and the one Nemotron-H quirk: transformers'
+    NemotronHForCausalLM never ties embeddings, so a tied config whose files carry their own, different
+    lm_head runs that head (tie_embeddings False)."""
+    path = Path(path)
+    hf = read_config(path) if hf is None else hf
     try:
-        return config_from_hf(read_config(path))
+        cfg = config_from_hf(hf)
     except ConfigError as e:
-        raise CheckpointError(f"{path}/config.json: {e}") from None
+        raise ConfigError(f"{path}/config.json: {e}") from None
+    if cfg.family == "nemotron_h" and cfg.tie_embeddings:
+        ckpt = SafetensorsDir(path) if ckpt is None else ckpt() if callable(ckpt) else ckpt
+        if nemotron_h.runs_own_lm_head(ckpt):
+            cfg = dataclasses.replace(cfg, tie_embeddings=False)
+    return cfg
 
 
-def load_hf_state(path: str | Path) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
-    """Read a checkpoint folder into (our config, our state dict), validating every shape."""
-    hf = read_config(path)
-    cfg = config_from_hf(hf)
-    ckpt = SafetensorsDir(path)
-    if cfg.family == "nemotron_h" and cfg.tie_embeddings and nemotron_h.runs_own_lm_head(ckpt):
-        cfg = dataclasses.replace(cfg, tie_embeddings=False)  # run the file's own head, as transformers does
-    sd = _family(hf).state_from_hf(ckpt, cfg)
+def state_from_hf(path: str | Path, cfg: ModelConfig, ckpt) -> dict[str, torch.Tensor]:
+    """Our state dict from the HF-named tensors `ckpt` (a SafetensorsDir-like object) of the folder `path`,
+    every name and shape checked against `cfg` (CheckpointError naming the folder)."""
+    sd = FAMILIES[cfg.family].state_from_hf(ckpt, cfg)
     with torch.device("meta"):  # shapes only, no memory
         expected = {k: tuple(v.shape) for k, v in Decoder(cfg).state_dict().items()}
     missing = sorted(set(expected) - set(sd))
@@ -72,22 +78,37 @@ def load_hf_state(path: str | Path) -> tuple[ModelConfig, dict[str, torch.Tensor
         k, got, want = bad[0]
         raise CheckpointError(f"{path}: tensor {k} has shape {got} but config.json implies {want} "
                               f"({len(bad)} mismatched tensors)")
-    return cfg, sd
+    return sd
 
 
-def from_hf(path: str | Path, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu") -> Decoder:
-    """Load a plain Hugging Face checkpoint folder (config.json + safetensors) as a nestlm Decoder. Packed
-    FP8 / NVFP4 folders: nestlm.from_hf (nestlm.load), which dequantizes them."""
-    if "quantization_config" in read_config(path):
-        raise CheckpointError(f"{path} is a packed (quantized) checkpoint: load it with nestlm.from_hf, which "
-                              "dequantizes it")
-    cfg, sd = load_hf_state(path)
+def decoder(path: str | Path, cfg: ModelConfig, ckpt, dtype: torch.dtype = torch.float32,
+            device: str | torch.device = "cpu") -> Decoder:
+    """A Decoder (eval mode) of `cfg` holding the HF-named tensors `ckpt` of the folder `path`."""
+    sd = state_from_hf(path, cfg, ckpt)
     with torch.device("meta"):
         model = Decoder(cfg)
     model.load_state_dict(sd, assign=True)
     model = model.to(device=device, dtype=dtype)
     model.source_dir = str(path)
     return model.eval()
+
+
+def load_hf_state(path: str | Path) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
+    """Read a checkpoint folder into (our config, our state dict), validating every shape."""
+    ckpt = SafetensorsDir(path)
+    cfg = folder_config(path, ckpt=ckpt)
+    return cfg, state_from_hf(path, cfg, ckpt)
+
+
+def from_hf(path: str | Path, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu") -> Decoder:
+    """Load a plain Hugging Face checkpoint folder (config.json + safetensors) as a nestlm Decoder. Packed
+    FP8 / NVFP4 folders: nestlm.from_hf (nestlm.load), which dequantizes them."""
+    hf = read_config(path)
+    if "quantization_config" in hf:
+        raise CheckpointError(f"{path} is a packed (quantized) checkpoint: load it with nestlm.from_hf, which "
+                              "dequantizes it")
+    ckpt = SafetensorsDir(path)
+    return decoder(path, folder_config(path, hf, ckpt), ckpt, dtype, device)
 
 
 def hf_tensors(model: Decoder, sub: SubArch | None = None) -> tuple[dict, dict[str, torch.Tensor]]:

@@ -13,6 +13,7 @@ and a folder sliced (or quantized at one budget) out of one carries nestlm_slice
     manifest = read_manifest(path)                        # None for a plain folder; CheckpointError if broken
     router = read_router(path, cfg, manifest)             # checked against the Router the manifest describes
     name, sub = resolve_budget(path, "60%")               # a name, '60%', 0.6, a trained fraction, a SubArch
+    name, sub = resolve_budget(path, sub="hidden=448")    # explicit widths ("custom"); BudgetError if unknown
 
     export(model, router, ecfg, out)                      # writes the folder (manifest last), after training
     model, router, manifest = load_elastic(path)          # reads it back
@@ -20,6 +21,7 @@ and a folder sliced (or quantized at one budget) out of one carries nestlm_slice
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -28,15 +30,17 @@ import tempfile
 import warnings
 from pathlib import Path
 
+import yaml
+
 from nestlm.arch import SubArch, count_active_params, count_params
 from nestlm.elastic.config import ElasticConfig, budget_name, parse_fraction
 from nestlm.elastic.router import Router
-from nestlm.errors import CheckpointError, ConfigError
+from nestlm.errors import BudgetError, CheckpointError, ConfigError
 from nestlm.io.safetensors import read_tensors, write_tensors
 
-__all__ = ["MANIFEST", "MANIFEST_VERSION", "ROUTER_FILE", "SLICE_FILE", "budget_name", "check_manifest",
-           "provenance", "read_manifest", "read_provenance", "read_router", "resolve_budget", "router_mismatch",
-           "write_provenance"]
+__all__ = ["MANIFEST", "MANIFEST_VERSION", "ROUTER_FILE", "SLICE_FILE", "budget_name", "budget_subs", "check_manifest",
+           "load_router_weights", "load_spec", "parse_sub", "provenance", "read_manifest", "read_provenance",
+           "read_router", "resolve_budget", "router_mismatch", "write_provenance"]
 
 MANIFEST = "nestlm_elastic.json"  # an elastic checkpoint's manifest: budgets, their SubArch, the config
 MANIFEST_VERSION = 1
@@ -68,6 +72,11 @@ def read_manifest(path: str | Path, required: bool = False) -> dict | None:
     return m
 
 
+def budget_subs(manifest: dict | None) -> dict[str, SubArch]:
+    """{budget name: SubArch} of a manifest, in its order ({} for None: a plain folder)."""
+    return {name: SubArch.from_dict(b["sub"]) for name, b in (manifest or {"budgets": {}})["budgets"].items()}
+
+
 def check_manifest(path: str | Path, cfg, manifest: dict) -> None:
     """CheckpointError when the manifest doesn't describe the weights' config `cfg` (another model's)."""
     where = f"{path}/{MANIFEST}"
@@ -86,7 +95,8 @@ def check_manifest(path: str | Path, cfg, manifest: dict) -> None:
 
 
 def _config_and_manifest(path: Path):
-    """(ModelConfig, manifest or None) of a folder, the manifest checked against the config."""
+    """(ModelConfig, manifest or None) of a folder, the manifest checked against the config: for
+    resolve_budget given a bare path (nestlm.load.open_folder reads a whole folder, this, and more)."""
     from nestlm.convert import folder_config  # the families' config.json readers
 
     cfg = folder_config(path)
@@ -122,30 +132,132 @@ def read_router(path: str | Path, cfg, manifest: dict):
         router = Router(cfg, ecfg)
     except ConfigError as e:  # e.g. the depth axis without its depth_order
         raise CheckpointError(f"{mf}: the elastic config doesn't build a router for this model ({e})") from None
-    f = path / ROUTER_FILE
-    state = read_tensors(f, "the elastic checkpoint's router")
-    diff = router_mismatch(state, router)
+    diff = load_router_weights(router, path)
     if diff:
-        raise CheckpointError(f"{f}: the router weights don't match the manifest's elastic config {diff}")
-    router.load_state_dict(state)
+        raise CheckpointError(f"{path / ROUTER_FILE}: the router weights don't match the manifest's elastic config "
+                              f"{diff}")
     return router.eval()
 
 
+def load_router_weights(router, path: str | Path, what: str = "the elastic checkpoint's router") -> str | None:
+    """Load the router file of the elastic checkpoint folder `path` (or the router.safetensors file `path`)
+    into `router`: None, or (nothing loaded) which tensors differ in shape (router_mismatch). CheckpointError
+    naming the file for a missing or unreadable one."""
+    path = Path(path)
+    state = read_tensors(path / ROUTER_FILE if path.is_dir() else path, what)
+    diff = router_mismatch(state, router)
+    if diff is None:
+        router.load_state_dict(state)
+    return diff
+
+
 # ---------------------------------------------------------------------------------------------- budgets
-def resolve_budget(path: str | Path | None, budget: str | float | SubArch, *, cfg=None,
-                   manifest: dict | None = None, router=None) -> tuple[str, SubArch]:
-    """(a display name, the SubArch) of `budget` for the checkpoint at `path`.
+FIELDS = tuple(f.name for f in dataclasses.fields(SubArch))
+# total head counts, as HF configs give them: turned into per-group widths (whole groups only)
+ALIASES = ("attn_heads", "mamba_heads")
+
+
+def load_spec(spec: str | Path | dict) -> dict:
+    """A --sub value as a dict: "k=v,k=v", a .yaml/.yml/.json file, or a dict."""
+    if isinstance(spec, dict):
+        return dict(spec)
+    s = str(spec).strip()
+    if s.endswith((".yaml", ".yml", ".json")):
+        p = Path(s)
+        if not p.is_file():
+            raise ConfigError(f"--sub {s}: no such file")
+        try:
+            d = json.loads(p.read_text()) if s.endswith(".json") else yaml.safe_load(p.read_text())
+        except (json.JSONDecodeError, yaml.YAMLError) as e:
+            raise ConfigError(f"--sub {s}: not valid {'JSON' if s.endswith('.json') else 'YAML'} ({e})") from None
+        if not isinstance(d, dict):
+            raise ConfigError(f"--sub {s}: expected a mapping of SubArch fields, got {type(d).__name__}")
+        return d
+    out = {}
+    for part in filter(None, (x.strip() for x in s.split(","))):
+        key, eq, val = part.partition("=")
+        if not eq:
+            raise ConfigError(f"--sub {s!r}: {part!r} is not key=value (e.g. hidden=1792,moe_ffn=1024)")
+        out[key.strip()] = val.strip()
+    if not out:
+        raise ConfigError("--sub is empty: give key=value pairs, e.g. hidden=1792,moe_ffn=1024")
+    return out
+
+
+def _int(key: str, v) -> int:
+    try:
+        if isinstance(v, bool) or (isinstance(v, float) and not v.is_integer()):
+            raise ValueError
+        return int(v)
+    except (TypeError, ValueError):
+        raise ConfigError(f"--sub {key}={v!r}: not a whole number") from None
+
+
+def parse_sub(spec: str | Path | dict, cfg) -> SubArch:
+    """A SubArch from SubArch field names (hidden, moe_ffn, ..., layers as a list) plus the total head counts
+    attn_heads / mamba_heads, checked against `cfg`: an unknown key, a width outside the model, or a total
+    that would split a KV group or a Mamba group raises ConfigError naming it. Fields not given stay None
+    (full width). (resolve_budget(path, sub=spec) is the entry point; this is its parser.)"""
+    d = load_spec(spec)
+    unknown = sorted(set(d) - set(FIELDS) - set(ALIASES))
+    if unknown:
+        raise ConfigError(f"--sub: unknown key {unknown[0]!r}; valid keys are {', '.join(FIELDS + ALIASES)}")
+    kw = {k: (None if v is None else tuple(_int(k, i) for i in v) if k == "layers" else _int(k, v))
+          for k, v in d.items() if k in FIELDS}
+    if "layers" in d and not isinstance(d["layers"], (list, tuple)):
+        raise ConfigError("--sub layers: give a list of block indices (in a .yaml / .json --sub file)")
+    for alias, field, groups, what in (
+            ("attn_heads", "attn_heads_per_group", kw.get("attn_kv_heads") or cfg.num_kv_heads, "KV groups"),
+            ("mamba_heads", "mamba_heads_per_group", cfg.mamba_groups, "Mamba groups")):
+        if alias not in d:
+            continue
+        n = _int(alias, d[alias])
+        if not getattr(SubArch.full(cfg), field):
+            raise ConfigError(f"--sub {alias}={n}: the model has no {'attention' if alias == 'attn_heads' else 'Mamba'}"
+                              " heads")
+        if field in kw:
+            raise ConfigError(f"--sub: give {alias} or {field}, not both")
+        if not groups or n % groups:
+            raise ConfigError(f"--sub {alias}={n} breaks the model's {groups} {what}: heads are kept per group, "
+                              f"so give a multiple of {groups} (or {field})")
+        kw[field] = n // groups
+    sub = SubArch(**kw)
+    sub.resolve(cfg)  # ConfigError naming the field if a width is outside the model
+    return sub
+
+
+def _no_budget(path, budget, manifest: dict | None, why: str = "") -> BudgetError:
+    """The one refusal of an unknown budget: what was asked, why not, and the budgets the checkpoint has."""
+    names = list(manifest["budgets"]) if manifest else ["full"]
+    where = f" in {path}" if path is not None else ""
+    return BudgetError(f"no budget {budget!r}{where}{': ' + why if why else ''} (budgets: {names}; or a "
+                       "fraction in (0, 1] or a percentage in (0%, 100%])")
+
+
+def resolve_budget(path: str | Path | None, budget: str | float | SubArch | None = None, *,
+                   sub: str | Path | dict | None = None, cfg=None, manifest: dict | None = None,
+                   router=None) -> tuple[str, SubArch]:
+    """(a display name, the SubArch) of `budget` for the checkpoint at `path`: the one place a budget is
+    resolved (nestlm slice / eval / generate / quantize, the server's model names, --sub specs).
 
     budget: a manifest name ('full', '77%'); a fraction, as a number (0.6) or a string ('60%', '0.6'): a
     trained one -> its manifest entry, 1.0 -> the full model, one between two trained ones -> the router's
     interpolation within the checkpoint's landing_tolerance; or an explicit SubArch (checked against the
-    config). cfg / manifest / router: already read (else read from `path`; path=None: `manifest` alone,
-    which resolves names and trained fractions).
-    Raises KeyError (listing the manifest's budgets) for a name or fraction the checkpoint doesn't have."""
+    config). router: a Router, or a callable returning one (called only to interpolate). sub (instead of budget): explicit widths, "hidden=1792,moe_ffn=1024", a dict or a .yaml /
+    .json file (parse_sub) -> ("custom", SubArch). cfg / manifest / router: already read (else read from
+    `path`; path=None: `manifest` alone, which resolves names and trained fractions).
+    Raises BudgetError (a ConfigError listing the checkpoint's budgets) for a name or fraction the
+    checkpoint doesn't have, ConfigError for widths that don't fit the model."""
     if path is not None:
         path = Path(path)
         if cfg is None:
             cfg, manifest = _config_and_manifest(path)
+    if (budget is None) == (sub is None):
+        raise TypeError("give one of budget or sub")
+    if sub is not None:
+        if cfg is None:
+            raise TypeError("resolving explicit widths (sub) needs the model config: a path or cfg")
+        return "custom", parse_sub(sub, cfg)
     if isinstance(budget, SubArch):
         if cfg is not None:
             budget.resolve(cfg)  # ConfigError, naming the axis, if it doesn't fit
@@ -154,39 +266,39 @@ def resolve_budget(path: str | Path | None, budget: str | float | SubArch, *, cf
         raise TypeError(f"budget must be a name, a fraction or a SubArch, got {type(budget).__name__}")
     names = list(manifest["budgets"]) if manifest else []
     if isinstance(budget, str):
-        if manifest and budget in manifest["budgets"]:
-            return budget, SubArch.from_dict(manifest["budgets"][budget]["sub"])
+        if budget in names:
+            return budget, budget_subs(manifest)[budget]
         same_case = [n for n in names if n.lower() == budget.strip().lower()]  # 'FULL', ' 75% '
         if same_case:
-            return same_case[0], SubArch.from_dict(manifest["budgets"][same_case[0]]["sub"])
+            return same_case[0], budget_subs(manifest)[same_case[0]]
         if budget.strip().lower() == "full":
             return "full", SubArch()
         frac = parse_fraction(budget)
         if frac is None:
-            raise KeyError(f"no budget {budget!r} in {path} (budgets: {names or 'none: not an elastic checkpoint'})")
+            raise _no_budget(path, budget, manifest)
     else:
         frac = float(budget)
     if not 0 < frac <= 1:
-        hint = f"; did you mean '{budget}%'?" if isinstance(budget, str) and 1 < frac <= 100 and \
+        hint = f"did you mean '{budget}%'?" if isinstance(budget, str) and 1 < frac <= 100 and \
             not budget.strip().endswith("%") else ""
-        raise KeyError(f"budget {budget!r}: a budget is a name ({', '.join(names) or 'full'}), a fraction in (0, 1] "
-                       f"or a percentage in (0%, 100%]{hint}")
+        raise _no_budget(path, budget, manifest, hint)
     if frac == 1.0:
         return "full", SubArch()
     if not manifest:
-        raise KeyError(f"budget {budget!r}: {path} has no {MANIFEST} (not an elastic checkpoint): its only "
-                       "budget is 'full'")
+        raise _no_budget(path, budget, manifest, f"no {MANIFEST} (not an elastic checkpoint): its only budget "
+                         "is 'full'")
     for name, b in manifest["budgets"].items():
         if math.isclose(b["fraction"], frac, rel_tol=1e-6):
-            return name, SubArch.from_dict(b["sub"])
+            return name, budget_subs(manifest)[name]
     fracs = [b["fraction"] for b in manifest["budgets"].values()]
     if not min(fracs) < frac < max(fracs):
-        raise KeyError(f"no budget {budget!r} in {path}: {frac:g} is outside the trained range "
-                       f"{min(fracs):g}..{max(fracs):g} (budgets: {names}); pick one of them or a fraction in between")
-    if router is None:
-        if path is None:
-            raise KeyError(f"budget {budget!r} lies between trained budgets {names}: interpolating needs the router")
-        router = read_router(path, cfg, manifest)
+        raise _no_budget(path, budget, manifest, f"{frac:g} is outside the trained range "
+                         f"{min(fracs):g}..{max(fracs):g}; pick a trained budget or a fraction in between")
+    if not isinstance(router, Router):  # None (read it from path) or a callable that reads it
+        if router is None and path is None:
+            raise _no_budget(path, budget, manifest, "it lies between trained budgets: interpolating needs the "
+                             "router")
+        router = router() if router is not None else read_router(path, cfg, manifest)
     # within the landing tolerance of frac, like the trained budgets
     sub = router.interpolate(frac, router.ecfg.landing_tolerance)
     if cfg is not None and sub.resolve(cfg) == SubArch.full(cfg):  # say so: no smaller architecture was found
@@ -271,8 +383,3 @@ def export(model, router: Router, ecfg: ElasticConfig, out_dir: str | Path) -> P
         shutil.rmtree(tmp, ignore_errors=True)
     return out
 
-
-def budget_subarch(manifest: dict, name_or_frac) -> SubArch:
-    """The SubArch of a manifest budget, by name ('77%', 'full') or fraction (0.77): resolve_budget on the
-    manifest alone (kept for callers that hold only a manifest)."""
-    return resolve_budget(None, name_or_frac, manifest=manifest)[1]

@@ -29,12 +29,11 @@ from nestlm.arch import SubArch, depth_units
 from nestlm.elastic.optim import lr_at
 from nestlm.errors import ConfigError
 from nestlm.model.config import ModelConfig
+from nestlm.model.layout import FIELD_AXIS, ROUTED
 
 METRICS = ("params", "active", "memory")
-# the SubArch width fields a router may choose, with what each one means for validation
-CHANNEL_AXES = ("hidden", "ffn", "moe_ffn", "shared_ffn")
-HEAD_AXES = ("attn_heads_per_group", "mamba_heads_per_group")
-AXES = CHANNEL_AXES + HEAD_AXES + ("experts",)
+# the SubArch width fields a router may choose, in the router's order (nestlm.model.layout.ROUTED)
+AXES = tuple(a.field for a in ROUTED)
 DEPTH = "depth"  # the router axis that chooses how many depth units to keep (SubArch.layers)
 
 
@@ -194,15 +193,7 @@ class ElasticConfig:
         The depth axis (last, when chosen) gives depth unit counts, the first one all units.
         Raises ConfigError naming the axis and the divisibility rule a choice breaks."""
         full = SubArch.full(cfg)
-        present = {ax for ax in AXES if getattr(full, ax)}
-        if "E" not in cfg.pattern:
-            present -= {"experts", "moe_ffn", "shared_ffn"}
-        if "*" not in cfg.pattern:
-            present.discard("attn_heads_per_group")
-        if "M" not in cfg.pattern:
-            present.discard("mamba_heads_per_group")
-        if "-" not in cfg.pattern:
-            present.discard("ffn")
+        present = {a.field for a in ROUTED if getattr(full, a.field) and any(k in cfg.pattern for k in a.kinds)}
         if self.axes is None:
             axes = [a for a in AXES if a in self.choices and a in present]
         else:
@@ -265,9 +256,9 @@ class ElasticConfig:
             w = int(v)
         if not 1 <= w <= full:
             raise ConfigError(f"{where} gives width {w}, outside 1..{full}")
-        if ax in CHANNEL_AXES and w != full and w % self.align:
+        if FIELD_AXIS[ax].unit == "channel" and w != full and w % self.align:
             raise ConfigError(f"{where} gives {w} channels (of {full}): not a multiple of align={self.align}")
-        if ax == "experts":
+        if FIELD_AXIS[ax].unit == "expert":
             if w < cfg.top_k:
                 raise ConfigError(f"{where} keeps {w} experts, fewer than top_k={cfg.top_k}")
             if w != full and cfg.n_expert_groups > 1:

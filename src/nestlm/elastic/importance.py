@@ -3,7 +3,7 @@
     scores = importance(model, batches)        # batches: iterable of LongTensor [b, t]
     scores.save("scores.safetensors"); scores = Scores.load("scores.safetensors")
 
-Keys of `scores.tensors` (block i of the pattern):
+Keys of `scores.tensors` (block i of the pattern; nestlm.model.layout.score_key: the score names of AXES):
     hidden                [d]       sum over tokens and over every pre-mixer norm of |norm(x)|
     blocks.i.heads        [g, r]    attention: L2 norm of each head's output, summed over tokens (r heads / KV group)
     blocks.i.kv           [g]       attention: sum of its heads' scores (for dropping whole KV groups)
@@ -30,6 +30,7 @@ from tqdm.auto import tqdm
 from nestlm.arch import SubArch, depth_units
 from nestlm.io.safetensors import write_tensors
 from nestlm.io.tokenizer import check_ids
+from nestlm.model import layout
 
 
 @dataclass
@@ -80,18 +81,18 @@ def importance(model, batches: Iterable[torch.Tensor], layer_batches: int | None
     hooks, n_tokens = [], [0]
     for i, block in enumerate(model.layers):
         hooks.append(block.norm.register_forward_hook(
-            lambda mod, inp, out: add("hidden", out.abs().sum(dim=(0, 1)))))
+            lambda mod, inp, out: add(layout.score_key(None, "hidden"), out.abs().sum(dim=(0, 1)))))
         mixer = block.mixer
         if block.kind == "*":
             mixer.probe = _attn_probe(i, mixer, add)
         elif block.kind == "M":
             mixer.probe = _mamba_probe(i, mixer, add)
         elif block.kind == "-":
-            mixer.probe = lambda name, hmid, i=i: add(f"blocks.{i}.ffn", hmid.abs().sum(dim=(0, 1)))
+            mixer.probe = lambda name, hmid, i=i: add(layout.score_key(i, "ffn"), hmid.abs().sum(dim=(0, 1)))
         elif block.kind == "E":
             mixer.probe = _moe_probe(i, mixer, add)
             if mixer.shared is not None:
-                mixer.shared.probe = lambda name, hmid, i=i: add(f"blocks.{i}.shared_ffn",
+                mixer.shared.probe = lambda name, hmid, i=i: add(layout.score_key(i, "shared_ffn"),
                                                                  hmid.abs().sum(dim=(0, 1)))
     units = depth_units(cfg)
     layer_err = torch.zeros(len(units), dtype=torch.float64)
@@ -124,9 +125,9 @@ def importance(model, batches: Iterable[torch.Tensor], layer_batches: int | None
     for i, block in enumerate(model.layers):
         if block.kind == "E":  # REAP: average over the tokens each expert actually saw
             cnt = out.pop(f"blocks.{i}.expert_count").clamp(min=1)
-            out[f"blocks.{i}.experts"] = out[f"blocks.{i}.experts"] / cnt
+            out[layout.score_key(i, "experts")] = out[layout.score_key(i, "experts")] / cnt
         if block.kind == "*":
-            out[f"blocks.{i}.kv"] = out[f"blocks.{i}.heads"].sum(-1)
+            out[layout.score_key(i, "kv")] = out[layout.score_key(i, "q_heads")].sum(-1)
     if n_layer_batches:
         per_block = torch.zeros(cfg.n_blocks)
         for u, err in zip(units, layer_err / n_layer_batches, strict=True):
@@ -167,7 +168,7 @@ def _attn_probe(i, mixer, add):
 
     def probe(name, out):  # out: [b, heads, t, hd]
         norms = out.float().norm(dim=-1).sum(dim=(0, 2))  # [heads]
-        add(f"blocks.{i}.heads", norms.view(mixer.n_kv, r))
+        add(layout.score_key(i, "q_heads"), norms.view(mixer.n_kv, r))
     return probe
 
 
@@ -177,7 +178,7 @@ def _mamba_probe(i, mixer, add):
     def probe(name, y):  # y: [b, t, h*p]
         ch = y.float().abs().sum(dim=(0, 1)).view(g, hg, p)  # channel magnitudes
         top = ch.topk(max(1, p // 2), dim=-1).values.sum(-1)  # a head scored by its top channels
-        add(f"blocks.{i}.mamba_heads", top)
+        add(layout.score_key(i, "mamba"), top)
     return probe
 
 
@@ -190,9 +191,9 @@ def _moe_probe(i, mixer, add):
         one[e] = 1.0
         reap = torch.zeros(n_exp, dtype=torch.float64)
         reap[e] = float((w.float() * y.float().norm(dim=-1)).sum())
-        add(f"blocks.{i}.experts", reap)
+        add(layout.score_key(i, "experts"), reap)
         add(f"blocks.{i}.expert_count", one * hmid.shape[0])
         ch = torch.zeros(n_exp, f, dtype=torch.float64)
         ch[e, : hmid.shape[1]] = hmid.double().abs().sum(0).cpu()
-        add(f"blocks.{i}.expert_ffn", ch)
+        add(layout.score_key(i, "moe_ffn"), ch)
     return probe

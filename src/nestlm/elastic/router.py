@@ -35,15 +35,7 @@ from nestlm.arch import SubArch, count_active_params, count_memory, count_params
 from nestlm.elastic.config import DEPTH, ElasticConfig
 from nestlm.errors import ConfigError
 from nestlm.model.config import ModelConfig
-
-# the axes each block kind's cost depends on ("" = embeddings, final norm and lm_head)
-KIND_AXES = {
-    "": ("hidden",),
-    "*": ("hidden", "attn_heads_per_group"),
-    "-": ("hidden", "ffn"),
-    "M": ("hidden", "mamba_heads_per_group"),
-    "E": ("hidden", "experts", "moe_ffn", "shared_ffn"),
-}
+from nestlm.model.layout import kind_axes
 
 
 def cost_fn(metric: str, memory_seq_len: int = 4096):
@@ -289,7 +281,7 @@ class Router(nn.Module):
         cfg, count = self.cfg, self.count
         self.kind_axes: dict[str, tuple[str, ...]] = {}
         for kind in [""] + sorted(set(cfg.pattern)):
-            axes = tuple(a for a in KIND_AXES[kind] if a in self.choices)
+            axes = tuple(a for a in kind_axes(kind) if a in self.choices)  # the axes its cost depends on
             one = dataclasses.replace(cfg, pattern=kind or cfg.pattern[0])
             two = dataclasses.replace(cfg, pattern=2 * (kind or cfg.pattern[0]))
             shape = [len(self.choices[a]) for a in axes]

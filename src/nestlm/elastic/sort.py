@@ -36,9 +36,9 @@ def _take_(t: torch.Tensor, perm: torch.Tensor, dim: int) -> None:
 
 
 @torch.no_grad()
-def sort_(model, scores: Scores, axes: tuple[str, ...] = ("hidden", "heads", "kv", "mamba", "ffn", "experts",
-                                                             "expert_ffn", "shared_ffn")) -> dict:
-    """Sort `model` in place by `scores` on the given axes. Returns {axis key: permutation}.
+def sort_(model, scores: Scores, axes: tuple[str, ...] = tuple(a.name for a in layout.AXES)) -> dict:
+    """Sort `model` in place by `scores` on the given axes (nestlm.model.layout.AXES names: hidden, kv,
+    q_heads, mamba, ffn, moe_ffn, shared_ffn, experts). Returns {score key: permutation}.
 
     One permutation of units per axis (hidden channels; per block: KV groups, query heads, Mamba heads, FFN
     channels, experts, each expert's channels); the tensors and dims each one moves are those that
@@ -49,28 +49,29 @@ def sort_(model, scores: Scores, axes: tuple[str, ...] = ("hidden", "heads", "kv
     if "hidden" in axes and "hidden" in scores:
         perms["hidden"] = _order(scores["hidden"])
     for i, block in enumerate(model.layers):
-        key, ax = f"blocks.{i}.", block_axes.setdefault(i, {})
-        if block.kind == "*" and key + "heads" in scores:
-            heads = scores[key + "heads"]  # [kv groups, heads per group]
+        ax = block_axes.setdefault(i, {})
+        key = {a: layout.score_key(i, a) for a in layout.AXIS}  # layout axis -> this block's score key
+        if block.kind == "*" and key["q_heads"] in scores:
+            heads = scores[key["q_heads"]]  # [kv groups, heads per group]
             n_kv, r = heads.shape
             kv = _order(heads.sum(-1)) if "kv" in axes else torch.arange(n_kv)
-            within = _grouped_order(heads[kv]) if "heads" in axes else torch.arange(n_kv * r)
+            within = _grouped_order(heads[kv]) if "q_heads" in axes else torch.arange(n_kv * r)
             q_perm = (kv[:, None] * r + torch.arange(r)).reshape(-1)[within]  # groups first, then heads
-            perms[key + "kv"], perms[key + "heads"] = kv, q_perm
+            perms[key["kv"]], perms[key["q_heads"]] = kv, q_perm
             ax |= {"kv": kv, "q_heads": q_perm}
-        elif block.kind == "M" and "mamba" in axes and key + "mamba_heads" in scores:
-            ax["mamba"] = perms[key + "mamba_heads"] = _grouped_order(scores[key + "mamba_heads"])
-        elif block.kind == "-" and "ffn" in axes and key + "ffn" in scores:
-            ax["ffn"] = perms[key + "ffn"] = _order(scores[key + "ffn"])
+        elif block.kind == "M" and "mamba" in axes and key["mamba"] in scores:
+            ax["mamba"] = perms[key["mamba"]] = _grouped_order(scores[key["mamba"]])
+        elif block.kind == "-" and "ffn" in axes and key["ffn"] in scores:
+            ax["ffn"] = perms[key["ffn"]] = _order(scores[key["ffn"]])
         elif block.kind == "E":
-            if "shared_ffn" in axes and key + "shared_ffn" in scores and block.mixer.shared is not None:
-                ax["shared_ffn"] = perms[key + "shared_ffn"] = _order(scores[key + "shared_ffn"])
-            if "expert_ffn" in axes and key + "expert_ffn" in scores:
-                ch = scores[key + "expert_ffn"]
-                ax["moe_ffn"] = perms[key + "expert_ffn"] = torch.stack([_order(ch[e]) for e in range(ch.shape[0])])
+            if "shared_ffn" in axes and key["shared_ffn"] in scores and block.mixer.shared is not None:
+                ax["shared_ffn"] = perms[key["shared_ffn"]] = _order(scores[key["shared_ffn"]])
+            if "moe_ffn" in axes and key["moe_ffn"] in scores:
+                ch = scores[key["moe_ffn"]]
+                ax["moe_ffn"] = perms[key["moe_ffn"]] = torch.stack([_order(ch[e]) for e in range(ch.shape[0])])
             # group-limited routing pins experts to their groups: leave their order alone
-            if "experts" in axes and key + "experts" in scores and cfg.n_expert_groups == 1:
-                ax["experts"] = perms[key + "experts"] = _order(scores[key + "experts"])
+            if "experts" in axes and key["experts"] in scores and cfg.n_expert_groups == 1:
+                ax["experts"] = perms[key["experts"]] = _order(scores[key["experts"]])
 
     decl = layout.model_tensors(cfg)
     for name, dims in decl.items():  # each expert's channels first, in the experts' current order
@@ -104,22 +105,24 @@ def permute_scores(scores: Scores, perms: dict) -> Scores:
     out = dict(scores.tensors)
     if "hidden" in perms:
         out["hidden"] = scores["hidden"][perms["hidden"]]
+    axis_of = {a.score: a.name for a in layout.AXES}  # score key -> layout axis
     for k, p in perms.items():
-        if k.endswith(".heads"):
-            base = k[: -len("heads")]
+        base, _, score = k.rpartition(".")
+        axis = axis_of.get(score) if base else None
+        if axis == "q_heads":
             h = scores[k]
             out[k] = h.reshape(-1)[p].view_as(h)
-            out[base + "kv"] = out[k].sum(-1)
-        elif k.endswith(".mamba_heads"):
+            out[f"{base}.{layout.AXIS['kv'].score}"] = out[k].sum(-1)
+        elif axis == "mamba":
             out[k] = scores[k].reshape(-1)[p].view_as(scores[k])
-        elif k.endswith((".ffn", ".shared_ffn")):
+        elif axis in ("ffn", "shared_ffn"):
             out[k] = scores[k][p]
-        elif k.endswith(".experts"):
+        elif axis == "experts":
             out[k] = scores[k][p]
-            base = k[: -len("experts")]
-            if base + "expert_ffn" in out:
-                out[base + "expert_ffn"] = out[base + "expert_ffn"][p]
-        elif k.endswith(".expert_ffn"):
+            channels = f"{base}.{layout.AXIS['moe_ffn'].score}"
+            if channels in out:
+                out[channels] = out[channels][p]
+        elif axis == "moe_ffn":
             out[k] = torch.gather(scores[k], 1, p)
     return Scores(out, dict(scores.meta, sorted=True))
 

@@ -58,18 +58,14 @@ from nestlm.arch import unit_order
 from nestlm.device import autocast, resolve_device, resolve_dtype
 from nestlm.elastic import checkpoint as ckpt
 from nestlm.elastic import parallel
-from nestlm.elastic.artifact import (
-    ROUTER_FILE,
-    export,
-    router_mismatch,
-)
+from nestlm.elastic.artifact import ROUTER_FILE, export, load_router_weights
 from nestlm.elastic.config import DEPTH, ElasticConfig, budget_name
 from nestlm.elastic.losses import kd_loss, router_loss
 from nestlm.elastic.optim import adamw
 from nestlm.elastic.parallel import setup as setup_parallel
 from nestlm.elastic.router import Router
 from nestlm.errors import ConfigError, Interrupted
-from nestlm.io.safetensors import check_output, own_folder, read_tensors
+from nestlm.io.safetensors import check_output, own_folder
 from nestlm.io.tokenizer import check_ids
 
 
@@ -530,9 +526,7 @@ def _tensorboard(train_dir: Path):
 # ---------------------------------------------------------------------------------------------- export / load
 def _load_router(router: Router, path: Path) -> None:
     """Start from the router of an elastic checkpoint folder (or a router.safetensors file)."""
-    f = path / ROUTER_FILE if path.is_dir() else path
-    state = read_tensors(f, "router_init: an elastic checkpoint's router")
-    diff = router_mismatch(state, router)
+    diff = load_router_weights(router, path, "router_init: an elastic checkpoint's router")
     if diff:
+        f = path / ROUTER_FILE if path.is_dir() else path
         raise ConfigError(f"router_init: {f} was trained for other budgets or choices ({diff})")
-    router.load_state_dict(state)

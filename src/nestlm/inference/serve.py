@@ -150,6 +150,7 @@ class Engine:
 
     def __init__(self, path: str | Path, end_think: str = "</think>", max_model_len: int | None = None,
                  extract: bool = False):
+        from nestlm.elastic.artifact import resolve_budget
         from nestlm.io.safetensors import read_config
         from nestlm.io.tokenizer import load_tokenizer
         from nestlm.load import load_elastic
@@ -159,7 +160,8 @@ class Engine:
         self.elastic = model.eval()
         self.model = Standalone(self.elastic) if extract else self.elastic
         budgets = sorted(manifest["budgets"].items(), key=lambda kv: -kv[1]["fraction"])
-        self.budgets: dict[str, SubArch] = {name: SubArch.from_dict(b["sub"]) for name, b in budgets}
+        self.budgets: dict[str, SubArch] = {name: resolve_budget(None, name, manifest=manifest)[1]
+                                            for name, _ in budgets}
         self.cards = {name: {k: b[k] for k in ("fraction", "params", "active_params") if k in b}
                       for name, b in budgets}
         tok = load_tokenizer(self.path, model.cfg.vocab_size)

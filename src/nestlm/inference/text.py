@@ -80,10 +80,7 @@ def think_answer(path: str | Path, prompt: str, think_budget: str | float = "ful
     model = model.to(device=dev, dtype=dt).eval()
 
     def sub_of(b):  # a name, '60%', '0.6', 0.6: trained, or interpolated between trained budgets
-        try:
-            return resolve_budget(path, b, cfg=model.cfg, manifest=manifest, router=router)[1]
-        except KeyError as e:
-            raise ConfigError(e.args[0]) from None
+        return resolve_budget(path, b, cfg=model.cfg, manifest=manifest, router=router)[1]
 
     s_sub, l_sub = sub_of(think_budget), sub_of(answer_budget)
     tok = load_tokenizer(path, model.cfg.vocab_size)

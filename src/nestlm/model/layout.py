@@ -14,13 +14,19 @@ and everything that cuts or permutes weights reads that declaration:
     forward      the mixers in nestlm.model.layers cut their weights with `take(w, cut)`
     extract      nestlm.model.extract.sliced_state_dict (every tensor of the Decoder, `model_cuts`)
     streamed     nestlm.slicing.plan (the same cuts, renamed to HF names by the family converter)
-    packed       nestlm.quant: nestlm.slicing.plan's runs, halved for NVFP4 nibbles, / 16 for block scales
+    packed       nestlm.slicing.packed: nestlm.slicing.plan's runs, halved for NVFP4 nibbles, / 16 for block scales
     sort         nestlm.elastic.sort: one permutation per axis, expanded along every segment that carries it (`perm`)
     transplant   nestlm.inference.two_phase: cache states are declared too (`cache_tensors`), moved between widths (`embed`)
+
+The axes themselves are declared here too (AXES): each one's layout name, SubArch field (= router axis and
+ElasticConfig choices key), importance score key, block kinds and unit. SubArch.full, the router's axes and
+cost tables, ElasticConfig's choices, width search, importance and sort read them from there.
 """
 
 from __future__ import annotations
 
+import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -46,19 +52,72 @@ class Seg:
         return self.units * self.width
 
 
-Dims = dict[int, tuple[Seg, ...]]  # dim -> its segments; dims not listed are kept whole
+Dims = dict[int, tuple[Seg, ...]]  # dim -> its segments, every dim of the tensor (Seg(None, n): n kept whole)
 
-# the elastic axes and the SubArch fields that set them (query heads: two fields, groups kept and heads per group)
-AXIS_FIELDS = {"hidden": "hidden", "kv": "attn_kv_heads", "q_heads": ("attn_kv_heads", "attn_heads_per_group"),
-               "mamba": "mamba_heads_per_group", "ffn": "ffn", "moe_ffn": "moe_ffn", "shared_ffn": "shared_ffn",
-               "experts": "experts"}
 STACKED = ("up_proj", "gate_proj", "down_proj")  # the MoE mixer's stacked expert tensors ([E, ...], no .weight)
+
+
+# ---------------------------------------------------------------------------------------------- the axes
+@dataclass(frozen=True)
+class Axis:
+    """One elastic axis, named once for every part of nestlm: `name` is the layout's (Seg.axis), `field` the
+    SubArch width that sets it (also the router axis and the ElasticConfig `choices` key), `score` the key of
+    its importance scores ('hidden', or blocks.{i}.<score>: nestlm.elastic.importance / sort). `kinds`: the
+    block kinds whose tensors carry it ("" = embeddings, final norm and head); `unit`: "channel" (rounded to
+    a multiple of `align`), "head", "group" or "expert" (at least top_k); `within`: the axis whose units
+    group this one (query heads are kept per KV group); `routed`: a router / ElasticConfig axis; `full`: the
+    full width of a ModelConfig."""
+
+    name: str
+    field: str
+    score: str
+    kinds: tuple[str, ...]
+    unit: str
+    full: Callable[[ModelConfig], int]
+    within: str | None = None
+    routed: bool = True
+
+
+def _per_group(n: int, groups: int) -> int:
+    return n // groups if groups else 0
+
+
+# in SubArch's field order
+AXES = (
+    Axis("hidden", "hidden", "hidden", ("", "*", "-", "M", "E"), "channel", lambda c: c.hidden_size),
+    Axis("kv", "attn_kv_heads", "kv", ("*",), "group", lambda c: c.num_kv_heads, routed=False),
+    Axis("q_heads", "attn_heads_per_group", "heads", ("*",), "head",
+         lambda c: _per_group(c.num_heads, c.num_kv_heads), within="kv"),
+    Axis("mamba", "mamba_heads_per_group", "mamba_heads", ("M",), "head",
+         lambda c: _per_group(c.mamba_heads, c.mamba_groups)),
+    Axis("ffn", "ffn", "ffn", ("-",), "channel", lambda c: c.intermediate_size),
+    Axis("moe_ffn", "moe_ffn", "expert_ffn", ("E",), "channel", lambda c: c.moe_intermediate_size),
+    Axis("shared_ffn", "shared_ffn", "shared_ffn", ("E",), "channel", lambda c: c.shared_intermediate_size),
+    Axis("experts", "experts", "experts", ("E",), "expert", lambda c: c.n_experts),
+)
+AXIS = {a.name: a for a in AXES}  # by layout name
+FIELD_AXIS = {a.field: a for a in AXES}  # by SubArch field (router axis, choices key)
+UNIT_ORDER = ("channel", "head", "expert", "group")
+# the router's axes, in its (and every elastic checkpoint's) order: channels, then heads, then experts
+ROUTED = tuple(sorted((a for a in AXES if a.routed), key=lambda a: UNIT_ORDER.index(a.unit)))
+
+
+def kind_axes(kind: str) -> tuple[str, ...]:
+    """The routed SubArch fields one block of `kind` ("" = embeddings, final norm, head) depends on: hidden,
+    then the block's counts, then its channels."""
+    own = [a for a in AXES if a.routed and kind in a.kinds]
+    return tuple(a.field for a in sorted(own, key=lambda a: (a.name != "hidden", a.unit == "channel")))
+
+
+def score_key(block: int | None, axis: str) -> str:
+    """The importance-score key of the layout axis `axis` ('hidden'; a block's: 'blocks.{i}.<score>')."""
+    return AXIS[axis].score if block is None else f"blocks.{block}.{AXIS[axis].score}"
 
 
 def axis_values(s) -> dict:
     """{axis: kept units} of a resolved SubArch (q_heads: (KV groups kept, heads kept per group))."""
-    return {a: (tuple(getattr(s, f) for f in fs) if isinstance(fs, tuple) else getattr(s, fs))
-            for a, fs in AXIS_FIELDS.items()}
+    return {a.name: (getattr(s, AXIS[a.within].field), getattr(s, a.field)) if a.within else getattr(s, a.field)
+            for a in AXES}
 
 
 # ---------------------------------------------------------------------------------------------- declarations
@@ -87,7 +146,8 @@ def attention_tensors(cfg: ModelConfig) -> dict[str, Dims]:
     out = _linear(q, h, cfg.attn_bias, "q_proj") | _linear(kv, h, cfg.attn_bias, "k_proj") \
         | _linear(kv, h, cfg.attn_bias, "v_proj") | _linear(h, q, cfg.attn_bias, "o_proj")
     if cfg.qk_norm:
-        out |= {"q_norm.weight": {}, "k_norm.weight": {}}
+        norm = {0: (Seg(None, cfg.head_dim),)}  # one head's channels: kept whole
+        out |= {"q_norm.weight": norm, "k_norm.weight": norm}
     return out
 
 
@@ -99,7 +159,7 @@ def mamba_tensors(cfg: ModelConfig) -> dict[str, Dims]:
     bc = Seg(None, 2 * g * cfg.ssm_state)
     h = (Seg("hidden", cfg.hidden_size),)
     out = _linear((heads(p), heads(p), bc, heads(1)), h, cfg.mamba_bias, "in_proj")
-    out["conv1d.weight"] = {0: (heads(p), bc)}
+    out["conv1d.weight"] = {0: (heads(p), bc), 1: (Seg(None, 1),), 2: (Seg(None, cfg.conv_kernel),)}  # depthwise
     if cfg.conv_bias:
         out["conv1d.bias"] = {0: (heads(p), bc)}
     out |= {n: {0: (heads(1),)} for n in ("dt_bias", "A_log", "D")}
@@ -135,17 +195,28 @@ def block_tensors(cfg: ModelConfig, kind: str) -> dict[str, Dims]:
     return moe_tensors(cfg)
 
 
-def model_tensors(cfg: ModelConfig) -> dict[str, Dims]:
-    """Every tensor of the Decoder's state dict, declared (blocks under `layers.{i}.`)."""
-    h = (Seg("hidden", cfg.hidden_size),)
-    out: dict[str, Dims] = {"embeddings.weight": {1: h}}
-    for i, kind in enumerate(cfg.pattern):
-        out[f"layers.{i}.norm.weight"] = {0: h}
-        out |= {f"layers.{i}.mixer.{n}": d for n, d in block_tensors(cfg, kind).items()}
-    out["norm_f.weight"] = {0: h}
+def layer_tensors(cfg: ModelConfig, kind: str) -> dict[str, Dims]:
+    """Every tensor of one block of `kind` (names below `layers.{i}.`): its pre-norm and its mixer's."""
+    return {"norm.weight": {0: (Seg("hidden", cfg.hidden_size),)}} | \
+        {f"mixer.{n}": d for n, d in block_tensors(cfg, kind).items()}
+
+
+def outer_tensors(cfg: ModelConfig) -> dict[str, Dims]:
+    """The tensors outside the blocks: embeddings, final norm, and the head unless tied."""
+    h, vocab = (Seg("hidden", cfg.hidden_size),), (Seg(None, cfg.vocab_size),)
+    out: dict[str, Dims] = {"embeddings.weight": {0: vocab, 1: h}, "norm_f.weight": {0: h}}
     if not cfg.tie_embeddings:
-        out["lm_head.weight"] = {1: h}
+        out["lm_head.weight"] = {0: vocab, 1: h}
     return out
+
+
+def model_tensors(cfg: ModelConfig) -> dict[str, Dims]:
+    """Every tensor of the Decoder's state dict, declared (blocks under `layers.{i}.`), in its order."""
+    outer = outer_tensors(cfg)
+    out = {"embeddings.weight": outer.pop("embeddings.weight")}
+    for i, kind in enumerate(cfg.pattern):
+        out |= {f"layers.{i}.{n}": d for n, d in layer_tensors(cfg, kind).items()}
+    return out | outer
 
 
 def cache_tensors(cfg: ModelConfig, kind: str) -> dict[str, Dims]:
@@ -172,11 +243,17 @@ def _merge(runs) -> Runs:
     return tuple((a, b) for a, b in out)
 
 
+def _groups_keep(seg: Seg, value) -> tuple[int, int]:
+    """(groups kept, units kept in each) of `seg` at `value`: the first `value` units of every group
+    (q_heads: value = (KV groups kept, heads per group)); a fixed run: all of it."""
+    if seg.axis is None:
+        return 1, seg.units
+    return value if isinstance(value, tuple) else (seg.groups, value)
+
+
 def kept_units(seg: Seg, value) -> Runs:
     """The units of `seg` kept at `value` (first `value` of each group; q_heads: (groups kept, per group))."""
-    if seg.axis is None:
-        return ((0, seg.units),)
-    groups, keep = value if isinstance(value, tuple) else (seg.groups, value)
+    groups, keep = _groups_keep(seg, value)
     per = seg.units // seg.groups
     return _merge((j * per, j * per + keep) for j in range(groups))
 
@@ -201,6 +278,13 @@ def cut(dims: Dims, values: dict) -> Cut:
     return tuple(out)
 
 
+def kept_shape(dims: Dims, values: dict) -> tuple[int, ...]:
+    """The shape a tensor declared by `dims` has at the axis values `values`: the kept channels of each dim
+    (the length of its dim_runs)."""
+    return tuple(sum(math.prod(_groups_keep(seg, values.get(seg.axis))) * seg.width for seg in dims[d])
+                 for d in range(len(dims)))
+
+
 def model_cuts(cfg: ModelConfig, s) -> dict[str, tuple[str, Cut]]:
     """Every tensor of the standalone submodel s, block by block as in its state dict (within a block in
     declaration order): {its name (blocks renumbered): (source name, Cut)}."""
@@ -221,7 +305,7 @@ def model_cuts(cfg: ModelConfig, s) -> dict[str, tuple[str, Cut]]:
 def is_stacked(name: str) -> bool:
     """A MoE mixer's stacked expert tensor ([E, out, in]; files hold one tensor per expert)."""
     head, _, last = name.rpartition(".")
-    return last in STACKED and head.endswith(".mixer")
+    return last in STACKED and (head == "mixer" or head.endswith(".mixer"))
 
 
 # ---------------------------------------------------------------------------------------------- applying

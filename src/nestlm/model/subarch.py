@@ -12,8 +12,10 @@ is a prefix), and the standalone ModelConfig it cuts out of its parent.
                            router needs at least top_k of them)
     layers                 indices of the blocks kept (depth); None keeps all
 
-`None` on any field means "the full width". Widths are global (the same for every block of a kind). Which
-rows and columns each width keeps in every tensor: nestlm.model.layout. What a submodel costs: nestlm.arch.
+`None` on any field means "the full width". Widths are global (the same for every block of a kind). The
+width fields are the axes of nestlm.model.layout.AXES (one vocabulary: layout, router, choices, importance,
+sort); which rows and columns each keeps in every tensor: nestlm.model.layout. What a submodel costs:
+nestlm.arch.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from dataclasses import dataclass
 
 from nestlm.errors import ConfigError
 from nestlm.model.config import ModelConfig
+from nestlm.model.layout import AXES
 
 
 @dataclass(frozen=True)
@@ -53,21 +56,10 @@ class SubArch:
 
     @staticmethod
     def full(cfg: ModelConfig) -> SubArch:
-        return SubArch(
-            hidden=cfg.hidden_size,
-            attn_kv_heads=cfg.num_kv_heads,
-            attn_heads_per_group=(cfg.num_heads // cfg.num_kv_heads) if cfg.num_kv_heads else 0,
-            mamba_heads_per_group=(cfg.mamba_heads // cfg.mamba_groups) if cfg.mamba_groups else 0,
-            ffn=cfg.intermediate_size,
-            moe_ffn=cfg.moe_intermediate_size,
-            shared_ffn=cfg.shared_intermediate_size,
-            experts=cfg.n_experts,
-            layers=tuple(range(cfg.n_blocks)),
-        )
+        return SubArch(**{a.field: a.full(cfg) for a in AXES}, layers=tuple(range(cfg.n_blocks)))
 
     def _check(self, cfg: ModelConfig, full: SubArch) -> None:
-        for name in ("hidden", "attn_kv_heads", "attn_heads_per_group", "mamba_heads_per_group", "ffn",
-                     "moe_ffn", "shared_ffn", "experts"):
+        for name in (a.field for a in AXES):
             v, hi = getattr(self, name), getattr(full, name)
             lo = 0 if hi == 0 else 1
             if not (lo <= v <= hi):

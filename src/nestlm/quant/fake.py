@@ -265,8 +265,8 @@ def _input_widths(cfg: ModelConfig, s: SubArch) -> list[tuple[str, int, int, str
             for seg in dims[max(dims)]:  # the input dim
                 if seg.axis is None:
                     continue
-                field = layout.AXIS_FIELDS[seg.axis]
-                field, keep = (field[-1], v[seg.axis][-1]) if isinstance(field, tuple) else (field, v[seg.axis])
+                ax = layout.AXIS[seg.axis]
+                field, keep = ax.field, (v[seg.axis][-1] if ax.within else v[seg.axis])
                 if seg.axis == "hidden":
                     out.setdefault(("hidden", keep, keep), "q/k/v, in_proj, up/gate_proj input (hidden channels)")
                 elif seg.axis in _GROUP_WIDTH:

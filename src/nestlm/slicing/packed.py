@@ -1,6 +1,7 @@
 """The plan of a packed cut: nestlm.slicing.plan's runs mapped onto a ModelOpt FP8 / NVFP4 folder's tensors.
 
     tensors = packed_plan(src, cfg, sub, fmt)       # OutTensors: codes, block scales, scalars, as stored
+    export_quantized(model, "out/nvfp4", "nvfp4", input_amax=calibrate(model, batches))   # a model, packed
 
 `plan` gives every output tensor of a submodel as index runs on the unpacked weights. On a packed weight the
 same runs apply with the input (last) dim divided by 2 (two E2M1 codes a byte) for the codes and by 16 for
@@ -8,20 +9,39 @@ the NVFP4 block scales (whole blocks only); per-tensor scales (weight_scale, wei
 and the FP8 KV cache's k_scale / v_scale beside k_proj / v_proj) are copied as they are; per-row FP8 scales
 follow the weight's rows. A module the source keeps unquantized (NVIDIA's mixed precision: its
 exclude_modules) is cut like any plain tensor. nestlm.slicing.write streams the result like a plain plan.
+
+The packed writer: export_quantized packs a model in memory (its latent weights, the full model's scales)
+and writes the ModelOpt folder, a budget cut out of the packed full tensors by the same plan.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
+from pathlib import Path
 
 import torch
 
+from nestlm.arch import SubArch, sliced_config
+from nestlm.convert import FAMILIES
 from nestlm.errors import CheckpointError
+from nestlm.io.safetensors import (
+    QUANT_CONFIG,
+    atomic_dir,
+    copy_files,
+    split_shards,
+    write_shards,
+    write_tensors,
+)
+from nestlm.io.tokenizer import TOKENIZER_FILES
 from nestlm.model.config import ModelConfig
-from nestlm.model.subarch import SubArch
-from nestlm.quant.formats import BLOCK, Format
-from nestlm.quant.packed import COMPANIONS, KV_SCALES, quantized_names
+from nestlm.model.extract import sliced_state_dict
+from nestlm.quant.fake import check_subarch, fake_quant_disabled
+from nestlm.quant.formats import BLOCK, Format, get_format
+from nestlm.quant.packed import COMPANIONS, KV_SCALES, Tensors, pack_weights, quant_configs, quantized_names
 from nestlm.slicing.plan import OutTensor, Piece, plan
+
+__all__ = ["export_quantized", "packed_plan", "slice_packed"]
 
 
 class Logical:
@@ -102,3 +122,75 @@ def slice_packed(src, cfg, s: SubArch, fmt: Format) -> dict[str, torch.Tensor]:
     return {t.name: materialize(src, t) for t in packed_plan(src, cfg, s, fmt)}
 
 
+# ---------------------------------------------------------------------------------------------- the packed writer
+def _hf_tensors(model, packed: dict, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """HF-named tensors of the full model with the packed weights and their companions in place; the other
+    floating-point tensors in `dtype`."""
+    cfg = model.cfg
+    fam = FAMILIES[cfg.family]
+    with fake_quant_disabled(model):
+        sd = {k: v.to(dtype) if v.is_floating_point() else v for k, v in sliced_state_dict(model, None).items()}
+    if cfg.tie_embeddings:
+        sd.pop("lm_head.weight", None)
+    sd.update({name: d["weight"] for name, d in packed.items()})
+    out = fam.state_to_hf(sd, cfg)
+    for comp in COMPANIONS:  # the converter names each companion as the weight it belongs to
+        part = {name: d[comp] for name, d in packed.items() if comp in d}
+        if not part:
+            continue
+        part["lm_head.weight"] = torch.empty(0)  # (Nemotron-H would otherwise copy the embeddings)
+        for k, v in fam.state_to_hf(part, cfg).items():
+            if k != "lm_head.weight":
+                out[k.removesuffix("weight") + comp] = v
+    return {k: v.detach().cpu().contiguous() for k, v in out.items()}
+
+
+def _write(out: Path, hf: dict, tensors: dict[str, torch.Tensor], fmt: Format, weight_only: bool,
+           src_dir: str | Path | None, extra: dict[str, object], copy: tuple[str, ...], overwrite: bool,
+           max_shard_bytes: int = 4 << 30) -> Path:
+    """config.json (with quantization_config), hf_quant_config.json, safetensors shards, tokenizer files and
+    `copy` copied from src_dir, and the JSON files `extra`, written atomically."""
+    hq, qc = quant_configs(fmt, tensors, weight_only)
+    hf = dict(hf, quantization_config=qc)
+    with atomic_dir(Path(out), overwrite, inputs=(src_dir,)) as tmp:
+        items = list(tensors.items())
+        shards = split_shards(items, lambda kv: kv[1].nbytes, max_shard_bytes)
+        write_shards(tmp, shards, lambda fp, sh: write_tensors(fp, dict(sh), {"format": "pt"}),
+                     lambda sh: [k for k, _ in sh], sum(v.nbytes for _, v in items))
+        (tmp / "config.json").write_text(json.dumps(hf, indent=2))
+        (tmp / QUANT_CONFIG).write_text(json.dumps(hq, indent=2))
+        copy_files(src_dir, tmp, TOKENIZER_FILES + copy)
+        for name, obj in extra.items():
+            (tmp / name).write_text(json.dumps(obj, indent=2))
+    return Path(out)
+
+
+def export_quantized(model, out_dir: str | Path, fmt: str | Format = "nvfp4", sub: SubArch | None = None,
+                     input_amax: dict[str, torch.Tensor] | None = None, tokenizer_dir: str | Path | None = None,
+                     overwrite: bool = False, copy: tuple[str, ...] = (), extra: dict | None = None,
+                     dtype: torch.dtype | None = None) -> Path:
+    """Write the model (or its submodel `sub`) as a packed checkpoint. Per-tensor scales come from the FULL
+    model's latent weights; `sub` is cut out of the packed full tensors. input_amax (from `calibrate`) gives
+    input_scale; without it NVFP4 is written weight-only (W4A16_NVFP4) and FP8 (static activation scales)
+    is refused. dtype: of the tensors that stay unquantized (default: the model's). Tokenizer files (and the
+    file names in `copy`) are copied from tokenizer_dir (default: the folder the model was loaded from);
+    `extra` {file name: JSON object} is written beside."""
+    fmt = get_format(fmt)
+    cfg = model.cfg
+    check_subarch(cfg, None, fmt)
+    if fmt.name == "fp8" and input_amax is None:
+        raise ValueError("fp8 stores a static activation scale: pass input_amax from calibrate(), or use "
+                         "fp8_channel (dynamic per-token activations)")
+    dtype = dtype or model.embeddings.weight.dtype
+    tensors = _hf_tensors(model, pack_weights(model, fmt, input_amax), dtype)
+    out_cfg = cfg
+    if sub is not None and sub.resolve(cfg) != SubArch.full(cfg):
+        s = sub.resolve(cfg)
+        check_subarch(cfg, s, fmt)
+        tensors = slice_packed(Tensors(tensors), cfg, s, fmt)
+        out_cfg = sliced_config(cfg, s)
+    hf = FAMILIES[cfg.family].config_to_hf(out_cfg)
+    hf["dtype"] = str(dtype).removeprefix("torch.")
+    src = tokenizer_dir or getattr(model, "source_dir", None)
+    weight_only = fmt.act_max is not None and input_amax is None
+    return _write(Path(out_dir), hf, tensors, fmt, weight_only, src, extra or {}, copy, overwrite)

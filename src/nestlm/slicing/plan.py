@@ -2,86 +2,25 @@
 source reads behind it, from nestlm.model.layout's cuts (the one slicing rule) and the family converter's
 HF names. Nothing is read but headers; nestlm.slicing.write and nestlm.quant.packed execute plans.
 
-    path, cfg, src, manifest = open_source("path/hf")   # config, weights and manifest checked together
-    for t in plan(src, cfg, SubArch(hidden=448)): t.name, t.shape, t.pieces
+    folder = nestlm.load.open_folder("path/hf")          # config, weights and manifest checked together
+    for t in plan(folder.src, folder.cfg, SubArch(hidden=448)): t.name, t.shape, t.pieces
 """
 from __future__ import annotations
 
-import dataclasses
 import math
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 
 from nestlm.arch import SubArch, sliced_config
-from nestlm.convert import FAMILIES, folder_config, moe, nemotron_h
-from nestlm.elastic.artifact import (
-    check_manifest,
-    read_manifest,
-)
-from nestlm.errors import CheckpointError, UnsupportedArchitecture
+from nestlm.convert import FAMILIES
 from nestlm.io.safetensors import (
     Source,
-    read_config,
 )
 from nestlm.model.config import ModelConfig
 from nestlm.model.layout import Cut, is_stacked, model_cuts
 
-__all__ = ["OutTensor", "Piece", "open_source", "plan"]
-
-
-def open_source(path: str | Path) -> tuple[Path, ModelConfig, Source, dict | None]:
-    """(path, config, tensors, manifest or None), with config/weights/manifest checked against each other."""
-    path = Path(path)
-    hf = read_config(path)
-    cfg = folder_config(path)
-    src = Source(path)
-    if "quantization_config" not in hf:  # a packed folder's shapes are checked by nestlm.quant's loader
-        cfg = _check_weights(path, cfg, src)
-    manifest = read_manifest(path)
-    if manifest is not None:
-        check_manifest(path, cfg, manifest)
-    return path, cfg, src, manifest
-
-
-def _expected_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
-    """HF tensor name -> shape, for the on-disk layout that nestlm.to_hf writes for `cfg`."""
-    from nestlm.model.decoder import Decoder
-
-    with torch.device("meta"):
-        sd = Decoder(cfg).state_dict()
-    if cfg.tie_embeddings:
-        sd.pop("lm_head.weight", None)
-    return {k: tuple(v.shape) for k, v in FAMILIES[cfg.family].state_to_hf(sd, cfg).items()}
-
-
-def _check_weights(path: Path, cfg: ModelConfig, src: Source) -> ModelConfig:
-    have = {k for k in src.keys() if not k.startswith("mtp.") and "rotary_emb" not in k}
-    if cfg.family == "nemotron_h" and any(k.startswith("model.") for k in have):
-        raise UnsupportedArchitecture(f"{path}: nemotron_h tensors named model.* (transformers' in-memory "
-                                      "layout); re-export with nestlm.to_hf(nestlm.from_hf(path), new_dir)")
-    fused = ("experts.gate_up_proj", "experts.down_proj")
-    if cfg.family in moe.EXPERT_NAMES and any(k.endswith(fused) for k in have):
-        raise UnsupportedArchitecture(f"{path}: {cfg.family} experts stored fused (experts.gate_up_proj: "
-                                      "transformers' in-memory layout); re-export with "
-                                      "nestlm.to_hf(nestlm.from_hf(path), new_dir)")
-    if cfg.family == "nemotron_h" and cfg.tie_embeddings and nemotron_h.runs_own_lm_head(src):
-        cfg = dataclasses.replace(cfg, tie_embeddings=False)  # as load_hf_state: the file's own head runs
-    want = _expected_shapes(cfg)
-    optional = {"lm_head.weight"} if cfg.tie_embeddings else set()
-    missing = sorted(set(want) - have - optional)
-    extra = sorted(have - set(want) - optional)
-    if missing or extra:
-        raise CheckpointError(f"{path}: weights don't match config.json: missing {missing[:5]}"
-                              f"{' ...' if len(missing) > 5 else ''}, unexpected {extra[:5]}"
-                              f"{' ...' if len(extra) > 5 else ''}")
-    bad = [(k, tuple(src.shape(k)), s) for k, s in want.items() if k in have and tuple(src.shape(k)) != s]
-    if bad:
-        k, got, exp = bad[0]
-        raise CheckpointError(f"{path}: tensor {k} has shape {got} but config.json implies {exp} "
-                              f"({len(bad)} mismatched tensors)")
-    return cfg
+__all__ = ["OutTensor", "Piece", "plan"]
 
 
 @dataclass

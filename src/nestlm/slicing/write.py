@@ -29,11 +29,9 @@ import numpy as np
 import torch
 
 from nestlm.arch import SubArch, sliced_config
-from nestlm.convert import FAMILIES, config_from_hf
+from nestlm.convert import FAMILIES
 from nestlm.elastic.artifact import (
     provenance,
-    read_manifest,
-    resolve_budget,
     write_provenance,
 )
 from nestlm.errors import CheckpointError, UnsupportedArchitecture
@@ -49,12 +47,13 @@ from nestlm.io.safetensors import (
     write_shards,
 )
 from nestlm.io.tokenizer import TOKENIZER_FILES
+from nestlm.load import open_folder
 from nestlm.quant.fake import check_subarch
-from nestlm.quant.packed import cut_quant_configs, format_of, quant_configs
+from nestlm.quant.packed import cut_quant_configs, quant_configs
 from nestlm.slicing.packed import packed_plan
-from nestlm.slicing.plan import OutTensor, Piece, open_source, plan
+from nestlm.slicing.plan import OutTensor, Piece, plan
 
-__all__ = ["slice_checkpoint"]
+__all__ = ["slice_checkpoint", "slice_quantized"]
 
 
 # ---------------------------------------------------------------------------------------------- writing
@@ -347,39 +346,32 @@ def slice_checkpoint(elastic_dir: str | Path, budget: str | float | SubArch, out
     are kept with the exclude list renumbered. Streams: memory holds one output tensor (or a bounded chunk).
     stats: if a dict is given, it receives bytes_written, peak_bytes (the most source bytes mapped at once:
     about one chunk of rows), tensors, seconds.
-    Raises FileExistsError (out_dir exists, overwrite=False), KeyError (unknown budget), CheckpointError
+    Raises FileExistsError (out_dir exists, overwrite=False), BudgetError (unknown budget), CheckpointError
     (missing / truncated / inconsistent files), ConfigError (a SubArch that doesn't fit)."""
     t0 = time.perf_counter()
     out = Path(out_dir)
     check_output(out, elastic_dir, overwrite=overwrite)  # before reading anything
     extra: dict[str, dict] = {}
-    if "quantization_config" in read_config(elastic_dir):  # packed FP8 / NVFP4: cut codes and scales as-is
-        path, hf_src = Path(elastic_dir), read_config(elastic_dir)
-        fmt, weight_only = format_of(hf_src, path)
-        cfg = config_from_hf(hf_src)
-        manifest = read_manifest(path)
-        name, sub = resolve_budget(path, budget, cfg=cfg, manifest=manifest)
-        s = sub.resolve(cfg)
-        check_subarch(cfg, s, fmt)
-        src = Source(path)
+    folder = open_folder(elastic_dir)
+    path, cfg, src, fmt = folder.path, folder.cfg, folder.src, folder.fmt
+    name, sub = folder.budget(budget)
+    s = sub.resolve(cfg)
+    if fmt is not None:
+        check_subarch(cfg, s, fmt)  # NVFP4: whole blocks of 16
+    hf = FAMILIES[cfg.family].config_to_hf(sliced_config(cfg, s))  # UnsupportedArchitecture before writing
+    hf["dtype"] = str(folder.dtype).removeprefix("torch.")
+    if fmt is not None:  # packed FP8 / NVFP4: cut codes and scales as they are stored
         tensors = packed_plan(src, cfg, s, fmt)  # every read planned (and checked) before anything is written
-        hf = FAMILIES[cfg.family].config_to_hf(sliced_config(cfg, s))
-        hf["dtype"] = hf_src.get("dtype") or hf_src.get("torch_dtype") or "float32"
         if (path / QUANT_CONFIG).is_file():  # the source's settings (NVIDIA's: FP8 KV cache, its exclude list)
-            hq, qc = cut_quant_configs(json.loads((path / QUANT_CONFIG).read_text()), hf_src["quantization_config"],
+            hq, qc = cut_quant_configs(json.loads((path / QUANT_CONFIG).read_text()), folder.hf["quantization_config"],
                                        cfg, s)
         else:
-            hq, qc = quant_configs(fmt, {t.name: None for t in tensors}, weight_only)
+            hq, qc = quant_configs(fmt, {t.name: None for t in tensors}, folder.weight_only)
         hf["quantization_config"], extra[QUANT_CONFIG] = qc, hq
         prov = provenance(path, name, s, cfg, quant_format=fmt.name)
     else:
-        path, cfg, src, manifest = open_source(elastic_dir)
-        name, sub = resolve_budget(path, budget, cfg=cfg, manifest=manifest)
-        s = sub.resolve(cfg)
-        hf = FAMILIES[cfg.family].config_to_hf(sliced_config(cfg, s))  # UnsupportedArchitecture before writing
         _check_transformers_accepts(hf)
         tensors = plan(src, cfg, s)
-        hf["dtype"] = str(src.dtype(FAMILIES[cfg.family].hf_name("embeddings.weight", cfg))).removeprefix("torch.")
         prov = provenance(path, name, s, cfg)
     shards = split_shards(tensors, lambda t: t.nbytes, max_shard_bytes)
     st = {"bytes_written": 0, "peak_bytes": 0, "tensors": len(tensors)}
@@ -401,6 +393,18 @@ def slice_checkpoint(elastic_dir: str | Path, budget: str | float | SubArch, out
     if stats is not None:
         stats.update(st)
     return out
+
+
+def slice_quantized(src_dir: str | Path, out_dir: str | Path, budget: str | float | SubArch,
+                    overwrite: bool = False, max_shard_bytes: int = 4 << 30, stats: dict | None = None) -> Path:
+    """Cut the submodel `budget` (a manifest name, a fraction, or a SubArch) out of the packed checkpoint
+    src_dir by index ranges: packed codes and block scales are read as they are, nothing is requantized.
+    The streamed writer of nestlm.slicing (`slice_checkpoint`) does it; this name refuses a plain folder."""
+    if "quantization_config" not in read_config(src_dir):
+        raise CheckpointError(f"{src_dir}: config.json has no quantization_config (not a packed checkpoint; "
+                              "cut it with nestlm.slicing.slice)")
+    return slice_checkpoint(src_dir, budget, out_dir, overwrite=overwrite, max_shard_bytes=max_shard_bytes,
+                            stats=stats)
 
 
 def _check_transformers_accepts(hf: dict) -> None:

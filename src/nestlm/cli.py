@@ -176,6 +176,12 @@ def slice(elastic_dir: str, out: str, budget: str | None = None, sub: str | None
     except KeyError as e:  # an unknown budget: the message lists the checkpoint's budgets
         raise UsageError(e.args[0]) from None
     meta = read_provenance(dst)
+    hf = read_config(dst)
+    if hf.get("model_type") == "nemotron_h":
+        from nestlm.convert.nemotron_h import llama_cpp_problem
+
+        if problem := llama_cpp_problem(hf["hybrid_override_pattern"]):
+            warnings.warn(f"{dst}: {problem}", stacklevel=2)
     print(f"wrote {dst} (budget {meta['budget']}: {meta['params']:,} parameters, "
           f"{stats['bytes_written'] / 1e6:.2f} MB in {stats['seconds']:.2f} s)")
     return dst
@@ -478,11 +484,12 @@ def _copy_tokenizer(src: str, dst: Path) -> None:
     """Tokenizer files of the parent folder into the elastic checkpoint, so that every slice carries them."""
     import shutil
 
-    from nestlm.io.tokenizer import TOKENIZER_FILES
+    from nestlm.io.tokenizer import TOKENIZER_FILES, portable_tokenizer_config
 
     for name in TOKENIZER_FILES:
         if (Path(src) / name).is_file() and not (dst / name).is_file():
             shutil.copy2(Path(src) / name, dst / name)
+    portable_tokenizer_config(dst)
 
 
 # -------------------------------------------------------------------------------------------- argparse

@@ -149,6 +149,9 @@ class ByteTokenizer:
         out.mkdir(parents=True, exist_ok=True)
         (out / ByteTokenizer.FILE).write_text(json.dumps(self.to_dict()))
         self.hf_tokenizer().save_pretrained(str(out))
+        from nestlm.io.tokenizer import portable_tokenizer_config  # nestlm.io imports this module
+
+        portable_tokenizer_config(out)
 
     @classmethod
     def load(cls, out_dir: str | Path) -> ByteTokenizer:

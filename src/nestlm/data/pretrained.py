@@ -130,6 +130,9 @@ def _convert(gguf: Path, out: Path) -> None:
     del state
     model.save_pretrained(str(out))
     tok.save_pretrained(str(out))
+    from nestlm.io.tokenizer import portable_tokenizer_config  # nestlm.io imports nestlm.data
+
+    portable_tokenizer_config(out)
 
 
 @contextlib.contextmanager

@@ -105,6 +105,18 @@ def nemotron_h(pattern: str, vocab: int):
                               shared_intermediate_size=128)
 
 
+def decoder(family: str, vocab: int):
+    """A tiny random Llama / Qwen3 / Qwen3-MoE / Mixtral (2 layers; MoE families: 4 experts, top 2)."""
+    import nestlm
+
+    moe = family in ("qwen3_moe", "mixtral")
+    return nestlm.ModelConfig(family=family, vocab_size=vocab, hidden_size=128, pattern="*E*E" if moe else "*-*-",
+                              num_heads=4, num_kv_heads=2, head_dim=32, rope_theta=100000.0, mlp_act="swiglu",
+                              intermediate_size=256, qk_norm=family.startswith("qwen3"), n_experts=4, top_k=2,
+                              moe_intermediate_size=64, moe_router="softmax", moe_act="swiglu",
+                              norm_topk_prob=True, tie_embeddings=family == "llama")
+
+
 def build_cases(root: Path, smollm2: Path, quick: bool) -> list[dict]:
     """Folders to check: {name, folder, expect} (expect: 'ok' or why llama.cpp can't load it)."""
     import torch
@@ -116,11 +128,17 @@ def build_cases(root: Path, smollm2: Path, quick: bool) -> list[dict]:
 
     cases, dense = [], None
     if not quick:
-        cases.append({"name": "SmolLM2-135M", "folder": smollm2, "expect": "ok"})
+        cases.append({"name": "SmolLM2-135M (nestlm.to_hf of nestlm.from_hf)", "expect": "ok",
+                      "folder": nestlm.to_hf(nestlm.from_hf(smollm2), root / "smollm2")})
         cut = nestlm.SubArch(ffn=1024, attn_heads_per_group=2)
         cases.append({"name": "SmolLM2-135M slice (ffn 1024, 6 of 9 heads)",
                       "folder": slice_folder(smollm2, cut, root / "smollm2-slice"), "expect": "ok"})
     vocab = 49152  # SmolLM2's tokenizer (the converter must know the tokenizer's pre-tokenizer)
+    for family in ("qwen3", "qwen3_moe", "mixtral"):
+        torch.manual_seed(0)
+        f = nestlm.to_hf(nestlm.Decoder(decoder(family, vocab)), root / family)
+        copy_files(smollm2, f, TOKENIZER_FILES)
+        cases.append({"name": f"{family} (tiny, random)", "folder": f, "expect": "ok"})
     cuts = {"M*-M-*-": nestlm.SubArch(hidden=96, mamba_heads_per_group=2, ffn=128),
             "M*EME*E": nestlm.SubArch(hidden=96, mamba_heads_per_group=2, experts=4, moe_ffn=32)}
     for pattern, sub in cuts.items():

@@ -50,7 +50,7 @@ def portable_tokenizer_config(folder: str | Path) -> None:
     if new is None or not (Path(folder) / "tokenizer.json").is_file():
         return
     d["tokenizer_class"] = new
-    tmp = f.with_name(f".{f.name}.tmp")
+    tmp = f.with_name(f".{f.name}.{os.getpid()}.tmp")  # two processes may repair a shared cache at once
     tmp.write_text(json.dumps(d, indent=2, ensure_ascii=False) + "\n")
     os.replace(tmp, f)
 

@@ -128,3 +128,19 @@ def test_slice_warns_once_when_llama_cpp_cannot_load_the_pattern(tmp_path):
         lines = [ln for ln in err.splitlines() if "llama.cpp" in ln]
         assert len(lines) == (1 if kind == "mixed" else 0), err
     assert llama_cpp_problem("M*-E") and llama_cpp_problem("M*E") is None and llama_cpp_problem("M*-") is None
+
+
+def test_portable_tokenizer_config_rewrites_only_the_transformers5_class(tmp_path):
+    from nestlm.io.tokenizer import portable_tokenizer_config
+
+    ByteTokenizer().hf_tokenizer().save_pretrained(tmp_path)
+    f = tmp_path / "tokenizer_config.json"
+    before = json.loads(f.read_text())
+    portable_tokenizer_config(tmp_path)
+    after = json.loads(f.read_text())
+    assert after == before | {"tokenizer_class": "PreTrainedTokenizerFast"}  # nothing else changed
+    f.write_text(json.dumps(after | {"tokenizer_class": "LlamaTokenizerFast"}))
+    text = f.read_text()
+    portable_tokenizer_config(tmp_path)  # a class transformers 4 has: left as it is
+    assert f.read_text() == text
+    portable_tokenizer_config(tmp_path / "missing")  # no folder, no file: nothing to do

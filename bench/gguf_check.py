@@ -202,7 +202,7 @@ def check(case: dict, args, work: Path) -> dict:
         r4 = json.loads(t4.read_text())
         row["t4"] = f"tokenizer {'same ids' if r4['ids'] == ids else 'DIFFERENT ids'}"
         if r4["model"] == "ok":
-            row["t4"] += f", logits max|Δ| {np.abs(np.load(str(t4) + '.npy') - ref).max():.1e}"
+            row["t4"] += f", logits max abs Δ {np.abs(np.load(str(t4) + '.npy') - ref).max():.1e}"
         else:
             row["t4"] += ", model: no nemotron_h in 4.57"
     else:
@@ -221,11 +221,12 @@ def check(case: dict, args, work: Path) -> dict:
         code, last = run([args.t4_python, __file__, "--worker", "llama", str(gguf), json.dumps(ids), str(out)],
                          env={"LLAMA_CPP_LIB_PATH": args.lib, "PYTHONPATH": str(sdist)})
         if code != 0:
-            row["llama.cpp"] = f"{'ABORTED' if code < 0 else 'FAILED'} ({code}): {last[:90]}"
+            why = last.replace(str(gguf), "the GGUF")[:90] or "(GGML_ASSERT, no message)"
+            row["llama.cpp"] = f"{'ABORTED' if code < 0 else 'FAILED'} ({code}): {why}"
             return row
         rl = json.loads(out.read_text())
         diff = np.abs(np.load(str(out) + ".npy")[:, :ref.shape[1]] - ref).max()
-        row["llama.cpp"] = (f"logits max|Δ| {diff:.1e}, greedy {'same' if rl['greedy'] == greedy else 'DIFFERENT'}"
+        row["llama.cpp"] = (f"logits max abs Δ {diff:.1e}, greedy {'same' if rl['greedy'] == greedy else 'DIFFERENT'}"
                             f" ({NEW} tokens), tokenizer {'same' if rl['ids'] == ids else 'DIFFERENT'}")
     else:
         code, last = run([args.t4_python, __file__, "--worker", "readback", str(gguf), str(folder), str(out)],

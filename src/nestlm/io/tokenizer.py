@@ -12,13 +12,11 @@ else a CheckpointError that says what to copy.
 
 from __future__ import annotations
 
-import json
-import os
 from pathlib import Path
 
 import torch
 
-from nestlm.data import ByteTokenizer
+from nestlm.data import ByteTokenizer, portable_tokenizer_config
 from nestlm.errors import CheckpointError, ConfigError
 
 __all__ = ["HF_TOKENIZER_FILES", "TOKENIZER_FILES", "Tokenizer", "check_ids", "load_tokenizer",
@@ -30,29 +28,6 @@ HF_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.mode
 # every file that travels with the weights when a folder is converted, sliced or quantized
 TOKENIZER_FILES = (ByteTokenizer.FILE, *HF_TOKENIZER_FILES, "generation_config.json", "chat_template.jinja")
 BYTE_VOCABS = (256, ByteTokenizer().vocab_size)  # the byte tokenizer's ids, without and with its specials
-# tokenizer classes transformers 5 writes that transformers 4 cannot resolve -> the class both load from
-# tokenizer.json (llama.cpp's converter runs under transformers 4.57)
-PORTABLE_TOKENIZER_CLASS = {"TokenizersBackend": "PreTrainedTokenizerFast"}
-
-
-def portable_tokenizer_config(folder: str | Path) -> None:
-    """Rewrite folder/tokenizer_config.json (when there is one) so that transformers 4 and 5 both load it:
-    a transformers-5-only `tokenizer_class` becomes PreTrainedTokenizerFast. Every folder nestlm writes
-    passes through here (copy_files, ByteTokenizer.save, the SmolLM2 conversion)."""
-    f = Path(folder) / "tokenizer_config.json"
-    if not f.is_file():
-        return
-    try:
-        d = json.loads(f.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        return  # not ours to repair: AutoTokenizer reports it when the folder is loaded
-    new = PORTABLE_TOKENIZER_CLASS.get(d.get("tokenizer_class")) if isinstance(d, dict) else None
-    if new is None or not (Path(folder) / "tokenizer.json").is_file():
-        return
-    d["tokenizer_class"] = new
-    tmp = f.with_name(f".{f.name}.{os.getpid()}.tmp")  # two processes may repair a shared cache at once
-    tmp.write_text(json.dumps(d, indent=2, ensure_ascii=False) + "\n")
-    os.replace(tmp, f)
 
 
 class Tokenizer:

@@ -3,6 +3,8 @@
     PYTHONPATH=src python bench/gpu.py                          # on a GPU machine: < 8 minutes on one H100
     PYTHONPATH=src python bench/gpu.py --device cpu --quick     # the same code path on CPU, tiny sizes (CI)
 
+Without CUDA, anything but `--device cpu --quick` prints one line and exits with status 2 before allocating.
+
 Plain python on a machine that has torch and transformers (no installs, nothing downloaded; every model is
 random weights of a real config, built on the device).
 
@@ -382,6 +384,11 @@ def main(argv=None) -> str:
     ap.add_argument("--skip-pytest", action="store_true", help="leave out the pytest subset")
     ap.add_argument("--peak-tflops", type=float, default=None, help="the card's dense bf16 peak, if not known")
     args = ap.parse_args(argv)
+    if not torch.cuda.is_available() and not (args.quick and args.device in (None, "cpu")):
+        # the full sizes on a CPU grow past 20 GB and run for hours: refuse before anything is allocated
+        print(f"bench/gpu.py: no CUDA device here (torch {torch.__version__}); the full check needs a GPU, "
+              "the CPU smoke run is `--device cpu --quick`", file=sys.stderr)
+        raise SystemExit(2)
     device, dtype = resolve(args.device, args.dtype)
     t0 = time.perf_counter()
     if device.type == "cuda":

@@ -52,3 +52,32 @@ def test_unknown_card_needs_a_peak():
     gpu = load_script()
     assert gpu.peak_flops(torch.device("cpu"), None) == (None, "n/a on cpu")
     assert gpu.peak_flops(torch.device("cpu"), 500.0) == (500e12, "--peak-tflops")
+
+
+@pytest.mark.parametrize("argv", [[], ["--device", "cpu"], ["--device", "cuda", "--quick"], ["--dtype", "fp32"]])
+def test_without_cuda_anything_but_the_cpu_quick_run_exits_2_before_allocating(argv, monkeypatch, capsys):
+    """Issue 26: `python bench/gpu.py` on a machine without CUDA ran the full sizes on the CPU (23.5 GB, killed)."""
+    gpu = load_script()
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+
+    def allocates(*a, **k):
+        raise AssertionError("allocated before refusing")
+
+    for name in ("checks", "bench_model", "model_configs"):
+        monkeypatch.setattr(gpu, name, allocates)
+    monkeypatch.setattr("nestlm.device.resolve", allocates)
+    with pytest.raises(SystemExit) as e:
+        gpu.main(argv)
+    out, err = capsys.readouterr()
+    assert e.value.code == 2 and out == ""
+    assert len(err.strip().splitlines()) == 1 and "--device cpu --quick" in err
+
+
+def test_without_cuda_the_script_exits_2_as_a_process():
+    import subprocess
+    import sys
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    r = subprocess.run([sys.executable, str(SCRIPT)], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and r.stdout == "" and len(r.stderr.strip().splitlines()) == 1, r.stderr

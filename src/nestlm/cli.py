@@ -127,6 +127,12 @@ def slice(elastic_dir: str, out: str, budget: str | None = None, sub: str | None
     stats: dict = {}
     dst = run_slice(elastic_dir, budget, out, overwrite=overwrite, stats=stats)
     meta = read_provenance(dst)
+    hf = read_config(dst)
+    if hf.get("model_type") == "nemotron_h":
+        from nestlm.convert.nemotron_h import llama_cpp_problem
+
+        if problem := llama_cpp_problem(hf["hybrid_override_pattern"]):
+            warnings.warn(f"{dst}: {problem}", stacklevel=2)
     print(f"wrote {dst} (budget {meta['budget']}: {meta['params']:,} parameters, "
           f"{stats['bytes_written'] / 1e6:.2f} MB in {stats['seconds']:.2f} s)")
     return dst

@@ -69,6 +69,7 @@ def decoder_hf_config(cfg: ModelConfig, arch: str, n_layers: int) -> dict:
         "hidden_act": "silu",
         "rms_norm_eps": cfg.norm_eps,
         "rope_parameters": {"rope_type": "default", "rope_theta": cfg.rope_theta},
+        "rope_theta": cfg.rope_theta,  # what transformers 4 reads (it ignores rope_parameters: 10000 silently)
         "tie_word_embeddings": cfg.tie_embeddings,
         "dtype": "float32",
     }

@@ -82,6 +82,15 @@ def config_from_hf(hf: dict) -> ModelConfig:
     )
 
 
+def llama_cpp_problem(pattern: str) -> str | None:
+    """Why llama.cpp cannot load a nemotron_h of this block pattern, or None. Its converter and loader build
+    every feed-forward block as MoE once the model has experts, so dense MLP '-' and MoE 'E' can't mix."""
+    if "-" in pattern and "E" in pattern:
+        return (f"pattern {pattern!r} mixes dense MLP ('-') and MoE ('E') blocks: llama.cpp cannot load it "
+                "(transformers and vLLM can)")
+    return None
+
+
 def config_to_hf(cfg: ModelConfig) -> dict:
     if cfg.rope_theta is not None or cfg.qk_norm or cfg.attn_bias:
         raise UnsupportedArchitecture("nemotron_h attention has no RoPE, q/k-norm or bias")
@@ -98,7 +107,11 @@ def config_to_hf(cfg: ModelConfig) -> dict:
         "model_type": "nemotron_h",
         "vocab_size": cfg.vocab_size,
         "hidden_size": cfg.hidden_size,
+        # both spellings: transformers 5 reads the list (and writes it), transformers 4's remote code and
+        # llama.cpp's converter the string (the converter finds dense '-' MLP blocks only in the string)
         "layers_block_type": [PATTERN_TO_TYPE[c] for c in cfg.pattern],
+        "hybrid_override_pattern": cfg.pattern,
+        "num_hidden_layers": len(cfg.pattern),
         "tie_word_embeddings": cfg.tie_embeddings,
         "layer_norm_epsilon": cfg.norm_eps,
         "num_attention_heads": cfg.num_heads or 1,
@@ -118,16 +131,20 @@ def config_to_hf(cfg: ModelConfig) -> dict:
         "chunk_size": cfg.chunk_size,
         "time_step_min": cfg.dt_min,
         "mamba_hidden_act": "silu",
-        "n_routed_experts": cfg.n_experts or 1,
-        "num_experts_per_tok": cfg.top_k or 1,
-        "moe_intermediate_size": cfg.moe_intermediate_size or 1,
-        "moe_shared_expert_intermediate_size": cfg.shared_intermediate_size or 1,
-        "n_group": cfg.n_expert_groups,
-        "topk_group": cfg.topk_groups,
-        "norm_topk_prob": cfg.norm_topk_prob,
-        "routed_scaling_factor": cfg.routed_scaling,
         "dtype": "float32",
     }
+    if "E" in cfg.pattern:  # MoE keys only with MoE blocks: llama.cpp takes `num_experts_per_tok` to mean MoE
+        hf |= {
+            "n_routed_experts": cfg.n_experts,
+            "num_experts_per_tok": cfg.top_k,
+            "n_shared_experts": 1,  # nestlm's nemotron_h MoE block: always one shared expert
+            "moe_intermediate_size": cfg.moe_intermediate_size,
+            "moe_shared_expert_intermediate_size": cfg.shared_intermediate_size,
+            "n_group": cfg.n_expert_groups,
+            "topk_group": cfg.topk_groups,
+            "norm_topk_prob": cfg.norm_topk_prob,
+            "routed_scaling_factor": cfg.routed_scaling,
+        }
     hf.update(cfg.hf_extra)
     return hf
 

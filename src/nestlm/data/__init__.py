@@ -13,6 +13,7 @@ import ast
 import importlib.util
 import json
 import math
+import os
 from pathlib import Path
 
 import torch
@@ -153,6 +154,7 @@ class ByteTokenizer:
         out.mkdir(parents=True, exist_ok=True)
         (out / ByteTokenizer.FILE).write_text(json.dumps(self.to_dict()))
         self.hf_tokenizer().save_pretrained(str(out))
+        portable_tokenizer_config(out)
 
     @classmethod
     def load(cls, out_dir: str | Path) -> ByteTokenizer:
@@ -173,6 +175,31 @@ class ByteTokenizer:
         tk.add_special_tokens(list(self.specials))
         return PreTrainedTokenizerFast(tokenizer_object=tk, bos_token="<bos>", eos_token="<eos>",
                                        pad_token="<pad>")
+
+
+# tokenizer classes transformers 5 writes that transformers 4 cannot resolve -> the class both load from
+# tokenizer.json (llama.cpp's converter runs under transformers 4.57)
+PORTABLE_TOKENIZER_CLASS = {"TokenizersBackend": "PreTrainedTokenizerFast"}
+
+
+def portable_tokenizer_config(folder: str | Path) -> None:
+    """Rewrite folder/tokenizer_config.json (when there is one) so that transformers 4 and 5 both load it:
+    a transformers-5-only `tokenizer_class` becomes PreTrainedTokenizerFast. Every folder nestlm writes
+    passes through here (io.safetensors.copy_files, ByteTokenizer.save, the SmolLM2 conversion)."""
+    f = Path(folder) / "tokenizer_config.json"
+    if not f.is_file():
+        return
+    try:
+        d = json.loads(f.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        return  # not ours to repair: AutoTokenizer reports it when the folder is loaded
+    new = PORTABLE_TOKENIZER_CLASS.get(d.get("tokenizer_class")) if isinstance(d, dict) else None
+    if new is None or not (Path(folder) / "tokenizer.json").is_file():
+        return
+    d["tokenizer_class"] = new
+    tmp = f.with_name(f".{f.name}.{os.getpid()}.tmp")  # two processes may repair a shared cache at once
+    tmp.write_text(json.dumps(d, indent=2, ensure_ascii=False) + "\n")
+    os.replace(tmp, f)
 
 
 def _bytes_to_unicode() -> dict[int, str]:

@@ -70,6 +70,9 @@ def smollm2_135m_dir(cache_dir: str | Path | None = None) -> Path:
     out = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
     out = out / FOLDER
     if _is_complete(out):
+        from nestlm.data import portable_tokenizer_config
+
+        portable_tokenizer_config(out)  # a cache written before transformers 4 could read it
         return out
     gguf = smollm2_gguf_path()
     if importlib.util.find_spec("gguf") is None:
@@ -130,6 +133,9 @@ def _convert(gguf: Path, out: Path) -> None:
     del state
     model.save_pretrained(str(out))
     tok.save_pretrained(str(out))
+    from nestlm.data import portable_tokenizer_config
+
+    portable_tokenizer_config(out)
 
 
 @contextlib.contextmanager

@@ -205,7 +205,10 @@ class Router(nn.Module):
 
     # ------------------------------------------------------------------ from weights to an architecture
     def indices(self, weights: dict[str, torch.Tensor]) -> dict[str, int]:
-        return {ax: int(w.detach().argmax()) for ax, w in weights.items()}
+        if not weights:
+            return {}
+        idx = torch.stack([w.detach().argmax() for w in weights.values()]).tolist()  # one host sync, all axes
+        return dict(zip(weights, idx, strict=True))
 
     def subarch(self, weights: dict[str, torch.Tensor]) -> SubArch:
         """The SubArch of each axis's argmax choice (axes the router doesn't control stay full)."""

@@ -274,7 +274,7 @@ class Engine:
                 emit("answer", delta, [t])
 
         t0 = time.perf_counter()
-        ids = torch.tensor([g.ids])  # [1, t]
+        ids = torch.tensor([g.ids], device=self.elastic.embeddings.weight.device)  # [1, t]
         ended_by, switch = None, "none"
         sampling = Sampling(temperature=g.temperature, seed=g.seed, top_p=g.top_p if g.top_p < 1 else None)
         try:

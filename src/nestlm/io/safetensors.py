@@ -20,7 +20,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from nestlm.errors import CheckpointError, ConfigError
-from nestlm.io.tokenizer import TOKENIZER_FILES
+from nestlm.io.tokenizer import TOKENIZER_FILES, portable_tokenizer_config
 
 QUANT_CONFIG = "hf_quant_config.json"  # a ModelOpt packed checkpoint's quantization settings
 
@@ -327,6 +327,7 @@ def copy_files(src_dir: str | Path | None, dst: Path, names) -> None:
         for name in names:
             if (Path(src_dir) / name).is_file():
                 shutil.copy2(Path(src_dir) / name, dst / name)
+        portable_tokenizer_config(dst)
 
 
 def write_checkpoint(out_dir: str | Path, config: dict, tensors: dict[str, torch.Tensor],

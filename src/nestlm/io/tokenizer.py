@@ -16,11 +16,11 @@ from pathlib import Path
 
 import torch
 
-from nestlm.data import ByteTokenizer
+from nestlm.data import ByteTokenizer, portable_tokenizer_config
 from nestlm.errors import CheckpointError, ConfigError
 
 __all__ = ["HF_TOKENIZER_FILES", "TOKENIZER_FILES", "Tokenizer", "check_ids", "check_utf8", "copy_tokenizer",
-           "folder_tokens", "load_tokenizer", "text_tokens"]
+           "folder_tokens", "load_tokenizer", "portable_tokenizer_config", "text_tokens"]
 
 # what AutoTokenizer reads (any one of the first four means the folder has a Hugging Face tokenizer)
 HF_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "merges.txt",
@@ -133,6 +133,7 @@ def copy_tokenizer(src: str | Path, dst: str | Path) -> None:
     for name in TOKENIZER_FILES:
         if (Path(src) / name).is_file() and not (Path(dst) / name).is_file():
             shutil.copy2(Path(src) / name, Path(dst) / name)
+    portable_tokenizer_config(dst)  # a tokenizer class transformers 4 and 5 both load
 
 
 def check_ids(ids: torch.Tensor, vocab_size: int, where: str) -> None:

@@ -18,11 +18,21 @@ Shapes: b batch, t prompt length, v vocabulary.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
-__all__ = ["decode", "decode_one_token", "generate", "prefill", "sample"]
+__all__ = ["Sampling", "decode", "decode_one_token", "generate", "prefill", "sample"]
+
+
+@dataclass(frozen=True)
+class Sampling:
+    temperature: float = 0.0
+    top_k: int | None = None
+    top_p: float | None = None
+    repetition_penalty: float | None = None
+    seed: int | None = None
 
 
 def _last_logits(model, ids: torch.Tensor, cache, sub) -> torch.Tensor:

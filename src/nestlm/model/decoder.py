@@ -3,6 +3,7 @@
     logits = model(ids)                      # the full (parent) model
     logits = model(ids, sub=SubArch(...))    # a nested submodel: prefixes of every weight, less compute
     cache = model.new_cache(); model(prompt, cache=cache); model(next_token, cache=cache)   # decoding
+    model(tokens [b, 1], cache=Rows([c1, ..., cb]))   # one step of b sequences, each with its own cache
 """
 
 from __future__ import annotations
@@ -91,6 +92,21 @@ class Cache:
         return self.layers.setdefault(i, {})
 
 
+class Rows:
+    """b sequences' own caches (each a batch-1 Cache at its own position, all on one SubArch) stepped together:
+    `model(tokens [b, 1], sub, cache=Rows(caches))` runs one forward for the b next tokens. Every matmul is
+    batched; attention reads each row's own K/V (no padding), RoPE uses each row's own position, and the Mamba
+    conv / SSM states are stacked for the step and handed back to their rows. Rows join and leave between
+    steps (continuous batching): a Rows is only a view, build one per step from the caches still running."""
+
+    def __init__(self, caches: list[Cache]):
+        self.caches = list(caches)
+
+    @property
+    def positions(self) -> list[int]:
+        return [c.pos for c in self.caches]
+
+
 class Decoder(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -130,6 +146,8 @@ class Decoder(nn.Module):
         hidden state. The lm_head is linear, so the gradients equal those of multiplying the logits, at
         hidden/vocab of the cost."""
         s = self.resolve(sub)
+        if isinstance(cache, Rows):
+            return self._forward_rows(ids, s, cache, return_hidden)
         if cache is not None:
             if cache.sub is None:
                 cache.sub = s
@@ -159,6 +177,31 @@ class Decoder(nn.Module):
         if return_hidden:
             return x
         head = emb if self.lm_head is None else prefix(self.lm_head.weight, None, k)  # tied: one slice
+        return F.linear(x, head).float()
+
+    def _forward_rows(self, ids: torch.Tensor, s: SubArch, rows: Rows, return_hidden: bool) -> torch.Tensor:
+        """One decoding step of b sequences with their own caches: ids [b, 1] -> logits [b, 1, vocab]."""
+        b, t = ids.shape
+        if t != 1 or b != len(rows.caches):
+            raise ValueError(f"Rows: one token per cache, got ids {tuple(ids.shape)} for {len(rows.caches)} caches")
+        for c in rows.caches:
+            if c.sub is None or c.sub != s:
+                raise ValueError("Rows: every cache must be filled (prefilled) by this SubArch")
+        k = s.hidden
+        emb = prefix(self.embeddings.weight, None, k)  # [vocab, k]
+        x = F.embedding(ids, emb)  # [b, 1, k]
+        rope = None
+        if self.cfg.rope_theta is not None and "*" in self.cfg.pattern:
+            positions = torch.tensor(rows.positions, device=ids.device)[:, None]  # [b, 1]
+            rope = rope_cos_sin(positions, self.cfg.head_dim, self.cfg.rope_theta, ids.device, x.dtype)  # [b, 1, hd]
+        for i in s.layers:
+            x = self.layers[i](x, s, [c.layer(i) for c in rows.caches], rope)
+        x = self.norm_f(x)
+        for c in rows.caches:
+            c.pos += 1
+        if return_hidden:
+            return x
+        head = emb if self.lm_head is None else prefix(self.lm_head.weight, None, k)
         return F.linear(x, head).float()
 
     # ------------------------------------------------------------------ utilities

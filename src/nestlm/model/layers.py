@@ -83,14 +83,17 @@ def _linear(x, m: nn.Linear, c: dict, name: str):
 
 # ---------------------------------------------------------------------------------------------- attention
 def rope_cos_sin(positions: torch.Tensor, head_dim: int, theta: float, device, dtype=torch.float32):
-    """positions: [t] -> cos, sin: [t, head_dim] (halves repeated, as rotate_half expects)."""
+    """positions: [t] -> cos, sin: [t, head_dim] (halves repeated, as rotate_half expects); positions [b, t]
+    (each row its own, nestlm.model.decoder.Rows) -> [b, t, head_dim]."""
     inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32, device=device) / head_dim))
-    freqs = positions.to(device=device, dtype=torch.float32)[:, None] * inv_freq[None, :]
+    freqs = positions.to(device=device, dtype=torch.float32)[..., None] * inv_freq
     emb = torch.cat([freqs, freqs], dim=-1)
     return emb.cos().to(dtype), emb.sin().to(dtype)
 
 
-def apply_rope(x, cos, sin):  # x: [b, heads, t, d]
+def apply_rope(x, cos, sin):  # x: [b, heads, t, d]; cos, sin: [t, d] or [b, t, d] (a position per row)
+    if cos.dim() == 3:
+        cos, sin = cos[:, None], sin[:, None]  # [b, 1, t, d]
     half = x.shape[-1] // 2
     rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
     return x * cos + rotated * sin
@@ -131,6 +134,9 @@ class Attention(_Sliced):
             cos, sin = rope
             q, kk = apply_rope(q, cos, sin), apply_rope(kk, cos, sin)
 
+        if isinstance(cache, list):  # nestlm.model.decoder.Rows: one token per row, each row its own K/V
+            out = torch.cat([_attend_row(q[r:r + 1], kk[r:r + 1], v[r:r + 1], cache[r], h > 1) for r in range(b)])
+            return self._out(out, masks, b, t, g, h, hd, c)
         if cache is not None:
             kk, v, past = _kv_cache_append(cache, kk, v)
         else:
@@ -142,12 +148,21 @@ class Attention(_Sliced):
             mask = torch.arange(kk.shape[2], device=x.device)[None, :] <= q_pos
             causal = False
         out = F.scaled_dot_product_attention(q, kk, v, attn_mask=mask, is_causal=causal, enable_gqa=h > 1)
+        return self._out(out, masks, b, t, g, h, hd, c)
+
+    def _out(self, out, masks, b, t, g, h, hd, c):  # out [b, g*h, t, hd] -> [b, t, k]
         if masks is not None and "attn_heads_per_group" in masks:  # soft width: scale each head's output
             out = out * masks["attn_heads_per_group"][:h].repeat(g).to(out.dtype)[None, :, None, None]
         if self.probe is not None:
             self.probe("heads", out)  # [b, g*h, t, hd]
         out = out.transpose(1, 2).reshape(b, t, g * h * hd)
         return _linear(out, self.o_proj, c, "o_proj")  # o_proj columns follow q's head layout
+
+
+def _attend_row(q, k, v, cache: dict, gqa: bool):
+    """One row's decoding step: q, k, v [1, heads, 1, hd]; k, v appended to the row's own cache."""
+    k, v, _ = _kv_cache_append(cache, k, v)
+    return F.scaled_dot_product_attention(q, k, v, enable_gqa=gqa)  # [1, g*h, 1, hd]
 
 
 def _kv_cache_append(cache: dict, k, v):
@@ -365,6 +380,9 @@ class Mamba2(_Sliced):
         cb = take(self.conv1d.bias, c["conv1d.bias"]) if self.conv1d.bias is not None else None
         xbc = xbc.transpose(1, 2)  # [b, c, t]
         K = self.kernel
+        rows = cache if isinstance(cache, list) else None  # nestlm.model.decoder.Rows: stack the rows' states
+        if rows is not None:
+            cache = {"conv": torch.cat([r["conv"] for r in rows]), "ssm": torch.cat([r["ssm"] for r in rows])}
         if t == 1 and cache is not None and "conv" in cache:  # decoding: one window, a multiply-and-sum
             win = torch.cat([cache["conv"], xbc], dim=-1)  # [b, c, K]
             cache["conv"] = win[:, :, 1:]
@@ -391,6 +409,9 @@ class Mamba2(_Sliced):
                                    self.chunk, state)
             if cache is not None:
                 cache["ssm"] = final
+        if rows is not None:  # hand each row its states back
+            for r, row in enumerate(rows):
+                row["conv"], row["ssm"] = cache["conv"][r:r + 1], cache["ssm"][r:r + 1]
         y = y.reshape(b, t, hk * p)
         hm = masks.get("mamba_heads_per_group") if masks is not None else None
 

@@ -246,7 +246,7 @@ def test_bad_requests_get_openai_errors_and_the_server_goes_on(live):
     with pytest.raises(openai.NotFoundError):
         client.completions.create(model="full", prompt="x", max_tokens=2, extra_body={"think_model": "10%"})
     with pytest.raises(openai.BadRequestError) as e:
-        client.completions.create(model="full", prompt="x", max_tokens=2, extra_body={"thinking_token_budget": -1})
+        client.completions.create(model="full", prompt="x", max_tokens=2, extra_body={"thinking_token_budget": -2})
     assert e.value.body["param"] == "thinking_token_budget"
     with pytest.raises(openai.BadRequestError):
         client.completions.create(model="full", prompt="x", max_tokens=-3)

@@ -91,3 +91,12 @@ def own_precision(fn):
             return fn(*args, **kwargs)
 
     return wrapper
+
+
+def set_threads(threads: int | None) -> int:
+    """torch's intra-op threads for this process (None: leave torch's default); -> the threads torch uses."""
+    if threads is not None:
+        if threads < 1:
+            raise ConfigError(f"--threads must be >= 1, got {threads}")
+        torch.set_num_threads(int(threads))
+    return torch.get_num_threads()

@@ -20,6 +20,7 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 
 from nestlm.errors import ConfigError
+from nestlm.inference.detok import settled
 from nestlm.inference.generate import Sampling
 from nestlm.inference.serve.engine import Engine, Generation, Outcome, TokenLogprob
 from nestlm.inference.serve.protocol import (
@@ -103,7 +104,7 @@ def _usage(prompts: list[list[int]], outs: list[Outcome]) -> dict:
 def _meta(req: _Request, g: Generation, out: Outcome) -> dict:
     return {"think_model": (req.think_model or req.answer_model or req.model) if g.think_sub is not None else None,
             "answer_model": req.answer_model or req.model, "switch": out.switch, "ended_by": out.ended_by,
-            "queue_s": round(out.queued, 6), "generate_s": round(out.seconds, 6)}
+            "queue_s": round(out.queued, 6), "generate_s": round(out.seconds, 6), "peak_batch": out.peak_batch}
 
 
 def _sse(obj) -> str:
@@ -306,7 +307,7 @@ def create_app(path: str | Path, end_think: str = "</think>", max_model_len: int
         gens = _generations(engine, req, prompts, req.max_tokens, req.logprobs, echo_lp)
         rid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
         head = {"id": rid, "object": "text_completion", "created": created, "model": req.model}
-        texts = [engine.decode(p) if req.echo else "" for p in prompts]
+        texts = [settled(engine.decode(p)) if req.echo else "" for p in prompts]
 
         def prompt_text(i: int) -> str:
             return texts[i // req.n]

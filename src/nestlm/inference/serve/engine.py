@@ -34,7 +34,7 @@ import torch
 
 from nestlm.arch import SubArch
 from nestlm.errors import ConfigError
-from nestlm.inference.detok import Detok, held_suffix
+from nestlm.inference.detok import Detok, held_suffix, settled
 from nestlm.inference.generate import Sampling, prefill, sample
 from nestlm.inference.serve.protocol import APIError
 from nestlm.inference.two_phase import Standalone, rest_of_tag, transplant_cache
@@ -83,6 +83,7 @@ class Outcome:
     switch: str
     seconds: float
     queued: float  # seconds in the inbox before its prefill
+    peak_batch: int = 1  # the most sequences it shared a decoding step with (itself included)
     logprobs: list[TokenLogprob] | None = None  # one per token of token_ids
     prompt_logprobs: list[TokenLogprob] | None = None
 
@@ -101,12 +102,6 @@ def _logprob_entry(logits: torch.Tensor, token: int, k: int) -> TokenLogprob:
     top = torch.topk(lp, k) if k > 0 else None
     pairs = [] if top is None else [(int(i), float(v)) for v, i in zip(top.values, top.indices, strict=True)]
     return TokenLogprob(token, float(lp[token]), pairs)
-
-
-def _settled(text: str) -> str:
-    """A finished stream's text: a trailing incomplete character (U+FFFD of an unfinished UTF-8 sequence,
-    which Detok holds back while streaming) is dropped, never handed out."""
-    return text.rstrip("\ufffd")
 
 
 class _Seq:
@@ -135,6 +130,7 @@ class _Seq:
         self.prompt_lps: list[TokenLogprob] | None = None
         self.stop_set = {t for t in [engine.eos_id, *g.stop_ids] if t is not None}
         self.done = False
+        self.peak_batch = 1
 
     # ---- text events
     def emit(self, phase: str, text: str, tokens: list[int], lps: list[TokenLogprob] | None = None) -> None:
@@ -142,7 +138,7 @@ class _Seq:
 
     def close_think(self, end: str) -> None:
         """The trace is over: hand out the rest of its text, then (end "tag" | "forced") the tag."""
-        text = _settled(self.think.text())
+        text = settled(self.think.text())
         if end == "tag" and text.endswith(self.e.end_think):
             text = text[: len(text) - len(self.e.end_think)]
         elif end == "forced":  # a tag the budget cut mid-way ('4</th'): its characters go out with the tag
@@ -237,14 +233,14 @@ class _Seq:
         if not self.closed:  # no answer phase: a stop token while thinking
             self.close_think("tag" if self.think_ids[-len(self.e.end_ids):] == self.e.end_ids else "none")
         if self.stop_text is None:  # the held-back rest of the answer
-            text = _settled(self.answer.text())
+            text = settled(self.answer.text())
             self.emit("answer", self.answer.take(text, len(text)), [])
         return Outcome(self.think_ids, self.forced_ids, self.answer_ids,
                        reasoning=self.think.text()[: self.think.sent], end_text=self.end_text,
                        answer=self.answer.text()[: self.answer.sent], finish_reason=self.finish or "length",
                        stop_reason=self.stop_reason, ended_by=self.ended_by, switch=self.switch,
                        seconds=time.perf_counter() - self.t0, queued=self.t0 - self.submitted,
-                       logprobs=self.lps, prompt_logprobs=self.prompt_lps)
+                       peak_batch=self.peak_batch, logprobs=self.lps, prompt_logprobs=self.prompt_lps)
 
 
 class Engine:
@@ -379,7 +375,7 @@ class Engine:
                                          **(template_kwargs or {}))
             except Exception as e:  # a template's own error (jinja raise_exception, a bad kwarg)
                 raise APIError(400, f"the chat template failed: {e}", "messages") from None
-            return list(ids["input_ids"] if isinstance(ids, dict) else ids)
+            return list(ids["input_ids"] if hasattr(ids, "keys") else ids)
         if template_kwargs:
             raise APIError(400, "chat_template_kwargs: this checkpoint has no chat template", "chat_template_kwargs")
         return self.prompt_ids("\n".join(m["content"] for m in msgs), bos=True)
@@ -497,6 +493,7 @@ class Engine:
                         logits = self.model(ids, sub=sub, cache=Rows([s.cache for s, _ in members]))[:, -1].float()
                     for r, (s, _) in enumerate(members):
                         s.logits = logits[r:r + 1]  # [1, v]
+                        s.peak_batch = max(s.peak_batch, len(members))
                 except Exception as e:
                     for s, _ in members:
                         self._fail(s, e)

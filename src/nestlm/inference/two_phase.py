@@ -152,7 +152,8 @@ class Standalone:
         if any(c.sub is not None and c.sub != s for c in caches):
             raise ValueError("this cache was filled by another SubArch; start a new cache to switch models")
         inner = [self._view(c, s, small) for c in caches]
-        out = small(ids, cache=Rows(inner) if isinstance(cache, Rows) else inner[0], return_hidden=return_hidden)
+        out = small(ids, cache=Rows(inner, cache.lengths) if isinstance(cache, Rows) else inner[0],
+                    return_hidden=return_hidden)
         for c, v in zip(caches, inner, strict=True):
             c.pos, c.sub = v.pos, s
         return out

@@ -4,6 +4,7 @@
     logits = model(ids, sub=SubArch(...))    # a nested submodel: prefixes of every weight, less compute
     cache = model.new_cache(); model(prompt, cache=cache); model(next_token, cache=cache)   # decoding
     model(tokens [b, 1], cache=Rows([c1, ..., cb]))   # one step of b sequences, each with its own cache
+    model(packed [1, T], cache=Rows(caches, lengths))  # b sequences' new tokens (prompts, steps) in one forward
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from nestlm.model.layers import (
     Mamba2,
     MoE,
     RMSNorm,
+    Segments,
     init_mamba_,
     masked_rms_norm,
     prefix,
@@ -93,18 +95,20 @@ class Cache:
 
 
 class Rows:
-    """b sequences' own caches (each a batch-1 Cache at its own position, all on one SubArch) stepped together:
-    `model(tokens [b, 1], sub, cache=Rows(caches))` runs one forward for the b next tokens. Every matmul is
-    batched; attention reads each row's own K/V (no padding), RoPE uses each row's own position, and the Mamba
-    conv / SSM states are stacked for the step and handed back to their rows. Rows join and leave between
-    steps (continuous batching): a Rows is only a view, build one per step from the caches still running."""
+    """b sequences' own caches (each a batch-1 Cache at its own position, all on one SubArch) run in one
+    forward: `model(ids [1, T], sub, cache=Rows(caches, lengths))` takes the sequences' new tokens packed one
+    after the other (`lengths[r]` tokens for row r: a prompt to prefill, or 1 to decode; T = sum) and returns
+    [1, T, vocab]. `model(tokens [b, 1], cache=Rows(caches))` is one decoding step of b rows -> [b, 1, vocab].
+    Every matmul runs once over all T tokens; attention reads each row's own K/V (no padding) at its own
+    positions (RoPE); Mamba runs the decoding rows as one batch (their states stacked and handed back) and
+    each prefill on its own. Rows join and leave between calls (continuous batching): a Rows is only a view,
+    built per call from the caches still running."""
 
-    def __init__(self, caches: list[Cache]):
+    def __init__(self, caches: list[Cache], lengths: list[int] | None = None):
         self.caches = list(caches)
-
-    @property
-    def positions(self) -> list[int]:
-        return [c.pos for c in self.caches]
+        self.lengths = list(lengths) if lengths is not None else [1] * len(self.caches)
+        if len(self.lengths) != len(self.caches) or any(n < 1 for n in self.lengths):
+            raise ValueError("Rows: one length >= 1 per cache")
 
 
 class Decoder(nn.Module):
@@ -180,29 +184,36 @@ class Decoder(nn.Module):
         return F.linear(x, head).float()
 
     def _forward_rows(self, ids: torch.Tensor, s: SubArch, rows: Rows, return_hidden: bool) -> torch.Tensor:
-        """One decoding step of b sequences with their own caches: ids [b, 1] -> logits [b, 1, vocab]."""
-        b, t = ids.shape
-        if t != 1 or b != len(rows.caches):
-            raise ValueError(f"Rows: one token per cache, got ids {tuple(ids.shape)} for {len(rows.caches)} caches")
+        """Packed rows (see Rows): ids [1, T] -> [1, T, vocab]; ids [b, 1] (one token per row) -> [b, 1, vocab]."""
+        step = ids.shape[0] > 1
+        if step:
+            if ids.shape != (len(rows.caches), 1) or any(n != 1 for n in rows.lengths):
+                raise ValueError(f"Rows: ids {tuple(ids.shape)} for {len(rows.caches)} rows of one token")
+            ids = ids.view(1, -1)
+        if ids.shape[0] != 1 or ids.shape[1] != sum(rows.lengths):
+            raise ValueError(f"Rows: ids {tuple(ids.shape)} are not the rows' {sum(rows.lengths)} tokens packed")
         for c in rows.caches:
-            if c.sub is None or c.sub != s:
-                raise ValueError("Rows: every cache must be filled (prefilled) by this SubArch")
+            if c.sub is None:
+                c.sub = s
+            elif c.sub != s:
+                raise ValueError("Rows: a cache was filled by another SubArch; start a new cache to switch models")
         k = s.hidden
         emb = prefix(self.embeddings.weight, None, k)  # [vocab, k]
-        x = F.embedding(ids, emb)  # [b, 1, k]
+        x = F.embedding(ids, emb)  # [1, T, k]
         rope = None
         if self.cfg.rope_theta is not None and "*" in self.cfg.pattern:
-            positions = torch.tensor(rows.positions, device=ids.device)[:, None]  # [b, 1]
-            rope = rope_cos_sin(positions, self.cfg.head_dim, self.cfg.rope_theta, ids.device, x.dtype)  # [b, 1, hd]
+            positions = torch.cat([torch.arange(c.pos, c.pos + n, device=ids.device)
+                                   for c, n in zip(rows.caches, rows.lengths, strict=True)])  # [T]
+            rope = rope_cos_sin(positions, self.cfg.head_dim, self.cfg.rope_theta, ids.device, x.dtype)
         for i in s.layers:
-            x = self.layers[i](x, s, [c.layer(i) for c in rows.caches], rope)
+            x = self.layers[i](x, s, Segments([c.layer(i) for c in rows.caches], rows.lengths), rope)
         x = self.norm_f(x)
-        for c in rows.caches:
-            c.pos += 1
-        if return_hidden:
-            return x
-        head = emb if self.lm_head is None else prefix(self.lm_head.weight, None, k)
-        return F.linear(x, head).float()
+        for c, n in zip(rows.caches, rows.lengths, strict=True):
+            c.pos += n
+        if not return_hidden:
+            head = emb if self.lm_head is None else prefix(self.lm_head.weight, None, k)
+            x = F.linear(x, head).float()
+        return x.view(-1, 1, x.shape[-1]) if step else x
 
     # ------------------------------------------------------------------ utilities
     def num_params(self) -> int:

@@ -4,20 +4,21 @@
     engine.submit([Generation(...), ...], sink)    # sink(index, kind, payload) from the engine's thread
     engine.stop()
 
-One thread runs the loop. Each step: sequences waiting in the inbox join (each is prefilled alone, batch 1,
-into its own cache); every running sequence samples its next token from its own logits (its own generator,
-so sampling is the same as alone); the tokens that need a forward are grouped by the SubArch they run on,
-and each group takes ONE forward (nestlm.model.decoder.Rows: batched matmuls, each row its own K/V, position
-and Mamba state). Finished or cancelled sequences leave at the step's end. A think-small / answer-large
-request moves from the thinking group to the answering group at its switch (re-prefill of prompt + trace on
-the answer model, or its cache transplanted: two_phase.transplant_cache), which runs batch 1 inside the
-step. So requests join and leave at decode-step boundaries, and sequences of different budgets run as
-groups of the same loop.
+One thread runs the loop. Each step: sequences waiting in the inbox join (up to `max_batch` running); every
+running sequence samples its next token from its own logits (its own generator, so sampling is the same as
+alone); then every sequence's new tokens (a joining prompt, one decoding token, or at a think-small /
+answer-large switch the tokens the answer model has not read) are packed into ONE forward per SubArch
+(nestlm.model.decoder.Rows: the matmuls batched over all tokens, each sequence its own attention K/V,
+position and Mamba state). Finished or cancelled sequences leave at the step's end. At its switch a
+sequence moves from the thinking group to the answering group: re-prefill (a new cache, prompt + trace +
+tag fed on the answer model) or its cache transplanted (two_phase.transplant_cache, the pending tokens fed).
+So requests join and leave at decode-step boundaries, and sequences of different budgets run as groups of
+the same loop.
 
 Token-exact, step for step, with nestlm.inference.two_phase.generate_two_phase (a thinking request) or
 nestlm.inference.generate.generate (a plain one) on the same model, seed and sampling fields: the same
-prefills, the same pending-token prefill at the switch, one `sample` call per token on that sequence's
-[1, v] logits. Batched steps compute the same numbers up to the floating-point order of batched matmuls.
+prefills, the same pending tokens at the switch, one `sample` call per token on that sequence's [1, v]
+logits. Batched forwards compute the same numbers up to the floating-point order of batched matmuls.
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ import torch
 from nestlm.arch import SubArch
 from nestlm.errors import ConfigError
 from nestlm.inference.detok import Detok, held_suffix, settled
-from nestlm.inference.generate import Sampling, prefill, sample
+from nestlm.inference.generate import Sampling, sample
 from nestlm.inference.serve.protocol import APIError
 from nestlm.inference.two_phase import Standalone, rest_of_tag, transplant_cache
 from nestlm.model.decoder import Rows
@@ -131,6 +132,8 @@ class _Seq:
         self.stop_set = {t for t in [engine.eos_id, *g.stop_ids] if t is not None}
         self.done = False
         self.peak_batch = 1
+        self.feed: list[int] | None = None  # tokens for the next forward (a prompt, a step, a switch)
+        self.then_finish = False  # echo with max_tokens 0: done once the prompt's logprobs are in
 
     # ---- text events
     def emit(self, phase: str, text: str, tokens: list[int], lps: list[TokenLogprob] | None = None) -> None:
@@ -160,7 +163,7 @@ class _Seq:
         return int(tok[0, 0])
 
     def advance(self, tok: int) -> bool:
-        """Take the sampled token; True when it must go through this sequence's cache (one batched step)."""
+        """Take the sampled token; True when tokens wait in `feed` for this sequence's next forward."""
         lp = None
         if self.lps is not None:
             lp = _logprob_entry(self.logits[0], tok, self.g.logprobs)
@@ -177,6 +180,7 @@ class _Seq:
             elif len(self.think_ids) >= self.g.max_think:
                 self.ended_by = "budget"
             else:
+                self.feed = [tok]
                 return True
             return self.to_answer()
         self.answer_ids.append(tok)
@@ -191,11 +195,14 @@ class _Seq:
             return self.finish_now("stop", tok)
         if len(self.answer_ids) >= self.g.max_tokens:
             return self.finish_now("length", None)
+        self.feed = [tok]
         return True
 
     def to_answer(self) -> bool:
-        """Thinking ended by the tag or the budget: append the tag (budget), then the switch; L's first
-        logits come from a batch-1 prefill (as generate_two_phase), and the sequence joins L's group."""
+        """Thinking ended by the tag or the budget: append the tag (budget), then the switch: the answer
+        model's cache for prompt + trace + tag, as generate_two_phase builds it (re-prefill: a new cache
+        and all of it to feed; transplant: the thinking cache moved over, the tokens it lacks to feed;
+        the same model: the cache goes on). The sequence joins the answer model's group."""
         e = self.e
         if self.ended_by == "budget":
             self.forced_ids = rest_of_tag(self.think_ids, e.end_ids)
@@ -220,10 +227,8 @@ class _Seq:
                 mode, cache = "transplant", transplant_cache(e.model, self.cache, answer)
             else:
                 mode, cache, pending = "reprefill", e.model.new_cache(), seq
-        with torch.inference_mode():
-            self.logits = prefill(e.model, torch.tensor([pending], device=e.device), cache, answer)
-        self.cache, self.sub, self.switch, self.phase = cache, answer, mode, "answer"
-        return False
+        self.cache, self.sub, self.switch, self.phase, self.feed = cache, answer, mode, "answer", pending
+        return True
 
     def finish_now(self, finish: str, reason) -> bool:
         self.finish, self.stop_reason, self.done = finish, reason, True
@@ -412,30 +417,46 @@ class Engine:
         return cancelled
 
     def _admit(self, s: _Seq) -> None:
-        """Prefill a joining sequence alone (batch 1) into its own cache: its first logits."""
+        """A joining sequence: a new cache, and its prompt to feed in this step's forward."""
         s.t0 = time.perf_counter()
         g = s.g
-        ids = torch.tensor([g.ids], device=self.device)  # [1, t]
-        if g.prompt_logprobs is not None:  # echo with logprobs: every position's logits, on the first reader
-            s.cache = self.model.new_cache()
-            with torch.inference_mode():
-                logits = self.model(ids, sub=s.sub, cache=s.cache)[0].float()  # [t, v]
-            k = g.prompt_logprobs
-            s.prompt_lps = [TokenLogprob(g.ids[0], None, [])] + [
-                _logprob_entry(logits[i - 1], g.ids[i], k) for i in range(1, len(g.ids))]
-            s.logits = logits[-1:]
-            if s.two and g.max_think == 0:
-                s.cache = None
-        elif not (s.two and g.max_think == 0):
-            s.cache = self.model.new_cache()
-            with torch.inference_mode():
-                s.logits = prefill(self.model, ids, s.cache, s.sub)  # [1, v]
-        s.emit("prompt", "", [], s.prompt_lps)  # the echo's first chunk (with the prompt's logprobs)
+        s.cache, s.feed = self.model.new_cache(), list(g.ids)
+        if g.prompt_logprobs is None:
+            s.emit("prompt", "", [], None)  # the echo's first chunk (with logprobs: once they are computed)
         if s.two and g.max_think == 0:  # no thinking: the whole tag, then the answer model reads it all
-            s.ended_by = "budget"
+            s.ended_by, s.cache = "budget", None
             s.to_answer()
         elif not s.two and g.max_tokens == 0:
-            s.finish_now("length", None)
+            if g.prompt_logprobs is None:
+                s.feed = None
+                s.finish_now("length", None)
+            else:
+                s.then_finish = True
+
+    def _forward(self, sub: SubArch, members: list[_Seq]) -> None:
+        """One forward of every member's fed tokens (packed, nestlm.model.decoder.Rows): each member's
+        next-token logits, and (echo) its prompt's logprobs at its first forward."""
+        ids = torch.tensor([[t for s in members for t in s.feed]], device=self.device)  # [1, T]
+        lengths = [len(s.feed) for s in members]
+        with torch.inference_mode():
+            h = self.model(ids, sub=sub, cache=Rows([s.cache for s in members], lengths), return_hidden=True)[0]
+            head = self.model.lm_head_weight[:, : h.shape[-1]]  # [v, k]
+            ends = torch.tensor(lengths, device=self.device).cumsum(0) - 1
+            logits = torch.nn.functional.linear(h[ends], head).float()  # [b, v]
+            at = 0
+            for r, s in enumerate(members):
+                s.logits = logits[r:r + 1]  # [1, v]
+                s.peak_batch = max(s.peak_batch, len(members))
+                if s.g.prompt_logprobs is not None and s.prompt_lps is None:
+                    n = len(s.g.ids)
+                    full = torch.nn.functional.linear(h[at:at + n - 1], head).float()  # [n - 1, v]
+                    s.prompt_lps = [TokenLogprob(s.g.ids[0], None, [])] + [
+                        _logprob_entry(full[i], s.g.ids[i + 1], s.g.prompt_logprobs) for i in range(n - 1)]
+                    s.emit("prompt", "", [], s.prompt_lps)  # the echo's first chunk
+                at += lengths[r]
+                s.feed = None
+                if s.then_finish:
+                    s.finish_now("length", None)
 
     def _finish(self, s: _Seq) -> None:
         try:
@@ -474,28 +495,27 @@ class Engine:
                     self._finish(s)
                 else:
                     active.append(s)
-            # one step: each sequence samples; those going on feed their token, one forward per SubArch
-            feed: dict[SubArch, list[tuple[_Seq, int]]] = {}
+            # one step: each sequence with logits samples; what goes on feeds one forward per SubArch (the
+            # joining prompts, the decoding tokens, the switches' pending tokens, packed together)
             for s in active:
                 if s.cancelled.is_set():
                     s.done = True
                     continue
+                if s.feed is not None or s.done:  # joined this step: its prompt is still to run
+                    continue
                 try:
-                    tok = s.sample()
-                    if s.advance(tok):
-                        feed.setdefault(self.model.resolve(s.sub), []).append((s, tok))
+                    s.advance(s.sample())
                 except Exception as e:
                     self._fail(s, e)
-            for sub, members in feed.items():
+            groups: dict[SubArch, list[_Seq]] = {}
+            for s in active:
+                if s.feed is not None and not s.done:
+                    groups.setdefault(self.model.resolve(s.sub), []).append(s)
+            for sub, members in groups.items():
                 try:
-                    ids = torch.tensor([[t] for _, t in members], device=self.device)  # [b, 1]
-                    with torch.inference_mode():
-                        logits = self.model(ids, sub=sub, cache=Rows([s.cache for s, _ in members]))[:, -1].float()
-                    for r, (s, _) in enumerate(members):
-                        s.logits = logits[r:r + 1]  # [1, v]
-                        s.peak_batch = max(s.peak_batch, len(members))
+                    self._forward(sub, members)
                 except Exception as e:
-                    for s, _ in members:
+                    for s in members:
                         self._fail(s, e)
             for s in active:
                 if s.done and s.finish is not None:

@@ -253,14 +253,19 @@ def create_app(path: str | Path, end_think: str = "</think>", max_model_len: int
         return {"prompt": engine.detokenize(req.tokens)}
 
     # ---- generation
-    def submit(gens: list[Generation]):
+    def submit(gens: list[Generation], deltas: bool = True):
+        """Queue the choices; their events arrive on the returned asyncio.Queue (deltas only when streamed:
+        a non-streamed request would wake the event loop once per token for nothing)."""
         loop, events = asyncio.get_running_loop(), asyncio.Queue()
-        cancel = engine.submit(gens, lambda i, kind, item: loop.call_soon_threadsafe(
-            events.put_nowait, (i, kind, item)))
-        return events, cancel
+
+        def sink(i, kind, item):
+            if deltas or kind != "delta":
+                loop.call_soon_threadsafe(events.put_nowait, (i, kind, item))
+
+        return events, engine.submit(gens, sink)
 
     async def collect(gens: list[Generation]) -> list[Outcome]:
-        events, cancel = submit(gens)
+        events, cancel = submit(gens, deltas=False)
         outs: list[Outcome | None] = [None] * len(gens)
         try:
             while any(o is None for o in outs):

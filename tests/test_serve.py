@@ -615,3 +615,43 @@ def test_search_params_nan_is_refused(tmp_path, capsys):
         main(["search", str(tmp_path), "--params", "nan"])
     err = capsys.readouterr().err
     assert e.value.code == 2 and "--params" in err and "nan" in err and err.count("\n") == 1
+
+
+def test_streamed_choices_and_echo_equal_the_response(live):
+    client = live[4].client()
+    kw = dict(model="full", prompt=[PROMPT, "Q:5+5=?\n<think>"], max_tokens=6, temperature=0.8, seed=3, n=2,
+              echo=True, extra_body={"thinking_token_budget": 3, "think_model": "70%"})
+    r = client.completions.create(**kw)
+    texts, finish = {}, {}
+    for ch in client.completions.create(stream=True, **kw):
+        for c in ch.choices:
+            texts[c.index] = texts.get(c.index, "") + c.text
+            finish[c.index] = c.finish_reason or finish.get(c.index)
+    assert len(r.choices) == 4 and r.choices[2].text.startswith("Q:5+5=?\n<think>")
+    assert texts == {c.index: c.text for c in r.choices}
+    assert finish == {c.index: c.finish_reason for c in r.choices}
+
+
+def test_engine_in_bf16_equals_generate_on_the_same_weights(live):
+    """--dtype bf16 (the CUDA default; it runs on the CPU too): the weights are held in bf16 and a greedy
+    request equals nestlm.inference.generate on that bf16 model."""
+    from nestlm.inference.serve import Engine, Generation
+
+    e = Engine(live[0], dtype="bf16", device="cpu", end_think=live[3])
+    assert e.elastic.embeddings.weight.dtype == torch.bfloat16
+    e.start()
+    try:
+        got, done = {}, threading.Event()
+
+        def sink(i, kind, item):
+            if kind in ("done", "error"):
+                got[i] = item
+                done.set()
+
+        ids = TOK.encode(PROMPT, bos=True)
+        e.submit([Generation(ids=ids, answer_sub=e.budget("70%"), think_sub=None, max_think=0, max_tokens=8)], sink)
+        assert done.wait(60)
+        want = generate(e.model, torch.tensor([ids]), 8, e.budget("70%"), stop_tokens=TOK.eos_id)[0, len(ids):]
+        assert got[0].token_ids == want.tolist()
+    finally:
+        e.stop()

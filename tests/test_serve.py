@@ -614,7 +614,7 @@ def test_search_params_nan_is_refused(tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
         main(["search", str(tmp_path), "--params", "nan"])
     err = capsys.readouterr().err
-    assert e.value.code == 2 and "--params" in err and "nan" in err and err.count("\n") == 1
+    assert e.value.code == 2 and "target must be > 0 and finite (got params nan)" in err and err.count("\n") == 1
 
 
 def test_streamed_choices_and_echo_equal_the_response(live):

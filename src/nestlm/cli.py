@@ -661,8 +661,7 @@ COMMANDS = {"demo": demo, "importance": importance, "elastify": elastify, "plan"
 # flag -> its smallest value (the flag's dest, as argparse names it); checked before a command runs
 MINIMUM = {"steps": 1, "threads": 1, "seq_len": 1, "batches": 1, "batch_size": 1, "max_steps": 1, "max_windows": 0,
            "lm_eval_limit": 1, "calib_tokens": 0, "max_new_tokens": 0, "temperature": 0, "max_think": 0, "top_k": 1,
-           "top_p": 1e-9, "repetition_penalty": 1e-9, "max_queue": 1, "max_batch": 1, "max_model_len": 1,
-           "params": 1, "active": 1, "memory": 1}
+           "top_p": 1e-9, "repetition_penalty": 1e-9, "max_queue": 1, "max_batch": 1, "max_model_len": 1}
 MAXIMUM = {"top_p": 1.0}
 BUDGET_FLAGS = ("--budget", "--think-budget", "--answer-budget")
 # library messages name Python arguments; on the command line they are flags

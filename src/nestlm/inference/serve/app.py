@@ -147,7 +147,7 @@ def _legacy(engine: Engine, entries: list[TokenLogprob], start: int = 0) -> dict
 def _chat_logprobs(engine: Engine, entries: list[TokenLogprob]) -> dict:
     def one(t: int, lp: float | None) -> dict:
         s = engine.token_str(t)
-        return {"token": s, "logprob": lp, "bytes": list(engine.detokenize([t]).encode()) if t >= 0 else None}
+        return {"token": s, "logprob": lp, "bytes": list(engine.detokenize([t]).encode())}
 
     return {"content": [{**one(e.token, e.logprob), "top_logprobs": [one(i, lp) for i, lp in e.top]}
                         for e in entries]}
@@ -333,7 +333,7 @@ def create_app(path: str | Path, end_think: str = "</think>", max_model_len: int
         if not req.stream:
             outs = await collect(gens)
             return {**head, "choices": [body_choice(i, o) for i, o in enumerate(outs)],
-                    "usage": _usage(prompts, [o for i, o in enumerate(outs)]), "nestlm": _meta(req, gens[0], outs[0])}
+                    "usage": _usage(prompts, outs), "nestlm": _meta(req, gens[0], outs[0])}
 
         offsets = [0] * len(gens)  # characters streamed per choice (text_offset)
 

@@ -8,8 +8,7 @@ from typing import Literal
 
 from pydantic import AliasChoices, BaseModel, ConfigDict, Field, field_validator
 
-__all__ = ["APIError", "ChatRequest", "CompletionRequest", "DetokenizeRequest", "TokenizeRequest",
-           "UNSUPPORTED"]
+__all__ = ["APIError", "ChatRequest", "CompletionRequest", "DetokenizeRequest", "TokenizeRequest"]
 
 MAX_LOGPROBS = 20  # OpenAI's limit on top logprobs per token
 MAX_N = 16  # choices per prompt
@@ -25,14 +24,6 @@ class APIError(Exception):
 
     def body(self) -> dict:
         return {"error": {"message": self.message, "type": self.kind, "param": self.param, "code": self.code}}
-
-
-# fields OpenAI or vLLM define that nestlm does not implement: refused by name (any other unknown field too)
-UNSUPPORTED = ("frequency_penalty (non-zero)", "presence_penalty (non-zero)", "logit_bias", "best_of",
-               "suffix", "tools", "tool_choice", "parallel_tool_calls", "functions", "function_call",
-               "response_format", "reasoning_effort", "min_tokens", "min_p", "prompt_logprobs", "guided_*",
-               "structured_outputs", "modalities", "audio", "prediction", "web_search_options", "store",
-               "metadata", "service_tier")
 
 
 class _Request(BaseModel):

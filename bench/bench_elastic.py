@@ -4,9 +4,10 @@ sliced submodels as standalone models.
     ratio = sum over budgets of the elastic step time  /  sum over budgets of the extracted model's step time
 
 A step is forward + KD loss (against precomputed teacher logits, the same for both) + backward + optimizer.
+The elastic step is nestlm.elastic.train.train_step itself, with each budget's widths fixed (its `choose`):
 hard: the elastic model runs the SLICED submodel, its final hidden state * the router's straight-through
-gate, plus the router's budget losses and a router optimizer step (as nestlm.elastify does). soft: the
-full-width model with the router's channel masks.
+gate, plus the router's budget losses, the finiteness checks and a router optimizer step (as nestlm.elastify
+does). soft: the full-width model with the router's channel masks.
 fp32, `--threads` CPU threads (default 1: steadier on a shared machine); one warmup round, then `--repeats`
 rounds that time every variant in turn (interleaved, so drifting machine load hits all alike); MEDIANS.
 
@@ -17,6 +18,7 @@ rounds that time every variant in turn (interleaved, so drifting machine load hi
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import statistics
 import sys
 import time
@@ -58,7 +60,7 @@ def main(argv=None) -> str:
     from nestlm.arch import SubArch, width_subarch
     from nestlm.elastic.losses import kd_loss
     from nestlm.elastic.optim import adamw
-    from nestlm.elastic.train import budget_loss
+    from nestlm.elastic.train import Run, budget_loss, train_step
     from nestlm.model.extract import extract
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -100,23 +102,16 @@ def main(argv=None) -> str:
 
     tau, scale = 0.5, 2.0  # mid-schedule
 
+    def fixed(bi: int, lg, tau: float, scale: float):
+        return weights_for(bi, router.probs(bi, tau, scale, logits=lg))
+
+    runs = {mode: Run(dataclasses.replace(ecfg, mode=mode), model, model, lambda ids: teacher, router, opt_model,
+                      opt_router) for mode in ("hard", "soft")}
+
     def elastic_step(bi: int, mode: str):
-        """One step as nestlm.elastify takes it: one router evaluation, the model at the chosen widths, KD +
-        the router's budget losses (nestlm.elastic.train.budget_loss)."""
-        lg = None if router.pinned(bi) else router.budget_logits(bi)
-        w = weights_for(bi, router.probs(bi, tau, scale, logits=lg))
-        if router.pinned(bi):
-            logits = model(ids)
-        elif mode == "hard":
-            logits = model(ids, sub=router.subarch(w), gate=router.gate(w))
-        else:
-            logits = model(ids, masks=router.masks(w))
-        loss = kd_loss(logits, teacher) + budget_loss(router, ecfg, bi, lg, tau, scale)[0]
-        loss.backward()
-        opt_model.step()
-        opt_router.step()
-        opt_model.zero_grad(set_to_none=True)
-        opt_router.zero_grad(set_to_none=True)
+        """One step as nestlm.elastify takes it (train_step): one router evaluation, the model at the chosen
+        widths, KD + the router's budget losses, the update."""
+        train_step(runs[mode], [ids], [bi], tau, scale, choose=fixed)
 
     def standalone_step(small, opt):
         loss = kd_loss(small(ids), teacher)

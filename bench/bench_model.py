@@ -21,6 +21,8 @@ from pathlib import Path
 
 import torch
 
+from nestlm.device import set_threads
+
 warnings.filterwarnings("ignore", message=".*falling back to its reference PyTorch implementation.*")
 
 MODELS = ("tiny_nemotron_h", "smollm2_135m")
@@ -163,8 +165,8 @@ def parse_args(argv):
     p.add_argument("--prompt-len", type=int, default=32)
     p.add_argument("--new-tokens", type=int, default=64)
     p.add_argument("--threads", type=int, default=None,
-                   help="torch.set_num_threads; default: torch's, less the cores other processes keep busy "
-                        "(load average), since oversubscribed OpenMP threads slow small ops by up to 10x")
+                   help="torch threads; default: nestlm.device.default_threads (the cores other processes leave "
+                        "idle, by the load average), since oversubscribed OpenMP threads slow small ops by up to 10x")
     args = p.parse_args(argv)
     if args.repeats is None:
         args.repeats = 3 if args.quick else 7
@@ -181,21 +183,18 @@ def main(argv=None) -> str:
     t0 = time.time()
     rows, notes = [], []
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    else:
-        free = max(1, (os.cpu_count() or 1) - round(load))
-        if free < torch.get_num_threads():
-            notes.append(f"load average {load:.1f} at start: using {free} of {torch.get_num_threads()} threads "
-                         "(set --threads to override)")
-            torch.set_num_threads(free)
+    all_threads = torch.get_num_threads()
+    n = set_threads(args.threads)  # nestlm.device's rule: the cores other processes leave idle unless given
+    if args.threads is None and n < all_threads:
+        notes.append(f"load average {load:.1f} at start: using {n} of {all_threads} threads (set --threads to "
+                     "override)")
     if load > 0.5:
         notes.append(f"load average was {load:.1f} at start: other processes share the CPU, timings are noisy")
     with tempfile.TemporaryDirectory() as tmp:
         for name in args.models.split(","):
             pair = {"tiny_nemotron_h": tiny_nemotron_h, "smollm2_135m": smollm2_135m}[name](Path(tmp))
             if pair is None:
-                notes.append(f"{name}: skipped (not installed; see nestlm.pretrained)")
+                notes.append(f"{name}: skipped (not installed; see nestlm.data.pretrained)")
                 continue
             r, n = bench_pair(name, *pair, args)
             rows += r

@@ -277,7 +277,7 @@ def bench_at(name: str, cfg, ecfg, axes, choices, subs, device: torch.device, dt
     from nestlm.device import autocast
     from nestlm.elastic.losses import kd_loss
     from nestlm.elastic.optim import adamw
-    from nestlm.elastic.train import budget_loss
+    from nestlm.elastic.train import Run, train_step
     from nestlm.model.extract import extract
 
     torch.manual_seed(0)
@@ -293,24 +293,17 @@ def bench_at(name: str, cfg, ecfg, axes, choices, subs, device: torch.device, dt
     ids = torch.randint(0, cfg.vocab_size, (batch, seq), device=device)
     tau, scale = 0.5, 2.0
 
-    def elastic_step(bi: int):
-        with torch.no_grad():
-            t_logits = teacher(ids)
-        lg = None if router.pinned(bi) else router.budget_logits(bi)
+    def fixed(bi: int, lg, tau: float, scale: float):  # this budget's widths as straight-through one-hots
         if router.pinned(bi):
-            extra = {}
-        else:  # this budget's widths as straight-through one-hots (the router's gradient path)
-            pr = router.probs(bi, tau, scale, logits=lg)
-            w = {ax: F.one_hot(torch.tensor(choices[ax].index(getattr(subs[BUDGETS[bi]], ax)), device=device),
-                               len(choices[ax])).float() - pr[ax].detach() + pr[ax] for ax in axes}
-            extra = {"sub": router.subarch(w), "gate": router.gate(w)}
-        with autocast(dtype, device):
-            s_logits = model(ids, **extra)
-        loss = kd_loss(s_logits, t_logits) + budget_loss(router, ecfg, bi, lg, tau, scale)[0]
-        loss.backward()
-        for o in (opt_model, opt_router):
-            o.step()
-            o.zero_grad(set_to_none=True)
+            return router.full_weights()
+        pr = router.probs(bi, tau, scale, logits=lg)
+        return {ax: F.one_hot(torch.tensor(choices[ax].index(getattr(subs[BUDGETS[bi]], ax)), device=device),
+                              len(choices[ax])).float() - pr[ax].detach() + pr[ax] for ax in axes}
+
+    run = Run(ecfg, model, model, teacher, router, opt_model, opt_router, dtype=dtype)
+
+    def elastic_step(bi: int):  # nestlm.elastify's step: teacher forward, student at the widths, KD + budget loss
+        train_step(run, [ids], [bi], tau, scale, choose=fixed)
 
     repeats = 2 if quick else 3
     elastic = {b: timed(lambda bi=bi: elastic_step(bi), device, repeats) for bi, b in enumerate(BUDGETS)}

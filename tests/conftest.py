@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import json
 import math
+import socket
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
@@ -75,6 +77,40 @@ def tiny_ids(b=2, t=12, seed=0, vocab=64) -> torch.Tensor:
 def token_stream(n=4000, seed=0) -> torch.Tensor:
     """Random tokens of the tiny models' 64-token vocabulary: training data for tiny elastify runs."""
     return torch.randint(0, 64, (n,), generator=torch.Generator().manual_seed(seed))
+
+
+def num_params(model: torch.nn.Module) -> int:
+    """Every stored number of a model: its parameters, plus MoE routers' correction-bias buffers (a
+    reference for nestlm.count_params, counted from the module itself)."""
+    return sum(p.numel() for p in model.parameters()) + sum(
+        b.numel() for n, b in model.named_buffers() if n.endswith("e_score_correction_bias"))
+
+
+def relative_deviation(router, budget_idx: int) -> torch.Tensor:
+    """|cost / budget - 1| of every combination of the router's choices (one dimension per axis)."""
+    return (router.combo_costs() / router.budgets[budget_idx] - 1).abs()
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that is free now (a test server's, or a process group's rendezvous)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def snapshot(d: Path) -> dict:
+    """Every path under `d` with its bytes (None for a folder): equal snapshots, a byte-identical tree."""
+    return {p.relative_to(d): (p.read_bytes() if p.is_file() else None) for p in sorted(d.rglob("*"))}
+
+
+@pytest.fixture
+def one_rank_group(tmp_path):
+    """A gloo process group of one process: elastify takes its distributed path (DDP, DCP checkpoints)."""
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    yield
+    dist.destroy_process_group()
 
 
 def train_log(out) -> list[dict]:

@@ -96,10 +96,12 @@ def test_slice_eval_generate_quantize_resolve_alike(elastic, tmp_path, monkeypat
     assert prov["sub"] == want.to_dict() and prov["quant_format"] == "fp8_channel"
 
     seen = []
-    real = nestlm.inference.two_phase.generate_two_phase
-    monkeypatch.setattr(nestlm.inference.two_phase, "generate_two_phase",
+    import nestlm.inference.text
+
+    real = nestlm.inference.text.generate_two_phase
+    monkeypatch.setattr(nestlm.inference.text, "generate_two_phase",
                         lambda m, ids, s, big, *a, **k: seen.append((s, big)) or real(m, ids, s, big, *a, **k))
-    nestlm.cli.think_answer(elastic, PROMPT, think_budget=budget, max_think=2, max_answer=1, stream=False)
+    nestlm.inference.text.think_answer(elastic, PROMPT, think_budget=budget, max_think=2, max_answer=1, stream=False)
     assert seen[0][0].resolve(cfg) == want and seen[0][1] == SubArch()
 
 

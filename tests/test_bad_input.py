@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import randomize_, tiny_hybrid_config
+from conftest import randomize_, snapshot, tiny_hybrid_config
 
 import nestlm
 from nestlm import ConfigError, ElasticConfig
@@ -42,10 +42,6 @@ def run_config(**over):
               seq_len=16, router_hidden=16, calib_batches=1, checkpoint_every=2, seed=0)
     kw.update(over)
     return ElasticConfig(**kw)
-
-
-def snapshot(d: Path) -> dict:
-    return {p.relative_to(d): (p.read_bytes() if p.is_file() else None) for p in sorted(d.rglob("*"))}
 
 
 def fails_cleanly(root: Path, exc, fn) -> str:
@@ -301,15 +297,6 @@ def test_the_distributed_checkpoint_loader_never_runs_a_pickle(tmp_path):
         assert not marker.exists()
         dcp.load({"w": torch.zeros(2), "obj": None}, checkpoint_id=str(tmp_path / "ck"))  # DCP's default: runs it
     assert marker.exists()
-
-
-@pytest.fixture
-def one_rank_group(tmp_path):
-    import torch.distributed as dist
-
-    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
-    yield
-    dist.destroy_process_group()
 
 
 def test_resume_from_a_corrupt_distributed_checkpoint(tmp_path, one_rank_group):

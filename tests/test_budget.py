@@ -9,7 +9,6 @@ from conftest import randomize_, tiny_hybrid_config
 
 import nestlm
 from nestlm.arch import SubArch
-from nestlm.cli import think_answer
 from nestlm.data import ByteTokenizer
 from nestlm.data.reasoning import (
     Problem,
@@ -22,7 +21,8 @@ from nestlm.data.reasoning import (
     sample_problems,
     score,
 )
-from nestlm.inference.generate import decode, generate, prefill
+from nestlm.inference.generate import Sampling, decode, generate, prefill
+from nestlm.inference.text import think_answer
 from nestlm.inference.two_phase import Standalone, generate_two_phase, transplant_cache
 from nestlm.model.config import ConfigError
 
@@ -156,9 +156,9 @@ def test_seeded_sampling_is_reproducible_and_callback_streams_phases():
     model = hybrid(seed=6)
     ids = prompt(4, seed=6)
     seen = []
-    a = generate_two_phase(model, ids, S, None, 6, 4, [1, 2, 3], temperature=1.0, seed=7,
+    a = generate_two_phase(model, ids, S, None, 6, 4, [1, 2, 3], sampling=Sampling(1.0, seed=7),
                            callback=lambda tok, phase: seen.append((int(tok[0]), phase)))
-    b = generate_two_phase(model, ids, S, None, 6, 4, [1, 2, 3], temperature=1.0, seed=7)
+    b = generate_two_phase(model, ids, S, None, 6, 4, [1, 2, 3], sampling=Sampling(1.0, seed=7))
     assert torch.equal(a.tokens, b.tokens)
     assert [t for t, _ in seen] == a.tokens[0, 4:].tolist()
     phases = [p for _, p in seen]

@@ -206,15 +206,15 @@ def test_messages_name_flags_and_warnings_are_plain_lines(world, own, monkeypatc
                   own["root"], "--fresh")
     assert "resume=False" not in err
 
-    import nestlm.info as info  # where `nestlm info` of a plain folder counts its memory
+    import nestlm.search as search  # where `nestlm info` of a plain folder counts its memory
 
-    real = info.count_memory
+    real = search.count_memory
 
     def warns(*a, **k):
         warnings.warn("this is a warning", UserWarning, stacklevel=2)
         return real(*a, **k)
 
-    monkeypatch.setattr(info, "count_memory", warns)
+    monkeypatch.setattr(search, "count_memory", warns)
     code, _, err = run(["info", world["hf"]])
     assert code == 0 and err == "nestlm: warning: this is a warning\n"
 
@@ -320,10 +320,10 @@ def test_eval_on_a_slice_labels_its_row_as_the_slice(world):
 
 # ------------------------------------------------------------------------------------ 10. readable generation
 def test_the_printer_never_prints_a_replacement_character(capsys):
-    from nestlm.cli import _Printer
+    from nestlm.inference.text import Printer
 
     tok = ByteTokenizer()
-    p = _Printer(tok.decode)
+    p = Printer(tok.decode)
     ids = tok.encode("a") + tok.encode("é")[:1] + tok.encode("</think>") + tok.encode("é")[1:] + tok.encode("sé")
     for i, t in enumerate(ids):  # a character cut by the forced tag, then its stray continuation byte
         p(torch.tensor([t]), "think" if i < 2 else "answer")
@@ -362,7 +362,7 @@ def test_sampling_follows_transformers_rules():
         TopPLogitsWarper,
     )
 
-    from nestlm.inference.generate import sample
+    from nestlm.inference.generate import Sampling, sample
 
     g = torch.Generator().manual_seed(0)
     logits = torch.randn(3, 50, generator=g) * 3
@@ -371,9 +371,9 @@ def test_sampling_follows_transformers_rules():
     for w in (TemperatureLogitsWarper(0.7), TopKLogitsWarper(20), TopPLogitsWarper(0.8)):
         ref = w(seen, ref)
     want = torch.multinomial(torch.softmax(ref, -1), 1, generator=torch.Generator().manual_seed(5))
-    got = sample(logits, 0.7, 20, torch.Generator().manual_seed(5), top_p=0.8, repetition_penalty=1.3, seen=seen)
+    got = sample(logits, Sampling(0.7, 20, top_p=0.8, repetition_penalty=1.3), torch.Generator().manual_seed(5), seen)
     assert torch.equal(got, want)
-    greedy = sample(logits, 0.0, repetition_penalty=1.3, seen=seen)
+    greedy = sample(logits, Sampling(0.0, repetition_penalty=1.3), seen=seen)
     assert torch.equal(greedy, RepetitionPenaltyLogitsProcessor(1.3)(seen, logits.clone()).argmax(-1, keepdim=True))
 
 

@@ -183,7 +183,7 @@ def test_hard_depth_forward_equals_the_extracted_model_and_trains_the_depth_axis
 def test_decode_and_interpolate_choose_depth():
     r = router_(budgets=[1.0, 0.8, 0.45])
     for bi in (1, 2):  # decode searches depth like any axis: it lands wherever some architecture does
-        best = float(r.relative_deviation(bi).min())
+        best = float(conftest.relative_deviation(r, bi).min())
         sub = r.subarch(r.decode(bi, tol=0.02))
         assert abs(nestlm.count_params(r.cfg, sub) / r.full_cost / r.budgets[bi] - 1) <= max(0.02, best + 1e-9)
     with torch.no_grad():  # a router that prefers the fewest units: greedy and interpolate drop them

@@ -8,6 +8,7 @@ import json
 import pytest
 import torch
 from conftest import randomize_, tiny_hybrid_config, tiny_nemotron_h_config, token_stream
+from conftest import train_log as log
 from torch.testing import assert_close
 
 import nestlm
@@ -123,10 +124,6 @@ def run_config(**over):
               checkpoint_every=3)
     kw.update(over)
     return ElasticConfig(**kw)
-
-
-def log(d):
-    return [json.loads(ln) for ln in (d / "train" / "log.jsonl").read_text().splitlines()]
 
 
 @pytest.fixture(scope="module")

@@ -12,14 +12,14 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import socket
 import traceback
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import randomize_, tiny_hybrid_config
+from conftest import free_port, randomize_, tiny_hybrid_config
 from conftest import token_stream as stream
+from conftest import train_log as log
 from torch.testing import assert_close
 
 import nestlm
@@ -56,16 +56,6 @@ def qad_setup():
     ecfg = run_config(quant="nvfp4", align=16, budgets=[1.0, 0.8, 0.6], choices={
         "hidden": [1.0, 0.5], "ffn": [48, 32, 16], "mamba_heads_per_group": [1.0, 0.5]})
     return randomize_(nestlm.Decoder(cfg), seed=0), ecfg
-
-
-def log(d):
-    return [json.loads(ln) for ln in (d / "train" / "log.jsonl").read_text().splitlines()]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 # ---------------------------------------------------------------------------------------------- the 2 workers
@@ -234,11 +224,14 @@ def test_two_process_resume_is_bit_exact(runs):
     assert state["step"] == STOP and state["world_size"] == 2 and sorted(state["optimizers"]) == ["model", "router"]
 
 
-def test_one_process_resumes_a_two_process_checkpoint(runs, single):
-    """DCP reshards: the 2-process checkpoint at step STOP, finished by one process, is the one-process run."""
+def test_one_process_resumes_a_two_process_checkpoint(runs, single, tmp_path):
+    """DCP reshards: the 2-process checkpoint at step STOP, finished by one process, is the one-process run.
+    On a copy: test_two_process_resume_is_bit_exact reads the checkpoint at step STOP in runs' folder."""
     root, _ = runs
-    nestlm.elastify(run_config(), parent(), stream(), root / "cross", progress=False)
-    assert_same_run(log(single), log(root / "cross"))
+    cross = shutil.copytree(root / "cross", tmp_path / "cross")
+    nestlm.elastify(run_config(), parent(), stream(), cross, progress=False)
+    assert_same_run(log(single), log(cross))
+    assert json.loads((root / "cross" / "train" / "checkpoint" / "train_state.json").read_text())["step"] == STOP
 
 
 @pytest.mark.parametrize("job, match", [

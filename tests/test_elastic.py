@@ -482,7 +482,7 @@ def test_manifest_keeps_the_routers_own_choice_when_it_misses_the_budget():
     assert {k: v for k, v in m.items() if k != "elastic"} == {k: v for k, v in m_trained.items() if k != "elastic"}
     for i, b in enumerate(m["budgets"].values()):
         if i:  # within 2% when some architecture is; else the closest one
-            best = float(router.relative_deviation(i).min())
+            best = float(conftest.relative_deviation(router, i).min())
             assert abs(b["cost_ratio"] / b["fraction"] - 1) <= max(0.02, best + 1e-9)
         if i in miss:
             assert SubArch.from_dict(b["argmax_sub"]) == router.subarch(router.greedy(i))

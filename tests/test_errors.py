@@ -8,7 +8,7 @@ import shutil
 
 import pytest
 import torch
-from conftest import randomize_
+from conftest import randomize_, snapshot
 from torch.testing import assert_close
 
 import nestlm
@@ -221,10 +221,6 @@ def test_not_a_directory(ckpt, what):
 
 
 # ------------------------------------------------------------------------------------------ writing
-def snapshot(d):
-    return {p.relative_to(d): (p.read_bytes() if p.is_file() else None) for p in sorted(d.rglob("*"))}
-
-
 def test_to_hf_into_existing_directory(model, tmp_path):
     out = tmp_path / "out"
     out.mkdir()
@@ -239,7 +235,8 @@ def test_to_hf_into_existing_directory(model, tmp_path):
 def test_to_hf_overwrite_replaces(model, tmp_path):
     out = tmp_path / "out"
     out.mkdir()
-    (out / "notes.txt").write_text("old")
+    (out / "config.json").write_text("{}")  # an earlier checkpoint: replaced whole, its stale shard too
+    (out / "model-00002-of-00002.safetensors").write_text("old")
     nestlm.to_hf(model, out, overwrite=True)
     assert sorted(p.name for p in out.iterdir()) == ["config.json", "model.safetensors"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]

@@ -6,7 +6,6 @@ the run with a message naming the step and the last good checkpoint, and nothing
 from __future__ import annotations
 
 import importlib
-import json
 import os
 import re
 import subprocess
@@ -18,6 +17,7 @@ import pytest
 import torch
 from conftest import randomize_
 from conftest import token_stream as stream
+from conftest import train_log as log
 
 import nestlm
 from nestlm import ElasticConfig
@@ -49,10 +49,6 @@ def run_config(**over):
               checkpoint_every=4, seed=0)
     kw.update(over)
     return ElasticConfig(**kw)
-
-
-def log(d: Path) -> list[dict]:
-    return [json.loads(ln) for ln in (d / "train" / "log.jsonl").read_text().splitlines()]
 
 
 def weights(d: Path) -> dict:
@@ -134,16 +130,6 @@ def test_crash_while_writing_a_checkpoint_keeps_the_previous_one(tmp_path, monke
     nestlm.elastify(run_config(), parent(), stream(), tmp_path, progress=False)
     assert log(tmp_path) == log(reference)
     assert_same_weights(tmp_path, reference)
-
-
-@pytest.fixture
-def one_rank_group(tmp_path):
-    """A gloo process group of one process: elastify takes its distributed path (DDP, DCP checkpoints)."""
-    import torch.distributed as dist
-
-    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
-    yield
-    dist.destroy_process_group()
 
 
 def test_crash_while_writing_a_distributed_checkpoint(tmp_path, monkeypatch, one_rank_group, reference):

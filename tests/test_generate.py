@@ -8,7 +8,7 @@ from conftest import randomize_, tiny_hybrid_config, tiny_nemotron_h_config
 
 import nestlm
 from nestlm.arch import SubArch
-from nestlm.inference.generate import decode_one_token, generate, prefill, sample
+from nestlm.inference.generate import Sampling, decode_one_token, generate, prefill, sample
 from nestlm.model.extract import extract
 
 VOCAB = 64
@@ -116,9 +116,9 @@ def test_callback_streams_every_step():
 def test_seeded_sampling_is_reproducible():
     model = hybrid_model()
     ids = prompt(2, 4)
-    a = generate(model, ids, 16, temperature=1.0, top_k=20, seed=123)
-    b = generate(model, ids, 16, temperature=1.0, top_k=20, seed=123)
-    c = generate(model, ids, 16, temperature=1.0, seed=7)
+    a = generate(model, ids, 16, sampling=Sampling(1.0, top_k=20, seed=123))
+    b = generate(model, ids, 16, sampling=Sampling(1.0, top_k=20, seed=123))
+    c = generate(model, ids, 16, sampling=Sampling(1.0, seed=7))
     assert torch.equal(a, b)
     assert not torch.equal(a, c)
     assert not torch.equal(a, generate(model, ids, 16))  # sampling != greedy (16 tokens of 64)
@@ -128,7 +128,7 @@ def test_sample_greedy_and_top_k():
     logits = torch.tensor([[0.0, 3.0, 1.0, 2.0], [5.0, 0.0, 0.0, 4.0]])
     assert sample(logits).tolist() == [[1], [0]]
     g = torch.Generator().manual_seed(0)
-    draws = torch.cat([sample(logits, 5.0, top_k=2, generator=g) for _ in range(200)], dim=1)
+    draws = torch.cat([sample(logits, Sampling(5.0, top_k=2), g) for _ in range(200)], dim=1)
     assert set(draws[0].tolist()) == {1, 3} and set(draws[1].tolist()) == {0, 3}
 
 

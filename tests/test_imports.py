@@ -18,7 +18,7 @@ LAYERS = [
     ["convert", "quant.formats", "quant.fake"],
     ["elastic", "inference"],
     ["slicing", "quant"],
-    ["load", "info", "evaluate", "plan", "search", "inference.serve"],  # the server loads a checkpoint: an entry point
+    ["load", "info", "evaluate", "plan", "search", "inference.serve", "inference.text"],  # they load a checkpoint
     ["cli", "demo", "__init__"],
 ]
 RANK = {name: i for i, names in enumerate(LAYERS) for name in names}

@@ -4,7 +4,6 @@ nothing outside a mixer reaches into the mixer's privates."""
 from __future__ import annotations
 
 import ast
-import itertools
 from pathlib import Path
 
 import pytest
@@ -57,7 +56,8 @@ def test_layout_rows_match_the_rules_written_out(sub):
     cfg = tiny_hybrid_config()
     s = sub.resolve(cfg)
     ref = _reference_rows(cfg, s)
-    cuts = {**layout.block_cuts(cfg, "*", s), **layout.block_cuts(cfg, "M", s)}
+    v = layout.axis_values(s)
+    cuts = {n: layout.cut(d, v) for kind in "*M" for n, d in layout.block_tensors(cfg, kind).items()}
     for name, rows in ref.items():
         runs = cuts[name][0]
         full = sum(seg.size for seg in {**layout.attention_tensors(cfg), **layout.mamba_tensors(cfg)}[name][0])
@@ -151,7 +151,13 @@ def test_nothing_outside_a_mixer_calls_its_privates():
 def test_every_state_dict_tensor_is_declared():
     for cfg in (tiny_hybrid_config(), tiny_hybrid_config(attn_bias=True, mamba_bias=True, conv_bias=True,
                                                           qk_norm=True, tie_embeddings=False)):
-        names = set(nestlm.Decoder(cfg).state_dict())
-        assert names == set(layout.model_tensors(cfg))
-        for a, b in itertools.pairwise(list(layout.model_cuts(cfg, SubArch.full(cfg)))):
-            assert a != b
+        sd = nestlm.Decoder(cfg).state_dict()
+        assert set(sd) == set(layout.model_tensors(cfg))
+        # the full SubArch's standalone model is the model itself: every tensor, block by block as in the
+        # state dict, under its own name, nothing cut
+        cuts = layout.model_cuts(cfg, SubArch.full(cfg))
+        assert set(cuts) == set(sd)
+        assert [n.split(".")[:2] for n in cuts] == [n.split(".")[:2] for n in sd]
+        for name, (src, c) in cuts.items():
+            assert src == name and all(r is None for r in c), (name, src, c)
+            assert layout.take(sd[name], c) is sd[name]

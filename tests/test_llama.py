@@ -10,6 +10,7 @@ import torch
 from conftest import (
     assert_round_trip_exact,
     hf_cached,
+    num_params,
     ours_cached,
     saved_hf_pair,
     tiny_llama_config,
@@ -20,6 +21,7 @@ from torch.testing import assert_close
 import nestlm
 from nestlm import SubArch
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny matmuls: one thread is faster on a shared CPU
 TOL = {"atol": 2e-5, "rtol": 1e-4}
 
 CASES = {
@@ -37,15 +39,6 @@ CASES = {
     "qwen3-mha-wide-heads": (tiny_qwen3_config, {"num_key_value_heads": 4, "head_dim": 16,
                                                  "tie_word_embeddings": False, "attention_bias": True}),
 }
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """Tiny matmuls: one thread is faster, and avoids OpenMP spin-waits on a shared CPU."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 @pytest.fixture(scope="module", params=sorted(CASES))
@@ -79,7 +72,7 @@ def test_config(pair):
     assert c.attn_bias == h.attention_bias
     assert c.qk_norm == (h.model_type == "qwen3")
     assert c.rope_theta == h.rope_parameters["rope_theta"]
-    assert ours.num_params() == sum(p.numel() for p in hf.parameters())
+    assert num_params(ours) == sum(p.numel() for p in hf.parameters())
 
 
 @pytest.mark.parametrize("batch", [1, 3])

@@ -12,6 +12,7 @@ import torch
 from conftest import (
     assert_round_trip_exact,
     hf_cached,
+    num_params,
     ours_cached,
     random_hf_model,
     saved_hf_pair,
@@ -101,7 +102,7 @@ def test_config(pair):
                                                                "softmax", "swiglu")
     assert c.norm_topk_prob == (h.norm_topk_prob if h.model_type == "qwen3_moe" else True)
     assert c.qk_norm == (h.model_type == "qwen3_moe") and c.tie_embeddings == h.tie_word_embeddings
-    assert ours.num_params() == sum(p.numel() for p in hf.parameters()) == count_params(c)
+    assert num_params(ours) == sum(p.numel() for p in hf.parameters()) == count_params(c)
     moe = ours.layers[c.pattern.index("E")].mixer
     assert moe.e_score_correction_bias is None and moe.gate_proj.shape == moe.up_proj.shape
 

@@ -12,7 +12,14 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import assert_round_trip_exact, hf_cached, ours_cached, randomize_, tiny_nemotron_h_config
+from conftest import (
+    assert_round_trip_exact,
+    hf_cached,
+    num_params,
+    ours_cached,
+    randomize_,
+    tiny_nemotron_h_config,
+)
 from safetensors.torch import load_file, save_file
 from torch.testing import assert_close
 
@@ -105,7 +112,7 @@ def test_config_and_param_count(pair):
     )
     assert (c.mlp_bias, c.mamba_bias, c.conv_bias) == (h.mlp_bias, h.use_bias, h.use_conv_bias)
     assert c.chunk_size == h.chunk_size and c.dt_min == h.time_step_min
-    assert ours.num_params() == hf_num_params(hf)
+    assert num_params(ours) == hf_num_params(hf)
 
 
 def test_count_params_equals_transformers(pair):

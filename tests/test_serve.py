@@ -17,12 +17,13 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import free_port
 from test_budget import hybrid
 
 import nestlm
 from nestlm.arch import SubArch
 from nestlm.data import ByteTokenizer
-from nestlm.inference.generate import generate, sample
+from nestlm.inference.generate import Sampling, generate, sample
 from nestlm.inference.serve import launch, stop, wait_ready
 from nestlm.inference.two_phase import generate_two_phase
 
@@ -56,12 +57,6 @@ def write_ascii_elastic(path: Path) -> None:
         warnings.simplefilter("ignore")
         export(model, Router(model.cfg, ecfg), ecfg, path)
     TOK.save(path)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class Server:
@@ -106,15 +101,17 @@ def live(tmp_path_factory):
             s.stop()
 
 
-def reference(live, prompt: str, think: str | None, answer: str, budget: int, max_tokens: int, **kw):
+def reference(live, prompt: str, think: str | None, answer: str, budget: int, max_tokens: int,
+              switch: str = "reprefill", **sampling):
     """The in-process tokens: generate_two_phase (think given) or generate, as the server should run them."""
     _, model, subs, tag, _, _ = live
+    sampling = Sampling(**sampling)
     ids = torch.tensor([TOK.encode(prompt, bos=True)])  # [1, t]
     if think is None:
-        out = generate(model, ids, max_tokens, subs[answer], stop_tokens=TOK.eos_id, **kw)
+        out = generate(model, ids, max_tokens, subs[answer], sampling, stop_tokens=TOK.eos_id)
         return out[0, ids.shape[1]:].tolist(), None
     res = generate_two_phase(model, ids, subs[think], subs[answer], budget, max_tokens, TOK.encode(tag),
-                             stop_tokens=TOK.eos_id, **kw)
+                             stop_tokens=TOK.eos_id, switch=switch, sampling=sampling)
     return res.tokens[0, ids.shape[1]:].tolist(), res
 
 
@@ -293,8 +290,8 @@ def test_client_thinks_on_one_server_and_answers_on_another(live, budget):
     assert got.text == PROMPT + TOK.decode(want)  # the same tokens as one in-process generate_two_phase
     assert got.answer == TOK.decode(res.answer_ids)
     assert got.answer_tokens == res.answer_len
-    assert "".join(d for d, _ in seen) == got.text[len(PROMPT):]
-    assert [p for _, p in seen if p != "think"][0] == "end"
+    assert seen[0] == (PROMPT, "prompt") and "".join(d for d, _ in seen) == got.text  # the prompt, then the rest
+    assert [p for _, p in seen if p not in ("prompt", "think")][0] == "end"
 
 
 def test_cli_think_and_its_errors(live, capsys):
@@ -305,7 +302,7 @@ def test_cli_think_and_its_errors(live, capsys):
     assert main(["think", "--prompt", PROMPT, "--think-url", a.url, "--think-model", "70%", "--answer-url",
                  b.url, "--answer-model", "full", "--max-think", "3", "--max-answer", "4", "--end-think", tag]) == 0
     out, err = capsys.readouterr()
-    assert out.rstrip("\n") == TOK.decode(want) and "ended by budget" in err
+    assert out.rstrip("\n") == PROMPT + TOK.decode(want) and "ended by budget" in err  # the prompt first
     with pytest.raises(SystemExit) as e:  # unknown model on a live server: its error message, exit 2
         main(["think", "--prompt", "x", "--think-url", a.url, "--think-model", "9%", "--answer-url", b.url,
               "--answer-model", "full", "--max-think", "2"])
@@ -329,11 +326,11 @@ def test_top_p_samples_only_the_nucleus():
     probs = torch.tensor([[0.05, 0.5, 0.15, 0.3]])
     logits = probs.log()
     gen = torch.Generator().manual_seed(0)
-    got = {int(sample(logits, 1.0, generator=gen, top_p=0.7)) for _ in range(200)}
+    got = {int(sample(logits, Sampling(1.0, top_p=0.7), gen)) for _ in range(200)}
     assert got == {1, 3}  # 0.5 + 0.3 reaches 0.7; 0.5 alone does not
-    assert {int(sample(logits, 1.0, generator=gen, top_p=0.5)) for _ in range(50)} == {1}
-    a = sample(logits.repeat(64, 1), 1.0, generator=torch.Generator().manual_seed(1))
-    b = sample(logits.repeat(64, 1), 1.0, generator=torch.Generator().manual_seed(1), top_p=1.0)
+    assert {int(sample(logits, Sampling(1.0, top_p=0.5), gen)) for _ in range(50)} == {1}
+    a = sample(logits.repeat(64, 1), Sampling(1.0), torch.Generator().manual_seed(1))
+    b = sample(logits.repeat(64, 1), Sampling(1.0, top_p=1.0), torch.Generator().manual_seed(1))
     assert torch.equal(a, b)  # top_p 1: no change
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import num_params
 from torch.testing import assert_close
 
 import nestlm
@@ -50,8 +51,8 @@ def test_config(smol):
     assert (c.family, c.hidden_size, c.pattern, c.num_heads, c.num_kv_heads, c.intermediate_size) == (
         "llama", 576, "*-" * 30, 9, 3, 1536)
     assert c.tie_embeddings
-    assert ours.num_params() == sum(p.numel() for p in hf.parameters()) == nestlm.count_params(c)
-    assert 134_000_000 < ours.num_params() < 135_000_000
+    assert num_params(ours) == sum(p.numel() for p in hf.parameters()) == nestlm.count_params(c)
+    assert 134_000_000 < num_params(ours) < 135_000_000
 
 
 @torch.no_grad()

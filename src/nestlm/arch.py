@@ -8,7 +8,7 @@ from nestlm.errors import ConfigError
 from nestlm.model.config import ModelConfig
 from nestlm.model.subarch import SubArch, sliced_config
 
-__all__ = ["SubArch", "count_active_params", "count_memory", "count_params", "depth_subarch", "depth_units",
+__all__ = ["SubArch", "count_active_params", "count_memory", "count_params", "depth_subarch", "depth_units", "human_bytes",
            "sliced_config", "unit_order", "width_subarch"]
 
 
@@ -79,6 +79,16 @@ def count_memory(cfg: ModelConfig, sub: SubArch | None = None, *, seq_len: int =
     conv = n_mamba * batch * c.mamba_conv_dim * max(c.conv_kernel - 1, 0) * kv_bytes
     total = weights + kv + ssm + conv
     return {"weights": int(weights), "kv_cache": int(kv), "ssm_state": int(ssm + conv), "total": int(total)}
+
+
+def human_bytes(n: float) -> str:
+    """Bytes in decimal units, the one way nestlm prints sizes (info, info --sub, search, slice, quantize):
+    '153.33 KB', '4.40 MB', '63.17 GB'. (`nestlm plan` prints GPU memory in GiB, as --gpu-memory is given.)"""
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if abs(n) < 1000 or unit == "TB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
+        n /= 1000
+    return str(n)
 
 
 # -------------------------------------------------------------------- choosing a SubArch for a budget

@@ -1,24 +1,10 @@
-"""`nestlm <command>`: every command is a plain typed Python function; argparse only maps flags onto it.
-
-    nestlm demo [--out DIR] [--steps N] [--quick] [--seed S] [--device cpu] [--threads 1]
-    nestlm importance HF_DIR --text FILE|--kjv --out scores.safetensors [--sort-out DIR]
-    nestlm elastify CONFIG.yaml --model HF_DIR --text FILE|--kjv --out DIR [--max-steps N] [--fresh]
-    nestlm plan CONFIG.yaml --model HF_DIR [--gpus N --parallel fsdp2 --gpu-memory 80GB]   # memory per GPU
-    nestlm slice ELASTIC_DIR --budget NAME|FRACTION -o DIR      # streamed: a plain HF checkpoint
-    nestlm slice SRC --sub hidden=1792,moe_ffn=1024 -o DIR      # any plain / packed folder, explicit widths
-    nestlm search SRC --params 12e9 | --active 2e9 | --memory BYTES [--seq-len N] [--choices FILE.yaml]
-    nestlm info PATH [--sub SPEC]                     # elastic checkpoint: budgets, storage; HF folder: config
-    nestlm eval PATH [--text FILE] [--seq-len N] [--max-windows N] [--budget B ...]
-    nestlm convert SRC DST                            # HF -> nestlm -> HF round trip
-    nestlm generate PATH --prompt TEXT [--max-new-tokens N]
-    nestlm serve ELASTIC_DIR [--host 127.0.0.1] [--port 8000]      # OpenAI-compatible API, every budget a model
-    nestlm think --think-url URL --think-model S --answer-url URL --answer-model L --prompt TEXT
-"""
+"""`nestlm <command>`: every command is a plain typed Python function that parses its flags' values, calls the
+library and prints; argparse only maps flags onto it. `nestlm --help` and `nestlm COMMAND --help` list them;
+docs/guide.md walks through each."""
 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import os
 import sys
 import warnings
@@ -27,11 +13,12 @@ from pathlib import Path
 import torch
 
 from nestlm.arch import count_params
-from nestlm.convert import config_from_hf
-from nestlm.device import DTYPES, autocast, resolve
+from nestlm.convert import config_from_hf, folder_config
+from nestlm.device import DTYPES, resolve, set_threads, torch_threads
 from nestlm.elastic.artifact import MANIFEST, read_provenance
 from nestlm.errors import CheckpointError, ConfigError
 from nestlm.io.safetensors import check_output, read_config
+from nestlm.io.tokenizer import check_utf8, copy_tokenizer, folder_tokens
 
 
 class UsageError(Exception):
@@ -44,7 +31,7 @@ USER_ERRORS = (ConfigError, CheckpointError, FileExistsError, FileNotFoundError,
 
 # -------------------------------------------------------------------------------------------- commands
 def demo(out: str = "nestlm-demo", steps: int | None = None, quick: bool = False, seed: int = 0,
-         device: str | None = None, threads: int = 1, dtype: str | None = None) -> dict:
+         device: str | None = None, threads: int | None = None, dtype: str | None = None) -> dict:
     from nestlm.demo import demo as run_demo
 
     return run_demo(out_dir=out, steps=steps, seed=seed, device=device, quick=quick, threads=threads, dtype=dtype)
@@ -52,47 +39,33 @@ def demo(out: str = "nestlm-demo", steps: int | None = None, quick: bool = False
 
 def importance(hf_dir: str, out: str, text: str | None = None, kjv: bool = False, seq_len: int = 256,
                batches: int = 8, batch_size: int = 4, sort_out: str | None = None, overwrite: bool = False,
-               device: str | None = None, dtype: str | None = None) -> Path:
+               device: str | None = None, dtype: str | None = None, threads: int | None = None) -> Path:
     """Importance scores of an HF checkpoint on `batches` calibration batches of the text, saved with
     Scores.save; with sort_out, also the model sorted by them (same function) as an HF folder. Both outputs
     are checked (new, or overwrite; never an input) before the model is read. The weights stay fp32 on
     `device` (sorting is exact); dtype bf16 runs the scoring forwards under bf16 autocast."""
-    from nestlm.convert import to_hf
-    from nestlm.elastic.importance import importance as run_importance
-    from nestlm.elastic.sort import sort_
+    from nestlm.elastic.sort import score_text
     from nestlm.load import from_hf
 
-    check_output(out, hf_dir, text, sort_out, overwrite=overwrite)
+    set_threads(threads)
+    check_output(out, hf_dir, text, sort_out, overwrite=overwrite, kind="file")
     if sort_out is not None:
         check_output(sort_out, hf_dir, text, out, overwrite=overwrite)
     dev, compute = resolve(device, dtype)
-    hf = read_config(hf_dir)
-    dtype = _dtype(hf)
     model = from_hf(hf_dir, device=dev)  # fp32 for scoring and sorting
-    ids = _tokens(hf_dir, model.cfg.vocab_size, text, kjv, need=batches * batch_size * seq_len + 1)
-    n_win = (len(ids) - 1) // seq_len
-    if n_win < 1:
-        raise UsageError(f"the text gives {len(ids)} tokens, too few for one window of --seq-len {seq_len}")
-    wins = ids[: n_win * seq_len].view(n_win, seq_len)  # [n_win, seq_len], contiguous windows
-    calib = [w for w in wins.split(batch_size)][:batches]  # [batch_size, seq_len] each
-    with autocast(compute, dev):
-        scores = run_importance(model, calib)
-    scores.meta.update({"source": str(Path(hf_dir).resolve()), "seq_len": seq_len})
-    out_path = Path(out)
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    scores.save(out_path)
-    print(f"wrote {out_path} ({scores.meta['tokens']:,} tokens in {scores.meta['batches']} batches, "
+    ids = folder_tokens(hf_dir, model.cfg.vocab_size, text, kjv, need=batches * batch_size * seq_len + 1)
+    scores = score_text(model, ids, out, seq_len, batches, batch_size, sort_out, _dtype(read_config(hf_dir)),
+                        compute, source=hf_dir, overwrite=overwrite)
+    print(f"wrote {out} ({scores.meta['tokens']:,} tokens in {scores.meta['batches']} batches, "
           f"{len(scores.tensors)} score tensors)")
     if sort_out is not None:
-        sort_(model, scores)
-        dst = to_hf(model.to(device="cpu", dtype=dtype), sort_out, overwrite=overwrite)
-        print(f"wrote {dst} (sorted by importance: the same function, every budget a prefix)")
-    return out_path
+        print(f"wrote {sort_out} (sorted by importance: the same function, every budget a prefix)")
+    return Path(out)
 
 
 def elastify(config: str, model: str, out: str, text: str | None = None, kjv: bool = False,
              max_steps: int | None = None, fresh: bool = False, parallel: str | None = None,
-             device: str | None = None, dtype: str | None = None) -> Path:
+             device: str | None = None, dtype: str | None = None, threads: int | None = None) -> Path:
     """nestlm.elastify on an HF parent and a tokenized text; prints the resulting budgets. Under torchrun,
     --parallel ddp (default) or fsdp2. device, dtype: see nestlm.elastify (checked before any work)."""
     import nestlm
@@ -102,12 +75,13 @@ def elastify(config: str, model: str, out: str, text: str | None = None, kjv: bo
     from nestlm.info import info as elastic_info
 
     resolve(device, dtype)  # an unavailable device or precision: one line before anything is read
+    set_threads(threads)
     ecfg = ElasticConfig.load(config)
     check_out_dir(Path(out), model)  # before the text is read (nestlm.elastify checks it again)
     cfg = config_from_hf(read_config(model))
     longest = max(ecfg.seq_len, ecfg.stage2_seq_len or 0)
     need = (ecfg.steps * ecfg.grad_accum + ecfg.calib_batches) * ecfg.batch * longest + 1  # what training reads
-    ids = _tokens(model, cfg.vocab_size, text, kjv, need=need)
+    ids = folder_tokens(model, cfg.vocab_size, text, kjv, need=need)
     if len(ids) < longest + 1:
         raise UsageError(f"the text gives {len(ids)} tokens, too few for one window of seq_len {longest}")
     dst = nestlm.elastify(ecfg, model, ids, out, max_steps=max_steps, resume=not fresh, parallel=parallel,
@@ -117,7 +91,7 @@ def elastify(config: str, model: str, out: str, text: str | None = None, kjv: bo
     if not (dst / MANIFEST).is_file():
         print(f"stopped after --max-steps {max_steps}; run the same command again to resume from {dst / 'train'}")
         return dst
-    _copy_tokenizer(model, dst)
+    copy_tokenizer(model, dst)
     print(format_elastic(elastic_info(dst)))
     return dst
 
@@ -131,30 +105,11 @@ def plan(config: str, model: str, gpus: int = 1, parallel: str | None = None, gp
     from nestlm.plan import format_plan
     from nestlm.plan import plan as run_plan
 
-    p = run_plan(ElasticConfig.load(config), model, gpus=gpus, parallel=parallel,
-                 gpu_memory=_bytes(gpu_memory) if gpu_memory is not None else None, dtype=dtype or "bf16")
+    p = run_plan(ElasticConfig.load(config), model, gpus=gpus, parallel=parallel, gpu_memory=gpu_memory,
+                 dtype=dtype or "bf16")
     print(format_plan(p))
-    if p.fits is False:
-        need = "; turn on activation_checkpointing" if not p.checkpointing and p.total_with(True) <= p.gpu_memory \
-            else "; use more GPUs with --parallel fsdp2, or a smaller batch or seq_len"
-        raise UsageError(f"the plan needs {p.total / 2**30:.2f} GiB per GPU, more than --gpu-memory "
-                         f"{p.gpu_memory / 2**30:.2f} GiB{need}")
+    p.check()  # one line, exit status 2, when it does not fit
     return {"parts": p.parts, "total": p.total, "fits": p.fits}
-
-
-def _bytes(text: str) -> int:
-    """'80e9', '80GB', '80GiB', '81920MiB' -> bytes."""
-    units = {"kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40, "kb": 10**3, "mb": 10**6, "gb": 10**9,
-             "tb": 10**12, "b": 1, "": 1}
-    t = str(text).strip().lower()
-    num = t.rstrip("kmgtib")
-    try:
-        n = float(num) * units[t[len(num):]]
-    except (ValueError, KeyError):
-        raise UsageError(f"--gpu-memory {text!r}: give bytes, e.g. 80e9, 80GB or 80GiB") from None
-    if n <= 0:
-        raise UsageError(f"--gpu-memory {text!r}: must be positive")
-    return int(n)
 
 
 def slice(elastic_dir: str, out: str, budget: str | None = None, sub: str | None = None,
@@ -169,7 +124,7 @@ def slice(elastic_dir: str, out: str, budget: str | None = None, sub: str | None
     if sub is not None:
         from nestlm.search import parse_sub
 
-        budget = parse_sub(sub, config_from_hf(read_config(elastic_dir)))
+        budget = parse_sub(sub, folder_config(elastic_dir))
     stats: dict = {}
     try:
         dst = run_slice(elastic_dir, budget, out, overwrite=overwrite, stats=stats)
@@ -186,23 +141,10 @@ def info(path: str, seq_len: int = 4096, sub: str | None = None) -> dict:
     A plain HF folder: family, ModelConfig, parameter counts and inference memory. With `sub`: parameters,
     active parameters, bytes (in the folder's own formats) and memory of the folder and of that cut
     (nestlm.search.cut_info)."""
-    if sub is not None:
-        from nestlm.search import cut_info, format_rows
+    from nestlm.info import describe
 
-        d = cut_info(path, sub, seq_len=seq_len)
-        print(format_rows(d, "name"))
-        return d
-    if (Path(path) / MANIFEST).is_file():
-        from nestlm.info import format_info as format_elastic
-        from nestlm.info import info as elastic_info
-
-        d = elastic_info(path)
-        print(format_elastic(d))
-        return d
-    from nestlm.info import config_info, format_config_info
-
-    d = config_info(path, seq_len)
-    print(format_config_info(d))
+    d, text = describe(path, seq_len, sub)
+    print(text)
     return d
 
 
@@ -223,15 +165,17 @@ def search(path: str, params: float | None = None, active: float | None = None, 
 
 def evaluate(path: str, text: str | None = None, seq_len: int = 256, max_windows: int | None = 32,
              budget: list[str] | None = None, lm_eval: list[str] | None = None,
-             lm_eval_limit: int | None = None, device: str | None = None, dtype: str | None = None) -> list[dict]:
+             lm_eval_limit: int | None = None, device: str | None = None, dtype: str | None = None,
+             threads: int | None = None) -> list[dict]:
     """Perplexity of the parent and of every budget (or the given ones) on local text (default: the held-out
     KJV New Testament): nestlm.evaluate.evaluate, printed with format_table. --lm-eval ITEMS.jsonl (or a
     locally cached lm-eval task name) adds lm-eval scores per budget (the [eval] extra)."""
     from nestlm.evaluate import evaluate as run_evaluate
-    from nestlm.evaluate import format_table
+    from nestlm.evaluate import exit_at_once_on_ctrl_c, format_table
 
+    set_threads(threads)
     try:
-        with _exit_at_once_on_ctrl_c("eval writes nothing"):
+        with exit_at_once_on_ctrl_c("eval writes nothing"):
             rows = run_evaluate(path, text, seq_len=seq_len, max_windows=max_windows, budgets=budget,
                                 lm_eval_tasks=lm_eval, lm_eval_limit=lm_eval_limit, device=device, dtype=dtype)
     except KeyError as e:
@@ -243,12 +187,14 @@ def evaluate(path: str, text: str | None = None, seq_len: int = 256, max_windows
 
 
 def quantize(src: str, out: str, fmt: str = "nvfp4", budget: str | None = None, calib_tokens: int = 8192,
-             text: str | None = None, seq_len: int = 256, overwrite: bool = False) -> Path:
+             text: str | None = None, seq_len: int = 256, overwrite: bool = False,
+             threads: int | None = None) -> Path:
     """nestlm.quant.quantize: an HF or elastic checkpoint -> a packed FP8 / NVFP4 checkpoint (ModelOpt
     layout, which vLLM reads); an elastic source stays elastic (`nestlm slice` cuts budgets from it)."""
     from nestlm.quant import quantize as run_quantize
     from nestlm.quant import quantized_bytes
 
+    set_threads(threads)
     try:
         dst = run_quantize(src, out, fmt, budget=budget, calib_tokens=calib_tokens, text=text, seq_len=seq_len,
                            overwrite=overwrite)
@@ -282,104 +228,30 @@ def generate(path: str, prompt: str, max_new_tokens: int = 64, temperature: floa
              seed: int | None = None, think_budget: str | None = None, answer_budget: str = "full",
              max_think: int = 256, transplant: bool = False, end_think: str = "</think>",
              top_k: int | None = None, top_p: float | None = None, repetition_penalty: float | None = None,
-             device: str | None = None, dtype: str | None = None):
-    """Stream a continuation of `prompt` from an HF checkpoint folder (with its tokenizer) to stdout.
-
+             device: str | None = None, dtype: str | None = None, threads: int | None = None):
+    """Stream a continuation of `prompt` from a checkpoint folder to stdout (nestlm.inference.text.generate_text).
     Budget control (an elastic checkpoint): --think-budget B thinks on budget B until `end_think` or
-    --max-think tokens, then answers (--max-new-tokens) on --answer-budget (think_answer).
-    --top-k, --top-p, --repetition-penalty: transformers' sampling rules (nestlm.inference.generate.sample)."""
+    --max-think tokens, then answers (--max-new-tokens) on --answer-budget (nestlm.inference.text.think_answer).
+    --top-k, --top-p, --repetition-penalty: transformers' sampling rules (nestlm.inference.generate.Sampling)."""
+    from nestlm.inference.generate import Sampling
+    from nestlm.inference.text import generate_text, think_answer
+
     if not prompt:
         raise UsageError("--prompt is empty: give the text to continue")
-    if think_budget is not None:
-        if top_p is not None or repetition_penalty is not None:
-            raise UsageError("--top-p and --repetition-penalty apply to plain generation, not with --think-budget")
-        try:
-            res = think_answer(path, prompt, think_budget, answer_budget, max_think=max_think,
-                               max_answer=max_new_tokens, transplant=transplant, end_think=end_think,
-                               temperature=temperature, seed=seed, top_k=top_k, device=device, dtype=dtype)
-        except KeyError as e:
-            raise UsageError(e.args[0]) from None
-        print(f"\n[thought {res.think_len + res.forced_len} tokens on {think_budget} (ended by {res.ended_by}), "
-              f"answered {res.answer_len} on {answer_budget} ({res.switch}); {res.total_s:.2f} s]", file=sys.stderr)
-        return res
-    from nestlm.inference.generate import generate as run_generate
-    from nestlm.io.tokenizer import load_tokenizer
-    from nestlm.load import from_hf
-
-    dev, dt = resolve(device, dtype)
-    model = from_hf(path, dtype=dt, device=dev)
-    tok = load_tokenizer(path, model.cfg.vocab_size)
-    ids = torch.tensor([tok.encode(prompt, add_special_tokens=True)], device=dev)  # [1, t]
-    if ids.numel() == 0:
-        raise UsageError(f"--prompt {prompt!r} gives no tokens")
-    stream = _Printer(tok.decode)
-    print(prompt, end="", flush=True)
-    run_generate(model, ids, max_new_tokens, temperature=temperature, seed=seed, top_k=top_k, top_p=top_p,
-                 repetition_penalty=repetition_penalty, stop_tokens=tok.eos_id, callback=stream)
-    return stream.close()
-
-
-class _Printer:
-    """Prints a continuation to stdout token by token (a generate callback, plain and think mode alike), through
-    the one incremental detokenizer (nestlm.inference.detok): the bytes of a multi-byte character wait until
-    it is whole, and bytes that never make one (a character cut by the end of the thinking phase, a stray
-    continuation byte) are left out instead of printing U+FFFD."""
-
-    def __init__(self, decode):
-        from nestlm.inference.detok import Detok
-
-        self.detok = Detok(decode)
-
-    def __call__(self, tok: torch.Tensor, phase: str | None = None) -> None:  # tok [1]
-        print(self.detok.push(int(tok[0])).replace("\ufffd", ""), end="", flush=True)
-
-    def close(self) -> str:
-        text = self.detok.text()
-        print(text[self.detok.sent:].replace("\ufffd", ""))
-        return text.replace("\ufffd", "")
-
-
-def think_answer(path: str | Path, prompt: str, think_budget: str | float = "full",
-                 answer_budget: str | float = "full", max_think: int = 256, max_answer: int = 64,
-                 transplant: bool = False, end_think: str = "</think>", temperature: float = 0.0,
-                 seed: int | None = None, bos: bool = True, stream: bool = True, top_k: int | None = None,
-                 device: str | None = None, dtype: str | None = None):
-    """Budget control from an elastic checkpoint folder: think with budget `think_budget` (a manifest name
-    such as '40%' or 'full', or a fraction: between trained budgets the router interpolates, as
-    `nestlm slice` does), answer with `answer_budget`. `bos`: start the prompt with the
-    tokenizer's beginning-of-sequence token (as the reasoning recipe trains). Streams the text to stdout when
-    `stream` (the trace, then the answer); returns the TwoPhaseResult. Both submodels run extracted
-    (`Standalone`)."""
-    from nestlm.elastic.artifact import resolve_budget
-    from nestlm.inference.two_phase import Standalone, generate_two_phase
-    from nestlm.io.tokenizer import load_tokenizer
-    from nestlm.load import load_elastic
-
-    path = Path(path)
-    dev, dt = resolve(device, dtype)
-    model, router, manifest = load_elastic(path)
-    model = model.to(device=dev, dtype=dt).eval()
-
-    def sub_of(b):  # a name, '60%', '0.6', 0.6: trained, or interpolated between trained budgets
-        try:
-            return resolve_budget(path, b, cfg=model.cfg, manifest=manifest, router=router)[1]
-        except KeyError as e:
-            raise ConfigError(e.args[0]) from None
-
-    s_sub, l_sub = sub_of(think_budget), sub_of(answer_budget)
-    tok = load_tokenizer(path, model.cfg.vocab_size)
-    encode, decode_text, bos_id, eos = tok.encode, tok.decode, tok.bos_id, tok.eos_id
-    ids = torch.tensor([[bos_id] * (bos and bos_id is not None) + encode(prompt)],
-                       device=model.embeddings.weight.device)  # [1, t]
-    show = _Printer(decode_text)
-    if stream:
-        print(prompt, end="", flush=True)
-    res = generate_two_phase(Standalone(model), ids, s_sub, l_sub, max_think, max_answer, encode(end_think),
-                             stop_tokens=eos,
-                             switch="transplant" if transplant else "reprefill", temperature=temperature,
-                             top_k=top_k, seed=seed, callback=show if stream else None)
-    if stream:
-        show.close()
+    check_utf8(prompt, "--prompt")
+    set_threads(threads)
+    sampling = Sampling(temperature, top_k, top_p, repetition_penalty, seed)
+    if think_budget is None:
+        return generate_text(path, prompt, max_new_tokens, sampling, device=device, dtype=dtype)
+    if top_p is not None or repetition_penalty is not None:
+        raise UsageError("--top-p and --repetition-penalty apply to plain generation, not with --think-budget")
+    try:
+        res = think_answer(path, prompt, think_budget, answer_budget, max_think=max_think, max_answer=max_new_tokens,
+                           transplant=transplant, end_think=end_think, sampling=sampling, device=device, dtype=dtype)
+    except KeyError as e:
+        raise UsageError(e.args[0]) from None
+    print(f"\n[thought {res.think_len + res.forced_len} tokens on {think_budget} (ended by {res.ended_by}), "
+          f"answered {res.answer_len} on {answer_budget} ({res.switch}); {res.total_s:.2f} s]", file=sys.stderr)
     return res
 
 
@@ -407,6 +279,7 @@ def think(prompt: str, think_url: str, think_model: str, answer_url: str, answer
     from nestlm.inference.client import Endpoint, EndpointError
     from nestlm.inference.client import think_answer as run_think
 
+    check_utf8(prompt, "--prompt")
     try:
         res = run_think(Endpoint(think_url, think_model, api_key), Endpoint(answer_url, answer_model, api_key),
                         prompt, max_think=max_think, max_answer=max_answer, temperature=temperature, seed=seed,
@@ -425,69 +298,6 @@ def _dtype(hf: dict) -> torch.dtype:
     return getattr(torch, str(hf.get("dtype") or hf.get("torch_dtype") or "float32"), torch.float32)
 
 
-def _tokens(model_dir: str, vocab_size: int, text: str | None, kjv: bool, need: int | None) -> torch.Tensor:
-    """Token ids [n] of the text file (or the KJV Bible) by the folder's tokenizer (nestlm.io.tokenizer's
-    rule). Only a prefix long enough for `need`."""
-    from nestlm.data import kjv_text, load_text
-    from nestlm.io.tokenizer import check_ids, load_tokenizer, text_tokens
-
-    if (text is None) == (not kjv):
-        raise UsageError("give the training text: --text FILE or --kjv")
-    tok = load_tokenizer(model_dir, vocab_size)
-    try:
-        raw = kjv_text() if kjv else load_text(text)
-    except ValueError as e:
-        raise UsageError(str(e)) from None
-    ids = text_tokens(tok, raw, need)
-    check_ids(ids, vocab_size, f"{model_dir}'s tokenizer")
-    return ids
-
-
-@contextlib.contextmanager
-def _exit_at_once_on_ctrl_c(what: str):
-    """For a command that writes nothing (eval): Ctrl-C ends the process within moments, even in the middle
-    of a long torch operation (Python runs its signal handlers only between operations): the C-level
-    handler writes the signal number to a pipe, and a watcher thread prints one line and exits."""
-    import signal
-    import threading
-
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    r, w = os.pipe()
-    os.set_blocking(w, False)
-    old_fd = signal.set_wakeup_fd(w, warn_on_full_buffer=False)
-    old = signal.signal(signal.SIGINT, lambda *a: None)  # a Python handler, so that the wakeup fd is written
-
-    def watch():
-        while data := os.read(r, 1):
-            if data[0] == signal.SIGINT:
-                print(f"\nnestlm: interrupted ({what})", file=sys.stderr, flush=True)
-                os._exit(130)
-
-    t = threading.Thread(target=watch, daemon=True)
-    t.start()
-    try:
-        yield
-    finally:
-        signal.set_wakeup_fd(old_fd)
-        signal.signal(signal.SIGINT, old)
-        os.close(w)
-        t.join(1)
-        os.close(r)
-
-
-def _copy_tokenizer(src: str, dst: Path) -> None:
-    """Tokenizer files of the parent folder into the elastic checkpoint, so that every slice carries them."""
-    import shutil
-
-    from nestlm.io.tokenizer import TOKENIZER_FILES
-
-    for name in TOKENIZER_FILES:
-        if (Path(src) / name).is_file() and not (dst / name).is_file():
-            shutil.copy2(Path(src) / name, dst / name)
-
-
 # -------------------------------------------------------------------------------------------- argparse
 class _Parser(argparse.ArgumentParser):
     """argparse, with its errors on one line (no usage block) like every other nestlm error."""
@@ -498,10 +308,17 @@ class _Parser(argparse.ArgumentParser):
 
 
 def device_args(c: argparse.ArgumentParser) -> None:
-    """--device and --dtype (nestlm.device's rule), the same on every command that computes."""
+    """--device, --dtype and --threads (nestlm.device's rules), the same on every command that computes."""
     c.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda when available, else cpu)")
     c.add_argument("--dtype", default=None, choices=sorted(DTYPES),
                    help="compute precision (default: bf16 on CUDA, fp32 on CPU; bf16 also runs on CPU, slowly)")
+    threads_arg(c)
+
+
+def threads_arg(c: argparse.ArgumentParser) -> None:
+    c.add_argument("--threads", type=int, default=None,
+                   help="torch CPU threads (default: the cores other processes leave idle, by the load average; "
+                        "on a busy 2-core machine one thread ran eval 3-7x faster than two)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -514,7 +331,6 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--quick", action="store_true", help="a < 1 minute smoke run")
     c.add_argument("--seed", type=int, default=0)
     device_args(c)
-    c.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1: robust on busy cores)")
 
     def text_args(c):
         g = c.add_mutually_exclusive_group(required=True)
@@ -598,6 +414,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--text", default=None, help="calibration text (.txt / .jsonl; default: the KJV Bible)")
     c.add_argument("--seq-len", type=int, default=256)
     c.add_argument("--overwrite", action="store_true")
+    threads_arg(c)
 
     c = sub.add_parser("convert", help="HF checkpoint -> nestlm -> HF checkpoint (a round trip)")
     c.add_argument("src")
@@ -632,7 +449,6 @@ def build_parser() -> argparse.ArgumentParser:
                    help="run each budget extracted (faster steps, a copy of the weights per budget used)")
     c.add_argument("--max-queue", type=int, default=256, help="requests waiting beyond this get 503")
     c.add_argument("--max-batch", type=int, default=32, help="sequences decoded together (continuous batching)")
-    c.add_argument("--threads", type=int, default=None, help="torch threads of the engine")
     c.add_argument("--api-key", default=None, help="requests need 'Authorization: Bearer KEY' "
                    "(default: $NESTLM_API_KEY; none: no key)")
     device_args(c)
@@ -665,7 +481,8 @@ MINIMUM = {"steps": 1, "threads": 1, "seq_len": 1, "batches": 1, "batch_size": 1
 MAXIMUM = {"top_p": 1.0}
 BUDGET_FLAGS = ("--budget", "--think-budget", "--answer-budget")
 # library messages name Python arguments; on the command line they are flags
-FLAG_WORDS = (("pass overwrite=True", "pass --overwrite"), ("resume=False", "--fresh"))
+FLAG_WORDS = (("pass overwrite=True", "pass --overwrite"), ("resume=False", "--fresh"), ("gpu_memory", "--gpu-memory"),
+              ("parallel='fsdp2'", "--parallel fsdp2"), ("device='cpu'", "--device cpu"), ("dtype='fp32'", "--dtype fp32"))
 
 
 def _check_ranges(args: dict) -> None:
@@ -693,7 +510,7 @@ def main(argv: list[str] | None = None) -> int:
     command = args.pop("command")
     fn = COMMANDS[command]
     try:
-        with warnings.catch_warnings():
+        with warnings.catch_warnings(), torch_threads(torch.get_num_threads()):  # --threads: this command only
             warnings.showwarning = _plain_warning
             _check_ranges(args)
             if command == "eval" and args["max_windows"] == 0:

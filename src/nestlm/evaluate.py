@@ -19,8 +19,11 @@ scores to each row, run through plain transformers on a sliced copy of each budg
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import math
+import os
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -34,7 +37,7 @@ from nestlm.device import resolve
 from nestlm.errors import ConfigError
 from nestlm.io.tokenizer import check_ids, load_tokenizer, text_tokens
 
-__all__ = ["default_text", "evaluate", "format_table", "has_lm_eval", "jsonl_task", "load_tokenizer",
+__all__ = ["default_text", "evaluate", "exit_at_once_on_ctrl_c", "format_table", "has_lm_eval", "jsonl_task", "load_tokenizer",
            "lm_eval_scores"]
 
 NT_START = "THE GOSPEL ACCORDING TO ST. MATTHEW"
@@ -139,6 +142,9 @@ def evaluate(elastic_or_hf_dir: str | Path, text_path: str | Path | None = None,
                           f"(max_position_embeddings {max_pos} in {path}/config.json)")
     if lm_eval_tasks and not has_lm_eval():
         raise ImportError("lm_eval_tasks needs lm-eval: pip install 'nestlm[eval]' (lm-eval==0.4.13)")
+    for t in lm_eval_tasks or ():  # a bad items file fails here, before the perplexity work
+        if isinstance(t, (str, Path)) and str(t).endswith(".jsonl"):
+            jsonl_task(t)
     text = load_text(text_path) if text_path is not None else default_text()
     tok = load_tokenizer(path, cfg.vocab_size)
     need = max_windows * seq_len + 1 if max_windows else None
@@ -212,3 +218,37 @@ def format_table(rows: list[dict]) -> str:
             cells.append(f"{m[key]:.4f}" if key else "")
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+@contextlib.contextmanager
+def exit_at_once_on_ctrl_c(what: str):
+    """For a command that writes nothing (`nestlm eval`): Ctrl-C ends the process within moments, even in the
+    middle of a long torch operation (Python runs its signal handlers only between operations): the C-level
+    handler writes the signal number to a pipe, and a watcher thread prints one line and exits."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    r, w = os.pipe()
+    os.set_blocking(w, False)
+    old_fd = signal.set_wakeup_fd(w, warn_on_full_buffer=False)
+    old = signal.signal(signal.SIGINT, lambda *a: None)  # a Python handler, so that the wakeup fd is written
+
+    def watch():
+        while data := os.read(r, 1):
+            if data[0] == signal.SIGINT:
+                print(f"\nnestlm: interrupted ({what})", file=sys.stderr, flush=True)
+                os._exit(130)
+
+    t = threading.Thread(target=watch, daemon=True)
+    t.start()
+    try:
+        yield
+    finally:
+        signal.set_wakeup_fd(old_fd)
+        signal.signal(signal.SIGINT, old)
+        os.close(w)
+        t.join(1)
+        os.close(r)

@@ -9,11 +9,9 @@ from pathlib import Path
 
 import torch
 
-from nestlm.arch import SubArch, count_active_params, count_memory, count_params, sliced_config
-from nestlm.convert import FAMILIES, config_from_hf
-from nestlm.elastic.artifact import (
-    read_provenance,
-)
+from nestlm.arch import SubArch, count_active_params, count_params, human_bytes, sliced_config
+from nestlm.convert import FAMILIES, folder_config
+from nestlm.elastic.artifact import MANIFEST, read_provenance
 from nestlm.io.safetensors import (
     SafetensorsDir,
     read_config,
@@ -21,7 +19,7 @@ from nestlm.io.safetensors import (
 from nestlm.model.config import ModelConfig
 from nestlm.slicing.plan import open_source
 
-__all__ = ["config_info", "format_config_info", "format_info", "info"]
+__all__ = ["config_info", "describe", "format_config_info", "format_info", "info"]
 
 
 def _stored_params(cfg: ModelConfig, sub: SubArch | None) -> int:
@@ -98,14 +96,6 @@ def info(elastic_or_hf_dir: str | Path) -> dict:
     return d
 
 
-def _human(n: float) -> str:
-    for unit in ("B", "KB", "MB", "GB", "TB"):
-        if abs(n) < 1000 or unit == "TB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
-        n /= 1000
-    return str(n)
-
-
 def _count(n: int) -> str:
     return f"{n / 1e9:.2f}B" if n >= 1e9 else f"{n / 1e6:.2f}M" if n >= 1e6 else f"{n / 1e3:.1f}K"
 
@@ -123,17 +113,17 @@ def format_info(d: dict) -> str:
         sub = ", ".join(f"{k}={v}" if k != "layers" else f"layers={len(v)}: {_ranges_str(v)}"
                         for k, v in r["sub"].items()) or "(full)"
         lines.append(f"| {r['name']:<20} | {_count(r['params']):>9} | {_count(r['active_params']):>9} | "
-                     f"{_human(r['bytes']):>10} | {sub} |")
+                     f"{human_bytes(r['bytes']):>10} | {sub} |")
     st = d["storage"]
     lines.append("")
     if d["elastic"]:
         ratio = st["separate_bytes"] / max(st["elastic_bytes"], 1)
-        lines.append(f"storage: {_human(st['elastic_bytes'])} on disk for all {st['n_budgets']} budgets "
-                     f"(measured) vs {_human(st['separate_bytes'])} as {st['n_budgets']} separate checkpoints "
+        lines.append(f"storage: {human_bytes(st['elastic_bytes'])} on disk for all {st['n_budgets']} budgets "
+                     f"(measured) vs {human_bytes(st['separate_bytes'])} as {st['n_budgets']} separate checkpoints "
                      f"(computed: {st['how'].split('computed as ')[-1].split(';')[0]}) -> {ratio:.2f}x")
     else:
-        lines.append(f"storage: {_human(st['elastic_bytes'])} of safetensors on disk "
-                     f"(folder {_human(st['folder_bytes'])})")
+        lines.append(f"storage: {human_bytes(st['elastic_bytes'])} of safetensors on disk "
+                     f"(folder {human_bytes(st['folder_bytes'])})")
     return "\n".join(lines)
 
 
@@ -152,18 +142,19 @@ def config_info(path: str | Path, seq_len: int = 4096) -> dict:
     """`nestlm info` of a plain (or packed) HF folder: family, ModelConfig, parameter counts and inference
     memory at `seq_len` tokens (a packed folder: its weights as stored, measured). Reads config.json and
     the safetensors headers only (missing or truncated weight files fail here, cheaply)."""
+    from nestlm.search import figures, open_folder
+
     hf = read_config(path)
-    cfg = config_from_hf(hf)
+    cfg = folder_config(path)
     SafetensorsDir(path)  # the weights' headers and sizes (cheap): missing or truncated files fail here
-    mem = count_memory(cfg, seq_len=seq_len)
+    folder = open_folder(path)
+    fig = figures(folder, None, seq_len)  # the same figures as `nestlm info --sub` / `nestlm search`
     out = {"path": str(path), "family": cfg.family, "architectures": hf.get("architectures"),
            "config": cfg.to_dict(), "params": count_params(cfg), "active_params": count_active_params(cfg),
-           "memory": mem, "seq_len": seq_len}
+           "memory": fig["memory_parts"], "seq_len": seq_len, "format": folder.format_name}
     qc = hf.get("quantization_config")
-    if qc:  # packed FP8 / NVFP4: the weights as stored, measured
-        stored = sum(f.stat().st_size for f in Path(path).glob("*.safetensors"))
-        mem.update(total=mem["total"] - mem["weights"] + stored, weights=stored)
-        out["quantization"] = {"quant_algo": qc.get("quant_algo", "quantized"), "bytes": stored}
+    if qc:  # packed FP8 / NVFP4: the weights as stored
+        out["quantization"] = {"quant_algo": qc.get("quant_algo", "quantized"), "bytes": fig["bytes"]}
     return out
 
 
@@ -184,9 +175,8 @@ def format_config_info(d: dict) -> str:
         rows += [("quantization", f"{q['quant_algo']} packed (ModelOpt layout): nestlm and vLLM load it, plain "
                                   "transformers does not")]
     mem = d["memory"]
-    memory = (f"{_gib(mem['total'])} = weights {_gib(mem['weights'])} "
-              f"({q['quant_algo'] + ', as stored' if q else 'bf16'}) + kv cache "
-              f"{_gib(mem['kv_cache'])} + ssm state {_gib(mem['ssm_state'])}")
+    memory = (f"{human_bytes(mem['total'])} = weights {human_bytes(mem['weights'])} ({d['format']}, as stored) + kv cache "
+              f"{human_bytes(mem['kv_cache'])} + ssm state {human_bytes(mem['ssm_state'])}")
     rows += [(f"memory @ {d['seq_len']} tokens", memory)]
     w = max(len(k) for k, _ in rows)
     return "\n".join(f"{k.ljust(w)}  {v}" for k, v in rows)
@@ -194,3 +184,21 @@ def format_config_info(d: dict) -> str:
 
 def _gib(n: int) -> str:
     return f"{n / 2**30:.3f} GiB" if n >= 2**27 else f"{n / 2**20:.2f} MiB"
+
+
+def describe(path: str | Path, seq_len: int = 4096, sub=None) -> tuple[dict, str]:
+    """(figures, their table) of what `nestlm info` shows: an elastic checkpoint (with nestlm_elastic.json):
+    its budgets and storage (`info`); a plain HF folder: family, ModelConfig, parameter counts and inference
+    memory at `seq_len` (`config_info`); with `sub` (a SubArch spec, nestlm.search.parse_sub): parameters,
+    active parameters, bytes (in the folder's own formats) and memory of the folder and of that cut
+    (nestlm.search.cut_info)."""
+    if sub is not None:
+        from nestlm.search import cut_info, format_rows
+
+        d = cut_info(path, sub, seq_len=seq_len)
+        return d, format_rows(d, "name")
+    if (Path(path) / MANIFEST).is_file():
+        d = info(path)
+        return d, format_info(d)
+    d = config_info(path, seq_len)
+    return d, format_config_info(d)

@@ -64,6 +64,30 @@ class Plan:
     def fits(self) -> bool | None:
         return None if self.gpu_memory is None else self.total <= self.gpu_memory
 
+    def check(self) -> None:
+        """ConfigError, with what would make it fit, when the plan needs more than gpu_memory."""
+        if self.fits is False:
+            need = "turn on activation_checkpointing" if not self.checkpointing and \
+                self.total_with(True) <= self.gpu_memory else \
+                "use more GPUs with parallel='fsdp2', or a smaller batch or seq_len"
+            raise ConfigError(f"the plan needs {self.total / 2**30:.2f} GiB per GPU, more than gpu_memory "
+                              f"{self.gpu_memory / 2**30:.2f} GiB; {need}")
+
+
+def parse_bytes(text: str | float) -> int:
+    """'80e9', '80GB', '80GiB', '81920MiB' (or a number) -> bytes, positive."""
+    units = {"kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40, "kb": 10**3, "mb": 10**6, "gb": 10**9,
+             "tb": 10**12, "b": 1, "": 1}
+    t = str(text).strip().lower()
+    num = t.rstrip("kmgtib")
+    try:
+        n = float(num) * units[t[len(num):]]
+    except (ValueError, KeyError):
+        raise ConfigError(f"gpu_memory {text!r}: give bytes, e.g. 80e9, 80GB or 80GiB") from None
+    if n <= 0:
+        raise ConfigError(f"gpu_memory {text!r}: must be positive")
+    return int(n)
+
 
 def _model_config(model: str | Path | ModelConfig) -> ModelConfig:
     if isinstance(model, ModelConfig):
@@ -145,10 +169,13 @@ def activations(cfg: ModelConfig, tokens: int, lo: int, checkpointing: bool = Fa
 
 # ---------------------------------------------------------------------------------------------- the plan
 def plan(ecfg: ElasticConfig, model: str | Path | ModelConfig, gpus: int = 1, parallel: str | None = None,
-         gpu_memory: int | None = None, dtype: str = "bf16") -> Plan:
+         gpu_memory: int | str | None = None, dtype: str = "bf16") -> Plan:
     """The memory plan per GPU (see the module doc). model: an HF folder (only config.json is read) or a
-    ModelConfig. parallel: None (one GPU, or DDP when gpus > 1), "ddp" or "fsdp2". dtype: the compute
-    dtype, "bf16" (autocast, the default on GPUs) or "fp32"."""
+    ModelConfig. parallel: None (one GPU, or DDP when gpus > 1), "ddp" or "fsdp2". gpu_memory: bytes, or a
+    size such as "80GB" / "80GiB" (parse_bytes); Plan.check says whether it fits. dtype: the compute dtype,
+    "bf16" (autocast, the default on GPUs) or "fp32"."""
+    if isinstance(gpu_memory, str):
+        gpu_memory = parse_bytes(gpu_memory)
     if dtype not in DTYPE_BYTES:
         raise ConfigError(f"plan: dtype must be one of {sorted(DTYPE_BYTES)}, got {dtype!r}")
     if parallel not in (None, *MODES):

@@ -6,7 +6,7 @@
 
 Counts come from nestlm.arch (count_params, count_active_params, count_memory). Bytes are those the cut
 would store in the folder's own formats: the sum over the tensors nestlm.slicing.plan (plain folders) or
-nestlm.quant.packed.packed_plan (ModelOpt FP8 / NVFP4 folders, mixed precision included) would write,
+nestlm.slicing.packed.packed_plan (ModelOpt FP8 / NVFP4 folders, mixed precision included) would write,
 i.e. exactly the safetensors payload of `nestlm slice` (headers aside).
 """
 
@@ -20,7 +20,7 @@ from pathlib import Path
 
 import yaml
 
-from nestlm.arch import SubArch, count_active_params, count_memory, count_params
+from nestlm.arch import SubArch, count_active_params, count_memory, count_params, human_bytes
 from nestlm.elastic.config import ElasticConfig
 from nestlm.errors import ConfigError
 from nestlm.model.config import ModelConfig
@@ -168,7 +168,7 @@ def figures(folder: Folder, sub: SubArch | None, seq_len: int = 4096, weight_byt
     if s.layers != full.layers:
         short["layers"] = list(s.layers)
     return {"sub": short, "params": params, "active_params": count_active_params(cfg, s), "bytes": nbytes,
-            "memory": mem["total"], "seq_len": seq_len}
+            "memory": mem["total"], "memory_parts": mem, "seq_len": seq_len}
 
 
 def cut_info(path: str | Path, sub: str | dict | SubArch | None = None, seq_len: int = 4096) -> dict:
@@ -265,10 +265,6 @@ def _count(n: float) -> str:
     return f"{n / 1e9:.2f}B" if n >= 1e9 else f"{n / 1e6:.1f}M" if n >= 1e6 else f"{n / 1e3:.1f}K"
 
 
-def _gb(n: float) -> str:
-    return f"{n / 1e9:.2f} GB" if n >= 1e8 else f"{n / 1e6:.2f} MB"
-
-
 def _sub_str(d: dict) -> str:
     return ", ".join(f"{k}={v}" if k != "layers" else f"layers={len(v)} kept" for k, v in d.items()) or "(full)"
 
@@ -278,7 +274,7 @@ def format_rows(d: dict, first: str = "cut") -> str:
     lines = [f"{d['path']}: {d['family']}, {d['format']}"]
     if "metric" in d:
         name = {"params": "parameters", "active_params": "active parameters", "memory": "memory"}[d["metric"]]
-        tgt = _gb(d["target"]) if d["metric"] == "memory" else _count(d["target"])
+        tgt = human_bytes(d["target"]) if d["metric"] == "memory" else _count(d["target"])
         lines.append(f"{len(d['rows'])} of {d['candidates']} grid SubArchs within {d['tol']:.0%} of {tgt} {name}"
                      f" (closest first; grid: " + ", ".join(f"{a} {v}" for a, v in d["grid"].items()) + ")")
     seq = d["rows"][0]["seq_len"] if d["rows"] else 4096
@@ -288,7 +284,7 @@ def format_rows(d: dict, first: str = "cut") -> str:
     for i, r in enumerate(d["rows"]):
         dev = f"{r['deviation']:+.1%}" if "deviation" in r else ""
         lines.append(f"| {r.get('name', str(i + 1)):<6} | {_count(r['params']):>8} | {_count(r['active_params']):>8} | "
-                     f"{_gb(r['bytes']):>10} | {_gb(r['memory']):>14} | {dev:>6} | {_sub_str(r['sub'])} |")
+                     f"{human_bytes(r['bytes']):>10} | {human_bytes(r['memory']):>14} | {dev:>6} | {_sub_str(r['sub'])} |")
     lines.append("")
     lines.append("weights: the safetensors payload `nestlm slice` writes (exact, headers aside); memory: weights + "
                  "KV cache + SSM state, batch 1")

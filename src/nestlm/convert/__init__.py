@@ -43,6 +43,15 @@ def config_from_hf(hf: dict) -> ModelConfig:
         raise CheckpointError(f"{hf.get('model_type')} config.json lacks the key {e}") from None
 
 
+def folder_config(path: str | Path) -> ModelConfig:
+    """The ModelConfig of a checkpoint folder's config.json; a value it can't hold ("hidden_size": "abc") is
+    one CheckpointError naming the file."""
+    try:
+        return config_from_hf(read_config(path))
+    except ConfigError as e:
+        raise CheckpointError(f"{path}/config.json: {e}") from None
+
+
 def load_hf_state(path: str | Path) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
     """Read a checkpoint folder into (our config, our state dict), validating every shape."""
     hf = read_config(path)

@@ -78,7 +78,11 @@ def load_text(path: str | Path) -> str:
 def jsonl_rows(path: Path):
     """(line number, parsed object) of every non-blank line of a UTF-8 .jsonl file; a line that is not JSON
     is a ConfigError naming the file and the line."""
-    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{path}: not UTF-8 text (byte {e.start}: {e.reason}); give a .jsonl file") from None
+    for n, line in enumerate(text.splitlines(), start=1):
         if not line.strip():
             continue
         try:

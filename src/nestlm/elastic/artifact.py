@@ -32,7 +32,7 @@ from nestlm.arch import SubArch, count_active_params, count_params
 from nestlm.elastic.config import ElasticConfig, budget_name, parse_fraction
 from nestlm.elastic.router import Router
 from nestlm.errors import CheckpointError, ConfigError
-from nestlm.io.safetensors import normal_permissions, read_tensors
+from nestlm.io.safetensors import read_tensors, write_tensors
 
 __all__ = ["MANIFEST", "MANIFEST_VERSION", "ROUTER_FILE", "SLICE_FILE", "budget_name", "check_manifest",
            "provenance", "read_manifest", "read_provenance", "read_router", "resolve_budget", "router_mismatch",
@@ -87,13 +87,9 @@ def check_manifest(path: str | Path, cfg, manifest: dict) -> None:
 
 def _config_and_manifest(path: Path):
     """(ModelConfig, manifest or None) of a folder, the manifest checked against the config."""
-    from nestlm.convert import config_from_hf  # the families' config.json readers
-    from nestlm.io.safetensors import read_config
+    from nestlm.convert import folder_config  # the families' config.json readers
 
-    try:
-        cfg = config_from_hf(read_config(path))
-    except ConfigError as e:
-        raise CheckpointError(f"{path}/config.json: {e}") from None
+    cfg = folder_config(path)
     manifest = read_manifest(path)
     if manifest is not None:
         check_manifest(path, cfg, manifest)
@@ -253,8 +249,6 @@ def manifest_for(model, router: Router, ecfg: ElasticConfig) -> dict:
 def export(model, router: Router, ecfg: ElasticConfig, out_dir: str | Path) -> Path:
     """Write the elastic checkpoint into `out_dir` (other files there, like train/, are kept). Every file is
     written to a temporary folder first and moved in with os.replace; the manifest goes last."""
-    from safetensors.torch import save_file
-
     from nestlm.convert import to_hf
 
     out = Path(out_dir)
@@ -268,9 +262,7 @@ def export(model, router: Router, ecfg: ElasticConfig, out_dir: str | Path) -> P
                 to_hf(model, tmp / "hf", overwrite=True)
         else:
             to_hf(model, tmp / "hf", overwrite=True)
-        save_file({k: v.detach().contiguous().cpu() for k, v in router.state_dict().items()},
-                  str(tmp / "hf" / ROUTER_FILE))
-        normal_permissions(tmp / "hf")  # save_file writes 0600: a serving container must read the folder
+        write_tensors(tmp / "hf" / ROUTER_FILE, router.state_dict())
         (tmp / MANIFEST).write_text(json.dumps(manifest_for(model, router, ecfg), indent=2))
         for f in sorted((tmp / "hf").iterdir()):
             os.replace(f, out / f.name)

@@ -355,9 +355,11 @@ class ElasticConfig:
         if not path.is_file():
             raise ConfigError(f"ElasticConfig: {path} does not exist")
         try:
-            d = yaml.safe_load(path.read_text())
+            d = yaml.safe_load(path.read_text(encoding="utf-8"))
+        except UnicodeDecodeError as e:  # a binary file given by mistake
+            raise ConfigError(f"ElasticConfig: {path} is not a YAML text file (byte {e.start}: {e.reason})") from None
         except yaml.YAMLError as e:
-            raise ConfigError(f"ElasticConfig: {path} is not valid YAML ({e})") from None
+            raise ConfigError(f"ElasticConfig: {path} is not valid YAML ({' '.join(str(e).split())})") from None
         try:
             return cls.from_dict(d or {})
         except ConfigError as e:  # say which file

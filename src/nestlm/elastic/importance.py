@@ -24,11 +24,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from tqdm.auto import tqdm
 
 from nestlm.arch import SubArch, depth_units
-from nestlm.io.safetensors import normal_permissions
+from nestlm.io.safetensors import write_tensors
 from nestlm.io.tokenizer import check_ids
 
 
@@ -44,12 +44,7 @@ class Scores:
         return k in self.tensors
 
     def save(self, path: str | Path) -> None:
-        path = Path(path)
-        tmp = path.with_name(path.name + ".tmp")
-        save_file({k: v.contiguous().float().cpu() for k, v in self.tensors.items()}, str(tmp),
-                  metadata={"nestlm_scores": json.dumps(self.meta)})
-        normal_permissions(tmp)  # save_file writes 0600
-        tmp.replace(path)
+        write_tensors(path, {k: v.float() for k, v in self.tensors.items()}, {"nestlm_scores": json.dumps(self.meta)})
 
     @classmethod
     def load(cls, path: str | Path) -> Scores:
@@ -58,10 +53,6 @@ class Scores:
         with safe_open(str(path), framework="pt") as f:
             meta = json.loads((f.metadata() or {}).get("nestlm_scores", "{}"))
         return cls(load_file(str(path)), meta)
-
-    def layer_order(self) -> list[int]:
-        """Block indices, least important first (the order in which depth pruning drops them)."""
-        return self.tensors["layers"].argsort().tolist()
 
 
 @torch.no_grad()

@@ -211,10 +211,6 @@ class Router(nn.Module):
         flat = torch.where(inside.any(), torch.where(inside, total, torch.full_like(total, -torch.inf)), -dev)
         return torch.stack(torch.unravel_index(flat.flatten().argmax(), dev.shape))
 
-    def relative_deviation(self, budget_idx: int) -> torch.Tensor:
-        """|cost / budget - 1| of every combination of choices (one dimension per axis)."""
-        return (self.combo_costs() / self.budgets[budget_idx] - 1).abs()
-
     # ------------------------------------------------------------------ from weights to an architecture
     def indices(self, weights: dict[str, torch.Tensor]) -> dict[str, int]:
         return {ax: int(w.detach().argmax()) for ax, w in weights.items()}

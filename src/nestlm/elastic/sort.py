@@ -5,13 +5,17 @@ equivariant to these permutations); every nested submodel is then a prefix on ea
 
     perms = sort_(model, scores)       # in place; returns the permutations applied
     scores = permute_scores(scores, perms)   # the scores in the new order (sorted: a second sort_ is a no-op)
+    scores = score_text(model, ids, "scores.safetensors", sort_out="sorted")  # `nestlm importance`: score, sort
 """
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 
 from nestlm.elastic.importance import Scores
+from nestlm.errors import ConfigError
 from nestlm.model import layout
 
 
@@ -120,17 +124,31 @@ def permute_scores(scores: Scores, perms: dict) -> Scores:
     return Scores(out, dict(scores.meta, sorted=True))
 
 
-def is_sorted(scores: Scores) -> bool:
-    """True when every width axis of `scores` is already in descending order (sort_ would change nothing)."""
-    def desc(t):
-        return bool((t[..., :-1] >= t[..., 1:]).all()) if t.shape[-1] > 1 else True
+def score_text(model, ids: torch.Tensor, out: str | Path, seq_len: int = 256, batches: int = 8,
+               batch_size: int = 4, sort_out: str | Path | None = None, dtype: torch.dtype = torch.float32,
+               compute: torch.dtype = torch.float32, source: str | Path | None = None,
+               overwrite: bool = False) -> Scores:
+    """`nestlm importance`: importance of `model` (fp32 weights, kept so: sorting is exact) on the first
+    `batches` batches of `batch_size` contiguous windows of `seq_len` tokens of the stream ids [n], the
+    forwards under autocast to `compute`; the scores saved to `out` (Scores.save), and with `sort_out` the
+    model sorted by them (the same function) written there as an HF folder in `dtype`. `source`: the parent
+    folder, recorded in the scores' meta. The outputs are the caller's to check before the model is read."""
+    from nestlm.convert import to_hf
+    from nestlm.device import autocast
+    from nestlm.elastic.importance import importance
 
-    for k, t in scores.tensors.items():
-        if k == "layers" or k.endswith(".kv"):
-            continue
-        if k.endswith(".heads"):
-            if not desc(t.sum(-1)) or not desc(t):
-                return False
-        elif not desc(t):
-            return False
-    return True
+    n_win = (len(ids) - 1) // seq_len
+    if n_win < 1:
+        raise ConfigError(f"the text gives {len(ids)} tokens, too few for one window of seq_len {seq_len}")
+    wins = ids[: n_win * seq_len].view(n_win, seq_len)  # [n_win, seq_len], contiguous windows
+    calib = list(wins.split(batch_size))[:batches]  # [batch_size, seq_len] each
+    dev = model.embeddings.weight.device
+    with autocast(compute, dev):
+        scores = importance(model, calib)
+    scores.meta.update({"source": str(Path(source).resolve()) if source else None, "seq_len": seq_len})
+    Path(out).parent.mkdir(parents=True, exist_ok=True)
+    scores.save(out)
+    if sort_out is not None:
+        sort_(model, scores)
+        to_hf(model.to(device="cpu", dtype=dtype), sort_out, overwrite=overwrite)
+    return scores

@@ -4,7 +4,9 @@
     model, router, manifest = nestlm.load_elastic("out/elastic")
     nestlm.to_hf(model, "out/77", sub=SubArch.from_dict(manifest["budgets"]["77%"]["sub"]))
 
-The training loop below reads top to bottom (torchtune style; no trainer framework):
+The training loop below reads top to bottom (torchtune style; no trainer framework), in named phases:
+`setup` (models, router, optimizers: a `Run`), `train_step` (public: the benches time it), `log_step`,
+`save_checkpoint`, and the loop `_train` that strings them together:
 
     parent --(importance, sort_)--> student; teacher = frozen deepcopy of the sorted parent
     each step: sample a budget (stage 1: p_full for the full model, else uniform; stage 2: stage2_weights)
@@ -45,7 +47,8 @@ import math
 import os
 import random
 import shutil
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -66,7 +69,7 @@ from nestlm.elastic.optim import adamw
 from nestlm.elastic.parallel import setup as setup_parallel
 from nestlm.elastic.router import Router
 from nestlm.errors import ConfigError, Interrupted
-from nestlm.io.safetensors import check_output, read_tensors
+from nestlm.io.safetensors import check_output, own_folder, read_tensors
 from nestlm.io.tokenizer import check_ids
 
 
@@ -206,6 +209,242 @@ def budget_loss(router: Router, ecfg: ElasticConfig, bi: int, logits, tau: float
     return rl, expected
 
 
+# ---------------------------------------------------------------------------------------------- the run
+@dataclass
+class Run:
+    """What `setup` builds for one run, and what `train_step` and `save_checkpoint` work on. A bench builds one by
+    hand: Run(ecfg, model, model, teacher, router, adamw(...), adamw(...))."""
+
+    ecfg: ElasticConfig  # the router's config (with the depth axis: its depth_order filled in)
+    model: torch.nn.Module  # the bare student module (its state dict is the checkpoint's)
+    student: Callable  # what the step calls: `model`, or its DDP / FSDP2 wrapper
+    teacher: Callable  # ids [b, t] -> logits [b, t, v]: the frozen sorted parent, in the compute precision
+    router: Router
+    opt_model: torch.optim.Optimizer
+    opt_router: torch.optim.Optimizer
+    dp: parallel.DataParallel = field(default_factory=parallel.DataParallel)
+    dtype: torch.dtype = torch.float32  # the compute precision of the student's forward (autocast)
+    budget_rng: random.Random = field(default_factory=random.Random)  # budget sampling (Gumbel: torch's RNG)
+    fingerprint: float = 0.0  # sum of |teacher weights|: a checkpoint must come from the same parent
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+
+def setup(ecfg: ElasticConfig, model_or_hf_path, data, dp: parallel.DataParallel, router_init=None,
+          device: torch.device | None = None, dtype: torch.dtype = torch.float32) -> Run:
+    """The run's models, router and optimizers (see `prepare`): on `device`, the teacher in `dtype`, the
+    student wrapped for DDP / FSDP2 on N ranks, the RNGs seeded from ecfg.seed. Every rank must start from
+    the same parent (checked)."""
+    if ecfg.batch % dp.world:
+        raise ConfigError(f"ElasticConfig: batch {ecfg.batch} doesn't split over {dp.world} processes (each "
+                          "takes batch / world rows of every global batch)")
+    model, teacher, router = prepare(ecfg, model_or_hf_path, data, dp.world, device)
+    if router_init is not None:
+        _load_router(router, Path(router_init))
+    fingerprint = _fingerprint(teacher)
+    dp.check_same("parent models (sum of |weights|)", [_bits(fingerprint)])  # every rank must start alike
+    if device is not None:
+        model, teacher, router = model.to(device), teacher.to(device), router.to(device)
+    teacher = teacher.to(dtype)  # frozen, no grad: held in the compute precision (the student stays fp32)
+    model.checkpoint_blocks = router.ecfg.activation_checkpointing
+    student, teacher = parallel.wrap(model, teacher, dp, dtype)  # what we call; `model` stays the bare module
+    opt_model = adamw(model.parameters(), lr=ecfg.lr_model, weight_decay=ecfg.weight_decay)
+    opt_router = adamw(router.parameters(), lr=ecfg.lr_router, weight_decay=0.0)
+    budget_rng = random.Random(ecfg.seed)
+    random.seed(ecfg.seed)
+    torch.manual_seed(ecfg.seed)
+    return Run(router.ecfg, model, student, teacher, router, opt_model, opt_router, dp, dtype, budget_rng,
+               fingerprint)
+
+
+def train_step(run: Run, batches: Iterable[torch.Tensor], bis: Sequence[int], tau: float, scale: float,
+               update_model: bool = True, choose: Callable | None = None) -> dict[int, dict]:
+    """One optimizer step of elastic distillation. batches: the step's ecfg.grad_accum micro-batches (gradient
+    accumulation), this rank's rows [b, t] on the run's device, read one at a time; bis: the budgets (indices into ecfg.budgets) that share each
+    of them; tau, scale: the router's schedules at this step.
+
+    Per micro-batch one teacher forward, then per budget: the router's width weights (Gumbel-Softmax;
+    `choose(bi, logits, tau, scale)` replaces that draw, e.g. a bench's fixed widths), the student at them
+    (pinned: the full model; hard: the sliced submodel times the straight-through gate; soft: channel masks),
+    loss = weight * KD + the budget loss, backward. Then the router's gradients are averaged over ranks, the
+    loss and gradients checked finite (FloatingPointError before any update otherwise), and both AdamW
+    optimizers step (the model's only when `update_model`: the router may train alone first).
+    Returns {bi: {"kd", "rl" (means over the micro-batches, kd over the ranks), "w", "expected"}}."""
+    ecfg, router, dp, model = run.ecfg, run.router, run.dp, run.model
+    hard = ecfg.mode == "hard"
+    accum = ecfg.grad_accum
+    per = {bi: {"kd": 0.0, "rl": 0.0} for bi in bis}  # this step's losses and choices per budget
+    for micro, ids in enumerate(batches):
+        with torch.no_grad():
+            t_logits = run.teacher(ids)  # one teacher forward for every budget of the step
+        for j, bi in enumerate(bis):
+            lg = None if router.pinned(bi) else router.budget_logits(bi)  # one router forward per budget
+            w = router.sample(bi, tau, scale, hard=hard, logits=lg, tol=ecfg.sample_tolerance) if choose is None \
+                else choose(bi, lg, tau, scale)
+            sub = router.subarch(w)
+            extra = {} if router.pinned(bi) else {"sub": sub, "gate": router.gate(w)} if hard else \
+                {"masks": router.masks(w)}
+            last = micro == accum - 1 and j == len(bis) - 1
+            with parallel.grad_sync(run.student, dp, sync=last):
+                # pinned: the full model, no router in the loop; hard: compute follows the budget, the gate
+                # (== 1.0) passes the KD gradient to the router; soft: expected widths as channel masks
+                with autocast(run.dtype, ids.device):  # bf16: matmuls in bf16 over the fp32 weights; logits fp32
+                    s_logits = run.student(ids, **extra)
+                kd = kd_loss(s_logits, t_logits, ecfg.kd_temperature)  # in fp32
+                rl, expected = budget_loss(router, ecfg, bi, lg, tau, scale)
+                weight = ecfg.full_weight if ecfg.budgets[bi] == 1.0 else 1.0
+                loss = (weight * kd + rl) / (accum * len(bis))
+                loss.backward()
+            per[bi]["kd"] += float(kd.detach()) / accum
+            per[bi]["rl"] += float(rl.detach()) / accum
+            per[bi]["w"], per[bi]["expected"] = w, expected
+
+    # ---- the update: the router is replicated, average its gradients (DDP / FSDP2 did the student's)
+    parallel.average_grads_(router.parameters(), dp)
+    for r in per.values():
+        r["kd"] = dp.mean(r["kd"])  # the global batch's loss (rl is the same on every rank)
+    kd_sum, rl_sum = sum(r["kd"] for r in per.values()), sum(r["rl"] for r in per.values())
+    bad = None  # stop before the update: the weights stay good, the last checkpoint the last good one
+    if not math.isfinite(kd_sum + rl_sum):
+        bad = f"loss is {kd_sum + rl_sum} (kd {kd_sum}, router {rl_sum})"
+    elif not parallel.all_finite(_grads(model, router), dp):
+        bad = f"loss {kd_sum + rl_sum:.6g} but non-finite gradients"
+    if bad:
+        name = ", ".join(budget_name(ecfg.budgets[bi]) for bi in bis)
+        raise FloatingPointError(f"budget {name}: {bad}; stopped before updating.")
+    if update_model:
+        run.opt_model.step()
+    run.opt_router.step()
+    run.opt_model.zero_grad(set_to_none=True)
+    run.opt_router.zero_grad(set_to_none=True)
+    return per
+
+
+def save_checkpoint(run: Run, train_dir: Path, step: int, pos: int) -> Path:
+    """Everything the next step depends on (weights, both optimizers, RNGs, step, data position), written
+    atomically: one process a torch.save file, N ranks a torch.distributed.checkpoint folder. Non-finite
+    weights are refused (FloatingPointError). Returns the checkpoint's path."""
+    model, router, dp = run.model, run.router, run.dp
+    if not parallel.all_finite([*model.parameters(), *router.parameters()], dp):  # finite steps, inf weights
+        raise FloatingPointError(f"weights are non-finite after step {step - 1}; not checkpointing them.")
+    state = ckpt.train_state(step, pos, run.budget_rng, run.fingerprint, run.ecfg, as_text=dp.distributed)
+    if dp.distributed:
+        path = train_dir / ckpt.CKPT_DIR
+        ckpt.save_dcp(path, _parts(run), state, dp)
+    else:
+        path = train_dir / ckpt.CKPT_FILE
+        ckpt.save_pt(path, {"model": model.state_dict(), "router": router.state_dict(),
+                            "opt_model": run.opt_model.state_dict(), "opt_router": run.opt_router.state_dict(),
+                            **state})
+    return path
+
+
+def log_step(run: Run, per: dict[int, dict], step: int, tau: float, scale: float, seq_len: int, log_path: Path,
+        writer=None, on_step: Callable[[dict], None] | None = None) -> list[dict]:
+    """One record per budget trained at this step: to log.jsonl (rank 0, every log_every steps and the last),
+    TensorBoard (when installed) and `on_step`. Returns the records."""
+    ecfg, router = run.ecfg, run.router
+    recs = []
+    for bi, r in per.items():
+        name = budget_name(ecfg.budgets[bi])
+        with torch.no_grad():
+            cost_ratio = float(router.cost_ratio(r["w"]))
+        rec = {"step": step, "budget": name, "fraction": ecfg.budgets[bi], "kd": r["kd"], "router_loss": r["rl"],
+               "cost_ratio": cost_ratio, "expected_ratio": float(r["expected"].detach()),
+               "sub": router.chosen(r["w"]), "tau": tau, "scale": scale, "seq_len": seq_len,
+               "lr_model": run.opt_model.param_groups[0]["lr"]}
+        if run.dp.main and (step % ecfg.log_every == 0 or step == ecfg.steps - 1):
+            with open(log_path, "a") as f:
+                f.write(json.dumps(rec) + "\n")
+        if writer is not None:
+            writer.add_scalar(f"kd/{name}", r["kd"], step)
+            writer.add_scalar(f"cost_ratio/{name}", rec["cost_ratio"], step)
+        if on_step is not None:
+            on_step(rec)
+        recs.append(rec)
+    return recs
+
+
+def _micro_batches(data, pos: int, ecfg: ElasticConfig, seq_len: int, dp: parallel.DataParallel, device):
+    """The step's micro-batches from data position `pos` on, this rank's rows [b/N, t] each, one at a time."""
+    for m in range(ecfg.grad_accum):
+        yield dp.rows(get_batch(data, pos + m, ecfg.batch, seq_len)).to(device)
+
+
+def _parts(run: Run) -> dict:
+    return {"model": (run.student, run.opt_model), "router": (run.router, run.opt_router)}
+
+
+def _train(ecfg: ElasticConfig, model_or_hf_path, data, out: Path, dp: parallel.DataParallel,
+           max_steps: int | None, resume: bool, progress: bool, on_step, router_init=None,
+           kept: dict | None = None, device: torch.device | None = None, dtype: torch.dtype = torch.float32) -> Path:
+    """The loop: setup, then per step its budgets and schedules, `step`, `log`, and every checkpoint_every
+    steps `save_checkpoint`; at the end the elastic checkpoint (export)."""
+    kept = {} if kept is None else kept  # kept["last_good"]: (path, step) of the newest complete checkpoint
+    train_dir, log_path = out / "train", out / "train" / "log.jsonl"
+    run = setup(ecfg, model_or_hf_path, data, dp, router_init, device, dtype)
+    ecfg, step, pos = run.ecfg, 0, 0
+
+    # ---- resume: everything that influences the next step is restored (checked before anything is written)
+    if resume:
+        found = ckpt.resume(train_dir, dp, _parts(run), run.fingerprint, ecfg, run.budget_rng)
+        if found is not None:
+            step, pos, kept["last_good"] = found
+            if dp.main:
+                print(f"resuming from step {step} ({kept['last_good'][0]})", flush=True)
+
+    # ---- from here on we write: only rank 0, except for the checkpoint shards
+    if dp.main:
+        train_dir.mkdir(parents=True, exist_ok=True)
+        _write_config(ecfg, train_dir / "elastic.yaml")
+        _truncate_log(log_path, step)  # drop records of steps after the checkpoint (a crash in between)
+        if step == 0:  # a fresh start: an earlier run's TensorBoard events would pile up beside this run's
+            shutil.rmtree(train_dir / "tb", ignore_errors=True)
+        ckpt.drop_stale(train_dir, keep=kept["last_good"][0] if "last_good" in kept else None)
+    dp.barrier()
+
+    writer = _tensorboard(train_dir) if dp.main else None
+    stop = ecfg.steps if max_steps is None else min(ecfg.steps, max_steps)
+    bar = tqdm(total=ecfg.steps, initial=step, disable=not (progress and dp.main), desc="elastify")
+    ema: dict[str, float] = {}
+    run.model.train()
+    while step < stop:
+        # ---- this step's budgets, schedules and context length (the same on every rank: checked)
+        bis = ecfg.sample_budgets(run.budget_rng, step)  # one budget, or budgets_per_step sharing each batch
+        dp.check_same("step, data position, budget and RNG state", [step, pos, *bis, parallel.rng_checksum()])
+        tau, scale, seq_len = ecfg.tau_at(step), ecfg.scale_at(step), ecfg.seq_len_at(step)
+        for group in run.opt_model.param_groups:
+            group["lr"] = ecfg.lr_model_at(step)  # 0 while the router trains alone; warmup; schedule
+        batches = _micro_batches(data, pos, ecfg, seq_len, dp, run.device)  # read as the step goes
+        try:  # the first router_warmup steps train the router alone
+            per = train_step(run, batches, bis, tau, scale, update_model=step >= ecfg.model_steps()[0])
+        except FloatingPointError as e:
+            raise FloatingPointError(f"step {step}, {e} {_last_good_text(kept.get('last_good'))}") from None
+        pos += ecfg.grad_accum
+        for rec in log_step(run, per, step, tau, scale, seq_len, log_path, writer, on_step):
+            name = rec["budget"]
+            ema[name] = rec["kd"] if name not in ema else 0.9 * ema[name] + 0.1 * rec["kd"]
+        bar.set_postfix({k: f"{v:.3f}" for k, v in ema.items()}, refresh=False)
+        bar.update(1)
+        step += 1
+        if step % ecfg.checkpoint_every == 0 or step == stop:
+            try:
+                kept["last_good"] = (save_checkpoint(run, train_dir, step, pos), step)
+            except FloatingPointError as e:
+                raise FloatingPointError(f"{e} {_last_good_text(kept.get('last_good'))}") from None
+    bar.close()
+    if writer is not None:
+        writer.close()
+    if step >= ecfg.steps:
+        with parallel.full_weights(run.model, dp):  # FSDP2: gather the shards (every rank takes part)
+            if dp.main:
+                export(run.model, run.router, ecfg, out)
+        dp.barrier()
+    return out
+
+
 def elastify(config: ElasticConfig | str | Path, model_or_hf_path, data, out_dir: str | Path, *,
              max_steps: int | None = None, resume: bool = True, progress: bool = True,
              on_step: Callable[[dict], None] | None = None, parallel: str | None = None,
@@ -245,174 +484,9 @@ def elastify(config: ElasticConfig | str | Path, model_or_hf_path, data, out_dir
 def check_out_dir(out: Path, model_or_path=None, router_init=None) -> None:
     """elastify's output folder must be new, empty, or an elastify run's own resumable output (train/ with
     its elastic.yaml), and must not overlap the parent's folder: never write into someone else's files."""
-    check_output(out, *(p for p in (model_or_path, router_init) if isinstance(p, (str, Path))), overwrite=True)
-    if out.exists() and not out.is_dir():
-        raise FileExistsError(f"{out} is a file; elastify writes a folder")
-    if out.is_dir() and any(out.iterdir()) and not (out / "train" / "elastic.yaml").is_file():
-        held = sorted(p.name + "/" * p.is_dir() for p in out.iterdir())
-        raise FileExistsError(f"{out} is not empty and is not an elastify output to resume (it holds "
-                              f"{', '.join(held[:6])}{', ...' if len(held) > 6 else ''}); choose a new or empty "
-                              "folder")
-
-
-def _train(ecfg: ElasticConfig, model_or_hf_path, data, out: Path, dp: parallel.DataParallel,
-           max_steps: int | None, resume: bool, progress: bool, on_step, router_init=None,
-           kept: dict | None = None, device: torch.device | None = None, dtype: torch.dtype = torch.float32) -> Path:
-    kept = {} if kept is None else kept
-    if ecfg.batch % dp.world:
-        raise ConfigError(f"ElasticConfig: batch {ecfg.batch} doesn't split over {dp.world} processes (each "
-                          "takes batch / world rows of every global batch)")
-    train_dir = out / "train"
-    log_path = train_dir / "log.jsonl"
-
-    # ---- models: student (trained), teacher (frozen sorted parent), router; on N ranks: DDP / FSDP2
-    model, teacher, router = prepare(ecfg, model_or_hf_path, data, dp.world, device)
-    ecfg = router.ecfg  # the config the router was built from (with the depth axis: its depth_order filled in)
-    if router_init is not None:
-        _load_router(router, Path(router_init))
-    fingerprint = _fingerprint(teacher)
-    dp.check_same("parent models (sum of |weights|)", [_bits(fingerprint)])  # every rank must start alike
-    if device is not None:
-        model, teacher, router = model.to(device), teacher.to(device), router.to(device)
-    device = next(model.parameters()).device
-    teacher = teacher.to(dtype)  # frozen, no grad: held in the compute precision (the student stays fp32)
-    model.checkpoint_blocks = ecfg.activation_checkpointing
-    student, teacher = parallel.wrap(model, teacher, dp, dtype)  # what we call; `model` stays the bare module
-    opt_model = adamw(model.parameters(), lr=ecfg.lr_model, weight_decay=ecfg.weight_decay)
-    opt_router = adamw(router.parameters(), lr=ecfg.lr_router, weight_decay=0.0)
-    budget_rng = random.Random(ecfg.seed)  # budget sampling; Gumbel noise uses torch's global RNG
-    random.seed(ecfg.seed)
-    torch.manual_seed(ecfg.seed)
-    step, pos = 0, 0
-
-    # ---- resume: everything that influences the next step is restored (checked before anything is written)
-    parts = {"model": (student, opt_model), "router": (router, opt_router)}
-    if resume:
-        found = ckpt.resume(train_dir, dp, parts, fingerprint, ecfg, budget_rng)
-        if found is not None:
-            step, pos, kept["last_good"] = found  # (path, step) of the newest complete checkpoint
-            if dp.main:
-                print(f"resuming from step {step} ({kept['last_good'][0]})", flush=True)
-
-    # ---- from here on we write: only rank 0, except for the checkpoint shards
-    if dp.main:
-        train_dir.mkdir(parents=True, exist_ok=True)
-        _write_config(ecfg, train_dir / "elastic.yaml")
-        _truncate_log(log_path, step)  # drop records of steps after the checkpoint (a crash in between)
-        if step == 0:  # a fresh start: an earlier run's TensorBoard events would pile up beside this run's
-            shutil.rmtree(train_dir / "tb", ignore_errors=True)
-        ckpt.drop_stale(train_dir, keep=kept["last_good"][0] if "last_good" in kept else None)
-    dp.barrier()
-
-    def checkpoint():
-        if not parallel.all_finite([*model.parameters(), *router.parameters()], dp):  # finite steps, inf weights
-            raise FloatingPointError(f"weights are non-finite after step {step - 1}; not checkpointing them. "
-                                     f"{_last_good_text(kept.get('last_good'))}")
-        if dp.distributed:
-            path = train_dir / ckpt.CKPT_DIR
-            ckpt.save_dcp(path, parts, ckpt.train_state(step, pos, budget_rng, fingerprint, ecfg, as_text=True), dp)
-        else:
-            path = train_dir / ckpt.CKPT_FILE
-            ckpt.save_pt(path, {
-                "model": model.state_dict(), "router": router.state_dict(),
-                "opt_model": opt_model.state_dict(), "opt_router": opt_router.state_dict(),
-                **ckpt.train_state(step, pos, budget_rng, fingerprint, ecfg)})
-        kept["last_good"] = (path, step)
-
-    writer = _tensorboard(train_dir) if dp.main else None
-    stop = ecfg.steps if max_steps is None else min(ecfg.steps, max_steps)
-    bar = tqdm(total=ecfg.steps, initial=step, disable=not (progress and dp.main), desc="elastify")
-    ema: dict[str, float] = {}
-    model.train()
-    while step < stop:
-        # ---- this step's budgets, schedules and context length (the same on every rank: checked)
-        bis = ecfg.sample_budgets(budget_rng, step)  # one budget, or budgets_per_step sharing each batch
-        dp.check_same("step, data position, budget and RNG state", [step, pos, *bis, parallel.rng_checksum()])
-        tau, scale = ecfg.tau_at(step), ecfg.scale_at(step)
-        seq_len = ecfg.seq_len_at(step)
-        for group in opt_model.param_groups:
-            group["lr"] = ecfg.lr_model_at(step)  # 0 while the router trains alone; warmup; schedule
-        per = {bi: {"kd": 0.0, "rl": 0.0} for bi in bis}  # this step's losses and choices per budget
-        hard = ecfg.mode == "hard"
-
-        for micro in range(ecfg.grad_accum):
-            ids = dp.rows(get_batch(data, pos, ecfg.batch, seq_len)).to(device)  # this rank's rows [b/N, t]
-            pos += 1
-            with torch.no_grad():
-                t_logits = teacher(ids)  # one teacher forward for every budget of the step
-            for j, bi in enumerate(bis):
-                lg = None if router.pinned(bi) else router.budget_logits(bi)  # one router forward per budget
-                w = router.sample(bi, tau, scale, hard=hard, logits=lg, tol=ecfg.sample_tolerance)
-                sub = router.subarch(w)
-                extra = {} if router.pinned(bi) else {"sub": sub, "gate": router.gate(w)} if hard else \
-                    {"masks": router.masks(w)}
-                last = micro == ecfg.grad_accum - 1 and j == len(bis) - 1
-                with parallel.grad_sync(student, dp, sync=last):
-                    # pinned: the full model, no router in the loop; hard: compute follows the budget, the gate
-                    # (== 1.0) passes the KD gradient to the router; soft: expected widths as channel masks
-                    with autocast(dtype, device):  # bf16: matmuls in bf16 over the fp32 weights; logits fp32
-                        s_logits = student(ids, **extra)
-                    kd = kd_loss(s_logits, t_logits, ecfg.kd_temperature)  # in fp32
-                    rl, expected = budget_loss(router, ecfg, bi, lg, tau, scale)
-                    weight = ecfg.full_weight if ecfg.budgets[bi] == 1.0 else 1.0
-                    loss = (weight * kd + rl) / (ecfg.grad_accum * len(bis))
-                    loss.backward()
-                per[bi]["kd"] += float(kd.detach()) / ecfg.grad_accum
-                per[bi]["rl"] += float(rl.detach()) / ecfg.grad_accum
-                per[bi]["w"], per[bi]["expected"] = w, expected
-
-        # ---- the update: the router is replicated, average its gradients (DDP / FSDP2 did the student's)
-        parallel.average_grads_(router.parameters(), dp)
-        for r in per.values():
-            r["kd"] = dp.mean(r["kd"])  # the global batch's loss (rl is the same on every rank)
-        kd_sum, rl_sum = sum(r["kd"] for r in per.values()), sum(r["rl"] for r in per.values())
-        name = ", ".join(budget_name(ecfg.budgets[bi]) for bi in bis)
-        bad = None  # stop before the update: the weights stay good, the last checkpoint the last good one
-        if not math.isfinite(kd_sum + rl_sum):
-            bad = f"loss is {kd_sum + rl_sum} (kd {kd_sum}, router {rl_sum})"
-        elif not parallel.all_finite(_grads(model, router), dp):
-            bad = f"loss {kd_sum + rl_sum:.6g} but non-finite gradients"
-        if bad:
-            raise FloatingPointError(f"step {step}, budget {name}: {bad}; stopped before updating. "
-                                     f"{_last_good_text(kept.get('last_good'))}")
-        if step >= ecfg.model_steps()[0]:  # the first router_warmup steps train the router alone
-            opt_model.step()
-        opt_router.step()
-        opt_model.zero_grad(set_to_none=True)
-        opt_router.zero_grad(set_to_none=True)
-
-        # ---- log: one record per budget trained at this step
-        for bi, r in per.items():
-            name = budget_name(ecfg.budgets[bi])
-            with torch.no_grad():
-                cost_ratio = float(router.cost_ratio(r["w"]))
-            rec = {"step": step, "budget": name, "fraction": ecfg.budgets[bi], "kd": r["kd"], "router_loss": r["rl"],
-                   "cost_ratio": cost_ratio, "expected_ratio": float(r["expected"].detach()),
-                   "sub": router.chosen(r["w"]), "tau": tau, "scale": scale, "seq_len": seq_len,
-                   "lr_model": opt_model.param_groups[0]["lr"]}
-            if dp.main and (step % ecfg.log_every == 0 or step == ecfg.steps - 1):
-                with open(log_path, "a") as log:
-                    log.write(json.dumps(rec) + "\n")
-            if writer is not None:
-                writer.add_scalar(f"kd/{name}", r["kd"], step)
-                writer.add_scalar(f"cost_ratio/{name}", rec["cost_ratio"], step)
-            if on_step is not None:
-                on_step(rec)
-            ema[name] = r["kd"] if name not in ema else 0.9 * ema[name] + 0.1 * r["kd"]
-        bar.set_postfix({k: f"{v:.3f}" for k, v in ema.items()}, refresh=False)
-        bar.update(1)
-        step += 1
-        if step % ecfg.checkpoint_every == 0 or step == stop:
-            checkpoint()
-    bar.close()
-    if writer is not None:
-        writer.close()
-    if step >= ecfg.steps:
-        with parallel.full_weights(model, dp):  # FSDP2: gather the shards (every rank takes part)
-            if dp.main:
-                export(model, router, ecfg, out)
-        dp.barrier()
-    return out
+    check_output(out, *(p for p in (model_or_path, router_init) if isinstance(p, (str, Path))), overwrite=True,
+                 kind="any")
+    own_folder(out, "an elastify output to resume", ("train/elastic.yaml",))  # nestlm.io's one rule
 
 
 def _grads(*modules) -> list[torch.Tensor]:

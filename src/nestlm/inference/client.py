@@ -33,7 +33,7 @@ import urllib.request
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
-from nestlm.inference.detok import held_suffix
+from nestlm.inference.detok import HeldText, held_suffix
 
 __all__ = ["Endpoint", "EndpointError", "RemoteResult", "complete", "think_answer"]
 
@@ -167,17 +167,23 @@ def think_answer(think: Endpoint, answer: Endpoint, prompt: str, max_think: int 
                  end_think: str = "</think>", stop: list[str] | None = None, timeout: float = 120.0,
                  on_text: Callable[[str, str], None] | None = None) -> RemoteResult:
     """Think on `think` until `end_think` or `max_think` tokens, then answer on `answer` (at most
-    `max_answer` tokens, ending at `stop` strings). `on_text(delta, phase)` streams "think" | "end" | "answer"."""
+    `max_answer` tokens, ending at `stop` strings). `on_text(delta, phase)` streams "prompt" (the prompt,
+    once), "think" | "end" | "answer": exactly the text the answer model reads, then its answer. The trace
+    shown is the one sent on: a tag the budget cut ('</thin') is never shown before the whole tag, and U+FFFD
+    (a character a server cut in two at the budget) is left out of both."""
     if max_think < 0 or max_answer < 0:
         raise ValueError("max_think and max_answer must be >= 0")
     if not end_think:
         raise ValueError("end_think must not be empty")
-    show = (lambda phase: None) if on_text is None else (lambda phase: (lambda d: on_text(d, phase)))
+    held = HeldText([end_think])  # the trace as shown: held back while it may be the start of the tag
+    shown = None if on_text is None else (lambda d: (s := held.push(d)) and on_text(s, "think"))
+    if on_text is not None:
+        on_text(prompt, "prompt")
     if max_think > 0:
-        th = complete(think, prompt, max_think, [end_think], temperature, top_p, seed, timeout, show("think"))
+        th = complete(think, prompt, max_think, [end_think], temperature, top_p, seed, timeout, shown)
     else:  # no thinking: straight to the tag, as generate_two_phase with a zero budget
         th = Completion("", "length", None, {"completion_tokens": 0}, 0.0)
-    trace = th.text
+    trace = th.text.replace("\ufffd", "")
     if th.finish_reason == "length":
         ended_by = "budget"
     elif th.stop_reason in (end_think, "absent") or trace.endswith(end_think):
@@ -187,10 +193,13 @@ def think_answer(think: Endpoint, answer: Endpoint, prompt: str, max_think: int 
     trace = trace.removesuffix(end_think)  # servers that keep the stop string in the text
     if ended_by == "budget":  # a tag the budget cut mid-way ('4</th'): the appended tag completes it
         trace = trace[: len(trace) - held_suffix(trace, [end_think])]
+    if on_text is not None and (rest := held.rest(trace)):
+        on_text(rest, "think")
     if ended_by == "stop":
         return RemoteResult(prompt, trace, ended_by, "", end_think, th, None)
     if on_text is not None:
         on_text(end_think, "end")
+    clean = None if on_text is None else (lambda d: (s := d.replace("\ufffd", "")) and on_text(s, "answer"))
     reply = complete(answer, prompt + trace + end_think, max_answer, stop, temperature, top_p,
-                     None if seed is None else seed + 1, timeout, show("answer"))
-    return RemoteResult(prompt, trace, ended_by, reply.text, end_think, th, reply)
+                     None if seed is None else seed + 1, timeout, clean)
+    return RemoteResult(prompt, trace, ended_by, reply.text.replace("\ufffd", ""), end_think, th, reply)

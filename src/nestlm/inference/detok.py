@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-__all__ = ["Detok", "held_suffix", "settled"]
+__all__ = ["Detok", "HeldText", "held_suffix", "settled"]
 
 
 def held_suffix(text, holds) -> int:
@@ -26,6 +26,28 @@ def settled(text: str) -> str:
     """A finished text as it is handed out: a trailing incomplete character (the U+FFFD of an unfinished
     UTF-8 sequence, which Detok.push holds back while streaming) is dropped, never shown."""
     return text.rstrip("\ufffd")
+
+
+class HeldText:
+    """The text-level twin of Detok, for text that arrives already decoded (a server's stream): `push` a delta,
+    get the part that is safe to show, which never ends inside what may become one of `holds` (the
+    end-of-thinking tag) and leaves out U+FFFD (a character a server cut in two, whose bytes never come)."""
+
+    def __init__(self, holds: list[str] = ()):
+        self.holds, self.text, self.sent = [h for h in holds if h], "", 0
+
+    def push(self, delta: str) -> str:
+        self.text += delta.replace("\ufffd", "")
+        upto = len(self.text) - held_suffix(self.text, self.holds)
+        out = self.text[self.sent:upto] if upto > self.sent else ""
+        self.sent = max(self.sent, upto)
+        return out
+
+    def rest(self, final: str) -> str:
+        """What is left to show of `final`, the text as it ends (a prefix of what was pushed, held parts cut)."""
+        out = final[self.sent:]
+        self.sent = max(self.sent, len(final))
+        return out
 
 
 class Detok:

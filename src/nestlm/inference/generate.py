@@ -1,8 +1,8 @@
 """Autoregressive generation with a cache, gpt-fast style: prefill once, then one token per step.
 
     out = generate(model, ids, max_new_tokens=64)                       # greedy, the full model
-    out = generate(model, ids, 64, sub=SubArch(hidden=256), temperature=0.8, top_k=50, seed=0)
-    out = generate(model, ids, 64, temperature=0.7, top_p=0.9, repetition_penalty=1.2)  # transformers' rules
+    out = generate(model, ids, 64, sub=SubArch(hidden=256), sampling=Sampling(0.8, top_k=50, seed=0))
+    out = generate(model, ids, 64, sampling=Sampling(0.7, top_p=0.9, repetition_penalty=1.2))  # transformers' rules
     new = decode(model, logits, cache, 64, stop_sequences=[end_ids])    # go on from a filled cache
 
 Two-phase generation (think on one nested submodel, answer on another) builds on these: nestlm.inference.two_phase.
@@ -28,11 +28,22 @@ __all__ = ["Sampling", "decode", "decode_one_token", "generate", "prefill", "sam
 
 @dataclass(frozen=True)
 class Sampling:
+    """How the next token is chosen, with transformers' rules and order (see `sample`): temperature 0 is
+    greedy; top_k, top_p restrict sampling; repetition_penalty (> 0; 1.0 or None: off) applies to greedy
+    decoding too; seed makes sampling reproducible (a private generator: the global RNG is untouched)."""
     temperature: float = 0.0
     top_k: int | None = None
     top_p: float | None = None
     repetition_penalty: float | None = None
     seed: int | None = None
+
+    def generator(self, device) -> torch.Generator | None:
+        """A private generator seeded with `seed` on `device`, None without a seed (the global RNG)."""
+        return None if self.seed is None else torch.Generator(device=device).manual_seed(int(self.seed))
+
+    @property
+    def penalized(self) -> bool:
+        return self.repetition_penalty is not None and self.repetition_penalty != 1.0
 
 
 def _last_logits(model, ids: torch.Tensor, cache, sub) -> torch.Tensor:
@@ -57,17 +68,19 @@ def decode_one_token(model, tok: torch.Tensor, cache, sub=None) -> torch.Tensor:
         return model(tok, sub=sub, cache=cache)[:, -1].float()  # [b, 1, v] -> [b, v]
 
 
-def sample(logits: torch.Tensor, temperature: float = 0.0, top_k: int | None = None,
-           generator: torch.Generator | None = None, top_p: float | None = None,
-           repetition_penalty: float | None = None, seen: torch.Tensor | None = None) -> torch.Tensor:
+def sample(logits: torch.Tensor, sampling: Sampling = Sampling(), generator: torch.Generator | None = None,
+           seen: torch.Tensor | None = None) -> torch.Tensor:
     """logits [b, v] -> next tokens [b, 1], with transformers' rules and order:
 
     repetition_penalty (> 0; 1.0: off): the logit of every token in `seen` [b, s] (the prompt and what was
     generated) is divided by it when positive and multiplied by it when negative; it applies to greedy
     decoding too. temperature 0 (or below): greedy argmax; otherwise softmax sampling of logits / temperature,
     restricted to the `top_k` most likely tokens, then to the smallest set of most likely tokens whose
-    probability reaches `top_p` (nucleus sampling; 1.0: off)."""
-    if repetition_penalty is not None and repetition_penalty != 1.0 and seen is not None and seen.numel():
+    probability reaches `top_p` (nucleus sampling; 1.0: off). `generator`: sampling's RNG (see
+    Sampling.generator; the seed itself is not read here, so one generator serves a whole sequence)."""
+    temperature, top_k, top_p = sampling.temperature, sampling.top_k, sampling.top_p
+    repetition_penalty = sampling.repetition_penalty
+    if sampling.penalized and seen is not None and seen.numel():
         logits = logits.float()
         old = logits.gather(1, seen)  # [b, s]
         logits = logits.scatter(1, seen, torch.where(old < 0, old * repetition_penalty, old / repetition_penalty))
@@ -103,12 +116,10 @@ def _ends_with(new: torch.Tensor, n: int, seq: torch.Tensor) -> torch.Tensor:
     return (new[:, n - L:n] == seq).all(dim=1)
 
 
-def decode(model, logits: torch.Tensor, cache, max_new_tokens: int, sub=None, temperature: float = 0.0,
-           top_k: int | None = None, stop_tokens: Iterable[int] | int | None = None,
-           stop_sequences: Iterable[Iterable[int]] | None = None, generator: torch.Generator | None = None,
-           callback: Callable[[torch.Tensor], None] | None = None, dtype: torch.dtype = torch.long,
-           top_p: float | None = None, repetition_penalty: float | None = None,
-           history: torch.Tensor | None = None) -> torch.Tensor:
+def decode(model, logits: torch.Tensor, cache, max_new_tokens: int, sub=None, sampling: Sampling = Sampling(),
+           stop_tokens: Iterable[int] | int | None = None, stop_sequences: Iterable[Iterable[int]] | None = None,
+           callback: Callable[[torch.Tensor], None] | None = None, generator: torch.Generator | None = None,
+           dtype: torch.dtype = torch.long, history: torch.Tensor | None = None) -> torch.Tensor:
     """Continue from `logits` [b, v] (the prediction after the tokens already in `cache`): sample up to
     `max_new_tokens` tokens, feeding each one into the cache except the last. Returns the new tokens [b, n].
 
@@ -116,8 +127,11 @@ def decode(model, logits: torch.Tensor, cache, max_new_tokens: int, sub=None, te
     (multi-token markers such as a byte-level '</think>'); a finished row repeats its last token as padding
     while the other rows go on, and decoding stops once every row has ended. So after the call the cache
     holds every token but the last one returned: cache.pos == tokens before + n - 1 (for n >= 1).
-    top_p, repetition_penalty: see `sample`; history [b, t]: the tokens before (the prompt), which the
-    repetition penalty counts as seen besides the new ones."""
+    sampling: see `Sampling` and `sample`; generator: the RNG to draw from (default: a fresh one from
+    sampling.seed; pass one to go on drawing from it across calls); history [b, t]: the tokens before (the
+    prompt), which the repetition penalty counts as seen besides the new ones."""
+    if generator is None:
+        generator = sampling.generator(logits.device)
     b, dev = logits.shape[0], logits.device
     stop = _stop_tensor(stop_tokens, dtype, dev)
     seqs = [torch.as_tensor(list(q), dtype=dtype, device=dev) for q in (stop_sequences or ())]
@@ -130,9 +144,9 @@ def decode(model, logits: torch.Tensor, cache, max_new_tokens: int, sub=None, te
     with torch.inference_mode():
         for i in range(max_new_tokens):
             seen = None
-            if repetition_penalty is not None and repetition_penalty != 1.0:
+            if sampling.penalized:
                 seen = new[:, :i] if history is None else torch.cat([history.to(dtype), new[:, :i]], dim=1)
-            nxt = sample(logits, temperature, top_k, generator, top_p, repetition_penalty, seen)[:, 0].to(dtype)
+            nxt = sample(logits, sampling, generator, seen)[:, 0].to(dtype)
             if can_stop:
                 nxt = torch.where(done, pad, nxt)
             new[:, i] = nxt
@@ -152,27 +166,23 @@ def decode(model, logits: torch.Tensor, cache, max_new_tokens: int, sub=None, te
     return new
 
 
-def generate(model, ids: torch.Tensor, max_new_tokens: int, sub=None, temperature: float = 0.0,
-             top_k: int | None = None, stop_tokens: Iterable[int] | int | None = None, seed: int | None = None,
-             callback: Callable[[torch.Tensor], None] | None = None,
-             stop_sequences: Iterable[Iterable[int]] | None = None, top_p: float | None = None,
-             repetition_penalty: float | None = None) -> torch.Tensor:
-    """ids [b, t] -> [b, t + new] with new <= max_new_tokens. Sampling (temperature, top_k, top_p) and the
-    repetition penalty follow transformers' rules (see `sample`).
+def generate(model, ids: torch.Tensor, max_new_tokens: int, sub=None, sampling: Sampling = Sampling(),
+             stop_tokens: Iterable[int] | int | None = None, stop_sequences: Iterable[Iterable[int]] | None = None,
+             callback: Callable[[torch.Tensor], None] | None = None) -> torch.Tensor:
+    """ids [b, t] -> [b, t + new] with new <= max_new_tokens. `sampling` (temperature, top_k, top_p, the
+    repetition penalty, seed) follows transformers' rules (see `Sampling`, `sample`).
 
     A row that produced one of `stop_tokens` (or whose new tokens end with one of `stop_sequences`) keeps
     emitting that last token (as padding) while the other rows go on; generation ends early once every row
-    has stopped. `callback(new_tokens [b])` is called after every step (streaming). `seed` makes sampling
-    reproducible (a private generator; the global RNG is untouched).
+    has stopped. `callback(new_tokens [b])` is called after every step (streaming).
     """
     if ids.dim() == 1:
         ids = ids[None]
     if max_new_tokens <= 0:
         return ids.clone()
-    generator = torch.Generator(device=ids.device).manual_seed(int(seed)) if seed is not None else None
     with torch.inference_mode():
         cache = model.new_cache()
         logits = prefill(model, ids, cache, sub)  # [b, v]
-        new = decode(model, logits, cache, max_new_tokens, sub, temperature, top_k, stop_tokens, stop_sequences,
-                     generator, callback, ids.dtype, top_p, repetition_penalty, ids)  # [b, n]
+        new = decode(model, logits, cache, max_new_tokens, sub, sampling, stop_tokens=stop_tokens,
+                     stop_sequences=stop_sequences, callback=callback, dtype=ids.dtype, history=ids)  # [b, n]
         return torch.cat([ids, new], dim=1)

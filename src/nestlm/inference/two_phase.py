@@ -35,7 +35,7 @@ import torch
 from nestlm.arch import SubArch
 from nestlm.errors import ConfigError
 from nestlm.inference.detok import held_suffix
-from nestlm.inference.generate import decode, prefill
+from nestlm.inference.generate import Sampling, decode, prefill
 from nestlm.model import layout
 from nestlm.model.decoder import Cache, Rows
 
@@ -197,17 +197,17 @@ def _sequences(end_think) -> list[list[int]]:
 def generate_two_phase(model, ids: torch.Tensor, think_sub: SubArch | None, answer_sub: SubArch | None,
                        max_think_tokens: int, max_answer_tokens: int, end_think: Sequence[int] | Sequence[Sequence[int]],
                        stop_tokens: Iterable[int] | int | None = None, switch: str = "reprefill",
-                       temperature: float = 0.0, top_k: int | None = None, seed: int | None = None,
-                       callback: Callable[[torch.Tensor, str], None] | None = None,
-                       top_p: float | None = None) -> TwoPhaseResult:
+                       sampling: Sampling = Sampling(),
+                       callback: Callable[[torch.Tensor, str], None] | None = None) -> TwoPhaseResult:
     """Think with `think_sub`, answer with `answer_sub` (None: the full model). ids: [1, t] or [t].
 
     Thinking ends at the first occurrence of an `end_think` sequence in the generated tokens ("tag"), after
     `max_think_tokens` tokens ("budget": the canonical tag is appended, not counted in the budget), or at a
     stop token ("stop": generation ends there, no answer). The answer phase writes at most
     `max_answer_tokens` tokens and ends at a stop token. `callback(token [1], phase)` streams every token,
-    phase "think" | "forced" | "answer". Sampling (temperature > 0, optionally top_k / top_p) uses one private
-    generator from `seed`.
+    phase "think" | "forced" | "answer". `sampling` (nestlm.inference.generate.Sampling) holds for both phases,
+    which draw from one private generator seeded with sampling.seed; the repetition penalty counts the prompt
+    (and, answering, the trace) as seen.
     """
     if switch not in SWITCHES:
         raise ConfigError(f"switch must be one of {SWITCHES}, got {switch!r}")
@@ -220,7 +220,7 @@ def generate_two_phase(model, ids: torch.Tensor, think_sub: SubArch | None, answ
         raise ValueError("max_think_tokens and max_answer_tokens must be >= 0")
     tags = _sequences(end_think)
     dev, t = ids.device, ids.shape[1]
-    gen = torch.Generator(device=dev).manual_seed(int(seed)) if seed is not None else None
+    gen = sampling.generator(dev)
     stops = [int(x) for x in ([stop_tokens] if isinstance(stop_tokens, int) else stop_tokens or []) if x is not None]
 
     def emit(phase):
@@ -235,8 +235,9 @@ def generate_two_phase(model, ids: torch.Tensor, think_sub: SubArch | None, answ
         if max_think_tokens > 0:
             cache = model.new_cache()
             logits = prefill(model, ids, cache, think_sub)  # [1, v]
-            think = decode(model, logits, cache, max_think_tokens, think_sub, temperature, top_k, stops, tags,
-                           gen, emit("think"), ids.dtype, top_p)  # [1, n]; the cache holds all but the last
+            think = decode(model, logits, cache, max_think_tokens, think_sub, sampling, stop_tokens=stops,
+                           stop_sequences=tags, callback=emit("think"), generator=gen, dtype=ids.dtype,
+                           history=ids)  # [1, n]; the cache holds all but the last
         n = think.shape[1]
         tail = think[0].tolist()
         if any(len(tail) >= len(s) and tail[-len(s):] == s for s in tags):
@@ -271,8 +272,8 @@ def generate_two_phase(model, ids: torch.Tensor, think_sub: SubArch | None, answ
         t2 = time.perf_counter()
 
         # ---- phase 2: L answers
-        answer = decode(model, logits, cache, max_answer_tokens, answer_sub, temperature, top_k, stops, None,
-                        gen, emit("answer"), ids.dtype, top_p)  # [1, a]
+        answer = decode(model, logits, cache, max_answer_tokens, answer_sub, sampling, stop_tokens=stops,
+                        callback=emit("answer"), generator=gen, dtype=ids.dtype, history=seq)  # [1, a]
         _sync(dev)
         t3 = time.perf_counter()
     return TwoPhaseResult(torch.cat([seq, answer], dim=1), t, n, forced.shape[1], answer.shape[1], ended_by,

@@ -24,8 +24,9 @@ from nestlm.io.tokenizer import TOKENIZER_FILES
 
 QUANT_CONFIG = "hf_quant_config.json"  # a ModelOpt packed checkpoint's quantization settings
 
-__all__ = ["DTYPES", "ST_DTYPE", "SafetensorsDir", "Source", "atomic_dir", "check_output", "copy_files",
-           "normal_permissions", "read_config", "split_shards", "write_checkpoint", "write_shards"]
+__all__ = ["CHECKPOINT_FILES", "DTYPES", "ST_DTYPE", "SafetensorsDir", "Source", "atomic_dir", "check_output",
+           "copy_files", "normal_permissions", "own_folder", "read_config", "split_shards", "write_checkpoint",
+           "write_shards", "write_tensors"]
 
 # safetensors' dtype names <-> torch dtypes (the one table: headers are read and written with it)
 DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
@@ -182,10 +183,44 @@ class Source(SafetensorsDir):
         return list(self._handles)
 
 
-def check_output(out: str | Path, *inputs: str | Path | None, overwrite: bool = False) -> Path:
+# the files a nestlm checkpoint folder (HF weights, slice, packed, elastic) holds: --overwrite replaces a folder
+# only when it is one (config.json) and holds nothing else, so a user's own files are never deleted
+CHECKPOINT_FILES = ("config.json", "*.safetensors", "model.safetensors.index.json", "nestlm_*.json", QUANT_CONFIG,
+                    *TOKENIZER_FILES, "train")
+
+
+def own_folder(out: str | Path, what: str, marks: tuple[str, ...], only: tuple[str, ...] | None = None) -> None:
+    """The one rule for an existing output folder that nestlm writes into or replaces: it must be empty, or
+    nestlm's own output of that kind, i.e. hold one of `marks` (paths inside it) and, when `only` is given
+    (a folder replaced whole), nothing but names matching those patterns. Anything else (a user's notes, a
+    file where a folder goes) raises FileExistsError with one line saying what the folder holds."""
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise FileExistsError(f"{out} is a file; {what} is a folder")
+    held = sorted(p.name + "/" * p.is_dir() for p in out.iterdir()) if out.is_dir() else []
+    if not held:
+        return
+
+    def listing(names):
+        return f"{', '.join(names[:6])}{', ...' if len(names) > 6 else ''}"
+
+    if not any((out / m).exists() for m in marks):
+        raise FileExistsError(f"{out} is not empty and is not {what} (it holds {listing(held)}); choose a new or "
+                              "empty folder")
+    foreign = [h for h in held if only is not None and not any(Path(h.rstrip("/")).match(o) for o in only)]
+    if foreign:
+        raise FileExistsError(f"{out} holds files nestlm did not write ({listing(foreign)}) beside {what}; "
+                              "replacing it would delete them: move them, or choose a new or empty folder")
+
+
+def check_output(out: str | Path, *inputs: str | Path | None, overwrite: bool = False,
+                 kind: str = "folder") -> Path:
     """Refuse an output path before anything is read or written: one that equals, contains or lies inside
     one of `inputs` (whatever `overwrite` says: an input is never replaced), or that exists when not
-    `overwrite`. Raises ConfigError / FileExistsError naming both paths; returns `out` as a Path."""
+    `overwrite`. With `overwrite`, an existing `out` must be of its `kind`: "folder", a checkpoint folder
+    nestlm wrote (own_folder with CHECKPOINT_FILES); "file", a file, not a folder; "any": the caller
+    applies its own rule (elastify's resume). Raises ConfigError / FileExistsError naming the paths;
+    returns `out` as a Path."""
     out = Path(out)
     o = out.resolve()
     blocked = next((p for p in o.parents if p.exists() and not p.is_dir()), None)
@@ -201,6 +236,10 @@ def check_output(out: str | Path, *inputs: str | Path | None, overwrite: bool = 
                               "never replaces an input)")
     if out.exists() and not overwrite:
         raise FileExistsError(f"{out} exists; choose a new path or pass overwrite=True")
+    if out.exists() and kind == "file" and out.is_dir():
+        raise FileExistsError(f"{out} is a folder; this output is a file: choose a file path")
+    if kind == "folder":
+        own_folder(out, "a checkpoint folder", ("config.json",), CHECKPOINT_FILES)
     return out
 
 
@@ -237,6 +276,22 @@ def atomic_dir(out: Path, overwrite: bool = False, inputs: tuple = ()):
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def write_tensors(path: str | Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> Path:
+    """One safetensors file of `tensors` (detached, contiguous, on the CPU): the one writer. Atomic (a
+    temporary sibling renamed into place: a crash leaves the previous file or none), with the umask's normal
+    permissions (safetensors' save_file alone writes 0600)."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    try:
+        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp), metadata=metadata)
+        normal_permissions(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return path
 
 
 def split_shards(items: list, nbytes, max_shard_bytes: int) -> list[list]:
@@ -284,7 +339,7 @@ def write_checkpoint(out_dir: str | Path, config: dict, tensors: dict[str, torch
         items = [(k, v.detach().contiguous()) for k, v in tensors.items()]
         shards = split_shards(items, lambda kv: kv[1].numel() * kv[1].element_size(), max_shard_bytes)
         total = sum(v.numel() * v.element_size() for _, v in items)
-        write_shards(tmp, shards, lambda fp, shard: save_file(dict(shard), str(fp), metadata={"format": "pt"}),
+        write_shards(tmp, shards, lambda fp, shard: write_tensors(fp, dict(shard), {"format": "pt"}),
                      lambda shard: [k for k, _ in shard], total)
         (tmp / "config.json").write_text(json.dumps(config, indent=2, default=_json_default))
         copy_files(src_dir, tmp, TOKENIZER_FILES)

@@ -19,7 +19,8 @@ import torch
 from nestlm.data import ByteTokenizer
 from nestlm.errors import CheckpointError, ConfigError
 
-__all__ = ["HF_TOKENIZER_FILES", "TOKENIZER_FILES", "Tokenizer", "check_ids", "load_tokenizer", "text_tokens"]
+__all__ = ["HF_TOKENIZER_FILES", "TOKENIZER_FILES", "Tokenizer", "check_ids", "check_utf8", "copy_tokenizer",
+           "folder_tokens", "load_tokenizer", "text_tokens"]
 
 # what AutoTokenizer reads (any one of the first four means the folder has a Hugging Face tokenizer)
 HF_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "merges.txt",
@@ -27,6 +28,17 @@ HF_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.mode
 # every file that travels with the weights when a folder is converted, sliced or quantized
 TOKENIZER_FILES = (ByteTokenizer.FILE, *HF_TOKENIZER_FILES, "generation_config.json", "chat_template.jinja")
 BYTE_VOCABS = (256, ByteTokenizer().vocab_size)  # the byte tokenizer's ids, without and with its specials
+
+
+def check_utf8(text: str, what: str = "the text") -> str:
+    """`text`, or ConfigError when it holds characters no UTF-8 encoding has: the lone surrogates Python
+    makes of a command line's invalid UTF-8 bytes (`--prompt $'\\xff'`), which no tokenizer can encode."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise ConfigError(f"{what} is not valid UTF-8 text (character {e.start}: {text[e.start]!r}); give UTF-8 "
+                          "text (check the terminal's encoding)") from None
+    return text
 
 
 class Tokenizer:
@@ -43,6 +55,7 @@ class Tokenizer:
     def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:
         """Token ids of `text`; add_special_tokens: the HF tokenizer's own template (BOS for Llama...);
         the byte tokenizer has none, like the tokenizer.json it saves."""
+        check_utf8(text)
         if self.byte:
             return self.tok.encode(text)
         return self.tok(text, add_special_tokens=add_special_tokens, verbose=False)["input_ids"]
@@ -91,6 +104,35 @@ def text_tokens(tok: Tokenizer, text: str, need: int | None = None) -> torch.Ten
         if len(ids) >= need + 1 or chars >= len(text):  # +1: the last token may be cut mid-word
             return ids[:need]
         chars *= 4
+
+
+def folder_tokens(path: str | Path, vocab_size: int, text: str | Path | None = None, kjv: bool = False,
+                  need: int | None = None) -> torch.Tensor:
+    """Token ids [n] of the text file `text` (.txt, or .jsonl with a "text" field per line), or of the King
+    James Bible (kjv=True), by the tokenizer of the folder `path`; only a prefix long enough for `need`.
+    ConfigError for a missing or unusable text and for ids outside the model's vocabulary."""
+    from nestlm.data import kjv_text, load_text
+
+    if (text is None) == (not kjv):
+        raise ConfigError("give the text: a file (text=...) or the King James Bible (kjv=True), one of them")
+    tok = load_tokenizer(path, vocab_size)
+    try:
+        raw = kjv_text() if kjv else load_text(text)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    ids = text_tokens(tok, raw, need)
+    check_ids(ids, vocab_size, f"{path}'s tokenizer")
+    return ids
+
+
+def copy_tokenizer(src: str | Path, dst: str | Path) -> None:
+    """The tokenizer files of the folder `src` into `dst` (those `dst` lacks), so that a checkpoint written
+    from `src`'s model (and every slice of it) carries them."""
+    import shutil
+
+    for name in TOKENIZER_FILES:
+        if (Path(src) / name).is_file() and not (Path(dst) / name).is_file():
+            shutil.copy2(Path(src) / name, Path(dst) / name)
 
 
 def check_ids(ids: torch.Tensor, vocab_size: int, where: str) -> None:

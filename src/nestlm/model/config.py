@@ -25,6 +25,10 @@ BLOCK_KINDS = {"M": "mamba", "*": "attention", "-": "mlp", "E": "moe"}
 FAMILIES = {"nemotron_h": "nemotron_h", "llama": "llama", "qwen3": "llama", "qwen3_moe": "moe", "mixtral": "moe"}
 MOE_ROUTERS = ("sigmoid", "softmax")
 ACTS = ("relu2", "swiglu")
+# a field's annotation -> the Python types its value may have (a bool is never a number here)
+FIELD_TYPES = {"int": (int,), "float": (int, float), "bool": (bool,), "str": (str,), "dict": (dict,)}
+TYPE_WORDS = {(int,): "an integer", (int, float): "a number", (bool,): "true or false", (str,): "a string",
+              (dict,): "a mapping"}
 
 
 @dataclass
@@ -96,6 +100,12 @@ class ModelConfig:
             if not cond:
                 raise ConfigError(msg)
 
+        for f in dataclasses.fields(self):  # types first: "hidden_size": "abc" in a config.json is one line
+            v = getattr(self, f.name)
+            ok = FIELD_TYPES[str(f.type).removesuffix(" | None")]
+            need(isinstance(v, ok) and not (isinstance(v, bool) and bool not in ok) or
+                 (v is None and str(f.type).endswith("| None")),
+                 f"{f.name} must be {TYPE_WORDS[ok]}, got {v!r}")
         need(self.vocab_size > 0 and self.hidden_size > 0, "vocab_size and hidden_size must be positive")
         need(len(self.pattern) > 0, "pattern is empty: give one character per block from 'M*-E'")
         bad = sorted(set(self.pattern) - set(BLOCK_KINDS))

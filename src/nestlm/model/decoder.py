@@ -208,10 +208,6 @@ class Decoder(nn.Module):
         return F.linear(x, head).float()
 
     # ------------------------------------------------------------------ utilities
-    def num_params(self) -> int:
-        return sum(p.numel() for p in self.parameters()) + sum(
-            b.numel() for n, b in self.named_buffers() if n.endswith("e_score_correction_bias"))
-
     @torch.no_grad()
     def init_weights(self, seed: int | None = None, std: float = 0.02) -> Decoder:
         """Fresh init for training from scratch: N(0, std) matrices, residual outputs scaled by

@@ -201,15 +201,9 @@ def cut(dims: Dims, values: dict) -> Cut:
     return tuple(out)
 
 
-def block_cuts(cfg: ModelConfig, kind: str, s) -> dict[str, Cut]:
-    """{mixer tensor name: Cut} of a block at the resolved SubArch s."""
-    v = axis_values(s)
-    return {n: cut(d, v) for n, d in block_tensors(cfg, kind).items()}
-
-
 def model_cuts(cfg: ModelConfig, s) -> dict[str, tuple[str, Cut]]:
-    """Every tensor of the standalone submodel s, in state-dict order: {its name (blocks renumbered):
-    (source name, Cut)}."""
+    """Every tensor of the standalone submodel s, block by block as in its state dict (within a block in
+    declaration order): {its name (blocks renumbered): (source name, Cut)}."""
     v = axis_values(s)
     decl = model_tensors(cfg)
     out = {"embeddings.weight": ("embeddings.weight", cut(decl["embeddings.weight"], v))}

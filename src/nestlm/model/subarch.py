@@ -85,9 +85,6 @@ class SubArch:
         if list(layers) != sorted(set(layers)) or layers[0] < 0 or layers[-1] >= cfg.n_blocks:
             raise ConfigError(f"SubArch.layers must be increasing block indices in 0..{cfg.n_blocks - 1}")
 
-    def is_full(self, cfg: ModelConfig) -> bool:
-        return self.resolve(cfg) == SubArch.full(cfg)
-
     # ---------------------------------------------------------------- (de)serialisation
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)

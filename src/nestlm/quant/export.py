@@ -14,7 +14,6 @@ import json
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
 
 from nestlm.arch import SubArch, sliced_config
 from nestlm.convert import FAMILIES
@@ -35,6 +34,7 @@ from nestlm.io.safetensors import (
     read_config,
     split_shards,
     write_shards,
+    write_tensors,
 )
 from nestlm.io.tokenizer import TOKENIZER_FILES, check_ids, load_tokenizer, text_tokens
 from nestlm.model.extract import sliced_state_dict
@@ -91,7 +91,7 @@ def _write(out: Path, hf: dict, tensors: dict[str, torch.Tensor], fmt: Format, w
     with atomic_dir(Path(out), overwrite, inputs=(src_dir,)) as tmp:
         items = list(tensors.items())
         shards = split_shards(items, lambda kv: kv[1].nbytes, max_shard_bytes)
-        write_shards(tmp, shards, lambda fp, sh: save_file(dict(sh), str(fp), metadata={"format": "pt"}),
+        write_shards(tmp, shards, lambda fp, sh: write_tensors(fp, dict(sh), {"format": "pt"}),
                      lambda sh: [k for k, _ in sh], sum(v.nbytes for _, v in items))
         (tmp / "config.json").write_text(json.dumps(hf, indent=2))
         (tmp / QUANT_CONFIG).write_text(json.dumps(hq, indent=2))

@@ -15,12 +15,12 @@ from pathlib import Path
 import torch
 
 from nestlm.arch import SubArch, sliced_config
-from nestlm.convert import FAMILIES, config_from_hf, moe, nemotron_h
+from nestlm.convert import FAMILIES, folder_config, moe, nemotron_h
 from nestlm.elastic.artifact import (
     check_manifest,
     read_manifest,
 )
-from nestlm.errors import CheckpointError, ConfigError, UnsupportedArchitecture
+from nestlm.errors import CheckpointError, UnsupportedArchitecture
 from nestlm.io.safetensors import (
     Source,
     read_config,
@@ -35,10 +35,7 @@ def open_source(path: str | Path) -> tuple[Path, ModelConfig, Source, dict | Non
     """(path, config, tensors, manifest or None), with config/weights/manifest checked against each other."""
     path = Path(path)
     hf = read_config(path)
-    try:
-        cfg = config_from_hf(hf)
-    except ConfigError as e:
-        raise CheckpointError(f"{path}/config.json: {e}") from None
+    cfg = folder_config(path)
     src = Source(path)
     if "quantization_config" not in hf:  # a packed folder's shapes are checked by nestlm.quant's loader
         cfg = _check_weights(path, cfg, src)

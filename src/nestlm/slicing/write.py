@@ -343,7 +343,7 @@ def slice_checkpoint(elastic_dir: str | Path, budget: str | float | SubArch, out
     budget: a manifest name ('77%'), a fraction (trained, or between trained ones: the router interpolates),
     or an explicit SubArch (any checkpoint folder, elastic or not). A packed FP8 / NVFP4 source (ModelOpt
     layout, NVIDIA's release included) is cut as it is stored: codes and block scales by index ranges
-    (nestlm.quant.packed.packed_plan), scalar scales copied, nothing requantized; its quantization settings
+    (nestlm.slicing.packed.packed_plan), scalar scales copied, nothing requantized; its quantization settings
     are kept with the exclude list renumbered. Streams: memory holds one output tensor (or a bounded chunk).
     stats: if a dict is given, it receives bytes_written, peak_bytes (the most source bytes mapped at once:
     about one chunk of rows), tensors, seconds.

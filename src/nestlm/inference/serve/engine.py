@@ -112,8 +112,7 @@ class _Seq:
         self.e, self.g, self.index, self.sink, self.cancelled = engine, g, index, sink, cancelled
         self.submitted = time.perf_counter()
         self.t0 = 0.0
-        seed = g.sampling.seed
-        self.gen = torch.Generator(device=engine.device).manual_seed(int(seed)) if seed is not None else None
+        self.gen = g.sampling.generator(engine.device)
         self.two = g.think_sub is not None
         self.phase = "think" if self.two else "answer"
         self.sub = g.think_sub if self.two else g.answer_sub
@@ -154,12 +153,11 @@ class _Seq:
 
     # ---- one token
     def sample(self) -> int:
-        s = self.g.sampling
         seen = None
-        if s.repetition_penalty is not None and s.repetition_penalty != 1.0:
+        if self.g.sampling.penalized:
             seen = torch.tensor([self.g.ids + self.think_ids + self.forced_ids + self.answer_ids],
                                 device=self.logits.device)
-        tok = sample(self.logits, s.temperature, s.top_k, self.gen, s.top_p, s.repetition_penalty, seen)
+        tok = sample(self.logits, self.g.sampling, self.gen, seen)
         return int(tok[0, 0])
 
     def advance(self, tok: int) -> bool:

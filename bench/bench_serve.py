@@ -4,10 +4,11 @@
     python bench/bench_serve.py --quick                           # builds `nestlm demo --quick` in a temp folder
 
 The server runs in its own process on 127.0.0.1 (a free port), with one torch thread by default
-(`--threads`). Requests are queued there, not batched: one generation runs at a time, so requests/s should
-stay flat as clients are added while latency grows with the queue; the table shows how far that holds.
-Each client sends non-streaming `/v1/completions` requests back to back (no think time) until the level's
-`--requests` are done. Workloads (`--workload`, several allowed):
+(`--threads`), continuously batched (`--max-batch`, default 32; `--max-batch 1` serves one sequence at a
+time, the unbatched baseline). Each client sends non-streaming `/v1/completions` requests back to back (no
+think time) until the level's `--requests` are done. Each level runs `--repeats` times (default 3); the table
+shows the median requests/s and the median of the repeats' p50 / p95 latency. Workloads (`--workload`,
+several allowed):
 
     s2l     think on the smallest budget (thinking_token_budget --think), answer on the full one (--answer
             tokens), re-prefill: budget control
@@ -16,8 +17,9 @@ Each client sends non-streaming `/v1/completions` requests back to back (no thin
 
 Prompts are distinct lines of text, greedy decoding. Thinking runs to the budget unless the model writes
 '</think>' (the demo model, trained on the Bible, never does), so every request generates about the same
-number of tokens. Columns: req/s (requests / wall time of the level), median and p90 latency per request,
-generated tokens/s, and the server's own median queue wait.
+number of tokens. Columns: req/s (requests / wall time of the level), its ratio to 1 client, p50 and p95
+latency per request, generated tokens/s, the server's median queue wait, and the largest decoding batch a
+request shared a step with.
 """
 
 from __future__ import annotations
@@ -59,7 +61,7 @@ def post(url: str, body: dict, timeout: float) -> dict:
 
 def level(url: str, bodies: list[dict], clients: int, timeout: float) -> dict:
     """Send every body (clients at a time, each client back to back); -> timings of the level."""
-    lat, toks, waits, errors = [], [], [], []
+    lat, toks, waits, errors, batch = [], [], [], [], []
     lock, nxt = threading.Lock(), iter(range(len(bodies)))
 
     def client():
@@ -79,6 +81,7 @@ def level(url: str, bodies: list[dict], clients: int, timeout: float) -> dict:
                 lat.append(dt)
                 toks.append(r["usage"]["completion_tokens"])
                 waits.append(r["nestlm"]["queue_s"])
+                batch.append(r["nestlm"].get("peak_batch", 1))
 
     threads = [threading.Thread(target=client) for _ in range(clients)]
     t0 = time.perf_counter()
@@ -89,8 +92,15 @@ def level(url: str, bodies: list[dict], clients: int, timeout: float) -> dict:
     wall = time.perf_counter() - t0
     lat.sort()
     return {"clients": clients, "requests": len(lat), "errors": len(errors), "wall_s": wall,
-            "req_s": len(lat) / wall, "median_s": statistics.median(lat), "p90_s": lat[int(0.9 * (len(lat) - 1))],
-            "tok_s": sum(toks) / wall, "queue_median_s": statistics.median(waits)}
+            "req_s": len(lat) / wall, "p50_s": statistics.median(lat), "p95_s": lat[round(0.95 * (len(lat) - 1))],
+            "tok_s": sum(toks) / wall, "queue_median_s": statistics.median(waits), "peak_batch": max(batch)}
+
+
+def median_of(runs: list[dict]) -> dict:
+    """The repeats of one level -> one row: the median of every timing, the largest batch, all errors."""
+    row = {k: statistics.median(r[k] for r in runs) for k in ("req_s", "p50_s", "p95_s", "tok_s", "queue_median_s")}
+    return {**runs[0], **row, "peak_batch": max(r["peak_batch"] for r in runs),
+            "errors": sum(r["errors"] for r in runs), "repeats": len(runs)}
 
 
 def main(argv=None) -> str:
@@ -103,6 +113,9 @@ def main(argv=None) -> str:
     ap.add_argument("--think", type=int, default=32, help="thinking-token budget")
     ap.add_argument("--answer", type=int, default=16, help="answer tokens (max_tokens)")
     ap.add_argument("--threads", type=int, default=1, help="torch threads of the server")
+    ap.add_argument("--max-batch", type=int, default=32, help="the server's --max-batch (1: no batching)")
+    ap.add_argument("--repeats", type=int, default=3, help="runs of each level (the table shows medians)")
+    ap.add_argument("--device", default=None, help="the server's --device (default: its rule)")
     ap.add_argument("--extract", action="store_true", help="serve each budget extracted (nestlm serve --extract)")
     ap.add_argument("--timeout", type=float, default=120.0, help="seconds per request")
     ap.add_argument("--out", default=None, help="also write the rows as JSON here")
@@ -118,7 +131,8 @@ def main(argv=None) -> str:
         tmp = tempfile.TemporaryDirectory(prefix="nestlm_bench_serve_")
         demo(out_dir=tmp.name, quick=True)
         path = str(Path(tmp.name) / "elastic")
-    proc, url = launch(path, "--threads", str(args.threads), *(["--extract"] if args.extract else []))
+    proc, url = launch(path, "--threads", str(args.threads), "--max-batch", str(args.max_batch),
+                       *(["--extract"] if args.extract else []), *(["--device", args.device] if args.device else []))
     rows = []
     try:
         wait_ready(proc, url)
@@ -129,22 +143,28 @@ def main(argv=None) -> str:
                                    args.think, args.answer) for i in range(n)]
             level(url, bodies[:2], 1, args.timeout)  # warm-up (first-call costs, extraction)
             for c in args.concurrency:
-                rows.append({"workload": w, **level(url, bodies, c, args.timeout)})
-                print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
+                runs = []
+                for _ in range(args.repeats):
+                    runs.append(level(url, bodies, c, args.timeout))
+                    print(json.dumps({"workload": w, **runs[-1]}), file=sys.stderr, flush=True)
+                rows.append({"workload": w, **median_of(runs)})
     finally:
         stop(proc)
         if tmp is not None:
             tmp.cleanup()
     think_of = {"s2l": f"{models[-1]} -> {models[0]}", "l-cap": f"{models[0]} -> {models[0]}", "plain": "-"}
-    lines = [f"nestlm serve {path} (queued, one generation at a time; server threads {args.threads}"
+    lines = [f"nestlm serve {path} (continuous batching, --max-batch {args.max_batch}; server threads {args.threads}"
              f"{', extracted' if args.extract else ''}); thinking budget {args.think}, answer {args.answer} tokens, "
-             f"{n} requests per level", "",
-             "| workload | think -> answer | clients | req/s | median s | p90 s | tok/s | queue median s | errors |",
-             "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+             f"{n} requests per level, median of {args.repeats} runs", "",
+             "| workload | think -> answer | clients | req/s | x 1 client | p50 s | p95 s | tok/s | queue median s | "
+             "peak batch | errors |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
-        lines.append(f"| {r['workload']} | {think_of[r['workload']]} | {r['clients']} | {r['req_s']:.2f} | "
-                     f"{r['median_s']:.3f} | {r['p90_s']:.3f} | {r['tok_s']:.0f} | {r['queue_median_s']:.3f} | "
-                     f"{r['errors']} |")
+        one = next((x["req_s"] for x in rows if x["workload"] == r["workload"] and x["clients"] == 1), None)
+        ratio = f"{r['req_s'] / one:.2f}" if one else "-"
+        lines.append(f"| {r['workload']} | {think_of[r['workload']]} | {r['clients']} | {r['req_s']:.2f} | {ratio} | "
+                     f"{r['p50_s']:.3f} | {r['p95_s']:.3f} | {r['tok_s']:.0f} | {r['queue_median_s']:.3f} | "
+                     f"{r['peak_batch']} | {r['errors']} |")
     table = "\n".join(lines)
     if args.out:
         Path(args.out).write_text(json.dumps(rows, indent=2))

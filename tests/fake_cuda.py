@@ -292,15 +292,20 @@ def scenario_two_phase(tmp: Path) -> dict:
 
 
 def scenario_engine(tmp: Path) -> dict:
-    """The server's engine (nestlm.inference.serve.Engine) on the card: a plain and a think-small,
-    answer-large request, streamed. The checkpoint is written and read on the host, then moved."""
+    """The server's continuous-batching engine (nestlm.inference.serve.engine.Engine) on the card: a plain
+    and a think-small, answer-large request in one running batch, streamed. The checkpoint is written and
+    read on the host, then moved; the scheduler loop runs in this thread (fake mode is per thread) and
+    ends when both requests are done."""
     import warnings
+
+    import torch
 
     import nestlm
     from nestlm.data import ByteTokenizer
     from nestlm.elastic.artifact import export
     from nestlm.elastic.router import Router
-    from nestlm.inference.serve import Engine, Generation
+    from nestlm.inference.generate import Sampling
+    from nestlm.inference.serve.engine import Engine, Generation
 
     model = nestlm.Decoder(_tiny(vocab_size=ByteTokenizer().vocab_size))
     ecfg = nestlm.ElasticConfig(budgets=[1.0, 0.7], align=4, router_hidden=4, steps=1, sort=False,
@@ -310,15 +315,31 @@ def scenario_engine(tmp: Path) -> dict:
         export(model, Router(model.cfg, ecfg), ecfg, tmp / "elastic")
     ByteTokenizer().save(tmp / "elastic")
     engine = Engine(tmp / "elastic")
-    full, small = list(engine.budgets)
-    streamed = []
+    full, small = list(engine.budgets.values())
+    ids = engine.prompt_ids("Q:", bos=True)
+    gens = [Generation(ids=ids, answer_sub=full, think_sub=think, max_think=3, max_tokens=3,
+                       sampling=Sampling(temperature=0.5, seed=0)) for think in (None, small)]
+    phases, errors, done = [], [], []
+
+    def sink(i, kind, payload):
+        if kind == "delta":
+            phases.append(payload[0])
+        elif kind == "error":
+            errors.append(payload.message if hasattr(payload, "message") else str(payload))
+        if kind in ("done", "error"):
+            done.append(i)
+            if len(done) == len(gens):
+                engine.inbox.put(None)  # the loop returns once nothing runs
+
     with fake_cuda(truth=False) as c:
         engine.elastic.to("cuda")
-        for think in (None, small):
-            engine.run(Generation(ids=engine.prompt_ids("Q:", bos=True), answer=full, think=think, max_think=3,
-                                  max_tokens=3, temperature=0.5, seed=0), lambda *a: streamed.append(a[0]))
-    return {"device": str(engine.elastic.embeddings.weight.device), "phases": sorted(set(streamed)),
-            "syncs": len(c.syncs)}
+        engine.device = torch.device("cuda:0")
+        engine.submit(gens, sink)
+        engine._loop()
+    if errors:
+        raise RuntimeError(errors[0])
+    return {"device": str(engine.elastic.embeddings.weight.device), "phases": sorted(set(phases)),
+            "done": sorted(done), "syncs": len(c.syncs)}
 
 
 def scenario_bug(tmp: Path) -> dict:

@@ -11,5 +11,6 @@ from test_fake_cuda import _ok, run_scenarios
 def test_engine_runs_on_the_card():
     r = _ok(run_scenarios("engine"), "engine")
     assert r["device"] == "cuda:0"
-    assert r["phases"] == ["answer", "end", "think"]  # both requests streamed, thinking ended by the budget
+    assert r["done"] == [0, 1]  # both requests finished in one running batch
+    assert {"answer", "end", "think"} <= set(r["phases"])  # streamed; thinking ended by the budget
     assert r["syncs"] > 0

@@ -143,3 +143,56 @@ def test_subarch_generation_matches_extracted_submodel(make, sub):
     out = generate(model, ids, 10, sub=sub)
     assert torch.equal(out, generate(extract(model, sub), ids, 10))
     assert torch.equal(out, uncached_greedy(model, ids, 10, sub=sub))
+
+
+@pytest.mark.parametrize("pattern, rope", [("M*-E", None), ("*-*E", 1e4)])
+@pytest.mark.parametrize("standalone", [False, True])
+def test_rows_step_equals_each_sequence_alone(pattern, rope, standalone):
+    """nestlm.model.decoder.Rows (the server's batched step): sequences of different lengths, each with its
+    own cache, joining (prefilled in the same forward as the others' decoding tokens) and leaving between
+    steps, get the logits (and greedy tokens) of each one decoded alone."""
+    from nestlm.inference.two_phase import Standalone
+    from nestlm.model.decoder import Rows
+
+    cfg = tiny_hybrid_config(pattern=pattern, rope_theta=rope)  # Mamba, attention (RoPE: a position per row), MoE
+    model = randomize_(nestlm.Decoder(cfg).init_weights(2), 2).eval()
+    model = Standalone(model) if standalone else model
+    sub = model.resolve(None)
+    gen = torch.Generator().manual_seed(0)
+    prompts = [torch.randint(0, 64, (1, n), generator=gen) for n in (3, 9, 1, 6)]
+    steps = 5
+    alone = []
+    for p in prompts:  # the reference: batch 1, prefill then one token per step
+        cache = model.new_cache()
+        logits, seq = prefill(model, p, cache, sub), []
+        for _ in range(steps):
+            seq.append(logits)
+            logits = decode_one_token(model, logits.argmax(-1, keepdim=True), cache, sub)
+        alone.append(seq)
+    # batched: sequence r joins at step r // 2, its prompt packed into the same forward as the other rows'
+    # decoding tokens (Rows with lengths), and runs `steps` steps
+    caches, logits, got = {}, {}, {r: [] for r in range(len(prompts))}
+    for step in range(steps + 2):
+        feed = []  # (row, its new tokens)
+        for r in list(caches):
+            if len(got[r]) < steps:
+                got[r].append(logits[r])
+                if len(got[r]) < steps:
+                    feed.append((r, [int(logits[r].argmax())]))
+        for r, p in enumerate(prompts):
+            if r // 2 == step:
+                caches[r] = model.new_cache()
+                feed.append((r, p[0].tolist()))
+        if not feed:
+            continue
+        ids = torch.tensor([[t for _, toks in feed for t in toks]])  # [1, T]
+        with torch.inference_mode():
+            out = model(ids, sub=sub, cache=Rows([caches[r] for r, _ in feed], [len(t) for _, t in feed]))[0]
+        at = 0
+        for r, toks in feed:
+            at += len(toks)
+            logits[r] = out[at - 1:at]  # [1, v]: the row's last position
+    for r in range(len(prompts)):
+        for a, b in zip(alone[r], got[r], strict=True):
+            torch.testing.assert_close(b, a, atol=1e-5, rtol=1e-5)
+            assert int(a.argmax()) == int(b.argmax())

@@ -252,14 +252,17 @@ def generate(path: str, prompt: str, max_new_tokens: int = 64, temperature: floa
 # -------------------------------------------------------------------------------------------- serving
 def serve(path: str, host: str = "127.0.0.1", port: int = 8000, end_think: str = "</think>",
           max_model_len: int | None = None, extract: bool = False, max_queue: int = 256,
-          threads: int | None = None) -> None:
-    """nestlm.inference.serve.serve: the elastic checkpoint behind an OpenAI-compatible API."""
+          threads: int | None = None, device: str | None = None, dtype: str | None = None,
+          max_batch: int = 32, api_key: str | None = None) -> None:
+    """nestlm.inference.serve.serve: the elastic checkpoint behind an OpenAI-compatible API (continuous
+    batching; --api-key or NESTLM_API_KEY: requests need the bearer token)."""
     from nestlm.inference.serve import serve as run_serve
 
     if not 0 <= port < 65536:
         raise UsageError(f"--port must be in 0..65535, got {port}")
     run_serve(path, host=host, port=port, end_think=end_think, max_model_len=max_model_len, extract=extract,
-              max_queue=max_queue, threads=threads)
+              max_queue=max_queue, threads=threads, device=device, dtype=dtype, max_batch=max_batch,
+              api_key=api_key)
 
 
 def think(prompt: str, think_url: str, think_model: str, answer_url: str, answer_model: str,
@@ -437,7 +440,10 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--extract", action="store_true",
                    help="run each budget extracted (faster steps, a copy of the weights per budget used)")
     c.add_argument("--max-queue", type=int, default=256, help="requests waiting beyond this get 503")
-    c.add_argument("--threads", type=int, default=None, help="torch threads of the generation worker")
+    c.add_argument("--max-batch", type=int, default=32, help="sequences decoded together (continuous batching)")
+    c.add_argument("--api-key", default=None, help="requests need 'Authorization: Bearer KEY' "
+                   "(default: $NESTLM_API_KEY; none: no key)")
+    device_args(c)
 
     c = sub.add_parser("think", help="think on one OpenAI-compatible endpoint, answer on another")
     c.add_argument("--prompt", required=True)
@@ -463,7 +469,7 @@ COMMANDS = {"demo": demo, "importance": importance, "elastify": elastify, "plan"
 # flag -> its smallest value (the flag's dest, as argparse names it); checked before a command runs
 MINIMUM = {"steps": 1, "threads": 1, "seq_len": 1, "batches": 1, "batch_size": 1, "max_steps": 1, "max_windows": 0,
            "lm_eval_limit": 1, "calib_tokens": 0, "max_new_tokens": 0, "temperature": 0, "max_think": 0, "top_k": 1,
-           "top_p": 1e-9, "repetition_penalty": 1e-9}
+           "top_p": 1e-9, "repetition_penalty": 1e-9, "max_queue": 1, "max_batch": 1, "max_model_len": 1}
 MAXIMUM = {"top_p": 1.0}
 BUDGET_FLAGS = ("--budget", "--think-budget", "--answer-budget")
 # library messages name Python arguments; on the command line they are flags

@@ -100,8 +100,9 @@ def search(path: str | Path, params: float | None = None, active: float | None =
     if len(targets) != 1:
         raise ConfigError("search: give exactly one target (--params, --active or --memory)")
     (metric, target), = targets.items()
-    if target <= 0 or tol < 0 or top < 1:
-        raise ConfigError("search: the target must be > 0, --tol >= 0 and --top >= 1")
+    if not 0 < target < float("inf") or not tol >= 0 or top < 1:  # nan fails every comparison
+        raise ConfigError(f"search: the target must be > 0 and finite (got {metric} {target}), --tol >= 0 and "
+                          "--top >= 1")
     folder = open_folder(path)
     cfg = folder.cfg
     grid = _grid(cfg, choices)

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-__all__ = ["Detok", "held_suffix"]
+__all__ = ["Detok", "HeldText", "held_suffix", "settled"]
 
 
 def held_suffix(text, holds) -> int:
@@ -20,6 +20,12 @@ def held_suffix(text, holds) -> int:
                 best = k
                 break
     return best
+
+
+def settled(text: str) -> str:
+    """A finished text as it is handed out: a trailing incomplete character (the U+FFFD of an unfinished
+    UTF-8 sequence, which Detok.push holds back while streaming) is dropped, never shown."""
+    return text.rstrip("\ufffd")
 
 
 class HeldText:

@@ -37,7 +37,7 @@ from nestlm.errors import ConfigError
 from nestlm.inference.detok import held_suffix
 from nestlm.inference.generate import Sampling, decode, prefill
 from nestlm.model import layout
-from nestlm.model.decoder import Cache
+from nestlm.model.decoder import Cache, Rows
 
 __all__ = ["SWITCHES", "Standalone", "TwoPhaseResult", "generate_two_phase", "transplant_cache"]
 
@@ -148,14 +148,23 @@ class Standalone:
         small = self.submodel(s)
         if cache is None:
             return small(ids, return_hidden=return_hidden)
-        if cache.sub is not None and cache.sub != s:
+        caches = cache.caches if isinstance(cache, Rows) else [cache]
+        if any(c.sub is not None and c.sub != s for c in caches):
             raise ValueError("this cache was filled by another SubArch; start a new cache to switch models")
-        inner = Cache()  # the standalone model's view: its block j is the elastic block s.layers[j]
+        inner = [self._view(c, s, small) for c in caches]
+        out = small(ids, cache=Rows(inner, cache.lengths) if isinstance(cache, Rows) else inner[0],
+                    return_hidden=return_hidden)
+        for c, v in zip(caches, inner, strict=True):
+            c.pos, c.sub = v.pos, s
+        return out
+
+    @staticmethod
+    def _view(cache: Cache, s: SubArch, small) -> Cache:
+        """The standalone model's view of an elastic cache: its block j is the elastic block s.layers[j]."""
+        inner = Cache()
         inner.pos, inner.sub = cache.pos, (None if cache.sub is None else small.resolve(None))
         inner.layers = {j: cache.layer(i) for j, i in enumerate(s.layers)}  # the same dicts, filled in place
-        out = small(ids, cache=inner, return_hidden=return_hidden)
-        cache.pos, cache.sub = inner.pos, s
-        return out
+        return inner
 
 
 # ---------------------------------------------------------------------------------------------- two phases

@@ -3,6 +3,8 @@
     logits = model(ids)                      # the full (parent) model
     logits = model(ids, sub=SubArch(...))    # a nested submodel: prefixes of every weight, less compute
     cache = model.new_cache(); model(prompt, cache=cache); model(next_token, cache=cache)   # decoding
+    model(tokens [b, 1], cache=Rows([c1, ..., cb]))   # one step of b sequences, each with its own cache
+    model(packed [1, T], cache=Rows(caches, lengths))  # b sequences' new tokens (prompts, steps) in one forward
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from nestlm.model.layers import (
     Mamba2,
     MoE,
     RMSNorm,
+    Segments,
     init_mamba_,
     masked_rms_norm,
     prefix,
@@ -91,6 +94,32 @@ class Cache:
         return self.layers.setdefault(i, {})
 
 
+class Rows:
+    """b sequences' own caches (each a batch-1 Cache at its own position, all on one SubArch) run in one
+    forward: `model(ids [1, T], sub, cache=Rows(caches, lengths))` takes the sequences' new tokens packed one
+    after the other (`lengths[r]` tokens for row r: a prompt to prefill, or 1 to decode; T = sum) and returns
+    [1, T, vocab]. `model(tokens [b, 1], cache=Rows(caches))` is one decoding step of b rows -> [b, 1, vocab].
+    Every matmul runs once over all T tokens; attention reads each row's own K/V (no padding) at its own
+    positions (RoPE); Mamba runs the decoding rows as one batch (their states stacked and handed back) and
+    each prefill on its own. Rows join and leave between calls (continuous batching): a Rows is only a view,
+    built per call from the caches still running."""
+
+    def __init__(self, caches: list[Cache], lengths: list[int] | None = None):
+        self.caches = list(caches)
+        self.lengths = list(lengths) if lengths is not None else [1] * len(self.caches)
+        if len(self.lengths) != len(self.caches) or any(n < 1 for n in self.lengths):
+            raise ValueError("Rows: one length >= 1 per cache")
+
+    def packed(self, ids: torch.Tensor) -> torch.Tensor:
+        """ids [1, T] (the rows' tokens packed) or [b, 1] (one per row) -> [1, T]; ValueError otherwise."""
+        if ids.shape[0] > 1 and ids.shape == (len(self.caches), 1) and all(n == 1 for n in self.lengths):
+            return ids.view(1, -1)
+        if ids.shape[0] != 1 or ids.shape[1] != sum(self.lengths):
+            raise ValueError(f"Rows: ids {tuple(ids.shape)} are neither the rows' {sum(self.lengths)} tokens "
+                             f"packed [1, T] nor one token per row [b, 1]")
+        return ids
+
+
 class Decoder(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -130,10 +159,14 @@ class Decoder(nn.Module):
         hidden state. The lm_head is linear, so the gradients equal those of multiplying the logits, at
         hidden/vocab of the cost."""
         s = self.resolve(sub)
-        if cache is not None:
-            if cache.sub is None:
-                cache.sub = s
-            elif cache.sub != s:
+        rows = cache if isinstance(cache, Rows) else None
+        step = rows is not None and ids.shape[0] > 1  # [b, 1]: one token per row
+        if rows is not None:
+            ids = rows.packed(ids)  # [1, T]
+        for c in rows.caches if rows is not None else [cache] if cache is not None else []:
+            if c.sub is None:
+                c.sub = s
+            elif c.sub != s:
                 raise ValueError("this cache was filled by another SubArch; start a new cache to switch models")
         k = s.hidden
         emb = prefix(self.embeddings.weight, None, k)  # [vocab, k]
@@ -141,21 +174,34 @@ class Decoder(nn.Module):
         mh = masks.get("hidden") if masks is not None else None
         if mh is not None:
             x = x * mh[:k].to(x.dtype)
-        pos = cache.pos if cache is not None else 0
         rope = None
         if self.cfg.rope_theta is not None and "*" in self.cfg.pattern:
-            positions = torch.arange(pos, pos + ids.shape[1], device=ids.device)
+            if rows is not None:  # each row at its own positions
+                positions = torch.cat([torch.arange(c.pos, c.pos + n, device=ids.device)
+                                       for c, n in zip(rows.caches, rows.lengths, strict=True)])  # [T]
+            else:
+                pos = cache.pos if cache is not None else 0
+                positions = torch.arange(pos, pos + ids.shape[1], device=ids.device)
             rope = rope_cos_sin(positions, self.cfg.head_dim, self.cfg.rope_theta, ids.device, x.dtype)
         for i in s.layers:
             if self.checkpoint_blocks and cache is None and torch.is_grad_enabled():
                 x = checkpoint(self.layers[i], x, s, None, rope, masks, use_reentrant=False)
                 continue
-            x = self.layers[i](x, s, cache.layer(i) if cache is not None else None, rope, masks)
+            if rows is not None:
+                layer = Segments([c.layer(i) for c in rows.caches], rows.lengths)
+            else:
+                layer = cache.layer(i) if cache is not None else None
+            x = self.layers[i](x, s, layer, rope, masks)
         x = self.norm_f(x) if mh is None else masked_rms_norm(x, self.norm_f.weight, self.norm_f.eps, mh)
-        if cache is not None:
+        if rows is not None:
+            for c, n in zip(rows.caches, rows.lengths, strict=True):
+                c.pos += n
+        elif cache is not None:
             cache.pos += ids.shape[1]
         if gate is not None:
             x = x * gate.to(x.dtype)
+        if step:
+            x = x.view(-1, 1, x.shape[-1])  # [b, 1, k]
         if return_hidden:
             return x
         head = emb if self.lm_head is None else prefix(self.lm_head.weight, None, k)  # tied: one slice

@@ -131,23 +131,48 @@ class Attention(_Sliced):
             cos, sin = rope
             q, kk = apply_rope(q, cos, sin), apply_rope(kk, cos, sin)
 
-        if cache is not None:
-            kk, v, past = _kv_cache_append(cache, kk, v)
+        if isinstance(cache, Segments):  # packed rows (nestlm.model.decoder.Rows): each segment its own K/V
+            parts, at = [], 0
+            for layer, n in zip(cache.layers, cache.lengths, strict=True):
+                parts.append(_attend(q[:, :, at:at + n], kk[:, :, at:at + n], v[:, :, at:at + n], layer, h > 1))
+                at += n
+            out = torch.cat(parts, dim=2)  # [1, g*h, T, hd]
         else:
-            past = 0
-        if t == 1 or (past == 0 and t == kk.shape[2]):
-            mask, causal = None, t > 1
-        else:  # prefill on top of a cache: causal with an offset
-            q_pos = torch.arange(past, past + t, device=x.device)[:, None]
-            mask = torch.arange(kk.shape[2], device=x.device)[None, :] <= q_pos
-            causal = False
-        out = F.scaled_dot_product_attention(q, kk, v, attn_mask=mask, is_causal=causal, enable_gqa=h > 1)
+            out = _attend(q, kk, v, cache, h > 1)
+        return self._out(out, masks, b, t, g, h, hd, c)
+
+    def _out(self, out, masks, b, t, g, h, hd, c):  # out [b, g*h, t, hd] -> [b, t, k]
         if masks is not None and "attn_heads_per_group" in masks:  # soft width: scale each head's output
             out = out * masks["attn_heads_per_group"][:h].repeat(g).to(out.dtype)[None, :, None, None]
         if self.probe is not None:
             self.probe("heads", out)  # [b, g*h, t, hd]
         out = out.transpose(1, 2).reshape(b, t, g * h * hd)
         return _linear(out, self.o_proj, c, "o_proj")  # o_proj columns follow q's head layout
+
+
+def _attend(q, kk, v, cache: dict | None, gqa: bool):
+    """Causal attention of q over the cache's K/V and the new kk, v ([b, heads, t, hd]; appended to the
+    cache): [b, g*h, t, hd]."""
+    t = q.shape[2]
+    if cache is not None:
+        kk, v, past = _kv_cache_append(cache, kk, v)
+    else:
+        past = 0
+    if t == 1 or (past == 0 and t == kk.shape[2]):
+        mask, causal = None, t > 1
+    else:  # prefill on top of a cache: causal with an offset
+        q_pos = torch.arange(past, past + t, device=q.device)[:, None]
+        mask = torch.arange(kk.shape[2], device=q.device)[None, :] <= q_pos
+        causal = False
+    return F.scaled_dot_product_attention(q, kk, v, attn_mask=mask, is_causal=causal, enable_gqa=gqa)
+
+
+class Segments:
+    """What a mixer gets from nestlm.model.decoder.Rows: the tokens x [1, T, k] are b sequences packed one
+    after the other (`lengths`, summing to T), each with its own cache dict (`layers`) for this block."""
+
+    def __init__(self, layers: list[dict], lengths: list[int]):
+        self.layers, self.lengths = layers, lengths
 
 
 def _kv_cache_append(cache: dict, k, v):
@@ -360,6 +385,33 @@ class Mamba2(_Sliced):
         zxbcdt = _linear(x, self.in_proj, c, "in_proj")  # [b, t, 2*hk*p + 2*g*n + hk]
         z, xbc, dt = zxbcdt.split([hk * p, hk * p + 2 * g * n, hk], dim=-1)
 
+        if isinstance(cache, Segments):
+            y = self._packed(xbc, dt, cache, c, hk)
+        else:
+            y = self._conv_ssm(xbc, dt, cache, c, hk)  # [b, t, hk*p]
+        hm = masks.get("mamba_heads_per_group") if masks is not None else None
+
+        # gated RMSNorm, grouped: statistics over each group's kept heads, never across groups
+        nw = take(self.norm.weight, c["norm.weight"])
+        yg = (y.float() * F.silu(z.float())).view(b, t, g, m * p)
+        if hm is None:
+            yg = yg * torch.rsqrt(yg.pow(2).mean(-1, keepdim=True) + self.eps)
+        else:  # soft width: scale each head's y, then re-scale the group statistics to the kept channels
+            hm = hm[:m].float()
+            yg = (yg.view(b, t, g, m, p) * hm[:, None]).view(b, t, g, m * p)
+            k_eff = hm.sum() * p
+            yg = yg * torch.rsqrt(yg.pow(2).mean(-1, keepdim=True) * (m * p / k_eff) + self.eps)
+        y = (nw * yg.reshape(b, t, hk * p).to(x.dtype))
+        if self.probe is not None:
+            self.probe("heads", y)  # [b, t, hk*p]
+
+        return _linear(y, self.out_proj, c, "out_proj")
+
+    def _conv_ssm(self, xbc, dt, cache: dict | None, c: dict, hk: int):
+        """The causal conv and the SSM scan of one batch: xbc [b, t, c], dt [b, t, hk] (raw) -> y [b, t, hk*p];
+        the cache's conv window and SSM state advance."""
+        b, t, _ = xbc.shape
+        p, g, n = self.p, self.g, self.n
         # causal depthwise conv over [x | B | C], with the last kernel-1 inputs carried in the cache
         cw = take(self.conv1d.weight, c["conv1d.weight"])[:, 0]  # [conv_dim_k, kernel]
         cb = take(self.conv1d.bias, c["conv1d.bias"]) if self.conv1d.bias is not None else None
@@ -391,24 +443,27 @@ class Mamba2(_Sliced):
                                    self.chunk, state)
             if cache is not None:
                 cache["ssm"] = final
-        y = y.reshape(b, t, hk * p)
-        hm = masks.get("mamba_heads_per_group") if masks is not None else None
+        return y.reshape(b, t, hk * p)
 
-        # gated RMSNorm, grouped: statistics over each group's kept heads, never across groups
-        nw = take(self.norm.weight, c["norm.weight"])
-        yg = (y.float() * F.silu(z.float())).view(b, t, g, m * p)
-        if hm is None:
-            yg = yg * torch.rsqrt(yg.pow(2).mean(-1, keepdim=True) + self.eps)
-        else:  # soft width: scale each head's y, then re-scale the group statistics to the kept channels
-            hm = hm[:m].float()
-            yg = (yg.view(b, t, g, m, p) * hm[:, None]).view(b, t, g, m * p)
-            k_eff = hm.sum() * p
-            yg = yg * torch.rsqrt(yg.pow(2).mean(-1, keepdim=True) * (m * p / k_eff) + self.eps)
-        y = (nw * yg.reshape(b, t, hk * p).to(x.dtype))
-        if self.probe is not None:
-            self.probe("heads", y)  # [b, t, hk*p]
-
-        return _linear(y, self.out_proj, c, "out_proj")
+    def _packed(self, xbc, dt, seg: Segments, c: dict, hk: int):
+        """_conv_ssm over packed rows (xbc [1, T, c]): the decoding rows (one token, states filled) as one
+        batch, their states stacked and handed back; every other row (a prefill) alone on its segment."""
+        starts = [sum(seg.lengths[:r]) for r in range(len(seg.lengths))]
+        y = xbc.new_empty(1, xbc.shape[1], hk * self.p)
+        one = [r for r, n in enumerate(seg.lengths) if n == 1 and "ssm" in seg.layers[r]]
+        if one:
+            idx = torch.tensor([starts[r] for r in one], device=xbc.device)
+            state = {"conv": torch.cat([seg.layers[r]["conv"] for r in one]),
+                     "ssm": torch.cat([seg.layers[r]["ssm"] for r in one])}
+            y[0, idx] = self._conv_ssm(xbc[0, idx][:, None], dt[0, idx][:, None], state, c, hk)[:, 0]
+            for i, r in enumerate(one):
+                seg.layers[r]["conv"], seg.layers[r]["ssm"] = state["conv"][i:i + 1], state["ssm"][i:i + 1]
+        done = set(one)
+        for r, (layer, n) in enumerate(zip(seg.layers, seg.lengths, strict=True)):
+            if r not in done:
+                a = starts[r]
+                y[:, a:a + n] = self._conv_ssm(xbc[:, a:a + n], dt[:, a:a + n], layer, c, hk)
+        return y
 
 
 def init_mamba_(mixer: Mamba2, dt_min: float = 1e-3, dt_max: float = 0.1, floor: float = 1e-4) -> None:

@@ -12,13 +12,10 @@ from pathlib import Path
 
 import torch
 
-from nestlm.arch import count_params
-from nestlm.convert import config_from_hf
 from nestlm.device import DTYPES, resolve, set_threads, torch_threads
 from nestlm.elastic.artifact import MANIFEST, read_provenance, resolve_budget
 from nestlm.errors import CheckpointError, ConfigError
-from nestlm.io.safetensors import check_output, read_config
-from nestlm.io.tokenizer import check_utf8, copy_tokenizer, folder_tokens
+from nestlm.io.tokenizer import check_utf8, copy_tokenizer
 
 
 class UsageError(Exception):
@@ -40,23 +37,15 @@ def demo(out: str = "nestlm-demo", steps: int | None = None, quick: bool = False
 def importance(hf_dir: str, out: str, text: str | None = None, kjv: bool = False, seq_len: int = 256,
                batches: int = 8, batch_size: int = 4, sort_out: str | None = None, overwrite: bool = False,
                device: str | None = None, dtype: str | None = None, threads: int | None = None) -> Path:
-    """Importance scores of an HF checkpoint on `batches` calibration batches of the text, saved with
-    Scores.save; with sort_out, also the model sorted by them (same function) as an HF folder. Both outputs
-    are checked (new, or overwrite; never an input) before the model is read. The weights stay fp32 on
-    `device` (sorting is exact); dtype bf16 runs the scoring forwards under bf16 autocast."""
-    from nestlm.elastic.sort import score_text
+    """nestlm.elastic.sort.score_folder: importance scores of an HF checkpoint on `batches` calibration batches
+    of the text, saved with Scores.save; with sort_out, also the model sorted by them (same function) as an
+    HF folder. Both outputs are checked (new, or overwrite; never an input) before the model is read."""
+    from nestlm.elastic.sort import score_folder
     from nestlm.load import open_folder
 
     set_threads(threads)
-    check_output(out, hf_dir, text, sort_out, overwrite=overwrite, kind="file")
-    if sort_out is not None:
-        check_output(sort_out, hf_dir, text, out, overwrite=overwrite)
-    dev, compute = resolve(device, dtype)
-    folder = open_folder(hf_dir, check_weights=False)
-    model = folder.load(device=dev)  # fp32 for scoring and sorting
-    ids = folder_tokens(hf_dir, model.cfg.vocab_size, text, kjv, need=batches * batch_size * seq_len + 1)
-    scores = score_text(model, ids, out, seq_len, batches, batch_size, sort_out, folder.dtype, compute,
-                        source=hf_dir, overwrite=overwrite)
+    scores = score_folder(open_folder(hf_dir, check_weights=False), out, text, kjv, seq_len, batches, batch_size,
+                          sort_out, overwrite=overwrite, device=device, dtype=dtype)
     print(f"wrote {out} ({scores.meta['tokens']:,} tokens in {scores.meta['batches']} batches, "
           f"{len(scores.tensors)} score tensors)")
     if sort_out is not None:
@@ -71,7 +60,7 @@ def elastify(config: str, model: str, out: str, text: str | None = None, kjv: bo
     --parallel ddp (default) or fsdp2. device, dtype: see nestlm.elastify (checked before any work)."""
     import nestlm
     from nestlm.elastic.config import ElasticConfig
-    from nestlm.elastic.train import check_out_dir
+    from nestlm.elastic.train import check_out_dir, train_tokens
     from nestlm.info import format_info as format_elastic
     from nestlm.info import info as elastic_info
 
@@ -79,13 +68,7 @@ def elastify(config: str, model: str, out: str, text: str | None = None, kjv: bo
     set_threads(threads)
     ecfg = ElasticConfig.load(config)
     check_out_dir(Path(out), model)  # before the text is read (nestlm.elastify checks it again)
-    cfg = config_from_hf(read_config(model))
-    longest = max(ecfg.seq_len, ecfg.stage2_seq_len or 0)
-    need = (ecfg.steps * ecfg.grad_accum + ecfg.calib_batches) * ecfg.batch * longest + 1  # what training reads
-    ids = folder_tokens(model, cfg.vocab_size, text, kjv, need=need)
-    if len(ids) < longest + 1:
-        raise UsageError(f"the text gives {len(ids)} tokens, too few for one window of seq_len {longest}")
-    dst = nestlm.elastify(ecfg, model, ids, out, max_steps=max_steps, resume=not fresh, parallel=parallel,
+    dst = nestlm.elastify(ecfg, model, train_tokens(ecfg, model, text, kjv), out, max_steps=max_steps, resume=not fresh, parallel=parallel,
                           device=device, dtype=dtype)
     if int(os.environ.get("RANK", "0")) != 0:  # under torchrun, rank 0 reports and copies the tokenizer
         return dst
@@ -118,6 +101,7 @@ def slice(elastic_dir: str, out: str, budget: str | None = None, sub: str | None
     """nestlm.slicing.slice: one budget (a manifest name, or a fraction) of an elastic checkpoint, or the
     explicit cut `sub` (SubArch fields: "hidden=1792,moe_ffn=1024" or a .yaml / .json file; see
     nestlm.elastic.artifact.parse_sub) of any plain or packed folder, streamed into a checkpoint folder."""
+    from nestlm.convert.nemotron_h import warn_llama_cpp
     from nestlm.slicing import slice as run_slice
 
     if (budget is None) == (sub is None):
@@ -126,13 +110,8 @@ def slice(elastic_dir: str, out: str, budget: str | None = None, sub: str | None
         budget = resolve_budget(elastic_dir, sub=sub)[1]
     stats: dict = {}
     dst = run_slice(elastic_dir, budget, out, overwrite=overwrite, stats=stats)
+    warn_llama_cpp(dst)  # a nemotron_h pattern llama.cpp cannot load
     meta = read_provenance(dst)
-    hf = read_config(dst)
-    if hf.get("model_type") == "nemotron_h":
-        from nestlm.convert.nemotron_h import llama_cpp_problem
-
-        if problem := llama_cpp_problem(hf["hybrid_override_pattern"]):
-            warnings.warn(f"{dst}: {problem}", stacklevel=2)
     print(f"wrote {dst} (budget {meta['budget']}: {meta['params']:,} parameters, "
           f"{stats['bytes_written'] / 1e6:.2f} MB in {stats['seconds']:.2f} s)")
     return dst
@@ -191,33 +170,23 @@ def quantize(src: str, out: str, fmt: str = "nvfp4", budget: str | None = None, 
              threads: int | None = None) -> Path:
     """nestlm.quantize.quantize: an HF or elastic checkpoint -> a packed FP8 / NVFP4 checkpoint (ModelOpt
     layout, which vLLM reads); an elastic source stays elastic (`nestlm slice` cuts budgets from it)."""
-    from nestlm.info import quantized_bytes
+    from nestlm.info import format_quantized
     from nestlm.quantize import quantize as run_quantize
 
     set_threads(threads)
     dst = run_quantize(src, out, fmt, budget=budget, calib_tokens=calib_tokens, text=text, seq_len=seq_len,
                        overwrite=overwrite)
-    b = quantized_bytes(dst)
-    print(f"wrote {dst} ({fmt}): {b['quantized_params']:,} quantized parameters at "
-          f"{b['bytes_per_quantized_param']:.4f} bytes each (scales included); {b['file_bytes'] / 1e6:.2f} MB of "
-          f"safetensors")
+    print(f"wrote {dst} ({fmt}): {format_quantized(dst)}")
     return dst
 
 
 def convert(src: str, dst: str, overwrite: bool = False) -> Path:
-    """Read an HF checkpoint into nestlm and write it back as one (same dtype, tokenizer files copied)."""
-    from nestlm.convert import to_hf
-    from nestlm.load import open_folder
+    """nestlm.load.convert_folder: read an HF checkpoint into nestlm and write it back as one (same dtype,
+    tokenizer files copied; a packed one dequantized)."""
+    from nestlm.load import convert_folder
 
-    check_output(dst, src, overwrite=overwrite)  # before reading
-    folder = open_folder(src, check_weights=False)
-    dtype = folder.dtype
-    model = folder.load(dtype)
-    out = to_hf(model, dst, overwrite=overwrite)
-    qc = folder.hf.get("quantization_config")
-    note = f": a dequantized copy of the {qc.get('quant_algo', 'quantized')} packed checkpoint " \
-        "(nestlm quantize packs it again)" if qc else ""
-    print(f"wrote {out} ({count_params(model.cfg):,} parameters, {str(dtype).removeprefix('torch.')}){note}")
+    out, what = convert_folder(src, dst, overwrite=overwrite)
+    print(f"wrote {out} {what}")
     return out
 
 
@@ -258,8 +227,6 @@ def serve(path: str, host: str = "127.0.0.1", port: int = 8000, end_think: str =
     batching; --api-key or NESTLM_API_KEY: requests need the bearer token)."""
     from nestlm.inference.serve import serve as run_serve
 
-    if not 0 <= port < 65536:
-        raise UsageError(f"--port must be in 0..65535, got {port}")
     run_serve(path, host=host, port=port, end_think=end_think, max_model_len=max_model_len, extract=extract,
               max_queue=max_queue, threads=threads, device=device, dtype=dtype, max_batch=max_batch,
               api_key=api_key)
@@ -285,9 +252,6 @@ def think(prompt: str, think_url: str, think_model: str, answer_url: str, answer
     print(f"[thought {res.think_tokens} tokens on {think_model} (ended by {res.ended_by}), answered "
           f"{res.answer_tokens} on {answer_model}; {res.total_s:.2f} s]", file=sys.stderr)
     return res
-
-
-# -------------------------------------------------------------------------------------------- helpers
 
 
 # -------------------------------------------------------------------------------------------- argparse
@@ -474,7 +438,8 @@ MAXIMUM = {"top_p": 1.0}
 BUDGET_FLAGS = ("--budget", "--think-budget", "--answer-budget")
 # library messages name Python arguments; on the command line they are flags
 FLAG_WORDS = (("pass overwrite=True", "pass --overwrite"), ("resume=False", "--fresh"), ("gpu_memory", "--gpu-memory"),
-              ("parallel='fsdp2'", "--parallel fsdp2"), ("device='cpu'", "--device cpu"), ("dtype='fp32'", "--dtype fp32"))
+              ("parallel='fsdp2'", "--parallel fsdp2"), ("device='cpu'", "--device cpu"), ("dtype='fp32'", "--dtype fp32"),
+              ("port must be in 0..", "--port must be in 0.."))
 
 
 def _check_ranges(args: dict) -> None:

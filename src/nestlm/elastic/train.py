@@ -65,8 +65,8 @@ from nestlm.elastic.optim import adamw
 from nestlm.elastic.parallel import setup as setup_parallel
 from nestlm.elastic.router import Router
 from nestlm.errors import ConfigError, Interrupted
-from nestlm.io.safetensors import check_output, own_folder
-from nestlm.io.tokenizer import check_ids
+from nestlm.io.safetensors import check_output, own_folder, read_config
+from nestlm.io.tokenizer import check_ids, folder_tokens
 
 
 # ---------------------------------------------------------------------------------------------- data
@@ -483,6 +483,21 @@ def check_out_dir(out: Path, model_or_path=None, router_init=None) -> None:
     check_output(out, *(p for p in (model_or_path, router_init) if isinstance(p, (str, Path))), overwrite=True,
                  kind="any")
     own_folder(out, "an elastify output to resume", ("train/elastic.yaml",))  # nestlm.io's one rule
+
+
+def train_tokens(ecfg: ElasticConfig, hf_dir: str | Path, text: str | Path | None = None,
+                 kjv: bool = False) -> torch.Tensor:
+    """`nestlm elastify`'s data: the token ids [n] of the text file `text` (or the KJV Bible) by the tokenizer of
+    the parent folder `hf_dir`, as far as training reads them; ConfigError if too few for one window."""
+    from nestlm.convert import config_from_hf
+
+    cfg = config_from_hf(read_config(hf_dir))
+    longest = max(ecfg.seq_len, ecfg.stage2_seq_len or 0)
+    need = (ecfg.steps * ecfg.grad_accum + ecfg.calib_batches) * ecfg.batch * longest + 1  # what training reads
+    ids = folder_tokens(hf_dir, cfg.vocab_size, text, kjv, need=need)
+    if len(ids) < longest + 1:
+        raise ConfigError(f"the text gives {len(ids)} tokens, too few for one window of seq_len {longest}")
+    return ids
 
 
 def _grads(*modules) -> list[torch.Tensor]:

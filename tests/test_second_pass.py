@@ -189,6 +189,7 @@ def test_every_computing_command_runs_under_the_one_thread_rule(world, tmp_path,
     import nestlm
     import nestlm.demo
     import nestlm.device
+    import nestlm.elastic.train
     import nestlm.evaluate
     import nestlm.load
     import nestlm.quantize
@@ -197,7 +198,7 @@ def test_every_computing_command_runs_under_the_one_thread_rule(world, tmp_path,
         raise Recorded(torch.get_num_threads())
 
     where = {"eval": (nestlm.evaluate, "evaluate"), "generate": (nestlm.load, "from_hf"),
-             "importance": (nestlm.load, "open_folder"), "elastify": (nestlm, "elastify"),
+             "importance": (nestlm.load, "open_folder"), "elastify": (nestlm.elastic.train, "elastify"),
              "quantize": (nestlm.quantize, "quantize"), "demo": (nestlm.demo, "_demo")}[command]
     monkeypatch.setattr(*where, record)
     monkeypatch.setattr(nestlm.device, "default_threads", lambda: 2)  # what the machine's load would give

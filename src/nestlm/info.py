@@ -15,7 +15,8 @@ from nestlm.load import open_folder
 from nestlm.model.config import ModelConfig
 from nestlm.quant.packed import format_of, quantized_names
 
-__all__ = ["config_info", "describe", "format_config_info", "format_info", "info", "quantized_bytes"]
+__all__ = ["config_info", "describe", "format_config_info", "format_info", "format_quantized", "info",
+           "quantized_bytes"]
 
 
 def _stored_params(cfg: ModelConfig, sub: SubArch | None) -> int:
@@ -58,6 +59,13 @@ def quantized_bytes(path: str | Path) -> dict:
             "bytes_per_quantized_param": q_bytes / max(q_params, 1),
             "other_bytes": sum(nbytes.values()) - q_bytes,
             "file_bytes": sum((folder.path / f).stat().st_size for f in src.files())}
+
+
+def format_quantized(path: str | Path) -> str:
+    """One line of a packed checkpoint's quantized parameters and bytes (quantized_bytes), as quantize reports."""
+    b = quantized_bytes(path)
+    return (f"{b['quantized_params']:,} quantized parameters at {b['bytes_per_quantized_param']:.4f} bytes each "
+            f"(scales included); {b['file_bytes'] / 1e6:.2f} MB of safetensors")
 
 
 def _folder_bytes(path: Path) -> dict[str, int]:

@@ -9,6 +9,7 @@ format, the weights' headers, the manifest (checked against the config) and, on 
     model = folder.load()                                    # plain, or packed (dequantized)
     model = nestlm.from_hf("path/hf")                        # the same, in one call
     model, router, manifest = nestlm.load_elastic("out/elastic")
+    out, what = convert_folder("path/hf", "out/hf")          # `nestlm convert`: read in, written back
 """
 
 from __future__ import annotations
@@ -19,18 +20,18 @@ from pathlib import Path
 
 import torch
 
-from nestlm.arch import SubArch
+from nestlm.arch import SubArch, count_params
 from nestlm.convert import FAMILIES, decoder, folder_config, moe
 from nestlm.elastic.artifact import MANIFEST, check_manifest, read_manifest, read_router, resolve_budget
 from nestlm.elastic.router import Router
 from nestlm.errors import CheckpointError, UnsupportedArchitecture
-from nestlm.io.safetensors import QUANT_CONFIG, Source, read_config
+from nestlm.io.safetensors import QUANT_CONFIG, Source, check_output, read_config
 from nestlm.model.config import ModelConfig
 from nestlm.model.decoder import Decoder
 from nestlm.quant.formats import Format
 from nestlm.quant.packed import Tensors, dequantize_state, format_of
 
-__all__ = ["Folder", "from_hf", "load_elastic", "load_quantized", "open_folder"]
+__all__ = ["Folder", "convert_folder", "from_hf", "load_elastic", "load_quantized", "open_folder"]
 
 
 @dataclass
@@ -175,3 +176,19 @@ def load_quantized(path: str | Path, dtype: torch.dtype = torch.float32, device:
     quantized weights are dequantized to `dtype`; CheckpointError for a plain folder."""
     format_of(read_config(path), Path(path))  # refuses a plain folder, saying so
     return from_hf(path, dtype, device)
+
+
+def convert_folder(src: str | Path, dst: str | Path, overwrite: bool = False) -> tuple[Path, str]:
+    """`nestlm convert`: the checkpoint folder `src` read into nestlm and written back to `dst` as an HF checkpoint
+    in its stored dtype, tokenizer files copied (a packed folder: a dequantized copy). `dst` is checked (new, or
+    overwrite; never an input) before anything is read. -> (dst, what was written, in words)."""
+    from nestlm.convert import to_hf
+
+    check_output(dst, src, overwrite=overwrite)  # before reading
+    folder = open_folder(src, check_weights=False)
+    model = folder.load(folder.dtype)
+    out = to_hf(model, dst, overwrite=overwrite)
+    qc = folder.hf.get("quantization_config")
+    note = f": a dequantized copy of the {qc.get('quant_algo', 'quantized')} packed checkpoint " \
+        "(nestlm quantize packs it again)" if qc else ""
+    return out, f"({count_params(model.cfg):,} parameters, {str(folder.dtype).removeprefix('torch.')}){note}"

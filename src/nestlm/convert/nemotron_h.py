@@ -8,11 +8,14 @@ prefix, stacked `experts.up_proj`) is read too.
 from __future__ import annotations
 
 import re
+import warnings
+from pathlib import Path
 
 import torch
 
 from nestlm.convert.common import stack_experts
 from nestlm.errors import UnsupportedArchitecture
+from nestlm.io.safetensors import read_config
 from nestlm.model.config import ModelConfig
 from nestlm.model.layout import is_stacked
 
@@ -89,6 +92,13 @@ def llama_cpp_problem(pattern: str) -> str | None:
         return (f"pattern {pattern!r} mixes dense MLP ('-') and MoE ('E') blocks: llama.cpp cannot load it "
                 "(transformers and vLLM can)")
     return None
+
+
+def warn_llama_cpp(folder: str | Path) -> None:
+    """One warning (`nestlm slice`) when the checkpoint folder is a nemotron_h that llama.cpp cannot load."""
+    hf = read_config(folder)
+    if hf.get("model_type") == "nemotron_h" and (problem := llama_cpp_problem(hf["hybrid_override_pattern"])):
+        warnings.warn(f"{folder}: {problem}", stacklevel=2)
 
 
 def config_to_hf(cfg: ModelConfig) -> dict:

@@ -5,7 +5,8 @@ equivariant to these permutations); every nested submodel is then a prefix on ea
 
     perms = sort_(model, scores)       # in place; returns the permutations applied
     scores = permute_scores(scores, perms)   # the scores in the new order (sorted: a second sort_ is a no-op)
-    scores = score_text(model, ids, "scores.safetensors", sort_out="sorted")  # `nestlm importance`: score, sort
+    scores = score_text(model, ids, "scores.safetensors", sort_out="sorted")  # score a model, sort it
+    scores = score_folder(open_folder("path/hf"), "scores.safetensors", kjv=True)  # `nestlm importance`
 """
 
 from __future__ import annotations
@@ -155,3 +156,25 @@ def score_text(model, ids: torch.Tensor, out: str | Path, seq_len: int = 256, ba
         sort_(model, scores)
         to_hf(model.to(device="cpu", dtype=dtype), sort_out, overwrite=overwrite)
     return scores
+
+
+def score_folder(folder, out: str | Path, text: str | Path | None = None, kjv: bool = False, seq_len: int = 256,
+                 batches: int = 8, batch_size: int = 4, sort_out: str | Path | None = None, overwrite: bool = False,
+                 device: str | None = None, dtype: str | None = None) -> Scores:
+    """`nestlm importance`: score_text on the checkpoint folder `folder` (opened by nestlm.load.open_folder) and
+    the first batches * batch_size * seq_len + 1 tokens of the text file `text` (or the KJV Bible) by its
+    tokenizer. Both outputs are checked (new, or overwrite; never an input) before the model is read. The
+    weights stay fp32 on `device` (sorting is exact); dtype bf16 runs the scoring forwards under bf16 autocast;
+    sort_out is written in the folder's stored dtype."""
+    from nestlm.device import resolve
+    from nestlm.io.safetensors import check_output
+    from nestlm.io.tokenizer import folder_tokens
+
+    check_output(out, folder.path, text, sort_out, overwrite=overwrite, kind="file")
+    if sort_out is not None:
+        check_output(sort_out, folder.path, text, out, overwrite=overwrite)
+    dev, compute = resolve(device, dtype)
+    model = folder.load(device=dev)  # fp32 for scoring and sorting
+    ids = folder_tokens(folder.path, model.cfg.vocab_size, text, kjv, need=batches * batch_size * seq_len + 1)
+    return score_text(model, ids, out, seq_len, batches, batch_size, sort_out, folder.dtype, compute,
+                      source=folder.path, overwrite=overwrite)

@@ -58,15 +58,15 @@ from nestlm.arch import unit_order
 from nestlm.device import autocast, resolve_device, resolve_dtype
 from nestlm.elastic import checkpoint as ckpt
 from nestlm.elastic import parallel
-from nestlm.elastic.artifact import ROUTER_FILE, export, load_router_weights
+from nestlm.elastic.artifact import MANIFEST, ROUTER_FILE, export, load_router_weights
 from nestlm.elastic.config import DEPTH, ElasticConfig, budget_name
 from nestlm.elastic.losses import kd_loss, router_loss
 from nestlm.elastic.optim import adamw
 from nestlm.elastic.parallel import setup as setup_parallel
 from nestlm.elastic.router import Router
 from nestlm.errors import ConfigError, Interrupted
-from nestlm.io.safetensors import check_output, own_folder
-from nestlm.io.tokenizer import check_ids
+from nestlm.io.safetensors import check_output, own_folder, read_config
+from nestlm.io.tokenizer import check_ids, copy_tokenizer, folder_tokens
 
 
 # ---------------------------------------------------------------------------------------------- data
@@ -483,6 +483,32 @@ def check_out_dir(out: Path, model_or_path=None, router_init=None) -> None:
     check_output(out, *(p for p in (model_or_path, router_init) if isinstance(p, (str, Path))), overwrite=True,
                  kind="any")
     own_folder(out, "an elastify output to resume", ("train/elastic.yaml",))  # nestlm.io's one rule
+
+
+def elastify_text(config: ElasticConfig | str | Path, hf_dir: str | Path, out_dir: str | Path,
+                  text: str | Path | None = None, kjv: bool = False, *, max_steps: int | None = None,
+                  resume: bool = True, parallel: str | None = None, device: str | None = None,
+                  dtype: str | None = None) -> Path:
+    """`nestlm elastify`: `elastify` of the parent folder `hf_dir` on the text file `text` (or the KJV Bible)
+    by its tokenizer, as far as training reads it. The device and precision, then the output folder, are
+    checked before the text is read (ConfigError when it is too short for one window); the finished checkpoint
+    gets the parent's tokenizer files (rank 0 under torchrun)."""
+    from nestlm.convert import config_from_hf
+
+    resolve_dtype(dtype, resolve_device(device))  # an unavailable device or precision: before anything is read
+    ecfg = config if isinstance(config, ElasticConfig) else ElasticConfig.load(config)
+    check_out_dir(Path(out_dir), hf_dir)  # before the text is read (elastify checks it again)
+    cfg = config_from_hf(read_config(hf_dir))
+    longest = max(ecfg.seq_len, ecfg.stage2_seq_len or 0)
+    need = (ecfg.steps * ecfg.grad_accum + ecfg.calib_batches) * ecfg.batch * longest + 1  # what training reads
+    ids = folder_tokens(hf_dir, cfg.vocab_size, text, kjv, need=need)
+    if len(ids) < longest + 1:
+        raise ConfigError(f"the text gives {len(ids)} tokens, too few for one window of seq_len {longest}")
+    dst = elastify(ecfg, hf_dir, ids, out_dir, max_steps=max_steps, resume=resume, parallel=parallel, device=device,
+                   dtype=dtype)
+    if int(os.environ.get("RANK", "0")) == 0 and (dst / MANIFEST).is_file():  # finished: rank 0 copies
+        copy_tokenizer(hf_dir, dst)
+    return dst
 
 
 def _grads(*modules) -> list[torch.Tensor]:

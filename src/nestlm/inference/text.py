@@ -17,9 +17,9 @@ from nestlm.errors import ConfigError
 from nestlm.inference.detok import Detok
 from nestlm.inference.generate import Sampling, generate
 from nestlm.inference.two_phase import Standalone, TwoPhaseResult, generate_two_phase
-from nestlm.io.tokenizer import load_tokenizer
+from nestlm.io.tokenizer import check_utf8, load_tokenizer
 
-__all__ = ["Printer", "generate_text", "think_answer"]
+__all__ = ["Printer", "check_prompt", "generate_text", "think_answer"]
 
 
 class Printer:
@@ -40,14 +40,20 @@ class Printer:
         return text.replace("\ufffd", "")
 
 
+def check_prompt(prompt: str) -> str:
+    """`prompt`, or ConfigError when it is empty or holds what no UTF-8 encoding has (io.tokenizer.check_utf8)."""
+    if not prompt:
+        raise ConfigError("the prompt is empty: give the text to continue")
+    return check_utf8(prompt, "the prompt")
+
+
 def generate_text(path: str | Path, prompt: str, max_new_tokens: int = 64, sampling: Sampling = Sampling(),
                   device: str | None = None, dtype: str | None = None) -> str:
     """Stream a continuation of `prompt` from a checkpoint folder (plain or packed, with its tokenizer) to
     stdout, prompt first; ends at the tokenizer's end-of-sequence token. Returns the continuation's text."""
     from nestlm.load import from_hf
 
-    if not prompt:
-        raise ConfigError("the prompt is empty: give the text to continue")
+    check_prompt(prompt)
     dev, dt = resolve(device, dtype)
     model = from_hf(path, dtype=dt, device=dev)
     tok = load_tokenizer(path, model.cfg.vocab_size)
@@ -74,6 +80,7 @@ def think_answer(path: str | Path, prompt: str, think_budget: str | float = "ful
     from nestlm.elastic.artifact import resolve_budget
     from nestlm.load import load_elastic
 
+    check_prompt(prompt)
     path = Path(path)
     dev, dt = resolve(device, dtype)
     model, router, manifest = load_elastic(path)

@@ -434,6 +434,8 @@ def serve(path: str | Path, host: str = "127.0.0.1", port: int = 8000, end_think
 
     import uvicorn
 
+    if not 0 <= port < 65536:
+        raise ConfigError(f"port must be in 0..65535, got {port}")
     api_key = api_key if api_key is not None else (os.environ.get(API_KEY_ENV) or None)
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)

@@ -507,6 +507,41 @@ def run_seed_v2(seed: int, parent, splits, sizes: Sizes, v2: V2, out: Path) -> d
     return rec
 
 
+def seed_v2_cached(seed: int, parent, parent_info: dict, splits, sizes: Sizes, v2: V2, out: Path) -> dict:
+    """run_seed_v2, or its record from out/seedN.json when that was made with the same settings and parent: a
+    killed matrix resumes at the first seed not done, and seeds run as separate processes (--seeds 0, --seeds 1,
+    ... into the same --out) are gathered by a last run with all of them."""
+    path = out / f"seed{seed}.json"
+    key = json.loads(json.dumps({"sizes": dataclasses.asdict(sizes), "v2": dataclasses.asdict(v2), "seed": seed,
+                                 "parent": parent_info}))
+    if path.is_file():
+        done = json.loads(path.read_text())
+        if done.get("key") == key:
+            print(f"reusing seed {seed} from {path}")
+            return done["record"]
+    rec = run_seed_v2(seed, parent, splits, sizes, v2, out)
+    _write_json(path, {"key": key, "record": rec})
+    return rec
+
+
+def matrix_table(cells: dict) -> str:
+    """One row per cell (fidelity_v2's results): the parent's slope and perplexity, the ratios of every budget
+    (mean ± sd over seeds), the elastic run's training FLOPs over the K-1 runs alone at T/(K-1)."""
+    lines = ["| cell | seeds | parent: steps, slope /1k, test ppl | full / parent | " + " | ".join(
+        f"{budget_name(f)}: elastic / alone T/(K-1), / alone T" for f in BUDGETS[1:]) + " | FLOPs elastic / alone T/(K-1) |",
+        "|" + "---|" * (5 + len(BUDGETS) - 1)]
+    for cell, res in cells.items():
+        rows, par = {r["budget"]: r for r in res["summary"]}, res["parent"]
+        flops = [s["elastic"]["flops"] / sum(b["alone_T/(K-1) flops"] for b in s["budgets"] if b["fraction"] < 1)
+                 for s in res["per_seed"]]
+        lines.append("| " + " | ".join([
+            cell, str(len(res["seeds"])), f"{par['steps']}, {par['final_slope_per_1k']:+.3f}, {par['ppl']:.3f}",
+            mean_sd(rows[budget_name(1.0)]["ratio_full"]),
+            *(f"{mean_sd(rows[budget_name(b)]['ratio_half'])}, {mean_sd(rows[budget_name(b)]['ratio_full'])}"
+              for b in BUDGETS[1:]), mean_sd(flops)]) + " |")
+    return "\n".join(lines)
+
+
 V2_COLUMNS = ["budget", "params (active)", "elastic (T)", "alone T/(K-1)", "alone T", "elastic / alone T/(K-1)",
               "elastic / alone T", "lr: elastic / short / long"]
 
@@ -567,7 +602,7 @@ def fidelity_v2(out: str | Path, seeds: list[int], corpora: list[str], families:
                 parent_ppl = perplexity(parent, splits[2], sizes.seq_len, batch=16, max_windows=sizes.eval_windows)
                 print(f"{cell} parent: {count_params(parent.cfg):,} params, test ppl {parent_ppl:.3f}, loss slope "
                       f"{info['final_slope_per_1k']:+.4f} per 1k steps after {info['steps']} steps ({info['stop']})")
-                per_seed = [run_seed_v2(s, parent, splits, sizes, v2, root / cell) for s in seeds]
+                per_seed = [seed_v2_cached(s, parent, info, splits, sizes, v2, root / cell) for s in seeds]
                 rows, table = summarize_v2(per_seed, parent_ppl)
                 res = {"command": " ".join(["python", "recipes/fidelity.py", *sys.argv[1:]])
                        if __name__ == "__main__" else None, "protocol": 2, "corpus": corpus, "family": family,
@@ -578,6 +613,8 @@ def fidelity_v2(out: str | Path, seeds: list[int], corpora: list[str], families:
                 print(f"\n{cell}: T = {per_seed[0]['elastic']['tokens']:,} tokens; seeds {seeds}; parent slope "
                       f"{info['final_slope_per_1k']:+.4f}/1k steps; {res['wall_s']:.0f} s\n\n{table}\n")
                 cells[cell] = res
+    if len(cells) > 1:
+        print(f"the matrix (seeds {seeds}):\n\n{matrix_table(cells)}")
     return cells
 
 

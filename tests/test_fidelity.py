@@ -156,6 +156,14 @@ def test_v2_quick_matrix_lrs_tokens_and_flops(tmp_path):
                     count_params(cfg, active=True) + 3 * row["active_params"]))
         assert "elastic / alone T/(K-1)" in res["table"] and "training FLOPs" in res["table"]
 
+    # a second run reuses the parent and the finished seed (no training: the elastic folders stay as they were)
+    stamp = {f: f.stat().st_mtime_ns for f in (out / "kjv-dense" / "seed0").rglob("*") if f.is_file()}
+    again = fid.main(["--v2", "--quick", "--seeds", "0", "--out", str(out), "--family", "dense"])
+    assert again["kjv-dense"]["per_seed"] == cells["kjv-dense"]["per_seed"]
+    assert again["kjv-dense"]["table"] == cells["kjv-dense"]["table"]
+    assert stamp == {f: f.stat().st_mtime_ns for f in (out / "kjv-dense" / "seed0").rglob("*") if f.is_file()}
+    assert "| kjv-dense | 1 |" in fid.matrix_table(cells) and len(fid.matrix_table(cells).splitlines()) == 4
+
 
 def test_v2_flops_splits_and_plateau():
     """The FLOPs convention against torch's own counter; train / validation / test splits disjoint, test = v1's

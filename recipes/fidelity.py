@@ -423,7 +423,8 @@ def plateau_parent(out: Path, corpus: str, family: str, v2: V2, sizes: Sizes, tr
     and reused when made with the same settings."""
     folder = out / f"parent-{corpus}-{family}"
     meta_path = folder / "fidelity_parent.json"
-    meta = {"corpus": corpus, "family": family, "v2": dataclasses.asdict(v2), "batch": sizes.batch,
+    pre = {k: v for k, v in dataclasses.asdict(v2).items() if k != "lr_grid"}  # what pretraining depends on
+    meta = {"corpus": corpus, "family": family, "v2": pre, "batch": sizes.batch,
             "seq_len": sizes.seq_len, "seed": 0}
     if meta_path.is_file() and json.loads(meta_path.read_text()).get("settings") == json.loads(json.dumps(meta)):
         print(f"reusing the parent in {folder}")
@@ -456,11 +457,13 @@ def elastic_flops(cfg, log_path: Path, tokens_per_step: int) -> float:
             + sum(3 * forward_flops(cfg, SubArch(**r["sub"]), tokens_per_step) for r in recs))
 
 
-def run_seed_v2(seed: int, parent, splits, sizes: Sizes, v2: V2, out: Path) -> dict:
+def run_seed_v2(seed: int, parent, splits, sizes: Sizes, v2: V2, out: Path, over: dict | None = None) -> dict:
     """One seed of one cell: the elastic run at every lr of the grid (the best by the mean log validation
     perplexity over budgets), then each smaller budget cut at the best elastic run's SubArch and distilled
     alone with T/(K-1) and T tokens at every lr (each the best by its validation perplexity); test perplexity
-    of every chosen model, tokens and training FLOPs of every arm."""
+    of every chosen model, tokens and training FLOPs of every arm. over: ElasticConfig fields that replace the
+    demo's in the elastic run only (a candidate; the runs alone keep the demo's settings, so every candidate
+    meets the same baselines)."""
     train_ids, val_ids, test_ids = splits
     cfg, teacher, k = parent.cfg, parent.eval(), len(BUDGETS)
 
@@ -472,7 +475,7 @@ def run_seed_v2(seed: int, parent, splits, sizes: Sizes, v2: V2, out: Path) -> d
     tok_step = sizes.batch * sizes.seq_len  # grad_accum 1 (the demo's)
     elastic_runs = []
     for lr in v2.lr_grid:
-        ecfg = candidate_config(sizes, seed, {"lr_model": lr})
+        ecfg = candidate_config(sizes, seed, {**(over or {}), "lr_model": lr})
         edir = out / f"seed{seed}" / f"elastic-lr{lr:g}"
         nestlm.elastify(ecfg, parent, data, edir, resume=False, progress=False, device="cpu", dtype="fp32")
         model, _, manifest = load_elastic(edir)
@@ -507,19 +510,20 @@ def run_seed_v2(seed: int, parent, splits, sizes: Sizes, v2: V2, out: Path) -> d
     return rec
 
 
-def seed_v2_cached(seed: int, parent, parent_info: dict, splits, sizes: Sizes, v2: V2, out: Path) -> dict:
+def seed_v2_cached(seed: int, parent, parent_info: dict, splits, sizes: Sizes, v2: V2, out: Path,
+                   over: dict | None = None) -> dict:
     """run_seed_v2, or its record from out/seedN.json when that was made with the same settings and parent: a
     killed matrix resumes at the first seed not done, and seeds run as separate processes (--seeds 0, --seeds 1,
     ... into the same --out) are gathered by a last run with all of them."""
     path = out / f"seed{seed}.json"
     key = json.loads(json.dumps({"sizes": dataclasses.asdict(sizes), "v2": dataclasses.asdict(v2), "seed": seed,
-                                 "parent": parent_info}))
+                                 "parent": parent_info, "over": over or {}}))
     if path.is_file():
         done = json.loads(path.read_text())
         if done.get("key") == key:
             print(f"reusing seed {seed} from {path}")
             return done["record"]
-    rec = run_seed_v2(seed, parent, splits, sizes, v2, out)
+    rec = run_seed_v2(seed, parent, splits, sizes, v2, out, over)
     _write_json(path, {"key": key, "record": rec})
     return rec
 
@@ -584,9 +588,13 @@ def summarize_v2(seeds: list[dict], parent_ppl: float) -> tuple[list[dict], str]
 
 
 def fidelity_v2(out: str | Path, seeds: list[int], corpora: list[str], families: list[str], quick: bool = False,
-                threads: int = 1, v2_over: dict | None = None, **sizes_over) -> dict:
+                threads: int = 1, v2_over: dict | None = None, over: dict | None = None, label: str | None = None,
+                **sizes_over) -> dict:
     """Protocol v2 over the matrix corpora x families (module doc); one table per cell, written with everything
-    else to out/CORPUS-FAMILY/results.json; returns {cell: results}."""
+    else to out/CORPUS-FAMILY/results.json; returns {cell: results}. over, label: a candidate (ElasticConfig
+    fields for the elastic run, lr_model excepted: the grid sets it), its cells in out/label/ (parents shared)."""
+    if over and "lr_model" in over:
+        raise ConfigError("--v2 chooses lr_model from --lr-grid; do not --set it")
     root = Path(out)
     if root.exists() and not root.is_dir():
         raise FileExistsError(f"{root} is a file; the protocol writes a folder")
@@ -598,18 +606,20 @@ def fidelity_v2(out: str | Path, seeds: list[int], corpora: list[str], families:
             splits = three_splits(corpus_text(corpus))
             for family in families:
                 t0, cell = time.perf_counter(), f"{corpus}-{family}"
+                folder = root / label / cell if label else root / cell
                 parent, info = plateau_parent(root, corpus, family, v2, sizes, splits[0])
                 parent_ppl = perplexity(parent, splits[2], sizes.seq_len, batch=16, max_windows=sizes.eval_windows)
                 print(f"{cell} parent: {count_params(parent.cfg):,} params, test ppl {parent_ppl:.3f}, loss slope "
                       f"{info['final_slope_per_1k']:+.4f} per 1k steps after {info['steps']} steps ({info['stop']})")
-                per_seed = [seed_v2_cached(s, parent, info, splits, sizes, v2, root / cell) for s in seeds]
+                per_seed = [seed_v2_cached(s, parent, info, splits, sizes, v2, folder, over) for s in seeds]
                 rows, table = summarize_v2(per_seed, parent_ppl)
                 res = {"command": " ".join(["python", "recipes/fidelity.py", *sys.argv[1:]])
                        if __name__ == "__main__" else None, "protocol": 2, "corpus": corpus, "family": family,
                        "sizes": dataclasses.asdict(sizes), "v2": dataclasses.asdict(v2), "seeds": seeds,
-                       "budgets": list(BUDGETS), "parent": {**info, "ppl": parent_ppl}, "per_seed": per_seed,
+                       "budgets": list(BUDGETS), "over": over or {}, "parent": {**info, "ppl": parent_ppl},
+                       "per_seed": per_seed,
                        "summary": rows, "table": table, "threads": threads, "wall_s": time.perf_counter() - t0}
-                _write_json(root / cell / "results.json", res)
+                _write_json(folder / "results.json", res)
                 print(f"\n{cell}: T = {per_seed[0]['elastic']['tokens']:,} tokens; seeds {seeds}; parent slope "
                       f"{info['final_slope_per_1k']:+.4f}/1k steps; {res['wall_s']:.0f} s\n\n{table}\n")
                 cells[cell] = res
@@ -671,8 +681,10 @@ def main(argv: list[str] | None = None) -> dict:
     except (ConfigError, TypeError) as e:
         ap.error(f"--set: {e}")
     if args.v2:
-        if args.set or args.label or args.alone_steps or over["pretrain_steps"] is not None:
-            ap.error("--v2 takes no --set, --label, --alone-steps or --pretrain-steps (it pretrains to a plateau)")
+        if args.alone_steps or over["pretrain_steps"] is not None:
+            ap.error("--v2 takes no --alone-steps or --pretrain-steps (it pretrains to a plateau)")
+        if "lr_model" in cand:
+            ap.error("--v2 chooses lr_model from --lr-grid; do not --set it")
         if len(set(args.corpus)) != len(args.corpus) or len(set(args.family)) != len(args.family):
             ap.error("--corpus and --family must be distinct")
         if (args.plateau_window is not None and args.plateau_window < 2) or any(
@@ -683,7 +695,8 @@ def main(argv: list[str] | None = None) -> dict:
         v2_over = {"max_pretrain_steps": args.max_pretrain_steps, "plateau_window": args.plateau_window,
                    "plateau_slope": args.plateau_slope, "lr_grid": tuple(args.lr_grid) if args.lr_grid else None}
         del over["pretrain_steps"]
-        return fidelity_v2(args.out, args.seeds, args.corpus, args.family, args.quick, args.threads, v2_over, **over)
+        return fidelity_v2(args.out, args.seeds, args.corpus, args.family, args.quick, args.threads, v2_over, cand,
+                           args.label, **over)
     over["alone_steps"] = tuple(args.alone_steps) if args.alone_steps else None
     return fidelity(args.out, args.seeds, args.quick, args.threads, cand, args.label, **over)
 

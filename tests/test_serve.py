@@ -594,6 +594,18 @@ def test_a_busy_port_fails_with_one_line_before_the_banner(live):
     assert out.stderr.count("\n") == 1 and f"cannot listen on 127.0.0.1:{port}" in out.stderr
 
 
+def test_wait_ready_waits_for_its_own_server_not_another_on_the_port(live):
+    """Two servers given one port: the one that did not get it exits, and wait_ready says so instead of
+    taking the other server's /health for its own (a flaky cause of requests reaching the wrong server)."""
+    port = int(live[4].url.removesuffix("/v1").rsplit(":", 1)[1])  # server A's, live
+    proc, url = launch(live[0], "--threads", "1", port=port)
+    try:
+        with pytest.raises(RuntimeError, match="cannot listen"):
+            wait_ready(proc, url, timeout=60)
+    finally:
+        stop(proc)
+
+
 @pytest.mark.parametrize("argv, flag", [(["--max-queue", "-1"], "--max-queue"), (["--max-batch", "0"], "--max-batch"),
                                         (["--device", "nowhere"], "nowhere")])
 def test_serve_flags_are_checked(tmp_path, capsys, argv, flag):

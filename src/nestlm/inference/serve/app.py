@@ -212,7 +212,7 @@ def create_app(path: str | Path, end_think: str = "</think>", max_model_len: int
 
     @app.get("/health")
     async def health():
-        return {"status": "ok", "queued": engine.inbox.qsize(), "running": engine.running}
+        return {"status": "ok", "queued": engine.inbox.qsize(), "running": engine.running, "pid": os.getpid()}
 
     @app.get("/v1/models")
     async def models():
@@ -463,6 +463,9 @@ def serve(path: str | Path, host: str = "127.0.0.1", port: int = 8000, end_think
 
 
 # ---------------------------------------------------------------------------------------------- a server process
+_LAUNCHED: set[int] = set()  # ports launch() has given servers in this process
+
+
 def launch(path: str | Path, *args: str, port: int | None = None, env: dict | None = None):
     """Start `python -m nestlm.cli serve PATH --port PORT *args` on 127.0.0.1 (a free port by default) in a
     subprocess, without waiting: -> (Popen, "http://127.0.0.1:PORT/v1"). For tests and benchmarks; pair with
@@ -470,10 +473,11 @@ def launch(path: str | Path, *args: str, port: int | None = None, env: dict | No
     import socket
     import subprocess
 
-    if port is None:
+    while port is None:  # a free port, but none handed out before: it stays free until its server binds
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
+            port = s.getsockname()[1] if s.getsockname()[1] not in _LAUNCHED else None
+    _LAUNCHED.add(port)
     proc = subprocess.Popen([sys.executable, "-m", "nestlm.cli", "serve", str(path), "--host", "127.0.0.1",
                              "--port", str(port), *args], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             env={**os.environ, **(env or {})})
@@ -481,7 +485,8 @@ def launch(path: str | Path, *args: str, port: int | None = None, env: dict | No
 
 
 def wait_ready(proc, url: str, timeout: float = 90.0) -> None:
-    """Poll url's /health until the server answers; RuntimeError (with its output) if it exits first."""
+    """Poll url's /health until THIS server (`proc`: its pid) answers; RuntimeError (with its output) if it
+    exits first. Another process answering on the port (it took the port first) does not count."""
     import urllib.request
 
     base = url.removesuffix("/v1")
@@ -490,10 +495,12 @@ def wait_ready(proc, url: str, timeout: float = 90.0) -> None:
         if proc.poll() is not None:
             raise RuntimeError(f"the server exited: {proc.stdout.read().decode(errors='replace')}")
         try:
-            with urllib.request.urlopen(base + "/health", timeout=2):
-                return
-        except OSError:
-            time.sleep(0.2)
+            with urllib.request.urlopen(base + "/health", timeout=2) as r:
+                if json.loads(r.read()).get("pid") == proc.pid:
+                    return
+        except (OSError, ValueError):
+            pass
+        time.sleep(0.2)
     raise TimeoutError(f"no server at {base} after {timeout} s")
 
 

@@ -131,7 +131,7 @@ def test_slice_warns_once_when_llama_cpp_cannot_load_the_pattern(tmp_path):
 
 
 def test_portable_tokenizer_config_rewrites_only_the_transformers5_class(tmp_path):
-    from nestlm.io.tokenizer import portable_tokenizer_config
+    from nestlm.data import portable_tokenizer_config
 
     ByteTokenizer().hf_tokenizer().save_pretrained(tmp_path)
     f = tmp_path / "tokenizer_config.json"

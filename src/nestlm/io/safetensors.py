@@ -19,8 +19,9 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from nestlm.data import portable_tokenizer_config
 from nestlm.errors import CheckpointError, ConfigError
-from nestlm.io.tokenizer import TOKENIZER_FILES, portable_tokenizer_config
+from nestlm.io.tokenizer import TOKENIZER_FILES
 
 QUANT_CONFIG = "hf_quant_config.json"  # a ModelOpt packed checkpoint's quantization settings
 

@@ -20,7 +20,7 @@ from nestlm.data import ByteTokenizer, portable_tokenizer_config
 from nestlm.errors import CheckpointError, ConfigError
 
 __all__ = ["HF_TOKENIZER_FILES", "TOKENIZER_FILES", "Tokenizer", "check_ids", "check_utf8", "copy_tokenizer",
-           "folder_tokens", "load_tokenizer", "portable_tokenizer_config", "text_tokens"]
+           "folder_tokens", "load_tokenizer", "text_tokens"]
 
 # what AutoTokenizer reads (any one of the first four means the folder has a Hugging Face tokenizer)
 HF_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "merges.txt",

@@ -310,7 +310,7 @@ class Engine:
             try:
                 self._resolved[name] = resolve_budget(self.path, name, cfg=self.elastic.cfg,
                                                       manifest=self.manifest, router=self.router)[1]
-            except (KeyError, ConfigError, ValueError) as e:
+            except ValueError as e:  # BudgetError (a ConfigError, a ValueError): an unknown budget
                 msg = e.args[0] if e.args else str(e)
                 raise APIError(404, f"The model `{name}` does not exist: {msg}", param, "model_not_found") from None
         return self._resolved[name]

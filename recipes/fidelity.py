@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import itertools
 import json
 import math
 import os
@@ -351,10 +352,13 @@ class V2:
     plateau_slope: float  # stop when the fitted slope is above -this (loss change per 1000 steps)
     lr_grid: tuple[float, ...] = (3e-4, 1e-3, 3e-3)  # lr_model of the elastic run and lr of each run alone
     pretrain_lr: float = 3e-3
+    alone_schedules: tuple[str, ...] = ("constant", "cosine")  # each run alone also picks its lr schedule
+    #   (cosine: ALONE_WARMUP of its steps warm up, then decay to lr / 10) with its lr, on validation
 
 
 FULL_V2 = V2(max_pretrain_steps=4000, plateau_window=400, plateau_slope=0.05)
 QUICK_V2 = V2(max_pretrain_steps=40, plateau_window=16, plateau_slope=0.05, lr_grid=(1e-3, 3e-3))
+ALONE_WARMUP = {"constant": 0.0, "cosine": 0.1}  # a run alone's warmup (fraction of its steps) per schedule
 
 
 def family_config(family: str, vocab_size: int) -> nestlm.ModelConfig:
@@ -423,7 +427,8 @@ def plateau_parent(out: Path, corpus: str, family: str, v2: V2, sizes: Sizes, tr
     and reused when made with the same settings."""
     folder = out / f"parent-{corpus}-{family}"
     meta_path, cache_path = folder / "fidelity_parent.json", folder / "alone_cache.json"
-    pre = {k: v for k, v in dataclasses.asdict(v2).items() if k != "lr_grid"}  # what pretraining depends on
+    pre = {k: v for k, v in dataclasses.asdict(v2).items()  # what pretraining depends on
+           if k not in ("lr_grid", "alone_schedules")}
     meta = {"corpus": corpus, "family": family, "v2": pre, "batch": sizes.batch,
             "seq_len": sizes.seq_len, "seed": 0}
     if meta_path.is_file() and json.loads(meta_path.read_text()).get("settings") == json.loads(json.dumps(meta)):
@@ -500,22 +505,24 @@ def run_seed_v2(seed: int, parent, splits, sizes: Sizes, v2: V2, out: Path, over
         if frac < 1.0:
             for key, steps in zip(("alone_T/(K-1)", "alone_T"), (sizes.steps // (k - 1), sizes.steps), strict=True):
                 runs = []
-                for lr in v2.lr_grid:
+                for lr, sched in itertools.product(v2.lr_grid, v2.alone_schedules):
                     ckey = json.dumps([sub.to_dict(), seed, start, steps, lr, sizes.batch, sizes.seq_len,
-                                       sizes.eval_windows], sort_keys=True)
+                                       sizes.eval_windows, sched], sort_keys=True)
                     if ckey not in alone_cache:
-                        small, _ = distill_alone(teacher, sub, data, steps, candidate_config(sizes, seed, {"lr_model": lr}))
+                        small, _ = distill_alone(teacher, sub, data, steps, candidate_config(sizes, seed, {
+                            "lr_model": lr, "lr_schedule": sched, "lr_warmup": ALONE_WARMUP[sched]}))
                         alone_cache[ckey] = {"val": ppl(small, val_ids), "test": ppl(small, test_ids)}
-                    runs.append({"lr": lr, **alone_cache[ckey]})
+                    runs.append({"lr": lr, "schedule": sched, **alone_cache[ckey]})
                 pick = min(runs, key=lambda r: r["val"])
                 row[key] = pick["test"]
                 row[f"{key} lr"] = pick["lr"]
-                row[f"{key} val_by_lr"] = {str(r["lr"]): r["val"] for r in runs}
+                row[f"{key} schedule"] = pick["schedule"]
+                row[f"{key} val_by_setting"] = {f"{r['lr']:g} {r['schedule']}": r["val"] for r in runs}
                 row[f"{key} tokens"] = steps * tok_step
                 row[f"{key} flops"] = steps * (forward_flops(cfg, None, tok_step) + 3 * forward_flops(cfg, sub, tok_step))
         rec["budgets"].append(row)
         print(f"seed {seed} {budget_name(frac)}: elastic {row['elastic']:.3f} (lr {best['lr']:g})" + "".join(
-            f", {key} {row[key]:.3f} (lr {row[key + ' lr']:g})" for key in ("alone_T/(K-1)", "alone_T") if key in row))
+            f", {key} {row[key]:.3f} (lr {row[key + ' lr']:g} {row[key + ' schedule']})" for key in ("alone_T/(K-1)", "alone_T") if key in row))
     return rec
 
 
@@ -582,7 +589,8 @@ def summarize_v2(seeds: list[dict], parent_ppl: float) -> tuple[list[dict], str]
         r["ratio_full"] = [e / a for e, a in zip(r["elastic"], r["alone_T"], strict=True)]
         lrs = [f"{s['elastic']['lr']:g}" for s in seeds]
         if not full:
-            lrs = [f"{a} / {p['alone_T/(K-1) lr']:g} / {p['alone_T lr']:g}" for a, p in zip(lrs, per, strict=True)]
+            lrs = [f"{a} / {p['alone_T/(K-1) lr']:g} {p['alone_T/(K-1) schedule'][:3]} / {p['alone_T lr']:g} "
+                   f"{p['alone_T schedule'][:3]}" for a, p in zip(lrs, per, strict=True)]
         rows.append(r)
         tag = " (parent)" if full else ""
         lines.append("| " + " | ".join([

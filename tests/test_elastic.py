@@ -528,6 +528,8 @@ def test_lr_schedule_warmup_cosine_and_router_warmup():
                                        ({"budgets_per_step": 0}, "budgets_per_step"),
                                        ({"lr_schedule": "linear"}, "lr_schedule"),
                                        ({"router_warmup": 1.0}, "router_warmup"),
+                                       ({"router_settle": 0.0}, "router_settle"),
+                                       ({"router_settle": 0.3, "router_warmup": 0.5}, "router_settle"),
                                        ({"full_weight": -1.0}, "full_weight")])
 def test_new_options_are_validated(kw, match):
     with pytest.raises(ConfigError, match=match):
@@ -547,6 +549,29 @@ def test_router_warmup_keeps_the_model_frozen_and_trains_the_router(tmp_path):
     nestlm.elastify(ecfg, parent(), stream(), tmp_path, progress=False)  # the model trains after them
     moved = load_elastic(tmp_path)[0].state_dict()
     assert any(not torch.equal(moved[k], v) for k, v in student.state_dict().items())
+
+
+def test_router_settle_freezes_the_router_and_trains_the_exported_architectures(tmp_path):
+    """From settle_step on, the router does not move and every budget trains exactly what the manifest exports;
+    a run killed after settling resumes to the same weights."""
+    ecfg = tiny_run_config(steps=10, router_settle=0.6, budgets_per_step=3, checkpoint_every=2)
+    assert ecfg.settle_step() == 6 and tiny_run_config().settle_step() == tiny_run_config().steps
+    nestlm.elastify(ecfg, parent(), stream(), tmp_path / "a", progress=False, max_steps=6)
+    router6 = torch.load(tmp_path / "a" / "train" / "checkpoint.pt", weights_only=True)["router"]
+    nestlm.elastify(ecfg, parent(), stream(), tmp_path / "a", progress=False)  # resumes at step 6
+    model, router, manifest = load_elastic(tmp_path / "a")
+    assert all(torch.equal(router.state_dict()[k], v) for k, v in router6.items())  # frozen since step 6
+    log = train_log(tmp_path / "a")
+    for name, b in manifest["budgets"].items():
+        if name == "full":
+            continue  # pinned: never routed
+        subs = [r["sub"] for r in log if r["budget"] == name]
+        exported = SubArch.from_dict(b["sub"])
+        assert len(subs) == 10 and all(SubArch(**s) == exported for s in subs[6:])  # the exported one, every step
+    nestlm.elastify(ecfg, parent(), stream(), tmp_path / "b", progress=False)  # the same run without a break
+    other = load_elastic(tmp_path / "b")[0].state_dict()
+    for k, v in model.state_dict().items():
+        torch.testing.assert_close(other[k], v, rtol=0, atol=0)
 
 
 def test_several_budgets_share_one_teacher_forward(tmp_path, monkeypatch):

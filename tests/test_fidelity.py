@@ -149,8 +149,9 @@ def test_v2_quick_matrix_lrs_tokens_and_flops(tmp_path):
             if row["fraction"] == 1.0:
                 continue
             for key, steps in (("alone_T/(K-1)", q.steps // (k - 1)), ("alone_T", q.steps)):
-                vals = row[f"{key} val_by_lr"]
-                assert vals[str(row[f"{key} lr"])] == min(vals.values()) and len(vals) == len(v2.lr_grid)
+                vals = row[f"{key} val_by_setting"]  # every (lr, schedule) of the grid, the best on validation
+                assert vals[f"{row[key + ' lr']:g} {row[key + ' schedule']}"] == min(vals.values())
+                assert len(vals) == len(v2.lr_grid) * len(v2.alone_schedules) == 4
                 assert row[f"{key} tokens"] == steps * tok_step
                 assert row[f"{key} flops"] == pytest.approx(steps * tok_step * 2 * (
                     count_params(cfg, active=True) + 3 * row["active_params"]))
@@ -177,7 +178,7 @@ def test_v2_quick_matrix_lrs_tokens_and_flops(tmp_path):
     assert len(recs) == 3 * q.steps  # every budget on every batch
     # the runs alone are cached with the parent (2 budgets x 2 lengths x the grid) and shared by candidates
     cache = json.loads((out / "parent-kjv-dense" / "alone_cache.json").read_text())
-    assert len(cache) >= 2 * 2 * len(v2.lr_grid)
+    assert len(cache) >= 2 * 2 * len(v2.lr_grid) * len(v2.alone_schedules)
     for a, b in zip(cand["per_seed"][0]["budgets"], cells["kjv-dense"]["per_seed"][0]["budgets"], strict=True):
         if a["fraction"] < 1.0 and a["params"] == b["params"]:
             assert a["alone_T"] == b["alone_T"] and a["alone_T lr"] == b["alone_T lr"]

@@ -95,6 +95,8 @@ class ElasticConfig:
     lr_schedule: str = "constant"  # the model's lr after warmup: constant | cosine (down to lr_model / 10)
     lr_warmup: float = 0.0  # fraction of the model's steps with a linear lr warmup
     router_warmup: float = 0.0  # fraction of steps, at the start, that train the router alone (model frozen)
+    router_settle: float = 1.0  # fraction of steps after which the router is frozen and each budget trains the
+    #                             one architecture it exports (Router.decode at landing_tolerance); 1.0: never
     weight_decay: float = 0.0
     steps: int = 1000
     batch: int = 8
@@ -176,6 +178,8 @@ class ElasticConfig:
         need(self.lr_schedule in ("constant", "cosine"), f"lr_schedule must be constant or cosine, got {self.lr_schedule!r}")
         need(0 <= self.lr_warmup < 1 and 0 <= self.router_warmup < 1, "lr_warmup and router_warmup are fractions "
              f"of steps in [0, 1), got {self.lr_warmup} and {self.router_warmup}")
+        need(0 < self.router_settle <= 1 and self.router_settle >= self.router_warmup, "router_settle is a "
+             f"fraction of steps in (0, 1], not before router_warmup, got {self.router_settle}")
         need(isinstance(self.budgets_per_step, int) and not isinstance(self.budgets_per_step, bool)
              and 1 <= self.budgets_per_step <= len(b), f"budgets_per_step must be an int in 1..{len(b)} (the "
              f"number of budgets), got {self.budgets_per_step!r}")
@@ -299,6 +303,10 @@ class ElasticConfig:
         """(first step that updates the model, warmup steps of its lr): the router trains alone before."""
         first = int(round(self.router_warmup * self.steps))
         return first, int(round(self.lr_warmup * (self.steps - first)))
+
+    def settle_step(self) -> int:
+        """The first step at which the router is frozen and every budget trains its exported architecture."""
+        return int(round(self.router_settle * self.steps)) if self.router_settle < 1 else self.steps
 
     def lr_model_at(self, step: int) -> float:
         """The model's learning rate at `step`: 0 while the router trains alone, then warmup and schedule."""

@@ -256,7 +256,8 @@ def setup(ecfg: ElasticConfig, model_or_hf_path, data, dp: parallel.DataParallel
 
 
 def train_step(run: Run, batches: Iterable[torch.Tensor], bis: Sequence[int], tau: float, scale: float,
-               update_model: bool = True, choose: Callable | None = None) -> dict[int, dict]:
+               update_model: bool = True, choose: Callable | None = None, update_router: bool = True
+               ) -> dict[int, dict]:
     """One optimizer step of elastic distillation. batches: the step's ecfg.grad_accum micro-batches (gradient
     accumulation), this rank's rows [b, t] on the run's device, read one at a time; bis: the budgets (indices into ecfg.budgets) that share each
     of them; tau, scale: the router's schedules at this step.
@@ -266,7 +267,8 @@ def train_step(run: Run, batches: Iterable[torch.Tensor], bis: Sequence[int], ta
     (pinned: the full model; hard: the sliced submodel times the straight-through gate; soft: channel masks),
     loss = weight * KD + the budget loss, backward. Then the router's gradients are averaged over ranks, the
     loss and gradients checked finite (FloatingPointError before any update otherwise), and both AdamW
-    optimizers step (the model's only when `update_model`: the router may train alone first).
+    optimizers step (the model's only when `update_model`: the router may train alone first; the router's only
+    when `update_router`: it is frozen once settled).
     Returns {bi: {"kd", "rl" (means over the micro-batches, kd over the ranks), "w", "expected"}}."""
     ecfg, router, dp, model = run.ecfg, run.router, run.dp, run.model
     hard = ecfg.mode == "hard"
@@ -312,7 +314,8 @@ def train_step(run: Run, batches: Iterable[torch.Tensor], bis: Sequence[int], ta
         raise FloatingPointError(f"budget {name}: {bad}; stopped before updating.")
     if update_model:
         run.opt_model.step()
-    run.opt_router.step()
+    if update_router:
+        run.opt_router.step()
     run.opt_model.zero_grad(set_to_none=True)
     run.opt_router.zero_grad(set_to_none=True)
     return per
@@ -405,6 +408,7 @@ def _train(ecfg: ElasticConfig, model_or_hf_path, data, out: Path, dp: parallel.
     stop = ecfg.steps if max_steps is None else min(ecfg.steps, max_steps)
     bar = tqdm(total=ecfg.steps, initial=step, disable=not (progress and dp.main), desc="elastify")
     ema: dict[str, float] = {}
+    settled = None  # from settle_step on: {budget: the one-hot choices it exports}, the router frozen
     run.model.train()
     while step < stop:
         # ---- this step's budgets, schedules and context length (the same on every rank: checked)
@@ -414,8 +418,12 @@ def _train(ecfg: ElasticConfig, model_or_hf_path, data, out: Path, dp: parallel.
         for group in run.opt_model.param_groups:
             group["lr"] = ecfg.lr_model_at(step)  # 0 while the router trains alone; warmup; schedule
         batches = _micro_batches(data, pos, ecfg, seq_len, dp, run.device)  # read as the step goes
+        if step >= ecfg.settle_step() and settled is None:  # the frozen router's choices (also after a resume)
+            settled = {bi: run.router.decode(bi, ecfg.landing_tolerance) for bi in range(len(ecfg.budgets))}
         try:  # the first router_warmup steps train the router alone
-            per = train_step(run, batches, bis, tau, scale, update_model=step >= ecfg.model_steps()[0])
+            per = train_step(run, batches, bis, tau, scale, update_model=step >= ecfg.model_steps()[0],
+                             choose=None if settled is None else lambda bi, *_: settled[bi],
+                             update_router=settled is None)
         except FloatingPointError as e:
             raise FloatingPointError(f"step {step}, {e} {_last_good_text(kept.get('last_good'))}") from None
         pos += ecfg.grad_accum

@@ -422,7 +422,7 @@ def _train(ecfg: ElasticConfig, model_or_hf_path, data, out: Path, dp: parallel.
             settled = {bi: run.router.decode(bi, ecfg.landing_tolerance) for bi in range(len(ecfg.budgets))}
         try:  # the first router_warmup steps train the router alone
             per = train_step(run, batches, bis, tau, scale, update_model=step >= ecfg.model_steps()[0],
-                             choose=None if settled is None else lambda bi, *_: settled[bi],
+                             choose=None if settled is None else lambda bi, *_, fixed=settled: fixed[bi],
                              update_router=settled is None)
         except FloatingPointError as e:
             raise FloatingPointError(f"step {step}, {e} {_last_good_text(kept.get('last_good'))}") from None

@@ -653,6 +653,66 @@ def fidelity_v2(out: str | Path, seeds: list[int], corpora: list[str], families:
     return cells
 
 
+def token_curve(root: str | Path, labels: list[str]) -> str:
+    """The ratio against T (issue 29): every protocol-v2 cell under root/LABEL for the labels given (candidates
+    run at several --steps, e.g. --label def-T60 --steps 60), one row per cell and T (mean ± sd over its seeds),
+    then per cell the smallest T at which each smaller budget's mean ratio to its run alone at T/(K-1) is <= 1.
+    Draws root/curve.png (one panel per cell)."""
+    cells: dict[str, list] = {}
+    for label in labels:
+        for path in sorted((Path(root) / label).glob("*/results.json")):
+            res = json.loads(path.read_text())
+            if res.get("protocol") == 2:
+                cells.setdefault(path.parent.name, []).append((res["per_seed"][0]["elastic"]["tokens"], label, res))
+    if not cells:
+        raise ConfigError(f"no protocol-v2 results under {root}/{{{','.join(labels)}}}")
+    small = [budget_name(f) for f in BUDGETS[1:]]
+    lines = ["| cell | T (tokens) | label | seeds | full / parent | " + " | ".join(
+        f"{b}: elastic / alone T/(K-1)" for b in small) + " | FLOPs elastic / alone T/(K-1) |", "|" + "---|" * (6 + len(small))]
+    parity, curves = [], {}
+    for cell in sorted(cells):
+        pts = sorted(cells[cell], key=lambda p: p[0])
+        for tokens, label, res in pts:
+            rows = {r["budget"]: r for r in res["summary"]}
+            flops = [s["elastic"]["flops"] / sum(b["alone_T/(K-1) flops"] for b in s["budgets"] if b["fraction"] < 1)
+                     for s in res["per_seed"]]
+            lines.append(f"| {cell} | {tokens:,} | {label} | {len(res['seeds'])} | "
+                         f"{mean_sd(rows[budget_name(1.0)]['ratio_full'])} | "
+                         + " | ".join(mean_sd(rows[b]["ratio_half"]) for b in small) + f" | {mean_sd(flops)} |")
+            for b in [budget_name(1.0), *small]:
+                key = "ratio_full" if b == budget_name(1.0) else "ratio_half"
+                curves.setdefault(cell, {}).setdefault(b, []).append((tokens, statistics.fmean(rows[b][key])))
+        reached = []
+        for b in small:
+            at = [t for t, r in curves[cell][b] if r <= 1.0]
+            reached.append(f"{b} at T = {min(at):,}" if at else f"{b} not by T = {pts[-1][0]:,}")
+        full_ok = [t for t, r in curves[cell][budget_name(1.0)] if r <= 1.01]
+        reached.append(f"full within 1% at T = {min(full_ok):,}" if full_ok else "full not within 1%")
+        parity.append(f"- {cell}: parity (mean ratio <= 1) " + "; ".join(reached))
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        fig, axes = plt.subplots(1, len(curves), figsize=(4 * len(curves), 3.2), squeeze=False)
+        for ax, (cell, by) in zip(axes[0], sorted(curves.items()), strict=True):
+            for b, pts in by.items():
+                ax.plot([t for t, _ in pts], [r for _, r in pts], "o-", label=f"{b} / parent" if b == "full"
+                        else f"{b} / alone T/(K-1)")
+            ax.axhline(1.0, color="k", lw=0.8)
+            ax.set_xscale("log")
+            ax.set_title(cell)
+            ax.set_xlabel("T (elastic tokens)")
+        axes[0][0].set_ylabel("perplexity ratio")
+        axes[0][0].legend(fontsize=7)
+        fig.tight_layout()
+        fig.savefig(Path(root) / "curve.png", dpi=110)
+        plt.close(fig)
+    except ImportError:  # matplotlib is optional: the table is the result
+        pass
+    return "\n".join(lines + [""] + parity)
+
+
 def _write_json(path: Path, obj) -> None:
     tmp = path.with_name(path.name + f".{os.getpid()}.tmp")
     tmp.write_text(json.dumps(obj, indent=2))
@@ -684,7 +744,15 @@ def main(argv: list[str] | None = None) -> dict:
     v2.add_argument("--plateau-window", type=int, help="steps over which the loss slope is fitted (v2)")
     v2.add_argument("--plateau-slope", type=float, help="plateau: loss slope above -this per 1000 steps (v2)")
     v2.add_argument("--lr-grid", type=float, nargs="+", help="learning rates tried for every arm (v2)")
+    v2.add_argument("--curve", nargs="+", metavar="LABEL", help="print the ratio against T of the v2 results in "
+                    "OUT/LABEL for these labels (each run at its own --steps), draw OUT/curve.png, and stop")
     args = ap.parse_args(argv)
+    if args.curve:
+        try:
+            print(token_curve(args.out, args.curve))
+        except ConfigError as e:
+            ap.error(str(e))
+        return {}
     if args.compare:
         print(compare(args.out))
         return {}

@@ -6,6 +6,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import math
+import statistics
 import sys
 from pathlib import Path
 
@@ -183,6 +184,16 @@ def test_v2_quick_matrix_lrs_tokens_and_flops(tmp_path):
         if a["fraction"] < 1.0 and a["params"] == b["params"]:
             assert a["alone_T"] == b["alone_T"] and a["alone_T lr"] == b["alone_T lr"]
     assert before == parent_files()
+
+    # the ratio against T gathers both runs of the cell (the same T here), with the summaries' ratios
+    curve = fid.token_curve(out, [".", "all3"])
+    rows = [ln for ln in curve.splitlines() if ln.startswith("| kjv-dense |")]
+    assert len(rows) == 2 and (out / "curve.png").stat().st_size > 0
+    for ln, res in zip(rows, (cells["kjv-dense"], cand), strict=True):
+        summ = {r["budget"]: r for r in res["summary"]}
+        assert f"| {q.steps * tok_step:,} |" in ln and f"| {summ['50%']['ratio_half'][0]:.3f} |" in ln
+    half = [statistics.fmean(r["summary"][1]["ratio_half"]) for r in (cells["kjv-dense"], cand)]
+    assert ("75% at T" in curve) == (min(half) <= 1.0)
 
 
 def test_v2_flops_splits_and_plateau():

@@ -536,7 +536,8 @@ def seed_v2_cached(seed: int, parent, parent_info: dict, splits, sizes: Sizes, v
     path = out / f"seed{seed}.json"
     key = json.loads(json.dumps({"sizes": dataclasses.asdict(sizes), "v2": dataclasses.asdict(v2), "seed": seed,
                                  "parent": {k: v for k, v in parent_info.items() if k != "folder"},
-                                 "over": over or {}}))
+                                 "over": over or {},  # and the whole elastic config: a changed default reruns
+                                 "elastic": dataclasses.asdict(candidate_config(sizes, seed, over))}))
     if path.is_file():
         done = json.loads(path.read_text())
         if done.get("key") == key:

@@ -119,8 +119,9 @@ def train_log(out) -> list[dict]:
 
 
 def tiny_run_config(choices: dict, **over):
-    """The tiny elastify runs' ElasticConfig: three budgets, a fast router, 120 steps of 4 x 16 tokens."""
-    kw = dict(budgets=[1.0, 0.75, 0.64], choices=choices, align=4, steps=120, batch=4, seq_len=16,
+    """The tiny elastify runs' ElasticConfig: three budgets, a fast router, 60 steps of 4 x 16 tokens, the
+    library's defaults otherwise (each step trains every budget on its batch; a cosine lr after a warmup)."""
+    kw = dict(budgets=[1.0, 0.75, 0.64], choices=choices, align=4, steps=60, batch=4, seq_len=16,
               lr_model=1e-3, lr_router=0.03, router_weight=2.0, router_hidden=32, p_full=0.2,
               checkpoint_every=1000, calib_batches=2, seed=0)
     kw.update(over)

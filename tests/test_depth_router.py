@@ -261,8 +261,10 @@ def test_tiny_depth_run_kl_falls_costs_land_and_units_drop(trained):
             after = float(kd_loss(model(held_out, sub=sub), t_logits))
             assert after < 0.8 * before, (name, before, after)
     assert dropped, manifest["budgets"]  # some budget keeps fewer units than the parent has
-    log = train_log(out)
-    assert len(log) == ecfg.steps and all("depth" in r["sub"] for r in log)
+    log = train_log(out)  # the default (budgets_per_step None): every budget on every batch, largest first
+    assert [(r["step"], r["budget"]) for r in log] == [(s, b) for s in range(ecfg.steps)
+                                                       for b in manifest["budgets"]]
+    assert all("depth" in r["sub"] for r in log)
     assert {r["sub"]["depth"] for r in log if r["budget"] != "full"} > {8}  # training sampled shallower models
     for name in ("75%", "64%"):
         kd = [r["kd"] for r in log if r["budget"] == name]
@@ -318,13 +320,13 @@ def test_load_elastic_refuses_a_depth_manifest_without_its_order(trained, tmp_pa
 
 
 def test_depth_resume_gives_bit_identical_losses(tmp_path):
-    ecfg = tiny_run_config(steps=16, checkpoint_every=5, grad_accum=2, batch=2, budgets=[1.0, 0.7], p_full=0.1)
+    ecfg = tiny_run_config(steps=10, checkpoint_every=3, grad_accum=2, batch=2, budgets=[1.0, 0.7], p_full=0.1)
     nestlm.elastify(ecfg, parent(), stream(), tmp_path / "a", progress=False)
     nestlm.elastify(ecfg, parent(), stream(), tmp_path / "b", progress=False, max_steps=7)
     assert not (tmp_path / "b" / "nestlm_elastic.json").exists()
     nestlm.elastify(ecfg, parent(), stream(), tmp_path / "b", progress=False)
     a, b = train_log(tmp_path / "a"), train_log(tmp_path / "b")
-    assert [r["step"] for r in b] == list(range(16))
+    assert [r["step"] for r in b] == [s for s in range(10) for _ in range(2)]  # both budgets every step
     assert a == b  # every loss, budget, choice (depth included) and ratio, bit for bit
     ma, mb = (json.loads((tmp_path / d / "nestlm_elastic.json").read_text()) for d in "ab")
     assert ma == mb

@@ -294,8 +294,9 @@ def test_tiny_run_kl_falls_and_costs_land_on_budget(trained):
             before = float(kd_loss(teacher(held_out, sub=sub), t_logits))
             after = float(kd_loss(model(held_out, sub=sub), t_logits))
             assert after < 0.8 * before, (name, before, after)
-    log = train_log(out)
-    assert len(log) == ecfg.steps
+    log = train_log(out)  # the default (budgets_per_step None): every budget on every batch, largest first
+    assert [(r["step"], r["budget"]) for r in log] == [(s, b) for s in range(ecfg.steps)
+                                                       for b in manifest["budgets"]]
     for name in ("75%", "64%"):
         kd = [r["kd"] for r in log if r["budget"] == name]
         q = len(kd) // 4
@@ -322,10 +323,10 @@ def test_elastic_checkpoint_round_trip_and_exports_load_in_transformers(trained,
 
 
 def test_resume_gives_bit_identical_losses(tmp_path):
-    ecfg = tiny_run_config(steps=16, checkpoint_every=5, grad_accum=2, batch=2, stage2_start=0.5,
+    ecfg = tiny_run_config(steps=10, checkpoint_every=3, grad_accum=2, batch=2, stage2_start=0.5,
                            stage2_weights=[0.2, 0.4, 0.4], stage2_seq_len=24)
     nestlm.elastify(ecfg, parent(), stream(), tmp_path / "a", progress=False)
-    nestlm.elastify(ecfg, parent(), stream(), tmp_path / "b", progress=False, max_steps=8)
+    nestlm.elastify(ecfg, parent(), stream(), tmp_path / "b", progress=False, max_steps=7)
     assert not (tmp_path / "b" / "nestlm_elastic.json").exists()  # stopped early: no export yet
     nestlm.elastify(ecfg, parent(), stream(), tmp_path / "b", progress=False)
 
@@ -333,7 +334,7 @@ def test_resume_gives_bit_identical_losses(tmp_path):
         return train_log(d)
 
     a, b = log(tmp_path / "a"), log(tmp_path / "b")
-    assert [r["step"] for r in b] == list(range(16))
+    assert [r["step"] for r in b] == [s for s in range(10) for _ in range(3)]  # every budget every step
     assert a == b  # every loss, budget, choice and ratio, bit for bit
     assert {r["seq_len"] for r in a} == {16, 24}
     sa = load_elastic(tmp_path / "a")[0].state_dict()
@@ -353,7 +354,7 @@ def test_soft_mode_trains(tmp_path):
     ecfg = tiny_run_config(steps=6, mode="soft")
     nestlm.elastify(ecfg, parent(), stream(), tmp_path, progress=False)
     log = train_log(tmp_path)
-    assert len(log) == 6 and all(r["kd"] == r["kd"] for r in log)  # finite
+    assert len(log) == 6 * 3 and all(r["kd"] == r["kd"] for r in log)  # finite (3 budgets a step)
     load_elastic(tmp_path)
 
 
@@ -380,11 +381,12 @@ def test_expected_loss_is_the_brute_force_expectation():
 def test_router_lands_on_budget_for_most_seeds(tmp_path):
     """The per-axis argmax alone (no landing rule): before the expected-loss term and softsign bounds, 1 seed
     in 5 landed every budget within 2%. The manifest's choice (Router.decode) must land on every seed.
-    200 steps: at 120, the argmax landed on 6 of seeds 0-9 (8 at 200; two seeds lock one axis early)."""
+    80 steps, each training every budget (the default): the argmax landed on 7 of seeds 0-9 (5 of 0-4), on 6
+    at 60 steps, 8 at 100 (one budget a step: 6 at 120, 8 at 200; some seeds lock one axis early)."""
     landed = 0
     for seed in range(5):
         out = tmp_path / f"s{seed}"
-        ecfg = tiny_run_config(seed=seed, steps=200, sample_tolerance=None)  # each axis samples on its own
+        ecfg = tiny_run_config(seed=seed, steps=80, sample_tolerance=None)  # each axis samples on its own
         nestlm.elastify(ecfg, parent(), stream(), out, progress=False)
         model, router, manifest = load_elastic(out)
         greedy = [float(router.cost_ratio(router.greedy(i))) / f for i, f in enumerate(router.budgets)]
@@ -493,7 +495,7 @@ def test_manifest_keeps_the_routers_own_choice_when_it_misses_the_budget():
 
 # ---------------------------------------------------------------------------------------------- issue 18's options
 def test_sample_budgets_one_draw_is_the_old_draw_and_several_never_repeat():
-    ecfg = tiny_run_config(stage2_start=0.5, stage2_weights=[0.5, 0.0, 0.5])
+    ecfg = tiny_run_config(budgets_per_step=1, stage2_start=0.5, stage2_weights=[0.5, 0.0, 0.5])
     a, b = random.Random(3), random.Random(3)
     for step in range(200):  # one budget per step: the same random numbers as rng.choices over all budgets
         assert ecfg.sample_budgets(a, step) == [b.choices(range(3), weights=ecfg.budget_probs(step))[0]]
@@ -507,6 +509,11 @@ def test_sample_budgets_one_draw_is_the_old_draw_and_several_never_repeat():
         seen.add(tuple(got))
     assert seen == {(0, 1), (0, 2), (1, 2)}
     assert tiny_run_config(budgets_per_step=3).sample_budgets(random.Random(1), 0) == [0, 1, 2]
+    every = tiny_run_config(stage2_start=0.5, stage2_weights=[0.5, 0.0, 0.5])
+    assert every.budgets_per_step is None  # the default: every budget, except one of weight 0
+    rng = random.Random(0)
+    assert [every.sample_budgets(rng, s) for s in range(200)] == [
+        [0, 1, 2] if s < every.stage2_step() else [0, 2] for s in range(200)]
 
 
 def test_lr_schedule_warmup_cosine_and_router_warmup():
@@ -520,8 +527,13 @@ def test_lr_schedule_warmup_cosine_and_router_warmup():
     assert lrs[40] == pytest.approx(1e-3)
     assert all(x > y for x, y in zip(lrs[40:-1], lrs[41:], strict=True))  # cosine: strictly down
     assert lrs[-1] == pytest.approx(1e-4 + 9e-4 * 0.5 * (1 + math.cos(math.pi * 59 / 60)))
-    assert [tiny_run_config(lr_model=1e-3).lr_model_at(s) for s in (0, 50, 119)] == [1e-3] * 3  # the default
+    const = tiny_run_config(lr_model=1e-3, lr_schedule="constant", lr_warmup=0.0)
+    assert [const.lr_model_at(s) for s in (0, 30, 59)] == [1e-3] * 3
     assert lr_at(5, 10, 1.0, 0, "constant") == 1.0
+    default = tiny_run_config(steps=100, lr_model=1e-3)  # the default: a 10% warmup, then cosine to lr / 10
+    lrs = [default.lr_model_at(s) for s in range(100)]
+    assert default.model_steps() == (0, 10) and lrs[:10] == pytest.approx([1e-4 * (i + 1) for i in range(10)])
+    assert all(x > y for x, y in zip(lrs[10:-1], lrs[11:], strict=True)) and 1e-4 < lrs[-1] < 1.01e-4
 
 
 @pytest.mark.parametrize("kw, match", [({"budgets_per_step": 4}, "budgets_per_step"),
@@ -545,7 +557,8 @@ def test_router_warmup_keeps_the_model_frozen_and_trains_the_router(tmp_path):
     state = torch.load(tmp_path / "train" / "checkpoint.pt", weights_only=True)
     assert all(torch.equal(state["model"][k], v) for k, v in student.state_dict().items())
     assert any(not torch.equal(state["router"][k], v) for k, v in router0.state_dict().items())
-    assert [r["lr_model"] for r in train_log(tmp_path)] == [0.0] * 4
+    log = [(r["step"], r["lr_model"]) for r in train_log(tmp_path)]
+    assert log == [(s, 0.0) for s in range(4) for _ in range(3)]  # every budget, each step
     nestlm.elastify(ecfg, parent(), stream(), tmp_path, progress=False)  # the model trains after them
     moved = load_elastic(tmp_path)[0].state_dict()
     assert any(not torch.equal(moved[k], v) for k, v in student.state_dict().items())
@@ -633,7 +646,7 @@ def test_sample_within_tolerance_is_the_brute_force_best_landing_combination():
 
 
 def test_training_with_sample_tolerance_samples_only_landing_architectures(tmp_path):
-    ecfg = tiny_run_config(steps=30, sample_tolerance=0.02)
+    ecfg = tiny_run_config(steps=15, sample_tolerance=0.02)  # 30 small-budget draws
     nestlm.elastify(ecfg, parent(), stream(), tmp_path, progress=False)
     log = train_log(tmp_path)
     small = [r for r in log if r["fraction"] < 1.0]

@@ -43,12 +43,24 @@ def parent():
 
 
 def run_config(**over):
+    """The library's defaults for what it doesn't set: every budget on every batch (3 log records a step),
+    a cosine lr with a warmup."""
     kw = dict(budgets=[1.0, 0.75, 0.64], choices={"hidden": [1.0, 0.875, 0.75, 0.625, 0.5], "ffn": [1.0, 0.5],
               "mamba_heads_per_group": [1.0, 0.5]}, align=4, steps=12, batch=2, seq_len=16, lr_model=1e-3,
               lr_router=0.03, router_weight=2.0, router_hidden=32, p_full=0.3, calib_batches=2,
               checkpoint_every=4, seed=0)
     kw.update(over)
     return ElasticConfig(**kw)
+
+
+PER_STEP = 3  # budgets trained (and logged, and kd_loss calls) per step of run_config
+
+
+def steps(d: Path) -> list[int]:
+    """The step of each record of d's log, once per step (checked: every step logs all PER_STEP budgets)."""
+    s = [r["step"] for r in log(d)]
+    assert s == [x for x in s[::PER_STEP] for _ in range(PER_STEP)], s
+    return s[::PER_STEP]
 
 
 def weights(d: Path) -> dict:
@@ -76,14 +88,14 @@ import torch
 torch.set_num_threads(1)
 import nestlm
 from test_faults import parent, run_config, stream
-nestlm.elastify(run_config(steps=30), parent(), stream(), {out!r}, progress=False,
+nestlm.elastify(run_config(steps=20), parent(), stream(), {out!r}, progress=False,
                 on_step=lambda rec: time.sleep(0.05))
 """
 
 
 def test_kill_9_then_resume_reproduces_the_uninterrupted_run(tmp_path):
     ref = tmp_path / "ref"
-    nestlm.elastify(run_config(steps=30), parent(), stream(), ref, progress=False)
+    nestlm.elastify(run_config(steps=20), parent(), stream(), ref, progress=False)
     out = tmp_path / "killed"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.Popen([sys.executable, "-c", KILLED_RUN.format(tests=str(TESTS), out=str(out))], env=env,
@@ -91,19 +103,19 @@ def test_kill_9_then_resume_reproduces_the_uninterrupted_run(tmp_path):
     ckpt, log_path = out / "train" / "checkpoint.pt", out / "train" / "log.jsonl"
     deadline = time.time() + 120
     while time.time() < deadline and proc.poll() is None:  # wait for the 2nd checkpoint and a step past it
-        if ckpt.exists() and log_path.exists() and len(log_path.read_text().splitlines()) >= 10:
+        if ckpt.exists() and log_path.exists() and len(log_path.read_text().splitlines()) >= 10 * PER_STEP:
             break
         time.sleep(0.02)
     assert proc.poll() is None, proc.stderr.read().decode()[-2000:]
     proc.kill()  # SIGKILL: no cleanup of any kind
     proc.wait()
     proc.stderr.close()
-    killed_at = len(log_path.read_text().splitlines())
+    killed_at = len(log_path.read_text().splitlines()) // PER_STEP  # steps logged
     saved = torch.load(ckpt, weights_only=True)["step"]
-    assert saved % 4 == 0 and 8 <= saved < 30 and not (out / "nestlm_elastic.json").exists()  # killed mid-run
+    assert saved % 4 == 0 and 8 <= saved < 20 and not (out / "nestlm_elastic.json").exists()  # killed mid-run
     with open(log_path, "a") as f:  # as if the kill had come in the middle of writing a log line
         f.write('{"step": 99, "kd": 0.')
-    nestlm.elastify(run_config(steps=30), parent(), stream(), out, progress=False)
+    nestlm.elastify(run_config(steps=20), parent(), stream(), out, progress=False)
     assert log(out) == log(ref)  # every loss, budget and width, bit for bit
     assert_same_weights(out, ref)
     assert killed_at >= saved  # (steps logged after the checkpoint were dropped and redone, not duplicated)
@@ -170,24 +182,24 @@ def test_crash_while_writing_a_distributed_checkpoint(tmp_path, monkeypatch, one
 def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch, bad):
     real_kd, calls = E.kd_loss, []
 
-    def kd_loss(*args):  # step 6 (the 7th loss) goes bad
+    def kd_loss(*args):  # step 6's first budget (the 19th loss) goes bad
         calls.append(1)
         out = real_kd(*args)
-        return out * bad if len(calls) == 7 else out
+        return out * bad if len(calls) == 6 * PER_STEP + 1 else out
 
     monkeypatch.setattr(E, "kd_loss", kd_loss)
     ckpt = tmp_path / "train" / "checkpoint.pt"
     with pytest.raises(FloatingPointError) as ei:
         nestlm.elastify(run_config(), parent(), stream(), tmp_path, progress=False)
     msg = str(ei.value)
-    assert re.match(rf"step 6, budget (full|75%|64%): loss is {bad} .*stopped before updating\. The last good "
-                    rf"checkpoint is {re.escape(str(ckpt))} \(step 4\)\.", msg), msg
+    assert re.match(rf"step 6, budget full, 75%, 64%: loss is {bad} .*stopped before updating\. The last "
+                    rf"good checkpoint is {re.escape(str(ckpt))} \(step 4\)\.", msg), msg
     assert torch.load(ckpt, weights_only=True)["step"] == 4  # not overwritten with the broken state
-    assert [r["step"] for r in log(tmp_path)] == list(range(6))  # the bad step is not logged
+    assert steps(tmp_path) == list(range(6))  # the bad step is not logged
     assert not (tmp_path / "nestlm_elastic.json").exists()
     monkeypatch.setattr(E, "kd_loss", real_kd)  # the checkpoint resumes
     nestlm.elastify(run_config(steps=8), parent(), stream(), tmp_path, progress=False)
-    assert [r["step"] for r in log(tmp_path)] == list(range(8))
+    assert steps(tmp_path) == list(range(8))
 
 
 class InfGrad(torch.autograd.Function):
@@ -205,15 +217,15 @@ class InfGrad(torch.autograd.Function):
 def test_non_finite_gradients_stop_before_the_update(tmp_path, monkeypatch):
     real_kd, calls = E.kd_loss, []
 
-    def kd_loss(student, teacher, t=1.0):  # step 5: the loss is finite, its gradient is not
+    def kd_loss(student, teacher, t=1.0):  # step 5's last budget: the loss is finite, its gradient is not
         calls.append(1)
-        return real_kd(InfGrad.apply(student) if len(calls) == 6 else student, teacher, t)
+        return real_kd(InfGrad.apply(student) if len(calls) == 6 * PER_STEP else student, teacher, t)
 
     monkeypatch.setattr(E, "kd_loss", kd_loss)
     ckpt = tmp_path / "train" / "checkpoint.pt"
-    with pytest.raises(FloatingPointError, match=r"^step 5, budget (full|75%|64%): loss [0-9.]+ but non-finite "
-                       rf"gradients; stopped before updating\. The last good checkpoint is {re.escape(str(ckpt))} "
-                       r"\(step 4\)\.$"):
+    with pytest.raises(FloatingPointError, match=r"^step 5, budget full, 75%, 64%: loss [0-9.]+ but "
+                       rf"non-finite gradients; stopped before updating\. The last good checkpoint is "
+                       rf"{re.escape(str(ckpt))} \(step 4\)\.$"):
         nestlm.elastify(run_config(), parent(), stream(), tmp_path, progress=False)
     assert torch.load(ckpt, weights_only=True)["step"] == 4
 
@@ -225,7 +237,7 @@ def test_non_finite_weights_are_never_checkpointed(tmp_path):
         nestlm.elastify(run_config(lr_model=float("inf"), checkpoint_every=1), parent(), stream(), tmp_path,
                         progress=False)
     assert not (tmp_path / "train" / "checkpoint.pt").exists()
-    assert [r["step"] for r in log(tmp_path)] == [0]
+    assert steps(tmp_path) == [0]
 
 
 # ---------------------------------------------------------------------------------------------- stale state

@@ -318,7 +318,7 @@ def test_the_demo_yaml_exports_what_it_trained_without_a_quality_warning():
 def test_the_demo_yaml_checkpoints_so_that_ctrl_c_at_step_91_can_resume(tmp_path):
     """recipes/configs/demo_elastic.yaml checkpoints often enough that Ctrl-C at step 91 leaves a checkpoint
     to resume from. Its own settings on the demo's architecture (random weights), with 2 x 16-token batches
-    so the steps take seconds."""
+    so the steps take seconds, one budget each (which budgets a step trains doesn't matter here)."""
     import dataclasses
 
     import torch
@@ -331,7 +331,7 @@ def test_the_demo_yaml_checkpoints_so_that_ctrl_c_at_step_91_can_resume(tmp_path
 
     yaml = nestlm.ElasticConfig.load(ROOT / "recipes" / "configs" / "demo_elastic.yaml")
     assert yaml.checkpoint_every <= 91 < yaml.steps
-    ecfg = dataclasses.replace(yaml, batch=2, seq_len=16, calib_batches=1)
+    ecfg = dataclasses.replace(yaml, batch=2, seq_len=16, calib_batches=1, budgets_per_step=1)
     torch.manual_seed(0)
     parent = nestlm.to_hf(randomize_(nestlm.Decoder(demo_config(259)), seed=0), tmp_path / "parent")
     ids = torch.randint(0, 256, (20_000,), generator=torch.Generator().manual_seed(0))

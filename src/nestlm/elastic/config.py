@@ -87,13 +87,14 @@ class ElasticConfig:
     stage2_start: float = 1.0  # fraction of `steps` after which stage 2 begins (1.0: no stage 2)
     stage2_weights: list[float] | None = None  # stage 2 budget probabilities, e.g. [0.5, 0.3, 0.2]
     stage2_seq_len: int | None = None  # stage 2 context length (None: seq_len)
-    budgets_per_step: int = 1  # budgets trained on each batch (drawn without replacement), one teacher forward
+    budgets_per_step: int | None = None  # budgets trained on each batch (drawn without replacement), one teacher
+    #                                      forward; None: every budget on every batch (docs/results.md, issue 29)
     full_weight: float = 1.0  # weight of the full model's KD loss against each smaller budget's
     # ---- optimisation
     lr_model: float = 1e-4
     lr_router: float = 1e-2
-    lr_schedule: str = "constant"  # the model's lr after warmup: constant | cosine (down to lr_model / 10)
-    lr_warmup: float = 0.0  # fraction of the model's steps with a linear lr warmup
+    lr_schedule: str = "cosine"  # the model's lr after warmup: constant | cosine (down to lr_model / 10)
+    lr_warmup: float = 0.1  # fraction of the model's steps with a linear lr warmup
     router_warmup: float = 0.0  # fraction of steps, at the start, that train the router alone (model frozen)
     router_settle: float = 1.0  # fraction of steps after which the router is frozen and each budget trains the
     #                             one architecture it exports (Router.decode at landing_tolerance); 1.0: never
@@ -180,9 +181,9 @@ class ElasticConfig:
              f"of steps in [0, 1), got {self.lr_warmup} and {self.router_warmup}")
         need(0 < self.router_settle <= 1 and self.router_settle >= self.router_warmup, "router_settle is a "
              f"fraction of steps in (0, 1], not before router_warmup, got {self.router_settle}")
-        need(isinstance(self.budgets_per_step, int) and not isinstance(self.budgets_per_step, bool)
-             and 1 <= self.budgets_per_step <= len(b), f"budgets_per_step must be an int in 1..{len(b)} (the "
-             f"number of budgets), got {self.budgets_per_step!r}")
+        need(self.budgets_per_step is None or (isinstance(self.budgets_per_step, int) and not isinstance(
+             self.budgets_per_step, bool) and 1 <= self.budgets_per_step <= len(b)), f"budgets_per_step must be an "
+             f"int in 1..{len(b)} (the number of budgets) or null (all), got {self.budgets_per_step!r}")
         need(self.full_weight >= 0, f"full_weight must be >= 0, got {self.full_weight}")
         need(isinstance(self.activation_checkpointing, bool), "activation_checkpointing must be true or false")
 
@@ -293,7 +294,7 @@ class ElasticConfig:
         probs = self.budget_probs(step)
         left = [i for i, p in enumerate(probs) if p > 0]
         picked = []
-        while left and len(picked) < self.budgets_per_step:
+        while left and len(picked) < (self.budgets_per_step or len(self.budgets)):
             i = rng.choices(left, weights=[probs[j] for j in left])[0]
             picked.append(i)
             left.remove(i)

@@ -60,7 +60,8 @@ def test_quick_protocol_table_and_training(tmp_path):
 
     # compute: the elastic run's log against the runs alone (one teacher forward + 3x cost per step each)
     (seed,) = res["per_seed"]
-    assert q.steps * 2 < seed["compute_elastic"] < q.steps * 4  # 1 + 3 x cost in (1/3, 1] for one budget
+    # per step one teacher forward + 3 x the costs of the three budgets trained on it (1 + ~0.75 + ~0.5)
+    assert q.steps * (1 + 3 * 2.0) < seed["compute_elastic"] < q.steps * (1 + 3 * 2.5)
     assert "training compute, elastic / the K-1 runs alone" in res["table"]
 
     # a candidate (--set, --label): the same parent, its own folder, its settings used; the runs alone of the
@@ -70,7 +71,7 @@ def test_quick_protocol_table_and_training(tmp_path):
     assert (out / "two" / "results.json").is_file() and cand["over"] == {"budgets_per_step": 2, "full_weight": 2.0}
     log = [json.loads(ln) for ln in (out / "two" / "seed0" / "elastic" / "train" / "log.jsonl").read_text().splitlines()]
     assert len(log) == 2 * q.steps and {r["step"] for r in log} == set(range(q.steps))  # two budgets per step
-    assert cand["per_seed"][0]["compute_elastic"] > seed["compute_elastic"]
+    assert cand["per_seed"][0]["compute_elastic"] < seed["compute_elastic"]  # two budgets a step, not all three
     for a, b in zip(cand["per_seed"][0]["budgets"], seed["budgets"], strict=True):
         if a["fraction"] < 1.0 and a["params"] == b["params"]:
             assert a["alone_T"] == b["alone_T"]

@@ -194,7 +194,9 @@ def test_v2_quick_matrix_lrs_tokens_and_flops(tmp_path):
         summ = {r["budget"]: r for r in res["summary"]}
         assert f"| {q.steps * tok_step:,} |" in ln and f"| {summ['50%']['ratio_half'][0]:.3f} |" in ln
     half = [statistics.fmean(r["summary"][1]["ratio_half"]) for r in (cells["kjv-dense"], cand)]
-    assert ("75% at T" in curve) == (min(half) <= 1.0)
+    (dense,) = [ln for ln in curve.splitlines() if ln.startswith("- kjv-dense ")]
+    assert ("75% <= alone T/(K-1) from T" in dense) == (max(half) <= 1.0)  # at the cell's only T, both runs
+    assert fid.from_on([(1, 0.9), (2, 1.1), (4, 0.99), (8, 1.0)], 1.0) == 4 and fid.from_on([(1, 0.9), (2, 1.1)], 1.0) is None
 
 
 def test_v2_flops_splits_and_plateau():

@@ -407,7 +407,7 @@ def test_the_demo_yaml_is_the_config_the_demo_builds():
     from nestlm.demo import elastic_config
 
     yaml = nestlm.ElasticConfig.load(Path(__file__).parents[1] / "recipes" / "configs" / "demo_elastic.yaml")
-    assert yaml == elastic_config(200, 16, 128, 0)  # the demo's defaults: 200 steps of 16 x 128 tokens
+    assert yaml == elastic_config(100, 16, 128, 0)  # the demo's defaults: 100 steps of 16 x 128 tokens
 
 
 def test_a_fresh_elastify_clears_old_tensorboard_files(own):

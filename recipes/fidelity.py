@@ -536,7 +536,7 @@ def seed_v2_cached(seed: int, parent, parent_info: dict, splits, sizes: Sizes, v
     path = out / f"seed{seed}.json"
     key = json.loads(json.dumps({"sizes": dataclasses.asdict(sizes), "v2": dataclasses.asdict(v2), "seed": seed,
                                  "parent": {k: v for k, v in parent_info.items() if k != "folder"},
-                                 "over": over or {},  # and the whole elastic config: a changed default reruns
+                                 # the whole elastic config (over included): a changed default reruns
                                  "elastic": dataclasses.asdict(candidate_config(sizes, seed, over))}))
     if path.is_file():
         done = json.loads(path.read_text())
@@ -553,6 +553,11 @@ def seed_v2_cached(seed: int, parent, parent_info: dict, splits, sizes: Sizes, v
 
 
 
+def short_flops(seed: dict) -> float:
+    """One seed's training FLOPs of the K-1 runs alone at T/(K-1) (what the elastic run's FLOPs are set against)."""
+    return sum(b["alone_T/(K-1) flops"] for b in seed["budgets"] if b["fraction"] < 1)
+
+
 def matrix_table(cells: dict) -> str:
     """One row per cell (fidelity_v2's results): the parent's slope and perplexity, the ratios of every budget
     (mean ± sd over seeds), the elastic run's training FLOPs over the K-1 runs alone at T/(K-1)."""
@@ -561,8 +566,7 @@ def matrix_table(cells: dict) -> str:
         "|" + "---|" * (5 + len(BUDGETS) - 1)]
     for cell, res in cells.items():
         rows, par = {r["budget"]: r for r in res["summary"]}, res["parent"]
-        flops = [s["elastic"]["flops"] / sum(b["alone_T/(K-1) flops"] for b in s["budgets"] if b["fraction"] < 1)
-                 for s in res["per_seed"]]
+        flops = [s["elastic"]["flops"] / short_flops(s) for s in res["per_seed"]]
         lines.append("| " + " | ".join([
             cell, str(len(res["seeds"])), f"{par['steps']}, {par['final_slope_per_1k']:+.3f}, {par['ppl']:.3f}",
             mean_sd(rows[budget_name(1.0)]["ratio_full"]),
@@ -601,7 +605,7 @@ def summarize_v2(seeds: list[dict], parent_ppl: float) -> tuple[list[dict], str]
             mean_sd(r["ratio_full"]), "; ".join(lrs)]) + " |")
     small = [b for b in seeds[0]["budgets"] if b["fraction"] < 1]
     e_flops = [s["elastic"]["flops"] for s in seeds]
-    short = [sum(b["alone_T/(K-1) flops"] for b in s["budgets"] if b["fraction"] < 1) for s in seeds]
+    short = [short_flops(s) for s in seeds]
     long = [sum(b["alone_T flops"] for b in s["budgets"] if b["fraction"] < 1) for s in seeds]
     lines += ["", "| arm | tokens | training FLOPs (teacher forwards included) |", "|---|---|---|",
               f"| elastic (one run, K budgets) | {seeds[0]['elastic']['tokens']:,} | {statistics.fmean(e_flops):.3e} |",
@@ -687,8 +691,7 @@ def token_curve(root: str | Path, labels: list[str]) -> str:
         pts = sorted(cells[cell], key=lambda p: p[0])
         for tokens, label, res in pts:
             rows = {r["budget"]: r for r in res["summary"]}
-            flops = [s["elastic"]["flops"] / sum(b["alone_T/(K-1) flops"] for b in s["budgets"] if b["fraction"] < 1)
-                     for s in res["per_seed"]]
+            flops = [s["elastic"]["flops"] / short_flops(s) for s in res["per_seed"]]
             lines.append(f"| {cell} | {tokens:,} | {label} | {len(res['seeds'])} | "
                          f"{mean_sd(rows[budget_name(1.0)]['ratio_full'])} | "
                          + " | ".join(mean_sd(rows[b]["ratio_half"]) for b in small) + f" | {mean_sd(flops)} |")
@@ -709,7 +712,7 @@ def token_curve(root: str | Path, labels: list[str]) -> str:
         fig, axes = plt.subplots(1, len(curves), figsize=(4 * len(curves), 3.2), squeeze=False)
         for ax, (cell, by) in zip(axes[0], sorted(curves.items()), strict=True):
             for b, pts in by.items():
-                ax.plot([t for t, _ in pts], [r for _, r in pts], "o-", label=f"{b} / parent" if b == "full"
+                ax.plot([t for t, _ in pts], [r for _, r in pts], "o-", label=f"{b} / parent" if b == budget_name(1.0)
                         else f"{b} / alone T/(K-1)")
             ax.axhline(1.0, color="k", lw=0.8)
             ax.set_xscale("log")

@@ -40,7 +40,7 @@ from nestlm.io.safetensors import read_tensors, write_tensors
 
 __all__ = ["MANIFEST", "MANIFEST_VERSION", "ROUTER_FILE", "SLICE_FILE", "budget_name", "budget_subs", "check_manifest",
            "load_router_weights", "load_spec", "parse_sub", "provenance", "read_manifest", "read_provenance",
-           "read_router", "resolve_budget", "router_mismatch", "write_provenance"]
+           "read_router", "resolve_budget", "router_file", "router_mismatch", "write_provenance"]
 
 MANIFEST = "nestlm_elastic.json"  # an elastic checkpoint's manifest: budgets, their SubArch, the config
 MANIFEST_VERSION = 1
@@ -134,17 +134,21 @@ def read_router(path: str | Path, cfg, manifest: dict):
         raise CheckpointError(f"{mf}: the elastic config doesn't build a router for this model ({e})") from None
     diff = load_router_weights(router, path)
     if diff:
-        raise CheckpointError(f"{path / ROUTER_FILE}: the router weights don't match the manifest's elastic config "
+        raise CheckpointError(f"{router_file(path)}: the router weights don't match the manifest's elastic config "
                               f"{diff}")
     return router.eval()
 
 
-def load_router_weights(router, path: str | Path, what: str = "the elastic checkpoint's router") -> str | None:
-    """Load the router file of the elastic checkpoint folder `path` (or the router.safetensors file `path`)
-    into `router`: None, or (nothing loaded) which tensors differ in shape (router_mismatch). CheckpointError
-    naming the file for a missing or unreadable one."""
+def router_file(path: str | Path) -> Path:
+    """The router file of the elastic checkpoint folder `path`, or `path` itself when it is that file."""
     path = Path(path)
-    state = read_tensors(path / ROUTER_FILE if path.is_dir() else path, what)
+    return path / ROUTER_FILE if path.is_dir() else path
+
+
+def load_router_weights(router, path: str | Path, what: str = "the elastic checkpoint's router") -> str | None:
+    """Load router_file(path) into `router`: None, or (nothing loaded) which tensors differ in shape
+    (router_mismatch). CheckpointError naming the file for a missing or unreadable one."""
+    state = read_tensors(router_file(path), what)
     diff = router_mismatch(state, router)
     if diff is None:
         router.load_state_dict(state)

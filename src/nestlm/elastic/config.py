@@ -307,7 +307,7 @@ class ElasticConfig:
 
     def settle_step(self) -> int:
         """The first step at which the router is frozen and every budget trains its exported architecture."""
-        return int(round(self.router_settle * self.steps)) if self.router_settle < 1 else self.steps
+        return int(round(self.router_settle * self.steps))  # router_settle 1.0: steps, never
 
     def lr_model_at(self, step: int) -> float:
         """The model's learning rate at `step`: 0 while the router trains alone, then warmup and schedule."""

@@ -58,7 +58,7 @@ from nestlm.arch import unit_order
 from nestlm.device import autocast, resolve_device, resolve_dtype
 from nestlm.elastic import checkpoint as ckpt
 from nestlm.elastic import parallel
-from nestlm.elastic.artifact import MANIFEST, ROUTER_FILE, export, load_router_weights
+from nestlm.elastic.artifact import MANIFEST, export, load_router_weights, router_file
 from nestlm.elastic.config import DEPTH, ElasticConfig, budget_name
 from nestlm.elastic.losses import kd_loss, router_loss
 from nestlm.elastic.optim import adamw
@@ -562,5 +562,4 @@ def _load_router(router: Router, path: Path) -> None:
     """Start from the router of an elastic checkpoint folder (or a router.safetensors file)."""
     diff = load_router_weights(router, path, "router_init: an elastic checkpoint's router")
     if diff:
-        f = path / ROUTER_FILE if path.is_dir() else path
-        raise ConfigError(f"router_init: {f} was trained for other budgets or choices ({diff})")
+        raise ConfigError(f"router_init: {router_file(path)} was trained for other budgets or choices ({diff})")

@@ -43,7 +43,8 @@ parent = nestlm.Decoder(cfg).init_weights(seed=0)
 steps = int(sys.argv[1])
 ecfg = nestlm.ElasticConfig(budgets=[1.0, 0.77, 0.4], choices={"hidden": [1.0, 0.75, 0.5], "ffn": [1.0, 0.5],
                             "mamba_heads_per_group": [1.0, 0.5]}, align=16, steps=steps, batch=4, seq_len=64,
-                            router_hidden=64, calib_batches=1, checkpoint_every=10**6, seed=0)
+                            router_hidden=64, calib_batches=1, checkpoint_every=10**6, seed=0,
+                            budgets_per_step=1)  # pinned: the library's default (every budget) changed in issue 29
 data = torch.randint(0, 256, (100_000,), generator=torch.Generator().manual_seed(0))
 stamps = {}
 def on_step(rec):
